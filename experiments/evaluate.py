@@ -1,0 +1,50 @@
+"""Re-evaluate a trained run, optionally with config overrides applied at evaluation time.
+
+  python -m experiments.evaluate --workdir=runs/quickstart \
+      [--config.eval.lengths=1x,2x,4x,8x,16x,32x] [--label=NAME] [--step=N]
+
+Without --config the run's saved config is used; --config.a.b=v overrides its fields (e.g. a
+training-free positional-encoding change). Results go to WORKDIR/eval/perplexity[-LABEL].json and
+WORKDIR/plots/.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import common
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config (default: the run's saved config, configs/saved_run.py:WORKDIR).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "A run directory written by experiments.train.")
+_LABEL = flags.DEFINE_string("label", "", "Names this evaluation in file names and plots.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from longjax import configuration, runs  # pylint: disable=g-import-not-at-top (fast --help)
+  from longjax.eval import harness  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  try:
+    configuration.parse_eval_lengths(config.eval.lengths, config.data.seq_len)
+    run = runs.load_run(_WORKDIR.value, config, step=_STEP.value)
+  except configuration.ConfigError as e:
+    common.fail(f"config: {e}")
+  except FileNotFoundError as e:
+    common.fail(str(e))
+  ctx = harness.EvalContext(config=config, graphdef=run.graphdef, params=run.params,
+                            corpus=run.corpus, workdir=_WORKDIR.value, label=_LABEL.value)
+  results = harness.evaluate(ctx)
+  print(f"step {run.step}")
+  print(runs.describe(results["perplexity"]))
+
+
+if __name__ == "__main__":
+  sys.argv = common.default_to_saved_config(sys.argv)
+  app.run(main)

@@ -1,0 +1,43 @@
+"""Train a model and evaluate it.
+
+  python -m experiments.train --config=configs/quickstart.py --workdir=runs/quickstart \
+      [--config.train.steps=500 --config.model.posenc.kind=alibi ...]
+
+Writes into --workdir: config.json, checkpoints/, metrics.jsonl, tensorboard/, eval/*.json and
+plots/*.png. Rerunning the same command resumes from the latest checkpoint.
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from longjax import configuration  # pylint: disable=g-import-not-at-top (fast --help)
+  from longjax.training import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except configuration.ConfigError as e:
+    common.fail(f"config: {e}")
+  except trainer.NonFiniteLossError as e:
+    common.fail(str(e), code=1)
+  if result.interrupted:
+    print(f"interrupted at step {result.step}; checkpoint saved. Rerun the same command to resume.")
+    raise SystemExit(130)
+  from longjax import runs  # pylint: disable=g-import-not-at-top
+  print(f"done: step {result.step}, train loss {result.final_loss:.4f}, "
+        f"validation loss {result.val_loss:.4f}")
+  print(runs.describe(result.eval["perplexity"]))
+
+
+if __name__ == "__main__":
+  app.run(main)

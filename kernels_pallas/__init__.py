@@ -1,0 +1,13 @@
+"""Pallas kernels and the helpers they share.
+
+This is a leaf package: it imports jax only, never `longjax`, so kernels can be tested, exported
+and benchmarked on their own. The XLA ops in `longjax.ops` reuse the helpers in `common` so that
+both sides pad, block and detect the backend in the same way.
+"""
+
+from kernels_pallas.common import backend
+from kernels_pallas.common import cdiv
+from kernels_pallas.common import default_interpret
+from kernels_pallas.common import pad_to_multiple
+
+__all__ = ["backend", "cdiv", "default_interpret", "pad_to_multiple"]

@@ -1,0 +1,153 @@
+"""Config validation and (de)serialisation.
+
+`validate(config, num_devices)` runs before a run writes anything. Each mistake becomes a
+`ConfigError` whose one-line message names the field, the bad value and the valid choices; the
+entry points print it without a traceback.
+"""
+
+import json
+import math
+import os
+
+import ml_collections
+
+from longjax.layers.positional import POSENCS
+from longjax.models import registry
+from longjax.models.lm import REMAT_POLICIES
+from longjax.ops import attention as attention_ops
+from longjax.parallel import mesh as mesh_lib
+
+TOKENIZERS = ("byte", "sentencepiece")
+
+
+class ConfigError(ValueError):
+  """A bad config value. str(error) is one line: 'field=value: problem (valid: ...)'."""
+
+  def __init__(self, field: str, value, problem: str, valid=None):
+    message = f"{field}={value!r}: {problem}"
+    if valid is not None:
+      message += " (valid: " + ", ".join(str(v) for v in valid) + ")"
+    super().__init__(message)
+    self.field = field
+
+
+def parse_eval_lengths(spec: str, seq_len: int) -> list[int]:
+  """'1x,2x,512' -> [seq_len, 2 * seq_len, 512], sorted and de-duplicated."""
+  lengths = []
+  for item in filter(None, (s.strip() for s in str(spec).split(","))):
+    try:
+      value = int(item[:-1]) * seq_len if item.endswith("x") else int(item)
+    except ValueError:
+      raise ConfigError("eval.lengths", spec, f"cannot parse {item!r}",
+                        ["Nx (N times data.seq_len)", "a token count"]) from None
+    if value <= 0:
+      raise ConfigError("eval.lengths", spec, f"{item!r} is not positive")
+    lengths.append(value)
+  if not lengths:
+    raise ConfigError("eval.lengths", spec, "no lengths given")
+  return sorted(set(lengths))
+
+
+def _positive(config, field: str):
+  section, name = field.split(".")
+  value = config[section][name]
+  if not isinstance(value, (int, float)) or value <= 0:
+    raise ConfigError(field, value, "must be positive")
+
+
+def _choice(field: str, value, choices):
+  if value not in choices:
+    raise ConfigError(field, value, "unknown choice", sorted(choices))
+
+
+def validate_model(model) -> None:
+  """Checks `config.model` alone (also used by evaluate/sample on saved runs)."""
+  try:
+    pattern = registry.parse_mixers(model.mixers)
+  except ValueError as e:
+    raise ConfigError("model.mixers", model.mixers, str(e).split(": ", 1)[-1]) from None
+  _choice("model.posenc.kind", model.posenc.kind, POSENCS)
+  _choice("model.attention.impl", model.attention.impl, attention_ops.IMPLS)
+  _choice("model.dtype", model.dtype, registry.DTYPES)
+  _choice("model.remat", model.remat, REMAT_POLICIES)
+  for name in ("num_layers", "width", "num_heads", "mlp_hidden"):
+    if model[name] <= 0:
+      raise ConfigError(f"model.{name}", model[name], "must be positive")
+  if model.num_layers % len(pattern):
+    raise ConfigError("model.num_layers", model.num_layers,
+                      f"must be a multiple of the {len(pattern)}-layer pattern "
+                      f"model.mixers={model.mixers!r}")
+  if not model.head_dim and model.width % model.num_heads:
+    raise ConfigError("model.num_heads", model.num_heads,
+                      f"must divide model.width={model.width} (or set model.head_dim)")
+  kv_heads = model.num_kv_heads or model.num_heads
+  if kv_heads < 0 or model.num_heads % kv_heads:
+    raise ConfigError("model.num_kv_heads", model.num_kv_heads,
+                      f"must divide model.num_heads={model.num_heads}")
+  head_dim = registry.head_dim(model)
+  if model.posenc.kind == "rope" and head_dim % 2:
+    raise ConfigError("model.head_dim", head_dim, "RoPE needs an even head dim")
+  if model.posenc.kind == "sinusoidal" and model.width % 2:
+    raise ConfigError("model.width", model.width, "sinusoidal encoding needs an even width")
+  if model.attention.block_size < 0:
+    raise ConfigError("model.attention.block_size", model.attention.block_size,
+                      "must be >= 0 (0 = the op's default)")
+  # The blockwise XLA implementation pads any length to its block size; a block-size rule for
+  # lengths belongs here once an implementation requires one (the Pallas kernels).
+
+
+def validate(config, num_devices: int) -> None:
+  """Raises ConfigError for the first bad field of a training config."""
+  validate_model(config.model)
+  _choice("data.tokenizer", config.data.tokenizer, TOKENIZERS)
+  for field in ("data.seq_len", "train.steps", "train.batch_size", "train.learning_rate",
+                "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                "eval.num_sequences", "eval.batch_size"):
+    _positive(config, field)
+  if config.data.source_dir and not os.path.isdir(os.path.expanduser(config.data.source_dir)):
+    raise ConfigError("data.source_dir", config.data.source_dir, "is not a directory")
+  if not 0 < config.data.validation_percent < 100:
+    raise ConfigError("data.validation_percent", config.data.validation_percent,
+                      "must be in 1..99")
+  if config.data.tokenizer == "sentencepiece" and config.data.vocab_size < 260:
+    raise ConfigError("data.vocab_size", config.data.vocab_size,
+                      "sentencepiece needs >= 260 (256 byte-fallback pieces + specials)")
+  if config.train.warmup_steps < 0:
+    raise ConfigError("train.warmup_steps", config.train.warmup_steps, "must be >= 0")
+  if config.train.eval_every < 0:
+    raise ConfigError("train.eval_every", config.train.eval_every, "must be >= 0 (0 = at end)")
+  if config.model.posenc.kind == "learned" and config.model.posenc.max_length < config.data.seq_len:
+    raise ConfigError("model.posenc.max_length", config.model.posenc.max_length,
+                      f"the learned table must cover data.seq_len={config.data.seq_len}")
+  parse_eval_lengths(config.eval.lengths, config.data.seq_len)
+  _validate_mesh(config, num_devices)
+
+
+def _validate_mesh(config, num_devices: int) -> None:
+  sizes = {a: config.mesh[a] for a in mesh_lib.MESH_AXES}
+  for axis, size in sizes.items():
+    if size == 0 or size < -1:
+      raise ConfigError(f"mesh.{axis}", size, "must be positive or -1 (fill the devices)")
+  if list(sizes.values()).count(-1) > 1:
+    raise ConfigError("mesh", sizes, "at most one axis may be -1")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if fixed > num_devices:
+    raise ConfigError("mesh", sizes, f"needs {fixed} devices but only {num_devices} exist")
+  try:
+    rules = mesh_lib.parse_rules(config.mesh.rules)
+  except ValueError as e:
+    raise ConfigError("mesh.rules", config.mesh.rules, str(e).split(": ", 1)[-1]) from None
+  resolved = mesh_lib.mesh_shape(config.mesh, num_devices)
+  data_parallel = math.prod(resolved[a] for a in dict(rules).get("batch", ()))
+  if config.train.batch_size % data_parallel:
+    raise ConfigError("train.batch_size", config.train.batch_size,
+                      f"must be divisible by the {data_parallel} data-parallel devices "
+                      f"(mesh {resolved})")
+
+
+def to_json(config) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(json.loads(text))

@@ -1,0 +1,71 @@
+"""Matplotlib figures written into a run's `plots/` folder (PNG, no display needed)."""
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+
+
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def training_curve(metrics: list[dict], path: str, *, baseline: float | None = None) -> str:
+  """Training loss (and validation loss where logged) against step."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  train = [m for m in metrics if "loss" in m]
+  ax.plot([m["step"] for m in train], [m["loss"] for m in train], label="train loss")
+  val = [m for m in metrics if "val_loss" in m]
+  if val:
+    ax.plot([m["step"] for m in val], [m["val_loss"] for m in val], "o-", label="validation loss")
+  if baseline is not None:
+    ax.axhline(baseline, color="gray", ls="--", label="unigram baseline")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats / token)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  return _save(fig, path)
+
+
+def loss_vs_length(sweeps: dict[str, dict], train_length: int, path: str, *,
+                   key: str = "loss", baseline: float | None = None) -> str:
+  """One line per method: mean loss over the whole context against context length."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for label, sweep in sweeps.items():
+    ax.plot(sweep["lengths"], sweep[key], "o-", label=label)
+  ax.axvline(train_length, color="k", ls=":", label=f"train length {train_length}")
+  if baseline is not None:
+    ax.axhline(baseline, color="gray", ls="--", label="unigram baseline")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("evaluation context length (tokens)")
+  ax.set_ylabel("bits per byte" if key == "bits_per_byte" else "loss (nats / token)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  return _save(fig, path)
+
+
+def loss_vs_position(sweeps: dict[str, dict], train_length: int, path: str, *,
+                     bins: int = 48) -> str:
+  """Loss at each token position (log-spaced bins) at the longest evaluated length."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for label, sweep in sweeps.items():
+    longest = str(max(sweep["lengths"]))
+    losses = np.asarray(sweep["per_position"][longest])
+    edges = np.unique(np.geomspace(1, len(losses), bins).astype(int))
+    centers = [(lo + hi) / 2 for lo, hi in zip(edges[:-1], edges[1:])]
+    means = [losses[lo - 1:hi - 1].mean() for lo, hi in zip(edges[:-1], edges[1:])]
+    ax.plot(centers, means, label=f"{label} (L={longest})")
+  ax.axvline(train_length, color="k", ls=":", label=f"train length {train_length}")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("token position")
+  ax.set_ylabel("loss (nats / token)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  return _save(fig, path)

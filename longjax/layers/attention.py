@@ -1,0 +1,95 @@
+"""Softmax attention mixer: multi-head and grouped-query attention with a KV cache.
+
+All mixers share one interface (see DESIGN.md):
+
+    y, cache = mixer(x, positions=positions, segment_ids=segment_ids, cache=None)  # train
+    y, cache = mixer(x_t, positions=pos_t, cache=cache)                              # decode
+    cache = mixer.init_cache(batch_size, max_length, dtype)
+
+The maths is `longjax.ops.dot_product_attention`; this module owns the projections, applies the
+positional encoding and reads/writes the cache.
+"""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from longjax.layers import params
+from longjax.layers.positional import AttentionPositions
+from longjax.ops import AttentionMask, dot_product_attention
+
+
+class Attention(nnx.Module):
+  """Causal self-attention with N query heads sharing K key/value heads (GQA; MHA when N == K).
+
+  Shapes: x [B, T, D]; projections to [B, T, N, H] (queries) and [B, T, K, H] (keys, values).
+  The KV cache holds keys already rotated by their positions, so decoding never re-rotates.
+  """
+
+  def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+               positional: AttentionPositions, impl: str = "auto", block_size: int = 0,
+               out_init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
+    if num_heads % num_kv_heads:
+      raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+    self.w_q = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2)),
+                            (width, num_heads, head_dim),
+                            (params.EMBED, params.HEADS, params.HEAD_DIM))
+    # Keys and values share one [D, 2, K, H] matrix: one matmul instead of two.
+    self.w_kv = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2, 3)),
+                             (width, 2, num_kv_heads, head_dim),
+                             (params.EMBED, None, params.KV_HEADS, params.HEAD_DIM))
+    self.w_out = params.param(rngs, params.fan_in_init(out_init_scale, in_axis=(0, 1), out_axis=2),
+                              (num_heads, head_dim, width),
+                              (params.HEADS, params.HEAD_DIM, params.EMBED))
+    self.positional = positional
+    self.num_kv_heads = num_kv_heads
+    self.head_dim = head_dim
+    self.impl = impl
+    self.block_size = block_size or None
+    self.dtype = dtype
+
+  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
+    """An empty cache for `max_length` tokens.
+
+    Returns:
+      {"k", "v": [B, S, K, H], "positions": [B, S] int32 (for position-dependent biases),
+       "end": int32 scalar, the number of tokens written so far}.
+    """
+    dtype = dtype or self.dtype
+    kv_shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
+    return {"k": jnp.zeros(kv_shape, dtype), "v": jnp.zeros(kv_shape, dtype),
+            "positions": jnp.zeros((batch_size, max_length), jnp.int32),
+            "end": jnp.zeros((), jnp.int32)}
+
+  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
+               cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+    """Args: x [B, T, D]; positions [B, T] int32; segment_ids [B, T] int32 (packed documents,
+    training only); cache from `init_cache` or a previous call. Returns (y [B, T, D], cache)."""
+    x = x.astype(self.dtype)
+    q = jnp.einsum("btd,dnh->btnh", x, self.w_q.value.astype(self.dtype))
+    kv = jnp.einsum("btd,dckh->btckh", x, self.w_kv.value.astype(self.dtype))
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    q = self.positional.rotate(q, positions)
+    k = self.positional.rotate(k, positions)
+
+    if cache is None:
+      mask = AttentionMask(causal=True, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+      kv_positions = positions
+    else:
+      if segment_ids is not None:
+        raise ValueError("segment_ids are for packed training batches; a cache holds one sequence"
+                         " per row")
+      end = cache["end"]
+      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, end, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, end, 0, 0))
+      kv_positions = jax.lax.dynamic_update_slice(cache["positions"],
+                                                  positions.astype(jnp.int32), (0, end))
+      cache = {"k": k, "v": v, "positions": kv_positions, "end": end + x.shape[1]}
+      # Queries sit at cache indices end..end+T-1; causal masking by index also hides the
+      # unwritten tail of the cache.
+      mask = AttentionMask(causal=True, q_offset=end)
+    bias = self.positional.bias(positions, kv_positions)
+    out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask=mask,
+                                bias=bias, impl=self.impl, block_size=self.block_size)
+    y = jnp.einsum("btnh,nhd->btd", out, self.w_out.value.astype(self.dtype))
+    return y, cache

@@ -1,0 +1,112 @@
+"""DecoderLM: embed -> scanned, rematerialised blocks -> norm -> logits, with a cache API."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from longjax.layers import params
+from longjax.layers.blocks import Block
+from longjax.layers.norms import RMSNorm
+from longjax.layers.positional import POSENCS
+from longjax.models import registry
+
+# config.model.remat -> jax.checkpoint policy. "none" keeps every activation (fastest, most
+# memory); "full" keeps only each layer's input; the "dots" policies keep matmul outputs.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderLM(nnx.Module):
+  """A decoder-only language model whose layers follow the pattern `cfg.mixers`.
+
+  The pattern (e.g. "attention" or later "attention,attention,mamba") is one *group* of layers;
+  the group is stacked `num_layers / len(pattern)` times with `nnx.vmap` and applied with
+  `jax.lax.scan`, so compile time does not grow with depth.
+  """
+
+  def __init__(self, cfg, *, vocab_size: int, rngs: nnx.Rngs):
+    pattern = registry.parse_mixers(cfg.mixers)
+    if cfg.num_layers % len(pattern):
+      raise ValueError(f"model.num_layers={cfg.num_layers} is not a multiple of the "
+                       f"{len(pattern)}-layer pattern model.mixers={cfg.mixers!r}")
+    self.dtype = registry.DTYPES[cfg.dtype]
+    self.remat = cfg.remat
+    self.num_groups = cfg.num_layers // len(pattern)
+    self.embed = params.param(rngs, params.normal(cfg.width**-0.5), (vocab_size, cfg.width),
+                              (params.VOCAB, params.EMBED))
+    make_input_positions = POSENCS[cfg.posenc.kind].input
+    self.input_positions = make_input_positions(cfg, rngs) if make_input_positions else None
+
+    def make_group(rngs):
+      return nnx.List([
+          Block(registry.MIXERS[name](cfg, rngs), cfg.width, cfg.mlp_hidden,
+                out_init_scale=registry.out_init_scale(cfg), dtype=self.dtype, rngs=rngs)
+          for name in pattern])
+
+    make_groups = nnx.split_rngs(splits=self.num_groups)(
+        nnx.vmap(make_group, in_axes=0, out_axes=0,
+                 transform_metadata={nnx.PARTITION_NAME: params.LAYERS}))
+    self.groups = make_groups(rngs)
+    self.final_norm = RMSNorm(cfg.width, dtype=self.dtype, rngs=rngs)
+    self.head = None if cfg.tie_embeddings else params.param(
+        rngs, params.fan_in_init(in_axis=0, out_axis=1), (cfg.width, vocab_size),
+        (params.EMBED, params.VOCAB))
+
+  def init_cache(self, batch_size: int, max_length: int, dtype=None):
+    """Per pattern position, the mixer's cache stacked over the groups: leaves [groups, ...]."""
+    caches = []
+    for block in self.groups:
+      one = block.mixer.init_cache(batch_size, max_length, dtype)
+      caches.append(jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_groups,) + a.shape), one))
+    return tuple(caches)
+
+  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, cache=None):
+    """Logits for every position.
+
+    Args:
+      tokens: [B, T] int32.
+      positions: [B, T] int32; defaults to 0..T-1 (or, with a cache, continuing from its end).
+      segment_ids: [B, T] int32 document ids of a packed batch (training/evaluation only).
+      cache: from `init_cache` or a previous call; None for training.
+
+    Returns:
+      (logits [B, T, V] float32, the updated cache or None).
+    """
+    batch, length = tokens.shape
+    if positions is None:
+      start = 0 if cache is None else cache[0]["end"][0]
+      positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+    x = jnp.take(self.embed.value, tokens, axis=0)
+    if self.input_positions is not None:
+      x = self.input_positions(x, positions)
+
+    graphdef, group_state = nnx.split(self.groups)
+
+    def apply_group(x, state_and_cache):
+      state, group_cache = state_and_cache
+      group = nnx.merge(graphdef, state)
+      new_cache = []
+      for i, block in enumerate(group):
+        x, c = block(x, positions=positions, segment_ids=segment_ids,
+                     cache=None if group_cache is None else group_cache[i])
+        new_cache.append(c)
+      return x, (None if group_cache is None else tuple(new_cache))
+
+    if self.remat != "none":
+      apply_group = jax.checkpoint(apply_group, policy=REMAT_POLICIES[self.remat],
+                                   prevent_cse=False)
+    x, cache = jax.lax.scan(apply_group, x, (group_state, cache))
+
+    x = self.final_norm(x)
+    if self.head is None:
+      logits = jnp.einsum("btd,vd->btv", x, self.embed.value.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.einsum("btd,dv->btv", x, self.head.value.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+    return logits, cache

@@ -1,0 +1,18 @@
+"""Pure operations without parameters, one dispatch point per operation.
+
+Attention: `dot_product_attention(q, k, v, mask=AttentionMask(...), bias=None, impl="auto")`.
+"""
+
+from longjax.ops.attention import DEFAULT_BLOCK_SIZE
+from longjax.ops.attention import dot_product_attention
+from longjax.ops.attention import resolve_impl
+from longjax.ops.biases import AlibiBias
+from longjax.ops.masks import AttentionMask
+
+__all__ = [
+    "AlibiBias",
+    "AttentionMask",
+    "DEFAULT_BLOCK_SIZE",
+    "dot_product_attention",
+    "resolve_impl",
+]

@@ -1,0 +1,235 @@
+"""Attention mask specs: which keys each query may see, evaluated densely or one block at a time.
+
+A mask is a small static spec (causal, window) plus a few arrays (query offset, segment ids); it is
+never stored as a `[T, S]` array. Implementations ask it for one block of visibility at a time
+(`block`), for the key (or query) index range a block of queries (or keys) can see at all
+(`kv_index_range`, `q_index_range`; loops use these as bounds to skip empty blocks), and whether a
+block may contain any visible entry (`block_may_be_nonempty`). The dense reference evaluates the
+same spec as one block covering everything, so all implementations share one definition.
+
+Indexing: keys are numbered 0..S-1; query row t has absolute index `q_offset + t`. With a KV cache
+of length S holding `q_offset` tokens, new queries at `q_offset` make causal masking hide the
+unwritten tail of the cache.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# Stand-in for "no bound" on lengths; far above any sequence length, far below int32 overflow
+# when offsets and windows are added to it.
+_UNBOUNDED = 2**30
+
+
+def _block_indices(start, size: int) -> jax.Array:
+  return jnp.asarray(start, jnp.int32) + jnp.arange(size, dtype=jnp.int32)
+
+
+def take_block(x: jax.Array, start, size: int) -> jax.Array:
+  """`x[:, start:start + size]` where indices past the end repeat the last entry.
+
+  Blockwise ops pad sequences to a multiple of the block, so a block may run past the real
+  length; repeating real entries (rather than a fill value) keeps min/max ranges conservative, and
+  the rows/columns past the end are masked separately by length.
+  """
+  idx = jnp.clip(_block_indices(start, size), 0, x.shape[1] - 1)
+  return jnp.take(x, idx, axis=1)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["q_offset", "q_segment_ids", "kv_segment_ids"],
+    meta_fields=["causal", "window"],
+)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionMask:
+  """Which keys each query may attend to.
+
+  Query at absolute index i and key j (both within their real lengths) may attend when all of:
+    * causal: j <= i;
+    * window (if set): i - j < window; without `causal` the window is symmetric, |i - j| < window
+      (local bidirectional attention), so that a window never exposes more of the future than of
+      the past;
+    * segment ids (if set): q_segment_ids[b, t] == kv_segment_ids[b, j] (packed documents; the
+      ids are only compared, so a padding segment 0 attends within itself).
+
+  Attributes:
+    causal: static; hide keys after the query's absolute index.
+    window: static; sliding window size (>= 1) or None.
+    q_offset: int32 scalar (array or Python int); absolute index of query row 0.
+    q_segment_ids: [B, T] int32 or None.
+    kv_segment_ids: [B, S] int32 or None; given together with `q_segment_ids`.
+  """
+
+  causal: bool = True
+  window: int | None = None
+  q_offset: jax.Array | int = 0
+  q_segment_ids: jax.Array | None = None
+  kv_segment_ids: jax.Array | None = None
+
+  def __post_init__(self):
+    # Only static fields are checked here: jax rebuilds the dataclass with placeholder leaves
+    # while tracing, so array fields are checked in `validate`.
+    if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+      raise ValueError(f"window must be a positive int or None, got {self.window!r}")
+
+  @property
+  def has_segments(self) -> bool:
+    """Whether visibility depends on array contents (segment ids), not only on indices."""
+    return self.q_segment_ids is not None
+
+  def validate(self, batch: int, q_length: int, kv_length: int) -> None:
+    """Raises ValueError when the arrays do not fit queries [B, T] and keys [B, S]."""
+    if (self.q_segment_ids is None) != (self.kv_segment_ids is None):
+      raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+    if jnp.ndim(self.q_offset) != 0:
+      raise ValueError(f"q_offset must be a scalar, got shape {jnp.shape(self.q_offset)}")
+    if self.has_segments:
+      for name, ids, length in (("q_segment_ids", self.q_segment_ids, q_length),
+                                ("kv_segment_ids", self.kv_segment_ids, kv_length)):
+        if ids.ndim != 2 or ids.shape[1] != length or ids.shape[0] not in (1, batch):
+          raise ValueError(f"{name} must have shape [{batch} or 1, {length}], got {ids.shape}")
+
+  def _lengths(self, q_length, kv_length):
+    """Real lengths: given ones, else those of the segment ids, else unbounded."""
+    if q_length is None:
+      q_length = self.q_segment_ids.shape[1] if self.has_segments else _UNBOUNDED
+    if kv_length is None:
+      kv_length = self.kv_segment_ids.shape[1] if self.has_segments else _UNBOUNDED
+    return q_length, kv_length
+
+  def block(self, q_start, q_size: int, kv_start, kv_size: int, *,
+            q_length: int | None = None, kv_length: int | None = None) -> jax.Array:
+    """Visibility of queries [q_start, q_start + q_size) x keys [kv_start, kv_start + kv_size).
+
+    Args:
+      q_start: int32 scalar (may be traced); first query row of the block.
+      q_size: static block height.
+      kv_start: int32 scalar (may be traced); first key of the block.
+      kv_size: static block width.
+      q_length: real number of query rows T; rows at or past it (padding) see nothing. None:
+        the segment ids' length, or unbounded.
+      kv_length: real number of keys S; keys at or past it (padding) are hidden. None: as above.
+
+    Returns:
+      bool [B or 1, 1, q_size, kv_size]; the leading axis is B only with segment ids, the second
+      axis broadcasts over heads.
+    """
+    q_length, kv_length = self._lengths(q_length, kv_length)
+    qi = _block_indices(q_start, q_size)
+    kj = _block_indices(kv_start, kv_size)
+    visible = (qi < q_length)[:, None] & (kj < kv_length)[None, :]
+    distance = (self.q_offset + qi)[:, None] - kj[None, :]  # i - j
+    if self.causal:
+      visible &= distance >= 0
+    if self.window is not None:
+      visible &= distance < self.window
+      if not self.causal:
+        visible &= -distance < self.window
+    visible = visible[None, None]
+    if self.has_segments:
+      q_ids = take_block(self.q_segment_ids, q_start, q_size)
+      kv_ids = take_block(self.kv_segment_ids, kv_start, kv_size)
+      visible = visible & (q_ids[:, None, :, None] == kv_ids[:, None, None, :])
+    return visible
+
+  def dense(self, q_length: int, kv_length: int) -> jax.Array:
+    """The whole mask, bool [B or 1, 1, T, S]: for references and tests only."""
+    return self.block(0, q_length, 0, kv_length, q_length=q_length, kv_length=kv_length)
+
+  def kv_index_range(self, q_start, q_size: int, *, q_length: int | None = None,
+                     kv_length: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Keys [lo, hi) outside which no query row in the block can see anything, by index alone.
+
+    Segment ids are not considered (see `block_may_be_nonempty`). Loops over key blocks use this
+    as their bounds so that blocks above the causal diagonal or outside the window are never
+    visited.
+
+    Args:
+      q_start: int32 scalar; first query row of the block.
+      q_size: static block height.
+      q_length: real number of query rows (see `block`).
+      kv_length: real number of keys (see `block`).
+
+    Returns:
+      (lo, hi) int32 scalars with 0 <= lo, hi <= kv_length; empty when hi <= lo.
+    """
+    q_length, kv_length = self._lengths(q_length, kv_length)
+    q_start = jnp.asarray(q_start, jnp.int32)
+    q_last = jnp.minimum(q_start + q_size, q_length) - 1  # last real row of the block
+    first = self.q_offset + q_start  # absolute index of the first row
+    last = self.q_offset + q_last
+    lo = jnp.int32(0)
+    hi = jnp.int32(kv_length)
+    if self.causal:
+      hi = jnp.minimum(hi, last + 1)
+    if self.window is not None:
+      lo = jnp.maximum(lo, first - self.window + 1)
+      if not self.causal:
+        hi = jnp.minimum(hi, last + self.window)
+    hi = jnp.where(q_last < q_start, 0, hi)  # the block holds only padded rows
+    lo = jnp.clip(lo, 0, kv_length)
+    hi = jnp.clip(hi, 0, kv_length)
+    return lo.astype(jnp.int32), hi.astype(jnp.int32)
+
+  def q_index_range(self, kv_start, kv_size: int, *, q_length: int | None = None,
+                    kv_length: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Query rows [lo, hi) outside which no row can see any key in the block, by index alone.
+
+    The transpose of `kv_index_range`, used by backward passes that loop over query blocks for a
+    fixed key block.
+
+    Args:
+      kv_start: int32 scalar; first key of the block.
+      kv_size: static block width.
+      q_length: real number of query rows (see `block`).
+      kv_length: real number of keys (see `block`).
+
+    Returns:
+      (lo, hi) int32 scalars with 0 <= lo, hi <= q_length; empty when hi <= lo.
+    """
+    q_length, kv_length = self._lengths(q_length, kv_length)
+    kv_start = jnp.asarray(kv_start, jnp.int32)
+    kv_last = jnp.minimum(kv_start + kv_size, kv_length) - 1
+    lo = jnp.int32(0)
+    hi = jnp.int32(q_length)
+    # Bounds on the absolute index i = q_offset + row, converted to rows at the end.
+    if self.causal:
+      lo = jnp.maximum(lo, kv_start - self.q_offset)
+    if self.window is not None:
+      hi = jnp.minimum(hi, kv_last + self.window - self.q_offset)
+      if not self.causal:
+        lo = jnp.maximum(lo, kv_start - self.window + 1 - self.q_offset)
+    hi = jnp.where(kv_last < kv_start, 0, hi)  # the block holds only padded keys
+    lo = jnp.clip(lo, 0, q_length)
+    hi = jnp.clip(hi, 0, q_length)
+    return lo.astype(jnp.int32), hi.astype(jnp.int32)
+
+  def block_may_be_nonempty(self, q_start, q_size: int, kv_start, kv_size: int, *,
+                            q_length: int | None = None,
+                            kv_length: int | None = None) -> jax.Array:
+    """Conservative test for a visible entry in a block (False means certainly empty).
+
+    Index rules (causal, window, lengths) are exact at block granularity; segment ids are judged
+    by whether the blocks' [min, max] id ranges overlap in some batch row, which can only err
+    towards True.
+
+    Args: as for `block`.
+
+    Returns:
+      bool scalar.
+    """
+    lo, hi = self.kv_index_range(q_start, q_size, q_length=q_length, kv_length=kv_length)
+    kv_start = jnp.asarray(kv_start, jnp.int32)
+    result = (kv_start < hi) & (kv_start + kv_size > lo)
+    if self.has_segments:
+      # Padded rows/keys repeat the last real id (see `take_block`), so each range still covers
+      # every real id in its block; padding can widen a range but never hide a real match.
+      q_ids = take_block(self.q_segment_ids, q_start, q_size)
+      kv_ids = take_block(self.kv_segment_ids, kv_start, kv_size)
+      overlap = ((q_ids.min(axis=1) <= kv_ids.max(axis=1))
+                 & (kv_ids.min(axis=1) <= q_ids.max(axis=1)))
+      result &= jnp.any(overlap)
+    return result

@@ -1,0 +1,64 @@
+"""Loading a trained run (for evaluation, sampling and notebooks)."""
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+
+from longjax import configuration
+from longjax.data import corpus as corpus_lib
+from longjax.parallel import mesh as mesh_lib
+from longjax.training import checkpoints, state as state_lib
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  config: Any
+  graphdef: Any
+  params: Any
+  step: int
+  corpus: corpus_lib.Corpus
+  mesh: jax.sharding.Mesh
+
+
+def saved_config(workdir: str):
+  """The config a run was trained with (`workdir/config.json`) as a ConfigDict."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} a longjax run directory?")
+  with open(path, encoding="utf-8") as f:
+    return configuration.from_json(f.read())
+
+
+def load_run(workdir: str, config=None, *, step: int | None = None) -> LoadedRun:
+  """Restores a run's parameters onto a mesh built from `config` (default: the saved one).
+
+  `config` may differ from the training config in anything that does not change parameter
+  shapes: attention implementation, positional-encoding settings applied at evaluation time,
+  evaluation lengths, mesh.
+  """
+  config = config if config is not None else saved_config(workdir)
+  configuration.validate_model(config.model)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = mesh_lib.parse_rules(config.mesh.rules)
+  corpus = corpus_lib.load_corpus(config.data, workdir)
+  graphdef, abstract = state_lib.model_graphdef(config.model, corpus.tokenizer.vocab_size)
+  shardings = mesh_lib.state_shardings(abstract, mesh, rules)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract.to_pure_dict(), shardings)
+  step, params = checkpoints.restore_params(os.path.join(workdir, "checkpoints"), target,
+                                            step=step)
+  return LoadedRun(config=config, graphdef=graphdef, params=params, step=step, corpus=corpus,
+                   mesh=mesh)
+
+
+def describe(result: dict) -> str:
+  """A short table of a perplexity result, for terminals."""
+  lines = [f"{'length':>8} {'loss':>8} {'bits/byte':>10}"]
+  for length, loss, bpb in zip(result["lengths"], result["loss"], result["bits_per_byte"]):
+    lines.append(f"{length:>8} {loss:>8.4f} {bpb:>10.4f}")
+  if "unigram_loss" in result:
+    lines.append(f"unigram baseline loss {result['unigram_loss']:.4f}")
+  return "\n".join(lines) + "\n" + json.dumps({"train_length": result.get("train_length")})

@@ -1,0 +1,1 @@
+"""Training: state, optimizer, losses, the pure steps, checkpoints and the loop."""

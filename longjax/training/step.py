@@ -1,0 +1,58 @@
+"""Pure train and eval steps: (state, batch) -> (state, metrics)."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+from longjax.training import losses
+from longjax.training.state import TrainState
+
+
+def _forward(graphdef, params, batch):
+  model = nnx.merge(graphdef, params)
+  logits, _ = model(batch["inputs"], positions=batch["positions"],
+                    segment_ids=batch["segment_ids"])
+  return logits
+
+
+def train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  """One AdamW step on the mean token loss of `batch`.
+
+  Args:
+    graphdef: the model's static structure (`longjax.training.state.model_graphdef`).
+    tx, schedule: from `longjax.training.optimizers.make_optimizer`.
+    state: the current train state.
+    batch: inputs, targets, positions, segment_ids [B, T] int32; weights [B, T] float32.
+
+  Returns:
+    (new state, metrics: loss, grad_norm, lr, tokens).
+  """
+
+  def loss_fn(params):
+    logits = _forward(graphdef, params, batch)
+    total, count = losses.weighted_cross_entropy(logits, batch["targets"], batch["weights"])
+    return total / jnp.maximum(count, 1.0), count
+
+  (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+             "lr": schedule(state.step), "tokens": count}
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(graphdef, params, batch: dict) -> dict:
+  """Summed loss and weight of a batch (sum, so that batches combine exactly)."""
+  logits = _forward(graphdef, params, batch)
+  total, count = losses.weighted_cross_entropy(logits, batch["targets"], batch["weights"])
+  return {"loss_sum": total, "weight_sum": count}
+
+
+def token_losses(graphdef, params, tokens: jax.Array) -> jax.Array:
+  """Per-position losses of single documents: tokens [B, T+1] -> [B, T] float32 nats."""
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  model = nnx.merge(graphdef, params)
+  logits, _ = model(inputs)
+  return losses.token_cross_entropy(logits, targets)

@@ -1,0 +1,192 @@
+"""`train_and_evaluate(config, workdir)`: the training loop, checkpoints, metrics, evaluation.
+
+Nothing is lost on interruption: a restarted run resumes from the newest restorable checkpoint
+(parameters, optimizer state, step and the data iterator's position, so the batches continue
+exactly where they stopped); Ctrl-C (SIGINT) or SIGTERM saves a checkpoint before exiting; a
+non-finite loss stops the run without saving, leaving the last good checkpoint as the latest.
+"""
+
+import dataclasses
+import functools
+import math
+import os
+import signal
+import time
+
+from absl import logging
+import jax
+import numpy as np
+from tqdm import auto as tqdm
+
+from longjax import configuration
+from longjax.data import corpus as corpus_lib
+from longjax.data import pipeline
+from longjax.eval import harness
+from longjax.parallel import mesh as mesh_lib
+from longjax.training import checkpoints, optimizers, state as state_lib, step as step_lib
+from longjax.training.metrics import MetricsWriter
+
+# Test hook: the exact-resume test kills the process with SIGKILL right after this step.
+_SIGKILL_AT_STEP_ENV = "LONGJAX_TEST_SIGKILL_AT_STEP"
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or infinite; the message says where and what was kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int
+  interrupted: bool
+  final_loss: float | None
+  val_loss: float | None
+  eval: dict
+
+
+class _StopRequest:
+  """Turns SIGINT/SIGTERM into a flag the loop checks after each step (a second Ctrl-C
+  interrupts immediately)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. inside a notebook worker): keep defaults
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested:
+      signal.default_int_handler(signum, frame)
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _global_batch(local_batch: dict, sharding) -> dict:
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def _validation_loss(config, graphdef, params, corpus, sharding) -> float:
+  it = pipeline.make_train_iterator(
+      data_source=corpus.validation, tokenizer=corpus.tokenizer, seq_len=config.data.seq_len,
+      batch_size=config.train.batch_size // jax.process_count(), seed=0,
+      shard_index=jax.process_index(), shard_count=jax.process_count())
+  eval_fn = jax.jit(functools.partial(step_lib.eval_step, graphdef))
+  total = count = 0.0
+  for _ in range(config.train.eval_batches):
+    out = eval_fn(params, _global_batch(next(it), sharding))
+    total += float(out["loss_sum"])
+    count += float(out["weight_sum"])
+  return total / max(count, 1.0)
+
+
+def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainResult:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints), then evaluates.
+
+  Raises:
+    ConfigError: before anything is written, for a bad config value.
+    NonFiniteLossError: when the loss stops being finite.
+  """
+  configuration.validate(config, jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  config_dict = config.to_dict()
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(configuration.to_json(config))
+
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = mesh_lib.parse_rules(config.mesh.rules)
+  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+  corpus = corpus_lib.load_corpus(config.data, workdir)
+  tx, schedule = optimizers.make_optimizer(config.train)
+  graphdef, state, shardings = state_lib.create_train_state(
+      config.model, tx, vocab_size=corpus.tokenizer.vocab_size, mesh=mesh, rules=rules,
+      seed=config.seed)
+  data_iter = pipeline.make_train_iterator(
+      data_source=corpus.train, tokenizer=corpus.tokenizer, seq_len=config.data.seq_len,
+      batch_size=config.train.batch_size // jax.process_count(), seed=config.data.seed,
+      shard_index=jax.process_index(), shard_count=jax.process_count())
+
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                  keep=config.train.keep_checkpoints)
+  restored = ckpt.restore_latest(state, data_iter)
+  if restored is not None:
+    state = restored
+  start = int(jax.device_get(state.step))
+  if start:
+    logging.info("resumed from step %d", start)
+  writer = MetricsWriter(workdir, resume_step=start)
+
+  train_step = jax.jit(functools.partial(step_lib.train_step, graphdef, tx, schedule),
+                       in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+  kill_at = int(os.environ.get(_SIGKILL_AT_STEP_ENV, "0"))
+  steps = config.train.steps
+  tokens_per_step = config.train.batch_size * config.data.seq_len
+  loss = val_loss = None
+  window_losses, window_start, window_steps = [], None, 0
+  interrupted = False
+
+  bar = tqdm.tqdm(total=steps, initial=start, desc="train", disable=not progress,
+                  dynamic_ncols=True)
+  try:
+    with _StopRequest() as stop:
+      for step in range(start + 1, steps + 1):
+        batch = _global_batch(next(data_iter), batch_sharding)
+        state, metrics = train_step(state, batch)
+        metrics = jax.device_get(metrics)
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+          raise NonFiniteLossError(
+              f"loss is {loss} at step {step}; stopped without saving. The last good "
+              f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower "
+              "train.learning_rate or raise train.warmup_steps and rerun to resume from it.")
+        window_losses.append(loss)
+        window_steps += 1
+        if window_start is None:  # the first step includes compilation: time from its end
+          window_start, window_steps = time.perf_counter(), 0
+        if step % config.train.log_every == 0 or step == steps:
+          elapsed = time.perf_counter() - window_start
+          record = {"loss": float(np.mean(window_losses)), "lr": float(metrics["lr"]),
+                    "grad_norm": float(metrics["grad_norm"]),
+                    "tokens_per_sec": tokens_per_step * window_steps / elapsed if window_steps
+                                      else float("nan")}
+          if step == steps or (config.train.eval_every and step % config.train.eval_every == 0):
+            val_loss = record["val_loss"] = _validation_loss(config, graphdef, state.params,
+                                                             corpus, batch_sharding)
+          writer.write(step, record)
+          bar.set_postfix(loss=f"{record['loss']:.3f}",
+                          tok_s=f"{record['tokens_per_sec']:.0f}")
+          window_losses, window_start, window_steps = [], time.perf_counter(), 0
+        bar.update()
+        if step % config.train.checkpoint_every == 0 or step == steps or stop.requested:
+          ckpt.save(step, state, data_iter, config_dict)
+        if step == kill_at:
+          ckpt.wait()
+          os.kill(os.getpid(), signal.SIGKILL)
+        if stop.requested:
+          interrupted = True
+          logging.warning("interrupted at step %d; checkpoint saved, rerun to resume", step)
+          break
+  finally:
+    bar.close()
+    ckpt.close()
+    writer.close()
+
+  if interrupted:
+    return TrainResult(step=int(state.step), interrupted=True, final_loss=loss, val_loss=val_loss,
+                       eval={})
+  if start == steps:  # the run was already complete: evaluate only
+    val_loss = _validation_loss(config, graphdef, state.params, corpus, batch_sharding)
+  ctx = harness.EvalContext(config=config, graphdef=graphdef, params=state.params,
+                            corpus=corpus, workdir=workdir, progress=progress)
+  results = harness.evaluate(ctx)
+  return TrainResult(step=steps, interrupted=False, final_loss=loss, val_loss=val_loss,
+                     eval=results)

@@ -1,0 +1,170 @@
+"""DecoderLM: prefill == token-by-token decode, scanned structure, generation, errors."""
+
+import functools
+
+from absl.testing import absltest
+from absl.testing import parameterized
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import quickstart
+from longjax.models import build_model
+from longjax.models.generate import generate, sample_logits
+
+# Max |logit difference| allowed between two computation orders of the same model.
+TOLERANCE = {"float32": 5e-5, "bfloat16": 6e-2}
+
+
+def tiny_model_config(**overrides):
+  c = quickstart.get_config("tiny").model
+  c.num_layers = 2
+  c.width = 32
+  c.num_heads = 4
+  c.mlp_hidden = 48
+  for key, value in overrides.items():
+    section = c
+    *path, leaf = key.split(".")
+    for p in path:
+      section = section[p]
+    section[leaf] = value
+  return c
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, params, tokens, positions=None, cache=None):
+  return nnx.merge(graphdef, params)(tokens, positions=positions, cache=cache)
+
+
+class DecodeTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ("rope", 4), ("rope", 2), ("rope", 1), ("alibi", 2), ("nope", 4), ("sinusoidal", 1),
+      ("learned", 2))
+  def test_prefill_equals_token_by_token_decode(self, posenc, kv_heads):
+    cfg = tiny_model_config(**{"posenc.kind": posenc, "num_kv_heads": kv_heads})
+    model = build_model(cfg, vocab_size=50, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 50, (2, 11)), jnp.int32)
+    full, _ = _forward(graphdef, params, tokens)
+
+    cache = model.init_cache(2, 16)
+    steps = []
+    for t in range(tokens.shape[1]):
+      logits, cache = _forward(graphdef, params, tokens[:, t:t + 1],
+                               jnp.full((2, 1), t, jnp.int32), cache)
+      steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full,
+                               atol=TOLERANCE["float32"], rtol=0)
+
+  @parameterized.parameters("float32", "bfloat16")
+  def test_chunked_prefill_then_decode(self, dtype):
+    # A prompt of 7 in one call, then 3 single tokens: same logits as one full pass.
+    cfg = tiny_model_config(dtype=dtype)
+    model = build_model(cfg, vocab_size=50, rngs=nnx.Rngs(1))
+    graphdef, params = nnx.split(model)
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, 50, (3, 10)), jnp.int32)
+    full, _ = _forward(graphdef, params, tokens)
+    cache = model.init_cache(3, 10)
+    first, cache = _forward(graphdef, params, tokens[:, :7], None, cache)
+    rest = []
+    for t in range(7, 10):
+      logits, cache = _forward(graphdef, params, tokens[:, t:t + 1], None, cache)
+      rest.append(logits)
+    np.testing.assert_allclose(jnp.concatenate([first] + rest, axis=1), full,
+                               atol=TOLERANCE[dtype], rtol=0)
+    self.assertEqual(int(cache[0]["end"][0]), 10)
+
+  def test_segment_ids_isolate_documents(self):
+    # Two documents packed in one row give the same logits as each document alone.
+    cfg = tiny_model_config()
+    model = build_model(cfg, vocab_size=50, rngs=nnx.Rngs(2))
+    rng = np.random.RandomState(2)
+    a, b = rng.randint(0, 50, (1, 6)), rng.randint(0, 50, (1, 5))
+    packed = jnp.asarray(np.concatenate([a, b], axis=1), jnp.int32)
+    segments = jnp.asarray([[1] * 6 + [2] * 5], jnp.int32)
+    positions = jnp.asarray([list(range(6)) + list(range(5))], jnp.int32)
+    logits, _ = model(packed, positions=positions, segment_ids=segments)
+    alone_a, _ = model(jnp.asarray(a, jnp.int32))
+    alone_b, _ = model(jnp.asarray(b, jnp.int32))
+    np.testing.assert_allclose(logits[:, :6], alone_a, atol=TOLERANCE["float32"])
+    np.testing.assert_allclose(logits[:, 6:], alone_b, atol=TOLERANCE["float32"])
+
+
+class StructureTest(parameterized.TestCase):
+
+  def test_layers_are_stacked_for_scan(self):
+    cfg = tiny_model_config(num_layers=6)
+    model = build_model(cfg, vocab_size=50, rngs=nnx.Rngs(0))
+    w_q = model.groups[0].mixer.w_q
+    self.assertEqual(w_q.shape[0], 6)
+    self.assertEqual(w_q.get_metadata()["out_sharding"][0], "layers")
+    # Layers are initialised independently, not copies of one another.
+    self.assertFalse(np.allclose(w_q.value[0], w_q.value[1]))
+
+  @parameterized.parameters("none", "full", "dots", "dots_no_batch")
+  def test_remat_policies_give_same_gradients(self, remat):
+    tokens = jnp.asarray(np.random.RandomState(3).randint(0, 50, (2, 8)), jnp.int32)
+
+    def grads(policy):
+      model = build_model(tiny_model_config(remat=policy), vocab_size=50, rngs=nnx.Rngs(0))
+      graphdef, params = nnx.split(model)
+
+      def loss(p):
+        logits, _ = nnx.merge(graphdef, p)(tokens)
+        return jnp.mean(jax.nn.logsumexp(logits, -1))
+
+      return jax.jit(jax.grad(loss))(params)
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                 grads("none"), grads(remat))
+
+  def test_tied_embeddings_have_no_head(self):
+    model = build_model(tiny_model_config(tie_embeddings=True), vocab_size=50,
+                        rngs=nnx.Rngs(0))
+    self.assertIsNone(model.head)
+    logits, _ = model(jnp.zeros((1, 3), jnp.int32))
+    self.assertEqual(logits.shape, (1, 3, 50))
+
+  def test_bad_pattern_and_depth(self):
+    with self.assertRaisesRegex(ValueError, "unknown mixer 'mamba'.*valid: attention"):
+      build_model(tiny_model_config(mixers="attn,mamba"), vocab_size=50, rngs=nnx.Rngs(0))
+    with self.assertRaisesRegex(ValueError, "num_layers=3 is not a multiple"):
+      build_model(tiny_model_config(mixers="attn,attn", num_layers=3), vocab_size=50,
+                  rngs=nnx.Rngs(0))
+
+
+class GenerateTest(absltest.TestCase):
+
+  def test_greedy_matches_repeated_full_forward(self):
+    # Independent of the cache: re-run the whole sequence each step and take the argmax.
+    model = build_model(tiny_model_config(), vocab_size=50, rngs=nnx.Rngs(4))
+    graphdef, params = nnx.split(model)
+    prompt = jnp.asarray(np.random.RandomState(4).randint(0, 50, (2, 5)), jnp.int32)
+    out = generate(graphdef, params, prompt, jax.random.key(0), max_new_tokens=6)
+    seq = prompt
+    for _ in range(6):
+      logits, _ = _forward(graphdef, params, seq)
+      seq = jnp.concatenate([seq, jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)], 1)
+    np.testing.assert_array_equal(out, seq)
+
+  def test_top_k_samples_only_top_k(self):
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    picks = {int(sample_logits(logits, jax.random.key(i), temperature=1.0, top_k=2)[0])
+             for i in range(200)}
+    self.assertEqual(picks, {0, 1})
+
+  def test_sampling_is_seeded(self):
+    model = build_model(tiny_model_config(), vocab_size=50, rngs=nnx.Rngs(5))
+    graphdef, params = nnx.split(model)
+    prompt = jnp.zeros((1, 3), jnp.int32)
+    a = generate(graphdef, params, prompt, jax.random.key(7), max_new_tokens=8, temperature=1.0)
+    b = generate(graphdef, params, prompt, jax.random.key(7), max_new_tokens=8, temperature=1.0)
+    c = generate(graphdef, params, prompt, jax.random.key(8), max_new_tokens=8, temperature=1.0)
+    np.testing.assert_array_equal(a, b)
+    self.assertFalse(np.array_equal(a, c))
+
+
+if __name__ == "__main__":
+  absltest.main()

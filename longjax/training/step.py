@@ -27,7 +27,7 @@ def train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Sched
     batch: inputs, targets, positions, segment_ids [B, T] int32; weights [B, T] float32.
 
   Returns:
-    (new state, metrics: loss, grad_norm, lr, tokens).
+    (new state, metrics: loss, grad_norm, update_norm, lr, tokens).
   """
 
   def loss_fn(params):
@@ -38,8 +38,11 @@ def train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Sched
   (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  # The update's norm catches a step whose loss was finite but whose new parameters are not
+  # (e.g. an overflowing learning rate): such a state must never be checkpointed.
   metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-             "lr": schedule(state.step), "tokens": count}
+             "update_norm": optax.global_norm(updates), "lr": schedule(state.step),
+             "tokens": count}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

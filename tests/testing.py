@@ -1,0 +1,82 @@
+"""Shared test fixtures: a small local corpus and tiny configs.
+
+The corpus is ~40 files of this interpreter's standard library copied into a temp folder once per
+machine, so tests exercise the real builder and pipeline on real text without building the whole
+standard library.
+"""
+
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+
+from configs import quickstart
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.join(tempfile.gettempdir(), f"longjax-tests-{os.getuid()}")
+_PACKAGES = ("json", "email", "logging", "importlib", "urllib", "http", "concurrent")
+
+
+def corpus_dir() -> str:
+  """A folder of ~60 standard-library .py files (created once)."""
+  target = os.path.join(_ROOT, "corpus")
+  if os.path.isdir(target):
+    return target
+  staging = tempfile.mkdtemp(dir=_ensure_root())
+  stdlib = sysconfig.get_paths()["stdlib"]
+  for package in _PACKAGES:
+    source = os.path.join(stdlib, package)
+    for name in sorted(os.listdir(source)):
+      if name.endswith(".py"):
+        os.makedirs(os.path.join(staging, package), exist_ok=True)
+        shutil.copy(os.path.join(source, name), os.path.join(staging, package, name))
+  try:
+    os.rename(staging, target)  # atomic: parallel test workers never see half a corpus
+  except OSError:
+    shutil.rmtree(staging)
+  return target
+
+
+def _ensure_root() -> str:
+  os.makedirs(_ROOT, exist_ok=True)
+  return _ROOT
+
+
+def tiny_config(**overrides):
+  """configs/quickstart.py:tiny on the test corpus, with dotted-name overrides."""
+  c = quickstart.get_config("tiny")
+  c.data.source_dir = corpus_dir()
+  c.data.tfds_dir = os.path.join(_ROOT, "tfds")
+  c.data.validation_percent = 20
+  c.eval.lengths = "1x,4x"
+  c.eval.num_sequences = 2
+  c.eval.batch_size = 2
+  for key, value in overrides.items():
+    section = c
+    *path, leaf = key.split(".")
+    for p in path:
+      section = section[p]
+    section[leaf] = value
+  return c
+
+
+def cli_overrides(config) -> list[str]:
+  """The --config.* flags that turn configs/quickstart.py:tiny into `config`."""
+  return [f"--config.data.source_dir={config.data.source_dir}",
+          f"--config.data.tfds_dir={config.data.tfds_dir}",
+          f"--config.data.validation_percent={config.data.validation_percent}",
+          f"--config.eval.lengths={config.eval.lengths}",
+          f"--config.eval.num_sequences={config.eval.num_sequences}",
+          f"--config.eval.batch_size={config.eval.batch_size}"]
+
+
+def python_env() -> dict:
+  """Environment for a child `python -m experiments.*` that finds this checkout."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  return env
+
+
+PYTHON = sys.executable

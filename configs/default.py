@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.posenc = ml_collections.ConfigDict()
   c.model.posenc.kind = "rope"      # rope | alibi | nope | sinusoidal | learned
   c.model.posenc.rope_theta = 10_000.0
-  c.model.posenc.max_length = c.data.get_ref("seq_len")  # rows of the learned table
+  c.model.posenc.max_length = 2048  # rows of the learned table (>= data.seq_len)
   c.model.attention = ml_collections.ConfigDict()
   c.model.attention.impl = "auto"   # auto | reference | blockwise
   c.model.attention.block_size = 0  # blockwise key/query block; 0 = the op's default

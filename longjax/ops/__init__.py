@@ -3,7 +3,7 @@
 Attention: `dot_product_attention(q, k, v, mask=AttentionMask(...), bias=None, impl="auto")`.
 """
 
-from longjax.ops.attention import DEFAULT_BLOCK_SIZE
+from longjax.ops.attention import default_block_size
 from longjax.ops.attention import dot_product_attention
 from longjax.ops.attention import resolve_impl
 from longjax.ops.biases import AlibiBias
@@ -12,7 +12,7 @@ from longjax.ops.masks import AttentionMask
 __all__ = [
     "AlibiBias",
     "AttentionMask",
-    "DEFAULT_BLOCK_SIZE",
+    "default_block_size",
     "dot_product_attention",
     "resolve_impl",
 ]

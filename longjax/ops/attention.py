@@ -13,15 +13,11 @@ resolved in `resolve_impl` only. Implementations share one set of semantics:
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas import common
 from longjax.ops.attention_blockwise import blockwise_attention
 from longjax.ops.masks import AttentionMask
 
 IMPLS = ("auto", "reference", "blockwise")
-
-# Measured on the 2-core CPU dev box (f32, N=8, H=64, fwd+bwd, see docs/ops notes in the change
-# description): 512 was within noise of the best block size at T = S in {2048, 4096}; smaller
-# blocks pay per-iteration loop overhead, larger ones spill out of cache.
-DEFAULT_BLOCK_SIZE = 512
 
 # Names that will become valid later, with the reason they cannot serve yet.
 _NOT_YET = {
@@ -30,23 +26,37 @@ _NOT_YET = {
 }
 
 
+def default_block_size() -> int:
+  """Block length C of the blockwise op when the caller gives none.
+
+  CPU: 128, measured (f32, N=8, H=64, fwd+bwd, 2 cores): fastest or within noise for causal
+  masks at T = S in {512, 2048, 4096}, B in {1, 4} (e.g. T=S=4096, B=4: 5.2 s at 128, 6.5 s at
+  256, 6.0 s at 512, 8.8 s at 1024); a [N, 128, 128] f32 tile stays in the 1 MiB per-core L2,
+  and small blocks waste less work on the causal diagonal. Non-causal attention prefers 256 by
+  ~10%, not enough to split the default. GPU/TPU: 512, a common flash-attention tile, not yet
+  measured here (no accelerator in this change); the Pallas kernels will bring their own.
+  """
+  return 128 if common.backend() == "cpu" else 512
+
+
 def resolve_impl(impl: str, *, q_length: int, kv_length: int,
                  block_size: int | None = None) -> str:
   """Resolves `impl` to the implementation that will run; the only place "auto" is decided.
 
-  Rule for "auto" (all backends for now; Pallas kernels will take over on GPU/TPU when they
-  exist): "reference" when every key fits in one block (kv_length <= block size), otherwise
-  "blockwise". With a single key block the blockwise op does the same arithmetic as the dense one
-  plus loop and padding overhead and saves no memory; beyond it the dense op's [T, S] logits grow
-  quadratically (fwd+bwd temp memory) while on the CPU it is no faster than blockwise at
-  T = S >= 1024 (measured: see `DEFAULT_BLOCK_SIZE`). q_length does not enter the rule: decoding
-  (T = 1) against a long cache is blockwise too, which streams the cache in blocks.
+  Rule for "auto" (all backends until the Pallas kernels exist): "reference" when the dense
+  logits are no bigger than one blockwise tile, q_length * kv_length <= block_size ** 2, else
+  "blockwise". Within one tile the dense op needs no more memory than the blockwise one and skips
+  its padding and loop overhead (and compiles faster): this covers short sequences and decoding
+  (T = 1) against caches up to C^2 keys, where the reference was measured as fast or faster
+  (T=1, S=1024, B=4: 1.5 ms vs 1.9 ms). Beyond one tile the dense op's [T, S] logits make its
+  fwd+bwd temp memory quadratic (10 GiB vs 110 MiB at T=S=8192, N=8, H=64), and on the CPU it
+  is also 3-8x slower than blockwise from T = S = 512 up.
 
   Args:
     impl: "auto", "reference" or "blockwise".
     q_length: T.
     kv_length: S.
-    block_size: the block size the call will use (None: `DEFAULT_BLOCK_SIZE`).
+    block_size: the block size the call will use (None: `default_block_size()`).
 
   Returns:
     "reference" or "blockwise".
@@ -54,15 +64,14 @@ def resolve_impl(impl: str, *, q_length: int, kv_length: int,
   Raises:
     ValueError: for any other name, saying why it cannot serve.
   """
-  del q_length  # see the rule above
   if impl in _NOT_YET:
     raise ValueError(f"impl={impl!r} is unavailable: {_NOT_YET[impl]}; valid choices: {IMPLS}")
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r} is not an attention implementation; valid choices: {IMPLS}")
   if impl != "auto":
     return impl
-  block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
-  return "reference" if kv_length <= block_size else "blockwise"
+  block_size = default_block_size() if block_size is None else block_size
+  return "reference" if q_length * kv_length <= block_size**2 else "blockwise"
 
 
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: AttentionMask,
@@ -116,7 +125,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Att
     bias: None or a block bias such as `AlibiBias`; its arrays are constants (zero gradient).
     scale: Python float multiplying q.k; None means H ** -0.5.
     impl: "auto", "reference" or "blockwise"; see `resolve_impl`.
-    block_size: block length C of the blockwise op (None: `DEFAULT_BLOCK_SIZE`).
+    block_size: block length C of the blockwise op (None: `default_block_size()`).
     return_lse: also return the log-sum-exp of each row's scaled logits.
 
   Returns:
@@ -133,7 +142,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Att
   s = k.shape[1]
   mask.validate(b, t, s)
   scale = h ** -0.5 if scale is None else float(scale)
-  block_size = DEFAULT_BLOCK_SIZE if block_size is None else int(block_size)
+  if t < 1 or s < 1:
+    raise ValueError(f"empty sequences are not supported: T={t}, S={s}")
+  block_size = default_block_size() if block_size is None else int(block_size)
   if block_size < 1:
     raise ValueError(f"block_size must be positive, got {block_size}")
   bias = jax.tree.map(jax.lax.stop_gradient, bias)

@@ -14,6 +14,7 @@ unwritten tail of the cache.
 
 import dataclasses
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,14 @@ def take_block(x: jax.Array, start, size: int) -> jax.Array:
   Blockwise ops pad sequences to a multiple of the block, so a block may run past the real
   length; repeating real entries (rather than a fill value) keeps min/max ranges conservative, and
   the rows/columns past the end are masked separately by length.
+
+  Args:
+    x: [B, L] per-position array (segment ids, positions).
+    start: int32 scalar (may be traced).
+    size: static block length.
+
+  Returns:
+    [B, size] with the dtype of `x`.
   """
   idx = jnp.clip(_block_indices(start, size), 0, x.shape[1] - 1)
   return jnp.take(x, idx, axis=1)
@@ -72,7 +81,8 @@ class AttentionMask:
   def __post_init__(self):
     # Only static fields are checked here: jax rebuilds the dataclass with placeholder leaves
     # while tracing, so array fields are checked in `validate`.
-    if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+    if self.window is not None and (not isinstance(self.window, numbers.Integral)
+                                    or self.window < 1):
       raise ValueError(f"window must be a positive int or None, got {self.window!r}")
 
   @property

@@ -1,0 +1,88 @@
+"""Config validation: each mistake is one line naming the field, the value and the choices."""
+
+import os
+import subprocess
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from longjax import configuration
+from tests import testing
+
+# (override, field named in the message, a fragment of the message)
+BAD_VALUES = [
+    ({"model.mixers": "attention,lstm"}, "model.mixers", "unknown mixer 'lstm'; valid: attention"),
+    ({"model.posenc.kind": "rotary"}, "model.posenc.kind", "valid: alibi, learned, nope, rope"),
+    ({"model.attention.impl": "flash"}, "model.attention.impl", "valid: auto, blockwise"),
+    ({"model.dtype": "float16"}, "model.dtype", "valid: bfloat16, float32"),
+    ({"model.remat": "some"}, "model.remat", "valid: dots, dots_no_batch, full, none"),
+    ({"model.num_heads": 3}, "model.num_heads", "must divide model.width=64"),
+    ({"model.num_kv_heads": 3, "model.num_heads": 4}, "model.num_kv_heads", "must divide"),
+    ({"model.num_layers": 3, "model.mixers": "attn,attn"}, "model.num_layers", "multiple of"),
+    ({"train.steps": 0}, "train.steps", "must be positive"),
+    ({"train.batch_size": -4}, "train.batch_size", "must be positive"),
+    ({"train.learning_rate": 0.0}, "train.learning_rate", "must be positive"),
+    ({"data.seq_len": 0}, "data.seq_len", "must be positive"),
+    ({"data.tokenizer": "bpe"}, "data.tokenizer", "valid: byte, sentencepiece"),
+    ({"data.source_dir": "/no/such/dir"}, "data.source_dir", "is not a directory"),
+    ({"eval.lengths": "1x,abc"}, "eval.lengths", "cannot parse 'abc'"),
+    ({"eval.lengths": "0"}, "eval.lengths", "not positive"),
+    ({"model.posenc.kind": "learned", "model.posenc.max_length": 16}, "model.posenc.max_length",
+     "must cover data.seq_len=32"),
+    ({"mesh.data": 4}, "mesh", "needs 4 devices but only 1 exist"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, "mesh", "at most one axis may be -1"),
+    ({"mesh.rules": "batch:pipeline"}, "mesh.rules", "unknown mesh axis 'pipeline'"),
+]
+
+
+class ValidateTest(parameterized.TestCase):
+
+  def test_default_configs_are_valid(self):
+    configuration.validate(testing.tiny_config(), num_devices=1)
+    from configs import quickstart  # pylint: disable=g-import-not-at-top
+    configuration.validate(quickstart.get_config(), num_devices=1)
+
+  @parameterized.parameters(*BAD_VALUES)
+  def test_bad_value_names_field_value_and_choices(self, overrides, field, fragment):
+    with self.assertRaises(configuration.ConfigError) as ctx:
+      configuration.validate(testing.tiny_config(**overrides), num_devices=1)
+    message = str(ctx.exception)
+    self.assertTrue(message.startswith(field), message)
+    self.assertIn(fragment, message)
+    self.assertNotIn("\n", message)
+
+  def test_batch_not_divisible_by_data_parallel_devices(self):
+    config = testing.tiny_config(**{"train.batch_size": 6})
+    with self.assertRaisesRegex(configuration.ConfigError,
+                                r"^train.batch_size=6: must be divisible by the 4 data-parallel"):
+      configuration.validate(config, num_devices=4)
+    configuration.validate(testing.tiny_config(**{"train.batch_size": 8}), num_devices=4)
+
+  def test_eval_lengths_parse(self):
+    self.assertEqual(configuration.parse_eval_lengths("4x, 1x,100,2x", 32), [32, 64, 100, 128])
+
+  def test_json_round_trip(self):
+    config = testing.tiny_config()
+    again = configuration.from_json(configuration.to_json(config))
+    self.assertEqual(again.to_dict(), config.to_dict())
+
+
+class CommandLineErrorTest(absltest.TestCase):
+
+  def test_one_line_error_and_nothing_written(self):
+    workdir = os.path.join(self.create_tempdir().full_path, "run")
+    proc = subprocess.run(
+        [testing.PYTHON, "-m", "experiments.train", "--config=configs/quickstart.py:tiny",
+         f"--workdir={workdir}", "--config.model.posenc.kind=rotary"],
+        cwd=testing.REPO_ROOT, env=testing.python_env(), capture_output=True, text=True,
+        timeout=300, check=False)
+    self.assertEqual(proc.returncode, 2)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    self.assertEqual(lines[-1], "error: config: model.posenc.kind='rotary': unknown choice "
+                                "(valid: alibi, learned, nope, rope, sinusoidal)", proc.stderr)
+    self.assertNotIn("Traceback", proc.stderr)
+    self.assertFalse(os.path.exists(workdir))
+
+
+if __name__ == "__main__":
+  absltest.main()

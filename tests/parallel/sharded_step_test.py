@@ -10,7 +10,12 @@ from tests import testing
 
 # Sharded reductions add in a different order than one device: float32 round-off only.
 LOSS_RTOL = 1e-5
-PARAM_ATOL = 2e-5
+# Adam divides by sqrt(v): for an element whose gradient is ~0, round-off in the gradient
+# becomes a visible part of its update (at most a fraction of the learning rate, 3e-3 here).
+# So nearly all elements must agree to round-off, and every element to a small part of lr.
+PARAM_ATOL_MOST = 2e-5
+PARAM_FRACTION_MOST = 0.999
+PARAM_ATOL_ALL = 2e-4
 
 
 class ShardedStepTest(absltest.TestCase):
@@ -29,8 +34,10 @@ class ShardedStepTest(absltest.TestCase):
                                  err_msg=name)
       self.assertEqual(result["params"].keys(), reference["params"].keys())
       for key, value in reference["params"].items():
-        np.testing.assert_allclose(result["params"][key], value, atol=PARAM_ATOL, rtol=0,
-                                   err_msg=f"{name}: {key}")
+        diff = np.abs(np.asarray(result["params"][key]) - np.asarray(value))
+        self.assertLessEqual(diff.max(), PARAM_ATOL_ALL, f"{name}: {key}")
+        self.assertGreaterEqual(np.mean(diff <= PARAM_ATOL_MOST), PARAM_FRACTION_MOST,
+                                f"{name}: {key}")
     # The fsdp/tensor mesh really shards parameters (it is not replicating everything).
     self.assertGreater(results["data2_fsdp2_tensor2"]["num_sharded"], 5)
     self.assertEqual(results["data8"]["num_sharded"], 0)

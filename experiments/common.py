@@ -22,6 +22,8 @@ def default_to_saved_config(argv: list[str]) -> list[str]:
       workdir = argv[i + 1]
   if workdir is None:
     return argv  # absl will report the missing --workdir
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    fail(f"--workdir={workdir} is not a longjax run directory (it has no config.json)")
   return argv[:1] + [f"--config={SAVED_RUN_CONFIG}:{workdir}"] + argv[1:]
 
 

@@ -3,6 +3,9 @@
 import os
 import sys
 
+from absl import flags
+from absl import logging
+
 SAVED_RUN_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "configs", "saved_run.py")
 
@@ -31,3 +34,9 @@ def fail(message: str, code: int = 2):
   """Prints one line to stderr and exits: no traceback for a user's mistake."""
   print(f"error: {message}", file=sys.stderr)
   sys.exit(code)
+
+
+def quiet_logs():
+  """Orbax and JAX log every checkpoint step at INFO; show warnings only unless -v is given."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)

@@ -28,6 +28,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_logs()
   from longjax import configuration, runs  # pylint: disable=g-import-not-at-top (fast --help)
   from longjax.eval import harness  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value

@@ -22,6 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_logs()
   from longjax import configuration  # pylint: disable=g-import-not-at-top (fast --help)
   from longjax.training import trainer  # pylint: disable=g-import-not-at-top
   try:

@@ -121,7 +121,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
     state = restored
   start = int(jax.device_get(state.step))
   if start:
-    logging.info("resumed from step %d", start)
+    logging.warning("resuming from the checkpoint of step %d", start)
   writer = MetricsWriter(workdir, resume_step=start)
 
   train_step = jax.jit(functools.partial(step_lib.train_step, graphdef, tx, schedule),

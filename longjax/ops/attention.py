@@ -29,12 +29,13 @@ _NOT_YET = {
 def default_block_size() -> int:
   """Block length C of the blockwise op when the caller gives none.
 
-  CPU: 128, measured (f32, N=8, H=64, fwd+bwd, 2 cores): fastest or within noise for causal
-  masks at T = S in {512, 2048, 4096}, B in {1, 4} (e.g. T=S=4096, B=4: 5.2 s at 128, 6.5 s at
-  256, 6.0 s at 512, 8.8 s at 1024); a [N, 128, 128] f32 tile stays in the 1 MiB per-core L2,
-  and small blocks waste less work on the causal diagonal. Non-causal attention prefers 256 by
-  ~10%, not enough to split the default. GPU/TPU: 512, a common flash-attention tile, not yet
-  measured here (no accelerator in this change); the Pallas kernels will bring their own.
+  CPU: 128, measured (causal, f32, N=8, H=64, fwd+bwd, 2 shared cores, two runs): fastest or
+  within timing noise of the fastest at T = S in {512, 2048, 4096}, B in {1, 4} (e.g. T=S=2048,
+  B=4: 0.89-1.15 s at 128, 0.98-1.28 s at 256, 0.95-1.75 s at 512, 1.5 s at 1024); a
+  [N, 128, 128] f32 tile stays in the 1 MiB per-core L2 and small blocks waste less work on the
+  causal diagonal. Non-causal attention ran ~10% faster at 256, not enough to split the default.
+  GPU/TPU: 512, a common flash-attention tile, not measured here (no accelerator was available);
+  the Pallas kernels will bring their own.
   """
   return 128 if common.backend() == "cpu" else 512
 
@@ -43,14 +44,16 @@ def resolve_impl(impl: str, *, q_length: int, kv_length: int,
                  block_size: int | None = None) -> str:
   """Resolves `impl` to the implementation that will run; the only place "auto" is decided.
 
-  Rule for "auto" (all backends until the Pallas kernels exist): "reference" when the dense
-  logits are no bigger than one blockwise tile, q_length * kv_length <= block_size ** 2, else
-  "blockwise". Within one tile the dense op needs no more memory than the blockwise one and skips
-  its padding and loop overhead (and compiles faster): this covers short sequences and decoding
-  (T = 1) against caches up to C^2 keys, where the reference was measured as fast or faster
-  (T=1, S=1024, B=4: 1.5 ms vs 1.9 ms). Beyond one tile the dense op's [T, S] logits make its
-  fwd+bwd temp memory quadratic (10 GiB vs 110 MiB at T=S=8192, N=8, H=64), and on the CPU it
-  is also 3-8x slower than blockwise from T = S = 512 up.
+  Rule for "auto" (all backends until the Pallas kernels exist): "reference" when all keys fit
+  in one block, kv_length <= block_size, else "blockwise". With one key block the dense logits
+  are [T, S <= C], the same O(T*C) memory class as blockwise; the plain definition is then the
+  simpler program (no padding or loops; ~40% less compile time) at a small run-time cost on the
+  CPU (T=S=128, B=1 fwd+bwd: 1.4 ms vs 1.1 ms blockwise). With more keys the dense [T, S]
+  logits make its fwd+bwd temp memory quadratic (10 GiB vs 69 MiB at T=S=8192, N=8, H=64) and
+  on the CPU it is also 2-8x slower than blockwise from T = S = 512 up. Decoding (T = 1) follows the same rule on
+  purpose: with a KV cache the causal mask lets blockwise skip the unwritten tail of the cache,
+  which the dense op cannot know statically (q_offset is traced); on a full cache the two were
+  measured alike (T=1, S=1024, B=4: 1.5 ms reference, 1.9 ms blockwise).
 
   Args:
     impl: "auto", "reference" or "blockwise".
@@ -64,6 +67,7 @@ def resolve_impl(impl: str, *, q_length: int, kv_length: int,
   Raises:
     ValueError: for any other name, saying why it cannot serve.
   """
+  del q_length  # not part of the rule (see above); kept so callers state the whole shape
   if impl in _NOT_YET:
     raise ValueError(f"impl={impl!r} is unavailable: {_NOT_YET[impl]}; valid choices: {IMPLS}")
   if impl not in IMPLS:
@@ -71,7 +75,7 @@ def resolve_impl(impl: str, *, q_length: int, kv_length: int,
   if impl != "auto":
     return impl
   block_size = default_block_size() if block_size is None else block_size
-  return "reference" if q_length * kv_length <= block_size**2 else "blockwise"
+  return "reference" if kv_length <= block_size else "blockwise"
 
 
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: AttentionMask,

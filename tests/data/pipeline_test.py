@@ -79,10 +79,22 @@ class TrainIteratorTest(parameterized.TestCase):
     self.tok = tokenizers.ByteTokenizer()
     self.texts = _documents()
 
-  def _iterator(self, seed=0, shard_index=0, shard_count=1, texts=None):
+  def _iterator(self, seed=0, shard_index=0, shard_count=1, texts=None, shuffle_window=1):
+    # shuffle_window=1 keeps rows in packed order, which the stream reconstructions need.
     return pipeline.make_train_iterator(
         data_source=_source(texts or self.texts), tokenizer=self.tok, seq_len=_SEQ_LEN,
-        batch_size=_BATCH, seed=seed, shard_index=shard_index, shard_count=shard_count)
+        batch_size=_BATCH, seed=seed, shard_index=shard_index, shard_count=shard_count,
+        shuffle_window=shuffle_window)
+
+  def test_row_shuffle_permutes_rows_within_windows(self):
+    window = 6  # rows; a multiple of the batch size so windows align with batches
+    packed = _rows(_take(self._iterator(), 2 * window // _BATCH))
+    shuffled = _rows(_take(self._iterator(shuffle_window=window), 2 * window // _BATCH))
+    self.assertFalse(np.array_equal(packed, shuffled))
+    for w in range(2):
+      block = slice(w * window, (w + 1) * window)
+      self.assertCountEqual([r.tobytes() for r in packed[block]],
+                            [r.tobytes() for r in shuffled[block]])
 
   def test_shapes_and_dtypes(self):
     batch = next(self._iterator())
@@ -154,15 +166,15 @@ class TrainIteratorTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'no documents'):
       self._iterator(shard_index=3, shard_count=4, texts=self.texts[:2])
 
-  @parameterized.parameters(0, 1, 2, 5, 11)
-  def test_state_round_trip_through_json(self, steps):
-    reference = self._iterator()
+  @parameterized.product(steps=(0, 1, 2, 5, 11), shuffle_window=(1, 5))
+  def test_state_round_trip_through_json(self, steps, shuffle_window):
+    reference = self._iterator(shuffle_window=shuffle_window)
     expected = _take(reference, steps + 3)[steps:]
-    it = self._iterator()
+    it = self._iterator(shuffle_window=shuffle_window)
     _take(it, steps)
     state = json.loads(json.dumps(it.get_state()))  # what grain's orbax handler stores
     _take(it, 2)  # the restored iterator must not depend on this one's later progress
-    fresh = self._iterator()
+    fresh = self._iterator(shuffle_window=shuffle_window)
     fresh.set_state(state)
     for got, want in zip(_take(fresh, 3), expected):
       for key in want:
@@ -229,7 +241,8 @@ class TextDirIntegrationTest(absltest.TestCase):
                                         data_dir=os.path.join(tmp, 'data'))
       source = builder.as_data_source(split='train')
       rows = _rows(_take(pipeline.make_train_iterator(
-          data_source=source, tokenizer=tok, seq_len=32, batch_size=2, seed=1), 8))
+          data_source=source, tokenizer=tok, seq_len=32, batch_size=2, seed=1,
+          shuffle_window=1), 8))
       parsed, complete, _ = _parse_stream(rows.reshape(-1), tok)
       self.assertCountEqual([t for t, c in zip(parsed, complete) if c][:6], texts)
       out = pipeline.eval_sequences(data_source=source, tokenizer=tok, length=30, count=2)

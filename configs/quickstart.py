@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
   c.train.warmup_steps = 30
   c.train.log_every = 10
   c.train.checkpoint_every = 100
-  c.eval.num_sequences = 8
+  c.eval.num_sequences = 16
   if arg == "tiny":
     c.data.seq_len = 32
     c.model.num_layers = 2

@@ -47,6 +47,9 @@ def main(argv):
                  max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                  top_k=_TOP_K.value)
   for i, row in enumerate(np.asarray(out)):
+    ends = np.flatnonzero(row[prompt.shape[1]:] == tok.eos_id)
+    if ends.size:  # the document ended: what follows would be the start of another
+      row = row[:prompt.shape[1] + ends[0]]
     print(f"--- sample {i} (step {run.step}) ---")
     print(tok.decode(row))
 

@@ -52,13 +52,18 @@ def tiny_config(**overrides):
   c.eval.lengths = "1x,4x"
   c.eval.num_sequences = 2
   c.eval.batch_size = 2
+  return apply_overrides(c, overrides)
+
+
+def apply_overrides(config, overrides: dict):
+  """Sets dotted-name fields, like --config.a.b=v on the command line; returns `config`."""
   for key, value in overrides.items():
-    section = c
+    section = config
     *path, leaf = key.split(".")
-    for p in path:
-      section = section[p]
+    for name in path:
+      section = section[name]
     section[leaf] = value
-  return c
+  return config
 
 
 def cli_overrides(config) -> list[str]:

@@ -12,6 +12,7 @@ import numpy as np
 from configs import quickstart
 from longjax.models import build_model
 from longjax.models.generate import generate, sample_logits
+from tests import testing
 
 # Max |logit difference| allowed between two computation orders of the same model.
 TOLERANCE = {"float32": 5e-5, "bfloat16": 6e-2}
@@ -23,13 +24,7 @@ def tiny_model_config(**overrides):
   c.width = 32
   c.num_heads = 4
   c.mlp_hidden = 48
-  for key, value in overrides.items():
-    section = c
-    *path, leaf = key.split(".")
-    for p in path:
-      section = section[p]
-    section[leaf] = value
-  return c
+  return testing.apply_overrides(c, overrides)
 
 
 @functools.partial(jax.jit, static_argnums=0)

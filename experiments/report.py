@@ -1,0 +1,51 @@
+"""Print a markdown summary of a finished run (the README's results table comes from this).
+
+  python -m experiments.report --workdir=runs/quickstart [--label=NAME]
+"""
+
+import json
+import math
+import os
+
+from absl import app
+from absl import flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A run directory written by experiments.train.")
+_LABEL = flags.DEFINE_string("label", "", "Which evaluation (eval/perplexity[-LABEL].json).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def markdown(workdir: str, label: str = "") -> str:
+  suffix = f"-{label}" if label else ""
+  with open(os.path.join(workdir, "eval", f"perplexity{suffix}.json"), encoding="utf-8") as f:
+    sweep = json.load(f)
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    metrics = [json.loads(line) for line in f if line.strip()]
+  final = metrics[-1]
+  speeds = [m["tokens_per_sec"] for m in metrics
+            if math.isfinite(m.get("tokens_per_sec", float("nan")))]
+  lines = [
+      f"Validation loss at the training length, packed batches (step {final['step']}): "
+      f"**{final.get('val_loss', float('nan')):.3f} nats/byte** vs the unigram baseline "
+      f"**{sweep['unigram_loss']:.3f}**; median training speed "
+      f"{sorted(speeds)[len(speeds) // 2]:.0f} tokens/s.",
+      "",
+      f"| context length | × train length | loss (nats/token) | bits/byte |",
+      "|---:|---:|---:|---:|",
+  ]
+  for length, loss, bpb in zip(sweep["lengths"], sweep["loss"], sweep["bits_per_byte"]):
+    lines.append(f"| {length} | {length / sweep['train_length']:g} | {loss:.3f} | {bpb:.3f} |")
+  lines.append("")
+  lines.append(f"Loss over the first L tokens of the same {sweep['num_sequences']} validation "
+               "documents at every length.")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  print(markdown(_WORKDIR.value, _LABEL.value))
+
+
+if __name__ == "__main__":
+  app.run(main)

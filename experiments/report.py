@@ -26,7 +26,7 @@ def markdown(workdir: str, label: str = "") -> str:
             if math.isfinite(m.get("tokens_per_sec", float("nan")))]
   lines = [
       f"Validation loss at the training length, packed batches (step {final['step']}): "
-      f"**{final.get('val_loss', float('nan')):.3f} nats/byte** vs the unigram baseline "
+      f"**{final.get('val_loss', float('nan')):.3f} nats/token** vs the unigram baseline "
       f"**{sweep['unigram_loss']:.3f}**; median training speed "
       f"{sorted(speeds)[len(speeds) // 2]:.0f} tokens/s.",
       "",

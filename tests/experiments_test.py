@@ -45,7 +45,8 @@ class EndToEndTest(absltest.TestCase):
     self.assertEqual(result["lengths"], [32, 64, 256])
     self.assertTrue(os.path.exists(os.path.join(workdir, "plots", "loss_vs_length-longer.png")))
 
-    sample = _run("experiments.sample", f"--workdir={workdir}", "--prompt=def ",
+    relative = os.path.relpath(workdir, testing.REPO_ROOT)  # as a user types it
+    sample = _run("experiments.sample", f"--workdir={relative}", "--prompt=def ",
                   "--max_new_tokens=12", "--temperature=0")
     self.assertEqual(sample.returncode, 0, sample.stderr[-3000:])
     self.assertIn("--- sample 0 (step 10) ---\ndef ", sample.stdout)

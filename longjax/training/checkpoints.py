@@ -96,6 +96,7 @@ def restore_params(directory: str, target_params, step: int | None = None):
   Returns:
     (step, params).
   """
+  directory = os.path.abspath(directory)  # orbax's storage layer needs absolute paths
   with ocp.CheckpointManager(directory, item_names=("state", "data", "config")) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:

@@ -51,6 +51,19 @@ class TrainerTest(absltest.TestCase):
       self.assertIn(key, record)
     self.assertTrue(os.listdir(os.path.join(workdir, "tensorboard")))
 
+  def test_sentencepiece_and_bfloat16_train(self):
+    workdir = self.create_tempdir().full_path
+    config = testing.tiny_config(**{"train.steps": 30, "train.log_every": 5,
+                                    "data.tokenizer": "sentencepiece", "data.vocab_size": 400,
+                                    "model.dtype": "bfloat16"})
+    result = trainer.train_and_evaluate(config, workdir, progress=False)
+    self.assertTrue(os.path.exists(os.path.join(workdir, "tokenizer.model")))
+    losses = [m["loss"] for m in read_metrics(workdir) if "loss" in m]
+    self.assertLess(losses[-1], losses[0] - 0.5)
+    sweep = result.eval["perplexity"]
+    # Sentencepiece tokens stand for several bytes each: bits/byte < nats/token / ln 2.
+    self.assertLess(sweep["bits_per_byte"][0], sweep["loss"][0] / np.log(2))
+
   def test_exact_resume_after_sigkill_and_corrupt_checkpoint_fallback(self):
     # Reference: 20 steps in one go (in this process).
     straight = self.create_tempdir().full_path

@@ -4,7 +4,6 @@
 """
 
 import json
-import math
 import os
 
 from absl import app
@@ -22,8 +21,7 @@ def markdown(workdir: str, label: str = "") -> str:
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     metrics = [json.loads(line) for line in f if line.strip()]
   final = metrics[-1]
-  speeds = [m["tokens_per_sec"] for m in metrics
-            if math.isfinite(m.get("tokens_per_sec", float("nan")))]
+  speeds = [m["tokens_per_sec"] for m in metrics if m.get("tokens_per_sec") is not None]
   lines = [
       f"Validation loss at the training length, packed batches (step {final['step']}): "
       f"**{final.get('val_loss', float('nan')):.3f} nats/token** vs the unigram baseline "

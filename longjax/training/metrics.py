@@ -32,7 +32,7 @@ class MetricsWriter:
   def write(self, step: int, metrics: dict) -> None:
     record = {"step": int(step)}
     record.update({k: _plain(v) for k, v in metrics.items()})
-    self._file.write(json.dumps(record) + "\n")
+    self._file.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON
     self._file.flush()
     if self._tb is not None:
       for key, value in record.items():
@@ -46,9 +46,11 @@ class MetricsWriter:
 
 
 def _plain(value):
-  """numpy / jax scalars -> Python numbers, so json can write them."""
+  """numpy / jax scalars -> Python numbers, non-finite -> None, so strict JSON can hold them."""
   if hasattr(value, "item"):
     value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None  # strict JSON has no NaN / Infinity
   return value
 
 

@@ -133,6 +133,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
   loss = val_loss = None
   window_losses, window_start, window_steps = [], None, 0
   interrupted = False
+  first_step_seconds = None
+  loop_start = time.perf_counter()
 
   bar = tqdm.tqdm(total=steps, initial=start, desc="train", disable=not progress,
                   dynamic_ncols=True)
@@ -154,18 +156,23 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
         window_steps += 1
         if window_start is None:  # the first step includes compilation: time from its end
           window_start, window_steps = time.perf_counter(), 0
+          first_step_seconds = window_start - loop_start
         if step % config.train.log_every == 0 or step == steps:
           elapsed = time.perf_counter() - window_start
           record = {"loss": float(np.mean(window_losses)), "lr": float(metrics["lr"]),
                     "grad_norm": float(metrics["grad_norm"]),
+                    # None (JSON null) until a step has been timed without compilation.
                     "tokens_per_sec": tokens_per_step * window_steps / elapsed if window_steps
-                                      else float("nan")}
+                                      else None}
+          if first_step_seconds is not None:
+            record["first_step_seconds"] = first_step_seconds  # includes compilation
+            first_step_seconds = None
           if step == steps or (config.train.eval_every and step % config.train.eval_every == 0):
             val_loss = record["val_loss"] = _validation_loss(config, graphdef, state.params,
                                                              corpus, batch_sharding)
           writer.write(step, record)
           bar.set_postfix(loss=f"{record['loss']:.3f}",
-                          tok_s=f"{record['tokens_per_sec']:.0f}")
+                          tok_s=f"{record['tokens_per_sec'] or 0:.0f}")
           window_losses, window_start, window_steps = [], time.perf_counter(), 0
         bar.update()
         if step % config.train.checkpoint_every == 0 or step == steps or stop.requested:

@@ -28,7 +28,7 @@ def markdown(workdir: str, label: str = "") -> str:
       f"**{sweep['unigram_loss']:.3f}**; median training speed "
       f"{sorted(speeds)[len(speeds) // 2]:.0f} tokens/s.",
       "",
-      f"| context length | × train length | loss (nats/token) | bits/byte |",
+      "| context length | × train length | loss (nats/token) | bits/byte |",
       "|---:|---:|---:|---:|",
   ]
   for length, loss, bpb in zip(sweep["lengths"], sweep["loss"], sweep["bits_per_byte"]):

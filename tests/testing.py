@@ -5,6 +5,7 @@ machine, so tests exercise the real builder and pipeline on real text without bu
 standard library.
 """
 
+import fcntl
 import os
 import shutil
 import sys
@@ -43,12 +44,22 @@ def _ensure_root() -> str:
   return _ROOT
 
 
+def _build_dataset_once(source_dir: str, tfds_dir: str, validation_percent: int) -> None:
+  # pytest-xdist workers would otherwise race to build the same TFDS dataset on a fresh machine.
+  from longjax.data.builders import text_dir  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(_ensure_root(), "build.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    text_dir.load_text_dir(source_dir=source_dir, validation_percent=validation_percent,
+                           data_dir=tfds_dir)
+
+
 def tiny_config(**overrides):
   """configs/quickstart.py:tiny on the test corpus, with dotted-name overrides."""
   c = quickstart.get_config("tiny")
   c.data.source_dir = corpus_dir()
   c.data.tfds_dir = os.path.join(_ROOT, "tfds")
   c.data.validation_percent = 20
+  _build_dataset_once(c.data.source_dir, c.data.tfds_dir, c.data.validation_percent)
   c.eval.lengths = "1x,4x"
   c.eval.num_sequences = 2
   c.eval.batch_size = 2

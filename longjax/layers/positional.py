@@ -13,7 +13,6 @@ import dataclasses
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from longjax import posenc
 from longjax.layers import params

@@ -5,7 +5,6 @@ token's position, so that q_m . k_n depends only on m - n. We use the "half" lay
 paired with feature i + H/2), as in GPT-NeoX and Llama.
 """
 
-import jax
 import jax.numpy as jnp
 
 from longjax.typing import Array

@@ -3,9 +3,13 @@
   python -m experiments.evaluate --workdir=runs/quickstart \
       [--config.eval.lengths=1x,2x,4x,8x,16x,32x] [--label=NAME] [--step=N]
 
+  python -m experiments.evaluate --workdir=runs/quickstart --compare=none,pi,ntk,yarn
+
 Without --config the run's saved config is used; --config.a.b=v overrides its fields (e.g. a
 training-free positional-encoding change). Results go to WORKDIR/eval/perplexity[-LABEL].json and
-WORKDIR/plots/.
+WORKDIR/plots/. --compare evaluates the named evaluation-time methods
+(longjax.eval.compare.EVAL_METHODS) on the same documents and overlays their curves in
+plots/compare_loss_vs_length.png.
 """
 
 import sys
@@ -22,6 +26,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run directory written by experiments.train.")
 _LABEL = flags.DEFINE_string("label", "", "Names this evaluation in file names and plots.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_COMPARE = flags.DEFINE_list("compare", [], "Evaluation-time methods to overlay, e.g. none,pi,yarn.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -32,6 +37,12 @@ def main(argv):
   from longjax import configuration, runs  # pylint: disable=g-import-not-at-top (fast --help)
   from longjax.eval import harness  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
+  if _COMPARE.value:
+    from longjax.eval import compare  # pylint: disable=g-import-not-at-top
+    unknown = [m for m in _COMPARE.value if m not in compare.EVAL_METHODS]
+    if unknown:  # before the (slow) restore
+      common.fail(f"--compare: unknown method(s) {', '.join(unknown)}; valid: "
+                  + ", ".join(sorted(compare.EVAL_METHODS)))
   try:
     configuration.parse_eval_lengths(config.eval.lengths, config.data.seq_len)
     run = runs.load_run(_WORKDIR.value, config, step=_STEP.value)
@@ -39,10 +50,18 @@ def main(argv):
     common.fail(f"config: {e}")
   except FileNotFoundError as e:
     common.fail(str(e))
+  print(f"step {run.step}")
+  if _COMPARE.value:
+    try:
+      results = compare.compare(config=config, params=run.params, corpus=run.corpus,
+                                workdir=_WORKDIR.value, methods=_COMPARE.value)
+    except configuration.ConfigError as e:
+      common.fail(f"config: {e}")
+    print(compare.describe(results))
+    return
   ctx = harness.EvalContext(config=config, graphdef=run.graphdef, params=run.params,
                             corpus=run.corpus, workdir=_WORKDIR.value, label=_LABEL.value)
   results = harness.evaluate(ctx)
-  print(f"step {run.step}")
   print(runs.describe(results["perplexity"]))
 
 

@@ -89,6 +89,9 @@ def validate_model(model) -> None:
     raise ConfigError("model.head_dim", head_dim, "RoPE needs an even head dim")
   if model.posenc.kind == "sinusoidal" and model.width % 2:
     raise ConfigError("model.width", model.width, "sinusoidal encoding needs an even width")
+  if model.attention.log_scaling_length < 0 or model.attention.log_scaling_length == 1:
+    raise ConfigError("model.attention.log_scaling_length", model.attention.log_scaling_length,
+                      "must be 0 (off) or the training length >= 2")
   if model.attention.block_size < 0:
     raise ConfigError("model.attention.block_size", model.attention.block_size,
                       "must be >= 0 (0 = the op's default)")

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 
 from longjax import configuration
+from longjax import defaults
 from longjax.data import corpus as corpus_lib
 from longjax.parallel import mesh as mesh_lib
 from longjax.training import checkpoints, state as state_lib
@@ -24,12 +25,28 @@ class LoadedRun:
 
 
 def saved_config(workdir: str):
-  """The config a run was trained with (`workdir/config.json`) as a ConfigDict."""
+  """The config a run was trained with (`workdir/config.json`), on top of today's defaults.
+
+  Fields added to longjax after the run was saved take their defaults, so old runs stay
+  loadable and evaluation-time overrides of new fields apply to them.
+  """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a longjax run directory?")
   with open(path, encoding="utf-8") as f:
-    return configuration.from_json(f.read())
+    saved = json.load(f)
+  config = defaults.default_config()
+  _merge(config, saved)
+  return config
+
+
+def _merge(config, saved: dict) -> None:
+  with config.unlocked():
+    for key, value in saved.items():
+      if isinstance(value, dict) and key in config:
+        _merge(config[key], value)
+      else:
+        config[key] = value
 
 
 def load_run(workdir: str, config=None, *, step: int | None = None) -> LoadedRun:

@@ -50,7 +50,7 @@ def _unigram(ctx: EvalContext) -> float:
       return json.load(f)["loss"]
   loss = perplexity.unigram_baseline(ctx.corpus.train, ctx.corpus.validation,
                                      ctx.corpus.tokenizer)
-  _write_json(path, {"loss": loss, "what": "validation cross-entropy (nats/token) under "
+  write_json(path, {"loss": loss, "what": "validation cross-entropy (nats/token) under "
                                            "add-one-smoothed training unigram frequencies"})
   return loss
 
@@ -84,7 +84,7 @@ def evaluate(ctx: EvalContext, tasks: tuple[str, ...] = ("perplexity",)) -> dict
     run, plot = EVAL_TASKS[task]
     result = run(ctx)
     suffix = f"-{ctx.label}" if ctx.label else ""
-    _write_json(os.path.join(ctx.workdir, "eval", f"{task}{suffix}.json"), result)
+    write_json(os.path.join(ctx.workdir, "eval", f"{task}{suffix}.json"), result)
     result["plots"] = plot(ctx, result)
     results[task] = result
   history = metrics_lib.read_metrics(ctx.workdir)
@@ -94,7 +94,7 @@ def evaluate(ctx: EvalContext, tasks: tuple[str, ...] = ("perplexity",)) -> dict
   return results
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:

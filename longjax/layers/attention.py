@@ -19,6 +19,26 @@ from longjax.layers.positional import AttentionPositions
 from longjax.ops import AttentionMask, dot_product_attention
 
 
+def log_scale_queries(q: jax.Array, positions: jax.Array, train_length: int) -> jax.Array:
+  """Log-length scaled attention: logits of the query at position p times log_L(p + 1).
+
+  The factor max(1, log(p + 1) / log(L)) keeps the softmax's entropy from growing with the
+  number of visible tokens beyond the training length L (Chiang & Cholak 2022; the clipped form
+  used for training-free extension, e.g. Qwen's "logn" attention). It is exactly 1 up to the
+  training length, so the trained model is unchanged there.
+
+  Args:
+    q: [B, T, N, H] queries.
+    positions: [B, T] positions; p + 1 tokens are visible to the query at p.
+    train_length: L >= 2.
+
+  Returns:
+    [B, T, N, H] in q.dtype.
+  """
+  factor = jnp.maximum(1.0, jnp.log(positions.astype(jnp.float32) + 1.0) / jnp.log(train_length))
+  return (q.astype(jnp.float32) * factor[:, :, None, None]).astype(q.dtype)
+
+
 class Attention(nnx.Module):
   """Causal self-attention with N query heads sharing K key/value heads (GQA; MHA when N == K).
 
@@ -28,7 +48,8 @@ class Attention(nnx.Module):
 
   def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                positional: AttentionPositions, impl: str = "auto", block_size: int = 0,
-               out_init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
+               log_scaling_length: int = 0, out_init_scale: float = 1.0, dtype=jnp.float32,
+               rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
     self.w_q = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2)),
@@ -46,6 +67,7 @@ class Attention(nnx.Module):
     self.head_dim = head_dim
     self.impl = impl
     self.block_size = block_size or None
+    self.log_scaling_length = log_scaling_length
     self.dtype = dtype
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
@@ -71,6 +93,8 @@ class Attention(nnx.Module):
     k, v = kv[:, :, 0], kv[:, :, 1]
     q = self.positional.rotate(q, positions)
     k = self.positional.rotate(k, positions)
+    if self.log_scaling_length:
+      q = log_scale_queries(q, positions, self.log_scaling_length)
 
     if cache is None:
       mask = AttentionMask(causal=True, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)

@@ -33,6 +33,7 @@ def _attention(cfg, rngs: nnx.Rngs) -> Attention:
   return Attention(cfg.width, cfg.num_heads, num_kv_heads(cfg), head_dim(cfg),
                    positional=POSENCS[cfg.posenc.kind].attention(cfg, rngs),
                    impl=cfg.attention.impl, block_size=cfg.attention.block_size,
+                   log_scaling_length=cfg.attention.log_scaling_length,
                    out_init_scale=out_init_scale(cfg), dtype=DTYPES[cfg.dtype], rngs=rngs)
 
 

@@ -1,0 +1,93 @@
+"""Compare evaluation-time methods on one trained model: the same documents, one overlay plot.
+
+A method is a named set of config overrides applied at evaluation time, without retraining
+(RoPE scalings, attention windows, logit scaling, ...). `EVAL_METHODS` maps each name to a
+function `(config, target_length) -> {dotted field: value}`; `target_length` is the longest
+evaluation length, which is what context-extension methods are tuned for (e.g. a RoPE scaling
+factor of target_length / training length, as in the papers).
+"""
+
+from collections.abc import Callable
+import copy
+import os
+
+from longjax import configuration
+from longjax.eval import harness, plots
+from longjax.training import state as state_lib
+
+Overrides = dict[str, object]
+
+EVAL_METHODS: dict[str, Callable[..., Overrides]] = {
+    "none": lambda config, target_length: {},
+    # Logits scaled by log_{L_train}(position + 1) beyond the training length.
+    "log_n": lambda config, target_length: {
+        "model.attention.log_scaling_length": config.data.seq_len},
+}
+
+
+def method_overrides(name: str, config, target_length: int) -> Overrides:
+  if name not in EVAL_METHODS:
+    raise configuration.ConfigError("--compare", name, "unknown evaluation method",
+                                    sorted(EVAL_METHODS))
+  return EVAL_METHODS[name](config, target_length)
+
+
+def apply_overrides(config, overrides: Overrides):
+  """A copy of `config` with dotted-name fields replaced (types checked by ml_collections)."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.update_from_flattened_dict(dict(overrides))
+  return config
+
+
+def compare(*, config, params, corpus, workdir: str, methods: list[str],
+            progress: bool = True) -> dict[str, dict]:
+  """Evaluates `params` under each method and overlays the loss-vs-length curves.
+
+  Args:
+    config: the run's config (with any other evaluation-time overrides).
+    params: the trained parameters (their shapes do not depend on the methods).
+    corpus: the run's corpus.
+    workdir: the run directory; writes eval/perplexity-<method>.json, eval/compare.json and
+      plots/compare_loss_vs_length.png, plots/compare_loss_vs_position.png.
+    methods: names from `EVAL_METHODS`.
+
+  Returns:
+    {method: perplexity result, with the applied "overrides"}.
+  """
+  lengths = configuration.parse_eval_lengths(config.eval.lengths, config.data.seq_len)
+  planned = {m: method_overrides(m, config, max(lengths)) for m in methods}  # fail early
+  results = {}
+  for method, overrides in planned.items():
+    method_config = apply_overrides(config, overrides)
+    configuration.validate_model(method_config.model)
+    graphdef, _ = state_lib.model_graphdef(method_config.model, corpus.tokenizer.vocab_size)
+    ctx = harness.EvalContext(config=method_config, graphdef=graphdef, params=params,
+                              corpus=corpus, workdir=workdir, label=method, progress=progress)
+    result = harness.perplexity_task(ctx)
+    result["overrides"] = {k: v for k, v in overrides.items()}
+    harness.write_json(os.path.join(workdir, "eval", f"perplexity-{method}.json"), result)
+    results[method] = result
+  harness.write_json(os.path.join(workdir, "eval", "compare.json"), {
+      m: {k: r[k] for k in ("lengths", "loss", "bits_per_byte", "overrides")}
+      for m, r in results.items()})
+  first = next(iter(results.values()))
+  plot_dir = os.path.join(workdir, "plots")
+  plots.loss_vs_length(results, first["train_length"],
+                       os.path.join(plot_dir, "compare_loss_vs_length.png"),
+                       baseline=first["unigram_loss"])
+  plots.loss_vs_position(results, first["train_length"],
+                         os.path.join(plot_dir, "compare_loss_vs_position.png"))
+  return results
+
+
+def describe(results: dict[str, dict]) -> str:
+  """A terminal table: one row per length, one column per method."""
+  methods = list(results)
+  lengths = results[methods[0]]["lengths"]
+  width = max(10, *(len(m) + 2 for m in methods))
+  lines = [f"{'length':>8}" + "".join(f"{m:>{width}}" for m in methods)]
+  for i, length in enumerate(lengths):
+    lines.append(f"{length:>8}" + "".join(f"{results[m]['loss'][i]:>{width}.4f}"
+                                          for m in methods))
+  return "\n".join(lines)

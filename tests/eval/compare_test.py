@@ -1,0 +1,62 @@
+"""Evaluation-time method comparison on one trained run; saved configs gain new fields."""
+
+import json
+import os
+
+from absl.testing import absltest
+import numpy as np
+
+from longjax import runs
+from longjax.eval import compare
+from longjax.training import trainer
+from tests import testing
+
+
+class CompareTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.workdir = os.path.join(absltest.get_default_test_tmpdir(), "compare_run")
+    config = testing.tiny_config(**{"train.steps": 10, "eval.lengths": "1x,4x"})
+    trainer.train_and_evaluate(config, cls.workdir, progress=False)
+
+  def test_none_and_log_n(self):
+    run = runs.load_run(self.workdir)
+    results = compare.compare(config=run.config, params=run.params, corpus=run.corpus,
+                              workdir=self.workdir, methods=["none", "log_n"], progress=False)
+    with open(os.path.join(self.workdir, "eval", "perplexity.json")) as f:
+      trained = json.load(f)
+    # "none" is the plain evaluation the trainer ran.
+    np.testing.assert_allclose(results["none"]["loss"], trained["loss"], rtol=1e-6)
+    # log-n scaling is the identity up to the training length and changes the loss beyond it.
+    none_pos = np.asarray(results["none"]["per_position"]["128"])
+    logn_pos = np.asarray(results["log_n"]["per_position"]["128"])
+    np.testing.assert_allclose(logn_pos[:32], none_pos[:32], rtol=1e-5)
+    self.assertGreater(np.abs(logn_pos[40:] - none_pos[40:]).max(), 1e-4)
+    self.assertEqual(results["log_n"]["overrides"],
+                     {"model.attention.log_scaling_length": 32})
+    for name in ("compare_loss_vs_length.png", "compare_loss_vs_position.png"):
+      self.assertTrue(os.path.exists(os.path.join(self.workdir, "plots", name)))
+
+  def test_unknown_method(self):
+    run = runs.load_run(self.workdir)
+    with self.assertRaisesRegex(ValueError, "unknown evaluation method.*valid: log_n, none"):
+      compare.compare(config=run.config, params=run.params, corpus=run.corpus,
+                      workdir=self.workdir, methods=["none", "magic"], progress=False)
+
+  def test_saved_config_gains_new_fields(self):
+    # A run saved before a field existed loads with that field's default.
+    workdir = self.create_tempdir().full_path
+    with open(os.path.join(self.workdir, "config.json")) as f:
+      saved = json.load(f)
+    del saved["model"]["attention"]["log_scaling_length"]
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(saved, f)
+    config = runs.saved_config(workdir)
+    self.assertEqual(config.model.attention.log_scaling_length, 0)
+    self.assertEqual(config.data.seq_len, saved["data"]["seq_len"])
+
+
+if __name__ == "__main__":
+  absltest.main()

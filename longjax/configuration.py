@@ -92,6 +92,9 @@ def validate_model(model) -> None:
   if model.attention.log_scaling_length < 0 or model.attention.log_scaling_length == 1:
     raise ConfigError("model.attention.log_scaling_length", model.attention.log_scaling_length,
                       "must be 0 (off) or the training length >= 2")
+  if model.attention.window < 0:
+    raise ConfigError("model.attention.window", model.attention.window,
+                      "must be >= 0 (0 = full causal attention)")
   if model.attention.block_size < 0:
     raise ConfigError("model.attention.block_size", model.attention.block_size,
                       "must be >= 0 (0 = the op's default)")

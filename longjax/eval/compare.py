@@ -22,6 +22,8 @@ EVAL_METHODS: dict[str, Callable[..., Overrides]] = {
     # Logits scaled by log_{L_train}(position + 1) beyond the training length.
     "log_n": lambda config, target_length: {
         "model.attention.log_scaling_length": config.data.seq_len},
+    # Sliding-window attention over the training length: no query sees an unseen distance.
+    "window": lambda config, target_length: {"model.attention.window": config.data.seq_len},
 }
 
 

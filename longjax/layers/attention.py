@@ -48,8 +48,8 @@ class Attention(nnx.Module):
 
   def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                positional: AttentionPositions, impl: str = "auto", block_size: int = 0,
-               log_scaling_length: int = 0, out_init_scale: float = 1.0, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               log_scaling_length: int = 0, window: int = 0, out_init_scale: float = 1.0,
+               dtype=jnp.float32, rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
     self.w_q = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2)),
@@ -68,6 +68,7 @@ class Attention(nnx.Module):
     self.impl = impl
     self.block_size = block_size or None
     self.log_scaling_length = log_scaling_length
+    self.window = window or None  # sliding window: the query at i sees keys i - window < j <= i
     self.dtype = dtype
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
@@ -97,7 +98,8 @@ class Attention(nnx.Module):
       q = log_scale_queries(q, positions, self.log_scaling_length)
 
     if cache is None:
-      mask = AttentionMask(causal=True, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+      mask = AttentionMask(causal=True, window=self.window, q_segment_ids=segment_ids,
+                           kv_segment_ids=segment_ids)
       kv_positions = positions
     else:
       if segment_ids is not None:
@@ -111,7 +113,7 @@ class Attention(nnx.Module):
       cache = {"k": k, "v": v, "positions": kv_positions, "end": end + x.shape[1]}
       # Queries sit at cache indices end..end+T-1; causal masking by index also hides the
       # unwritten tail of the cache.
-      mask = AttentionMask(causal=True, q_offset=end)
+      mask = AttentionMask(causal=True, window=self.window, q_offset=end)
     bias = self.positional.bias(positions, kv_positions)
     out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask=mask,
                                 bias=bias, impl=self.impl, block_size=self.block_size)

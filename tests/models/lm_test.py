@@ -71,6 +71,25 @@ class DecodeTest(parameterized.TestCase):
                                atol=TOLERANCE[dtype], rtol=0)
     self.assertEqual(int(cache[0]["end"][0]), 10)
 
+  def test_sliding_window_prefill_equals_decode_and_limits_context(self):
+    cfg = tiny_model_config(**{"attention.window": 4})
+    model = build_model(cfg, vocab_size=50, rngs=nnx.Rngs(3))
+    graphdef, params = nnx.split(model)
+    tokens = jnp.asarray(np.random.RandomState(3).randint(0, 50, (2, 12)), jnp.int32)
+    full, _ = _forward(graphdef, params, tokens)
+    cache = model.init_cache(2, 12)
+    steps = []
+    for t in range(12):
+      logits, cache = _forward(graphdef, params, tokens[:, t:t + 1], None, cache)
+      steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full,
+                               atol=TOLERANCE["float32"], rtol=0)
+    # With 2 layers of window 4 the last token's receptive field starts at token 12 - 2*3 - 1:
+    # changing token 0 cannot change the last logits.
+    changed = tokens.at[:, 0].set((tokens[:, 0] + 1) % 50)
+    np.testing.assert_allclose(_forward(graphdef, params, changed)[0][:, -1], full[:, -1],
+                               atol=TOLERANCE["float32"])
+
   def test_segment_ids_isolate_documents(self):
     # Two documents packed in one row give the same logits as each document alone.
     cfg = tiny_model_config()

@@ -95,6 +95,10 @@ def validate_model(model) -> None:
   if model.attention.window < 0:
     raise ConfigError("model.attention.window", model.attention.window,
                       "must be >= 0 (0 = full causal attention)")
+  if model.attention.sink_tokens < 0 or (model.attention.sink_tokens
+                                         and not model.attention.window):
+    raise ConfigError("model.attention.sink_tokens", model.attention.sink_tokens,
+                      "must be >= 0, and > 0 only with model.attention.window > 0")
   if model.attention.block_size < 0:
     raise ConfigError("model.attention.block_size", model.attention.block_size,
                       "must be >= 0 (0 = the op's default)")

@@ -44,6 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.attention.block_size = 0  # blockwise key/query block; 0 = the op's default
   c.model.attention.log_scaling_length = 0  # L > 0: logits x max(1, log_L(position + 1))
   c.model.attention.window = 0      # > 0: sliding-window attention over this many keys
+  c.model.attention.sink_tokens = 0  # with a window: first k keys always visible; streaming cache
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000

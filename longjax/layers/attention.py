@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from longjax.layers import params
+from longjax.layers import streaming
 from longjax.layers.positional import AttentionPositions
 from longjax.ops import AttentionMask, dot_product_attention
 
@@ -48,8 +49,8 @@ class Attention(nnx.Module):
 
   def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                positional: AttentionPositions, impl: str = "auto", block_size: int = 0,
-               log_scaling_length: int = 0, window: int = 0, out_init_scale: float = 1.0,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               log_scaling_length: int = 0, window: int = 0, sink_tokens: int = 0,
+               out_init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
     self.w_q = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2)),
@@ -69,16 +70,26 @@ class Attention(nnx.Module):
     self.block_size = block_size or None
     self.log_scaling_length = log_scaling_length
     self.window = window or None  # sliding window: the query at i sees keys i - window < j <= i
+    # With a window, the first `sink_tokens` keys stay visible to every query (StreamingLLM's
+    # attention sinks; the Λ-shaped mask of LM-Infinite), and decoding uses the O(sinks + window)
+    # streaming cache of `longjax.layers.streaming`.
+    if sink_tokens and not window:
+      raise ValueError(f"sink_tokens={sink_tokens} needs a sliding window (window > 0)")
+    self.sink_tokens = sink_tokens
     self.dtype = dtype
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
-    """An empty cache for `max_length` tokens.
+    """An empty cache for `max_length` tokens (a streaming cache when sink_tokens > 0).
 
     Returns:
       {"k", "v": [B, S, K, H], "positions": [B, S] int32 (for position-dependent biases),
-       "end": int32 scalar, the number of tokens written so far}.
+       "end": int32 scalar, the number of tokens written so far}; with sinks, see
+      `streaming.init_streaming_cache` (its size does not depend on `max_length`).
     """
     dtype = dtype or self.dtype
+    if self.sink_tokens:
+      return streaming.init_streaming_cache(batch_size, self.sink_tokens, self.window,
+                                            self.num_kv_heads, self.head_dim, dtype)
     kv_shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
     return {"k": jnp.zeros(kv_shape, dtype), "v": jnp.zeros(kv_shape, dtype),
             "positions": jnp.zeros((batch_size, max_length), jnp.int32),
@@ -92,14 +103,20 @@ class Attention(nnx.Module):
     q = jnp.einsum("btd,dnh->btnh", x, self.w_q.value.astype(self.dtype))
     kv = jnp.einsum("btd,dckh->btckh", x, self.w_kv.value.astype(self.dtype))
     k, v = kv[:, :, 0], kv[:, :, 1]
+    if cache is not None and self.sink_tokens:
+      out, cache = streaming.streaming_attention(
+          q, k, v, cache, sinks=self.sink_tokens, window=self.window,
+          positional=self.positional, scale_queries=self._scale_queries, impl=self.impl,
+          block_size=self.block_size)
+      return self._project_out(out), cache
     q = self.positional.rotate(q, positions)
     k = self.positional.rotate(k, positions)
-    if self.log_scaling_length:
-      q = log_scale_queries(q, positions, self.log_scaling_length)
+    q = self._scale_queries(q, positions)
 
     if cache is None:
+      sinks = {"global_tokens": self.sink_tokens} if self.sink_tokens else {}
       mask = AttentionMask(causal=True, window=self.window, q_segment_ids=segment_ids,
-                           kv_segment_ids=segment_ids)
+                           kv_segment_ids=segment_ids, **sinks)
       kv_positions = positions
     else:
       if segment_ids is not None:
@@ -117,5 +134,12 @@ class Attention(nnx.Module):
     bias = self.positional.bias(positions, kv_positions)
     out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask=mask,
                                 bias=bias, impl=self.impl, block_size=self.block_size)
-    y = jnp.einsum("btnh,nhd->btd", out, self.w_out.value.astype(self.dtype))
-    return y, cache
+    return self._project_out(out), cache
+
+  def _scale_queries(self, q, positions):
+    if self.log_scaling_length:
+      return log_scale_queries(q, positions, self.log_scaling_length)
+    return q
+
+  def _project_out(self, out):
+    return jnp.einsum("btnh,nhd->btd", out, self.w_out.value.astype(self.dtype))

@@ -90,6 +90,35 @@ class DecodeTest(parameterized.TestCase):
     np.testing.assert_allclose(_forward(graphdef, params, changed)[0][:, -1], full[:, -1],
                                atol=TOLERANCE["float32"])
 
+  @parameterized.parameters("rope", "alibi", "nope")
+  def test_streaming_sink_cache_equals_attention_on_kept_tokens(self, posenc):
+    # One layer, so every cached key/value is a function of its token alone: at step t the
+    # streaming cache must give the logits of a plain forward pass over the kept tokens (2 sinks
+    # and the last 4) at positions 0..n-1, which is StreamingLLM's definition.
+    sinks, window, length = 2, 4, 12
+    overrides = {"posenc.kind": posenc, "num_layers": 1}
+    streaming = build_model(tiny_model_config(**overrides, **{
+        "attention.window": window, "attention.sink_tokens": sinks}), vocab_size=50,
+                            rngs=nnx.Rngs(6))
+    plain = build_model(tiny_model_config(**overrides), vocab_size=50, rngs=nnx.Rngs(6))
+    graphdef, params = nnx.split(streaming)
+    plain_graphdef, _ = nnx.split(plain)
+    tokens = jnp.asarray(np.random.RandomState(6).randint(0, 50, (2, length)), jnp.int32)
+
+    cache = streaming.init_cache(2, length)
+    self.assertEqual(cache[0]["k"].shape[2], sinks + window)  # O(sinks + window) memory
+    first, cache = _forward(graphdef, params, tokens[:, :7], None, cache)  # chunked prefill
+    steps = [first]
+    for t in range(7, length):
+      logits, cache = _forward(graphdef, params, tokens[:, t:t + 1], None, cache)
+      steps.append(logits)
+    streamed = jnp.concatenate(steps, axis=1)
+    for t in range(length):
+      kept = list(range(min(sinks, t + 1))) + list(range(max(sinks, t - window + 1), t + 1))
+      expected, _ = _forward(plain_graphdef, params, tokens[:, kept])
+      np.testing.assert_allclose(streamed[:, t], expected[:, -1], atol=TOLERANCE["float32"],
+                                 err_msg=f"step {t}")
+
   def test_segment_ids_isolate_documents(self):
     # Two documents packed in one row give the same logits as each document alone.
     cfg = tiny_model_config()

@@ -11,7 +11,8 @@ import os
 
 import ml_collections
 
-from longjax.layers.positional import POSENCS
+from longjax import posenc
+from longjax.layers.positional import POSENCS, rope_scaling_hyperparameters
 from longjax.models import registry
 from longjax.models.lm import REMAT_POLICIES
 from longjax.ops import attention as attention_ops
@@ -87,8 +88,10 @@ def validate_model(model) -> None:
   head_dim = registry.head_dim(model)
   if model.posenc.kind == "rope" and head_dim % 2:
     raise ConfigError("model.head_dim", head_dim, "RoPE needs an even head dim")
+  _validate_rope(model.posenc, head_dim)
   if model.posenc.kind == "sinusoidal" and model.width % 2:
     raise ConfigError("model.width", model.width, "sinusoidal encoding needs an even width")
+  _validate_learned_bias(model.posenc)
   if model.attention.log_scaling_length < 0 or model.attention.log_scaling_length == 1:
     raise ConfigError("model.attention.log_scaling_length", model.attention.log_scaling_length,
                       "must be 0 (off) or the training length >= 2")
@@ -104,6 +107,56 @@ def validate_model(model) -> None:
                       "must be >= 0 (0 = the op's default)")
   # The blockwise XLA implementation pads any length to its block size; a block-size rule for
   # lengths belongs here once an implementation requires one (the Pallas kernels).
+
+
+def _validate_learned_bias(p) -> None:
+  """`model.posenc` fields of the learned logit biases (t5, fire)."""
+  if p.kind == "t5":
+    sides = 2 if p.t5_bidirectional else 1
+    if p.t5_num_buckets < 2 * sides or p.t5_num_buckets % sides:
+      raise ConfigError("model.posenc.t5_num_buckets", p.t5_num_buckets,
+                        "must be >= 2" + (" and even, >= 4, with t5_bidirectional" if sides > 1
+                                          else ""))
+    exact = p.t5_num_buckets // (2 * sides)  # distances with a bucket of their own
+    if p.t5_max_distance <= exact:
+      raise ConfigError("model.posenc.t5_max_distance", p.t5_max_distance,
+                        f"must exceed the {exact} distances that have a bucket of their own")
+  if p.kind == "fire":
+    for name in ("fire_hidden", "fire_c_init", "fire_threshold_init"):
+      if not isinstance(p[name], (int, float)) or p[name] <= 0:
+        raise ConfigError(f"model.posenc.{name}", p[name], "must be positive")
+
+
+def _validate_rope(p, head_dim: int) -> None:
+  """`model.posenc` fields of RoPE: partial rotary and the context-extension scaling."""
+  _choice("model.posenc.scaling", p.scaling, posenc.ROPE_SCALINGS)
+  if p.scaling != "none" and p.kind != "rope":
+    raise ConfigError("model.posenc.scaling", p.scaling,
+                      f"rescales RoPE, but model.posenc.kind={p.kind!r}", ["none"])
+  if not isinstance(p.factor, (int, float)) or p.factor <= 0:
+    raise ConfigError("model.posenc.factor", p.factor, "must be positive")
+  if not 0 < p.rotary_fraction <= 1:
+    raise ConfigError("model.posenc.rotary_fraction", p.rotary_fraction, "must be in (0, 1]")
+  if p.original_length < 0:
+    raise ConfigError("model.posenc.original_length", p.original_length,
+                      "must be >= 0 (0 = the run's data.seq_len)")
+  if p.kind != "rope":
+    return
+  try:
+    rotary = posenc.rotary_dim(head_dim, p.rotary_fraction)
+  except ValueError:
+    raise ConfigError("model.posenc.rotary_fraction", p.rotary_fraction,
+                      f"rotates no feature pair of the head dim {head_dim}") from None
+  if not p.original_length and p.scaling in posenc.rope_scaling.NEEDS_ORIGINAL_LENGTH:
+    raise ConfigError("model.posenc.original_length", p.original_length,
+                      f"scaling {p.scaling!r} needs the training length it extends (a saved "
+                      "run's 0 becomes its data.seq_len; elsewhere set it)")
+  try:
+    posenc.scaled_rope_frequencies(p.scaling, rotary, theta=p.rope_theta, factor=p.factor,
+                                   original_length=p.original_length,
+                                   **rope_scaling_hyperparameters(p))
+  except ValueError as e:
+    raise ConfigError("model.posenc.scaling", p.scaling, str(e)) from None
 
 
 def validate(config, num_devices: int) -> None:

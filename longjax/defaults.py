@@ -36,9 +36,32 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"         # compute dtype: float32 | bfloat16 (parameters stay float32)
   c.model.remat = "none"            # none | full | dots | dots_no_batch
   c.model.posenc = ml_collections.ConfigDict()
-  c.model.posenc.kind = "rope"      # rope | alibi | nope | sinusoidal | learned
+  # rope | alibi | nope | sinusoidal | learned | t5 | kerple_log | kerple_power | fire
+  c.model.posenc.kind = "rope"
   c.model.posenc.rope_theta = 10_000.0
   c.model.posenc.max_length = 2048  # rows of the learned table (>= data.seq_len)
+  # Learned logit biases (docs/positional_encodings.md), each per layer and head:
+  c.model.posenc.t5_num_buckets = 32    # t5: distance buckets (bidirectional: half per side)
+  c.model.posenc.t5_max_distance = 128  # t5: distances >= this share the last bucket
+  c.model.posenc.t5_bidirectional = False  # t5: own buckets for keys after the query
+  c.model.posenc.fire_hidden = 32       # fire: hidden width of the MLP f
+  c.model.posenc.fire_c_init = 0.1      # fire: initial c in psi(x) = log(c x + 1)
+  c.model.posenc.fire_threshold_init = 512.0  # fire: initial threshold L in psi(max(L, i))
+  c.model.posenc.rotary_fraction = 1.0  # rope: share of each head's features rotated, in (0, 1]
+  # RoPE scalings (training-free context extension, docs/positional_encodings.md):
+  # none | linear | abf | ntk | dynamic_ntk | yarn | llama3 | giraffe_power | giraffe_truncated
+  c.model.posenc.scaling = "none"
+  c.model.posenc.factor = 1.0       # s = target length / original_length
+  c.model.posenc.original_length = 0  # length the scaling extends; 0 = the run's data.seq_len
+  c.model.posenc.abf_base = 0.0     # new base; 0 = rope_theta * factor
+  c.model.posenc.yarn_beta_fast = 32.0  # YaRN's beta: keep frequencies turning > 32x in L
+  c.model.posenc.yarn_beta_slow = 1.0   # YaRN's alpha: interpolate those turning < 1x in L
+  c.model.posenc.llama3_low_freq_factor = 1.0
+  c.model.posenc.llama3_high_freq_factor = 4.0
+  c.model.posenc.giraffe_power_exponent = 0.5  # k in theta_i * (1 - 2i/d)^k
+  c.model.posenc.giraffe_truncated_cutoff = 0  # keep frequencies turning once in it; 0 = L
+  c.model.posenc.giraffe_truncated_a_ratio = 8.0  # a = b / 8: below a, frequency 0
+  c.model.posenc.giraffe_truncated_rho_ratio = 16.0  # between a and b, rho = b / 16
   c.model.attention = ml_collections.ConfigDict()
   c.model.attention.impl = "auto"   # auto | reference | blockwise
   c.model.attention.block_size = 0  # blockwise key/query block; 0 = the op's default

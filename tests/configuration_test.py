@@ -12,7 +12,7 @@ from tests import testing
 # (override, field named in the message, a fragment of the message)
 BAD_VALUES = [
     ({"model.mixers": "attention,lstm"}, "model.mixers", "unknown mixer 'lstm'; valid: attention"),
-    ({"model.posenc.kind": "rotary"}, "model.posenc.kind", "valid: alibi, learned, nope, rope"),
+    ({"model.posenc.kind": "rotary"}, "model.posenc.kind", "valid: alibi, fire, kerple_log, kerple_power, learned, nope, rope"),
     ({"model.attention.impl": "flash"}, "model.attention.impl", "valid: auto, blockwise"),
     ({"model.dtype": "float16"}, "model.dtype", "valid: bfloat16, float32"),
     ({"model.remat": "some"}, "model.remat", "valid: dots, dots_no_batch, full, none"),
@@ -78,8 +78,9 @@ class CommandLineErrorTest(absltest.TestCase):
         timeout=300, check=False)
     self.assertEqual(proc.returncode, 2)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    self.assertEqual(lines[-1], "error: config: model.posenc.kind='rotary': unknown choice "
-                                "(valid: alibi, learned, nope, rope, sinusoidal)", proc.stderr)
+    self.assertEqual(lines[-1], "error: config: model.posenc.kind='rotary': unknown choice (valid: "
+                                "alibi, fire, kerple_log, kerple_power, learned, nope, rope, "
+                                "sinusoidal, t5)", proc.stderr)
     self.assertNotIn("Traceback", proc.stderr)
     self.assertFalse(os.path.exists(workdir))
 

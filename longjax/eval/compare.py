@@ -17,11 +17,30 @@ from longjax.training import state as state_lib
 
 Overrides = dict[str, object]
 
+def _rope_scaling(method: str) -> Callable[..., Overrides]:
+  """A RoPE scaling tuned for the longest evaluation length: factor = target / train length."""
+
+  def overrides(config, target_length: int) -> Overrides:
+    return {"model.posenc.scaling": method,
+            "model.posenc.factor": max(target_length / config.data.seq_len, 1.0),
+            "model.posenc.original_length": config.data.seq_len}
+
+  return overrides
+
+
 EVAL_METHODS: dict[str, Callable[..., Overrides]] = {
     "none": lambda config, target_length: {},
     # Logits scaled by log_{L_train}(position + 1) beyond the training length.
     "log_n": lambda config, target_length: {
         "model.attention.log_scaling_length": config.data.seq_len},
+    "pi": _rope_scaling("linear"),
+    "abf": _rope_scaling("abf"),
+    "ntk": _rope_scaling("ntk"),
+    "dynamic_ntk": lambda config, target_length: {
+        "model.posenc.scaling": "dynamic_ntk", "model.posenc.factor": 1.0,
+        "model.posenc.original_length": config.data.seq_len},
+    "yarn": _rope_scaling("yarn"),
+    "llama3": _rope_scaling("llama3"),
     # Sliding-window attention over the training length: no query sees an unseen distance.
     "window": lambda config, target_length: {"model.attention.window": config.data.seq_len},
 }

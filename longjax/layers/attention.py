@@ -109,8 +109,11 @@ class Attention(nnx.Module):
           positional=self.positional, scale_queries=self._scale_queries, impl=self.impl,
           block_size=self.block_size)
       return self._project_out(out), cache
-    q = self.positional.rotate(q, positions)
-    k = self.positional.rotate(k, positions)
+    # Length-dependent encodings (dynamic NTK) are computed for the cache's capacity when
+    # decoding, so that keys cached at earlier steps and these queries share one rotation.
+    context_length = None if cache is None else cache["k"].shape[1]
+    q = self.positional.rotate(q, positions, context_length=context_length)
+    k = self.positional.rotate(k, positions, context_length=context_length)
     q = self._scale_queries(q, positions)
 
     if cache is None:

@@ -9,6 +9,7 @@ The maths lives in `longjax.posenc`; these modules only hold parameters and dime
 
 from collections.abc import Callable
 import dataclasses
+import inspect
 
 from flax import nnx
 import jax
@@ -53,9 +54,15 @@ class LearnedPositions(InputPositions):
 class AttentionPositions(nnx.Module):
   """Per-attention-layer encoding. The default acts nowhere (NoPE)."""
 
-  def rotate(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    """Queries [B, T, N, H] or keys [B, S, K, H] at their positions [B, T]."""
-    del positions
+  def rotate(self, x: jax.Array, positions: jax.Array, *,
+             context_length: int | None = None) -> jax.Array:
+    """Queries [B, T, N, H] or keys [B, S, K, H] at their positions [B, T].
+
+    `context_length` is the decode cache's capacity when there is one (None otherwise): the
+    length that length-dependent encodings (dynamic NTK) are computed for, so that keys cached
+    by earlier steps and the current queries use the same frequencies.
+    """
+    del positions, context_length
     return x
 
   def bias(self, q_positions: jax.Array, kv_positions: jax.Array):
@@ -69,13 +76,65 @@ class NoPositions(AttentionPositions):
 
 
 class RotaryPositions(AttentionPositions):
+  """RoPE on the first `rotary_dim(H, rotary_fraction)` features, optionally with a scaling.
 
-  def __init__(self, head_dim: int, theta: float):
-    self.head_dim = head_dim
+  The scaling (`longjax.posenc.ROPE_SCALINGS`) only changes the inverse frequencies and
+  multiplies rotated queries and keys by its attention factor: no parameters, so it can be
+  switched on for a trained model. Static scalings are the same at every length. `dynamic_ntk`
+  is computed for the context length l = max(positions) + 1 of the call, or, with a decode
+  cache, max(cache capacity, that): keys are cached already rotated, so every step of one
+  decode must use the same l, and the capacity is the only length known at the first step.
+  Prefill without a cache of T tokens therefore equals decoding into a cache of capacity T.
+  """
+
+  def __init__(self, head_dim: int, theta: float, *, rotary_fraction: float = 1.0,
+               scaling: str = "none", factor: float = 1.0, original_length: int = 0,
+               hyperparameters: dict | None = None):
+    self.rotary_dim = posenc.rotary_dim(head_dim, rotary_fraction)
     self.theta = theta
+    self.scaling = scaling
+    self.factor = factor
+    self.original_length = original_length
+    self.hyperparameters = tuple(sorted((hyperparameters or {}).items()))  # static, hashable
+    self._frequencies(None)  # a bad method or value fails when the model is built
 
-  def rotate(self, x, positions):
-    return posenc.apply_rope(x, positions, posenc.rope_inv_freq(self.head_dim, self.theta))
+  def _frequencies(self, length):
+    return posenc.scaled_rope_frequencies(
+        self.scaling, self.rotary_dim, theta=self.theta, factor=self.factor,
+        original_length=self.original_length, length=length, **dict(self.hyperparameters))
+
+  def rotate(self, x, positions, *, context_length=None):
+    length = None
+    if self.scaling in posenc.rope_scaling.DYNAMIC_SCALINGS:
+      length = jnp.max(positions) + 1
+      if context_length is not None:
+        length = jnp.maximum(length, context_length)
+    inv_freq, attention_factor = self._frequencies(length)
+    return posenc.apply_rope(x, positions, inv_freq, scale=attention_factor)
+
+
+def rope_scaling_hyperparameters(posenc_cfg) -> dict:
+  """The hyperparameters of `posenc_cfg.scaling` from the fields `<scaling>_<name>`.
+
+  E.g. scaling="yarn" reads yarn_beta_fast and yarn_beta_slow as beta_fast and beta_slow; a
+  method's argument without a config field keeps the function's default.
+  """
+  fn = posenc.ROPE_SCALINGS.get(posenc_cfg.scaling)
+  if fn is None:
+    return {}
+  names = [p.name for p in inspect.signature(fn).parameters.values()
+           if p.kind is inspect.Parameter.KEYWORD_ONLY
+           and p.name not in posenc.rope_scaling.COMMON_ARGS]
+  return {n: posenc_cfg[f"{posenc_cfg.scaling}_{n}"] for n in names
+          if f"{posenc_cfg.scaling}_{n}" in posenc_cfg}
+
+
+def _rotary(cfg, rngs) -> RotaryPositions:
+  del rngs
+  p = cfg.posenc
+  return RotaryPositions(_head_dim(cfg), p.rope_theta, rotary_fraction=p.rotary_fraction,
+                         scaling=p.scaling, factor=p.factor, original_length=p.original_length,
+                         hyperparameters=rope_scaling_hyperparameters(p))
 
 
 class AlibiPositions(AttentionPositions):
@@ -98,14 +157,26 @@ def _head_dim(cfg) -> int:
   return cfg.head_dim or cfg.width // cfg.num_heads
 
 
+def _learned_bias(name: str) -> Callable[..., AttentionPositions]:
+  """Factory of a learned logit-bias encoding of `longjax.layers.positional_bias`."""
+
+  def make(cfg, rngs):
+    # Imported on use: those modules subclass AttentionPositions, defined in this module.
+    from longjax.layers import positional_bias  # pylint: disable=g-import-not-at-top
+    return positional_bias.FACTORIES[name](cfg, rngs)
+
+  return make
+
+
 POSENCS: dict[str, PosEncEntry] = {
     "nope": PosEncEntry(None, lambda cfg, rngs: NoPositions()),
-    "rope": PosEncEntry(None, lambda cfg, rngs: RotaryPositions(_head_dim(cfg),
-                                                                cfg.posenc.rope_theta)),
+    "rope": PosEncEntry(None, lambda cfg, rngs: _rotary(cfg, rngs)),
     "alibi": PosEncEntry(None, lambda cfg, rngs: AlibiPositions(cfg.num_heads)),
     "sinusoidal": PosEncEntry(lambda cfg, rngs: SinusoidalPositions(cfg.width),
                               lambda cfg, rngs: NoPositions()),
     "learned": PosEncEntry(
         lambda cfg, rngs: LearnedPositions(cfg.posenc.max_length, cfg.width, rngs=rngs),
         lambda cfg, rngs: NoPositions()),
+    **{name: PosEncEntry(None, _learned_bias(name))
+       for name in ("t5", "kerple_log", "kerple_power", "fire")},
 }

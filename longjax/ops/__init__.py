@@ -7,11 +7,17 @@ from longjax.ops.attention import default_block_size
 from longjax.ops.attention import dot_product_attention
 from longjax.ops.attention import resolve_impl
 from longjax.ops.biases import AlibiBias
+from longjax.ops.biases import FireBias
+from longjax.ops.biases import KerpleBias
+from longjax.ops.biases import T5Bias
 from longjax.ops.masks import AttentionMask
 
 __all__ = [
     "AlibiBias",
     "AttentionMask",
+    "FireBias",
+    "KerpleBias",
+    "T5Bias",
     "default_block_size",
     "dot_product_attention",
     "resolve_impl",

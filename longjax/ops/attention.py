@@ -7,7 +7,9 @@ resolved in `resolve_impl` only. Implementations share one set of semantics:
     input dtype with float32 accumulation (`preferred_element_type`).
   * rows with no visible key output zeros and lse = -inf, with finite gradients.
   * lse is the natural log of the softmax normaliser of the scaled, biased logits.
-  * mask and bias arrays get zero gradients (they carry no trainable parameters).
+  * mask arrays get zero gradients (integers: offsets, segment ids); the bias's floating-point
+    arrays (learned tables, KERPLE/FIRE parameters) get their gradients in every implementation,
+    its integer arrays (positions) none.
 """
 
 import jax
@@ -126,7 +128,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Att
     k: [B, S, K, H] keys, N % K == 0; query head n uses kv head n // (N // K).
     v: [B, S, K, H] values.
     mask: `AttentionMask` (causal / window / q_offset / segment ids).
-    bias: None or a block bias such as `AlibiBias`; its arrays are constants (zero gradient).
+    bias: None or a block bias such as `AlibiBias` or `T5Bias`; its floating-point arrays are
+      differentiable (wrap them in `stop_gradient` to freeze them), its positions are not.
     scale: Python float multiplying q.k; None means H ** -0.5.
     impl: "auto", "reference" or "blockwise"; see `resolve_impl`.
     block_size: block length C of the blockwise op (None: `default_block_size()`).
@@ -151,7 +154,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Att
   block_size = default_block_size() if block_size is None else int(block_size)
   if block_size < 1:
     raise ValueError(f"block_size must be positive, got {block_size}")
-  bias = jax.tree.map(jax.lax.stop_gradient, bias)
   resolved = resolve_impl(impl, q_length=t, kv_length=s, block_size=block_size)
   if resolved == "reference":
     out, lse = attention_reference(q, k, v, mask=mask, bias=bias, scale=scale)

@@ -2,9 +2,9 @@
 
 A mask is a small static spec (causal, window) plus a few arrays (query offset, segment ids); it is
 never stored as a `[T, S]` array. Implementations ask it for one block of visibility at a time
-(`block`), for the key (or query) index range a block of queries (or keys) can see at all
-(`kv_index_range`, `q_index_range`; loops use these as bounds to skip empty blocks), and whether a
-block may contain any visible entry (`block_may_be_nonempty`). The dense reference evaluates the
+(`block`), for the key (or query) index ranges a block of queries (or keys) can see at all
+(`kv_index_ranges`, `q_index_range`; loops use these as bounds to skip empty blocks), and whether
+a block may contain any visible entry (`block_may_be_nonempty`). The dense reference evaluates the
 same spec as one block covering everything, so all implementations share one definition.
 
 Indexing: keys are numbered 0..S-1; query row t has absolute index `q_offset + t`. With a KV cache
@@ -50,7 +50,7 @@ def take_block(x: jax.Array, start, size: int) -> jax.Array:
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["q_offset", "q_segment_ids", "kv_segment_ids"],
-    meta_fields=["causal", "window"],
+    meta_fields=["causal", "window", "global_tokens"],
 )
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AttentionMask:
@@ -61,12 +61,18 @@ class AttentionMask:
     * window (if set): i - j < window; without `causal` the window is symmetric, |i - j| < window
       (local bidirectional attention), so that a window never exposes more of the future than of
       the past;
+    * global_tokens (with a window): keys j < global_tokens are exempt from the window (not from
+      causality, lengths or segments). This is the Lambda-shaped mask of LM-Infinite (Han et al.
+      2024) and the attention sinks of StreamingLLM (Xiao et al. 2024): every query sees the
+      first keys plus its local window. The first keys are counted by index (cache slot), so in
+      a packed row only the first document has them;
     * segment ids (if set): q_segment_ids[b, t] == kv_segment_ids[b, j] (packed documents; the
       ids are only compared, so a padding segment 0 attends within itself).
 
   Attributes:
     causal: static; hide keys after the query's absolute index.
     window: static; sliding window size (>= 1) or None.
+    global_tokens: static; number of leading keys every query sees despite the window (0: none).
     q_offset: int32 scalar (array or Python int); absolute index of query row 0.
     q_segment_ids: [B, T] int32 or None.
     kv_segment_ids: [B, S] int32 or None; given together with `q_segment_ids`.
@@ -74,6 +80,7 @@ class AttentionMask:
 
   causal: bool = True
   window: int | None = None
+  global_tokens: int = 0
   q_offset: jax.Array | int = 0
   q_segment_ids: jax.Array | None = None
   kv_segment_ids: jax.Array | None = None
@@ -84,6 +91,11 @@ class AttentionMask:
     if self.window is not None and (not isinstance(self.window, numbers.Integral)
                                     or self.window < 1):
       raise ValueError(f"window must be a positive int or None, got {self.window!r}")
+    if not isinstance(self.global_tokens, numbers.Integral) or self.global_tokens < 0:
+      raise ValueError(f"global_tokens must be an int >= 0, got {self.global_tokens!r}")
+    if self.global_tokens and self.window is None:
+      # Without a window every key is visible already: the setting would do nothing.
+      raise ValueError(f"global_tokens={self.global_tokens} needs a window")
 
   @property
   def has_segments(self) -> bool:
@@ -135,9 +147,12 @@ class AttentionMask:
     if self.causal:
       visible &= distance >= 0
     if self.window is not None:
-      visible &= distance < self.window
+      near = distance < self.window
       if not self.causal:
-        visible &= -distance < self.window
+        near &= -distance < self.window
+      if self.global_tokens:
+        near |= (kj < self.global_tokens)[None, :]
+      visible &= near
     visible = visible[None, None]
     if self.has_segments:
       q_ids = take_block(self.q_segment_ids, q_start, q_size)
@@ -149,13 +164,50 @@ class AttentionMask:
     """The whole mask, bool [B or 1, 1, T, S]: for references and tests only."""
     return self.block(0, q_length, 0, kv_length, q_length=q_length, kv_length=kv_length)
 
+  def kv_index_ranges(self, q_start, q_size: int, *, q_length: int | None = None,
+                      kv_length: int | None = None) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """Key ranges [lo, hi) whose union holds every key a row of the block can see, by index.
+
+    One range normally; with `global_tokens` two, the leading keys (0, min(global_tokens, hi))
+    and the local window, so that loops can skip the keys between them. Ranges may overlap or be
+    empty (hi <= lo). Segment ids are not considered (see `block_may_be_nonempty`).
+
+    Args:
+      q_start: int32 scalar; first query row of the block.
+      q_size: static block height.
+      q_length: real number of query rows (see `block`).
+      kv_length: real number of keys (see `block`).
+
+    Returns:
+      A tuple of (lo, hi) int32 scalar pairs, each with 0 <= lo, hi <= kv_length.
+    """
+    q_length, kv_length = self._lengths(q_length, kv_length)
+    q_start = jnp.asarray(q_start, jnp.int32)
+    q_last = jnp.minimum(q_start + q_size, q_length) - 1  # last real row of the block
+    first = self.q_offset + q_start  # absolute index of the first row
+    last = self.q_offset + q_last
+    # Bounds that hold for every key, leading ones included: lengths and causality.
+    hi_all = jnp.int32(kv_length)
+    if self.causal:
+      hi_all = jnp.minimum(hi_all, last + 1)
+    hi_all = jnp.where(q_last < q_start, 0, hi_all)  # the block holds only padded rows
+    lo, hi = jnp.int32(0), hi_all
+    if self.window is not None:
+      lo = jnp.maximum(lo, first - self.window + 1)
+      if not self.causal:
+        hi = jnp.minimum(hi, last + self.window)
+    ranges = [(lo, hi)]
+    if self.global_tokens:
+      ranges.insert(0, (jnp.int32(0), jnp.minimum(hi_all, self.global_tokens)))
+    return tuple((jnp.clip(a, 0, kv_length).astype(jnp.int32),
+                  jnp.clip(b, 0, kv_length).astype(jnp.int32)) for a, b in ranges)
+
   def kv_index_range(self, q_start, q_size: int, *, q_length: int | None = None,
                      kv_length: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Keys [lo, hi) outside which no query row in the block can see anything, by index alone.
 
-    Segment ids are not considered (see `block_may_be_nonempty`). Loops over key blocks use this
-    as their bounds so that blocks above the causal diagonal or outside the window are never
-    visited.
+    The hull of `kv_index_ranges`: with `global_tokens` it spans from key 0 to the window, so
+    loops that want to skip the keys in between use `kv_index_ranges` instead.
 
     Args:
       q_start: int32 scalar; first query row of the block.
@@ -166,23 +218,14 @@ class AttentionMask:
     Returns:
       (lo, hi) int32 scalars with 0 <= lo, hi <= kv_length; empty when hi <= lo.
     """
-    q_length, kv_length = self._lengths(q_length, kv_length)
-    q_start = jnp.asarray(q_start, jnp.int32)
-    q_last = jnp.minimum(q_start + q_size, q_length) - 1  # last real row of the block
-    first = self.q_offset + q_start  # absolute index of the first row
-    last = self.q_offset + q_last
-    lo = jnp.int32(0)
-    hi = jnp.int32(kv_length)
-    if self.causal:
-      hi = jnp.minimum(hi, last + 1)
-    if self.window is not None:
-      lo = jnp.maximum(lo, first - self.window + 1)
-      if not self.causal:
-        hi = jnp.minimum(hi, last + self.window)
-    hi = jnp.where(q_last < q_start, 0, hi)  # the block holds only padded rows
-    lo = jnp.clip(lo, 0, kv_length)
-    hi = jnp.clip(hi, 0, kv_length)
-    return lo.astype(jnp.int32), hi.astype(jnp.int32)
+    ranges = self.kv_index_ranges(q_start, q_size, q_length=q_length, kv_length=kv_length)
+    if len(ranges) == 1:
+      return ranges[0]
+    # An empty range must not widen the hull.
+    los = [jnp.where(hi > lo, lo, _UNBOUNDED) for lo, hi in ranges]
+    his = [jnp.where(hi > lo, hi, 0) for lo, hi in ranges]
+    lo, hi = functools.reduce(jnp.minimum, los), functools.reduce(jnp.maximum, his)
+    return jnp.where(hi > 0, lo, 0).astype(jnp.int32), hi.astype(jnp.int32)
 
   def q_index_range(self, kv_start, kv_size: int, *, q_length: int | None = None,
                     kv_length: int | None = None) -> tuple[jax.Array, jax.Array]:
@@ -209,9 +252,16 @@ class AttentionMask:
     if self.causal:
       lo = jnp.maximum(lo, kv_start - self.q_offset)
     if self.window is not None:
-      hi = jnp.minimum(hi, kv_last + self.window - self.q_offset)
+      window_hi = kv_last + self.window - self.q_offset
+      window_lo = kv_start - self.window + 1 - self.q_offset
+      if self.global_tokens:
+        # A block holding a leading key is seen by every row the other rules allow.
+        leading = kv_start < self.global_tokens
+        window_hi = jnp.where(leading, _UNBOUNDED, window_hi)
+        window_lo = jnp.where(leading, -_UNBOUNDED, window_lo)
+      hi = jnp.minimum(hi, window_hi)
       if not self.causal:
-        lo = jnp.maximum(lo, kv_start - self.window + 1 - self.q_offset)
+        lo = jnp.maximum(lo, window_lo)
     hi = jnp.where(kv_last < kv_start, 0, hi)  # the block holds only padded keys
     lo = jnp.clip(lo, 0, q_length)
     hi = jnp.clip(hi, 0, q_length)
@@ -222,18 +272,19 @@ class AttentionMask:
                             kv_length: int | None = None) -> jax.Array:
     """Conservative test for a visible entry in a block (False means certainly empty).
 
-    Index rules (causal, window, lengths) are exact at block granularity; segment ids are judged
-    by whether the blocks' [min, max] id ranges overlap in some batch row, which can only err
-    towards True.
+    Index rules (causal, window, global tokens, lengths) are exact at block granularity; segment
+    ids are judged by whether the blocks' [min, max] id ranges overlap in some batch row, which
+    can only err towards True.
 
     Args: as for `block`.
 
     Returns:
       bool scalar.
     """
-    lo, hi = self.kv_index_range(q_start, q_size, q_length=q_length, kv_length=kv_length)
     kv_start = jnp.asarray(kv_start, jnp.int32)
-    result = (kv_start < hi) & (kv_start + kv_size > lo)
+    result = jnp.bool_(False)
+    for lo, hi in self.kv_index_ranges(q_start, q_size, q_length=q_length, kv_length=kv_length):
+      result |= (hi > lo) & (kv_start < hi) & (kv_start + kv_size > lo)
     if self.has_segments:
       # Padded rows/keys repeat the last real id (see `take_block`), so each range still covers
       # every real id in its block; padding can widen a range but never hide a real match.

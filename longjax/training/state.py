@@ -17,6 +17,7 @@ import optax
 
 from longjax.models import build_model
 from longjax.parallel import mesh as mesh_lib
+from longjax.training import optimizers
 
 
 @jax.tree_util.register_dataclass
@@ -32,6 +33,13 @@ def model_graphdef(model_cfg, vocab_size: int):
   abstract = nnx.eval_shape(lambda: build_model(model_cfg, vocab_size=vocab_size,
                                                 rngs=nnx.Rngs(0)))
   return nnx.split(abstract)
+
+
+def make_model_optimizer(model_cfg, train_cfg, *, vocab_size: int):
+  """`optimizers.make_optimizer` with the weight-decay mask of this model's parameters."""
+  _, abstract_params = model_graphdef(model_cfg, vocab_size)
+  return optimizers.make_optimizer(
+      train_cfg, decay_mask=optimizers.weight_decay_mask(abstract_params))
 
 
 def create_train_state(model_cfg, tx: optax.GradientTransformation, *, vocab_size: int,

@@ -23,7 +23,7 @@ from longjax.data import corpus as corpus_lib
 from longjax.data import pipeline
 from longjax.eval import harness
 from longjax.parallel import mesh as mesh_lib
-from longjax.training import checkpoints, optimizers, state as state_lib, step as step_lib
+from longjax.training import checkpoints, state as state_lib, step as step_lib
 from longjax.training.metrics import MetricsWriter
 
 # Test hook: the exact-resume test kills the process with SIGKILL right after this step.
@@ -105,7 +105,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
   rules = mesh_lib.parse_rules(config.mesh.rules)
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   corpus = corpus_lib.load_corpus(config.data, workdir)
-  tx, schedule = optimizers.make_optimizer(config.train)
+  tx, schedule = state_lib.make_model_optimizer(config.model, config.train,
+                                                vocab_size=corpus.tokenizer.vocab_size)
   graphdef, state, shardings = state_lib.create_train_state(
       config.model, tx, vocab_size=corpus.tokenizer.vocab_size, mesh=mesh, rules=rules,
       seed=config.seed)

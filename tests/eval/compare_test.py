@@ -41,7 +41,7 @@ class CompareTest(absltest.TestCase):
 
   def test_unknown_method(self):
     run = runs.load_run(self.workdir)
-    with self.assertRaisesRegex(ValueError, "unknown evaluation method.*valid: log_n, none"):
+    with self.assertRaisesRegex(ValueError, "unknown evaluation method.*valid: .*log_n, none, ntk"):
       compare.compare(config=run.config, params=run.params, corpus=run.corpus,
                       workdir=self.workdir, methods=["none", "magic"], progress=False)
 

@@ -145,17 +145,22 @@ class BlockwiseTest(AttentionTestCase):
     self.assert_matches_reference(q, k, v, mask)
 
   @parameterized.product(dtype=(jnp.float32, jnp.bfloat16),
-                         feature=("window", "alibi", "everything"))
+                         feature=("window", "lambda", "alibi", "everything"))
   def test_matches_reference_with(self, dtype, feature):
     batch, length = 2, 100
     q, k, v = random_inputs(3, batch, length, length, 4, 2, 16, dtype)
     seg = packed_segments(np.random.default_rng(4), batch, length)
     if feature == "window":
       mask, bias = AttentionMask(causal=True, window=40), None
+    elif feature == "lambda":
+      # LM-Infinite: 5 leading keys + a window of 20; with blocks of 32 the loops visit the
+      # leading block and the window's blocks and skip those in between.
+      mask, bias = AttentionMask(causal=True, window=20, global_tokens=5), None
     elif feature == "alibi":
       mask, bias = AttentionMask(causal=False), alibi(4, batch, length, length)
     else:
-      mask = AttentionMask(causal=False, window=33, q_segment_ids=seg, kv_segment_ids=seg)
+      mask = AttentionMask(causal=False, window=33, global_tokens=3, q_segment_ids=seg,
+                           kv_segment_ids=seg)
       bias = alibi(4, batch, length, length)
     self.assert_matches_reference(q, k, v, mask, bias)
 
@@ -197,18 +202,20 @@ class BlockwiseTest(AttentionTestCase):
   @hypothesis.given(batch=st.integers(1, 2), t=st.integers(1, 40), s=st.integers(1, 40),
                     num_kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 3]),
                     causal=st.booleans(), window=st.sampled_from([None, 1, 6, 17]),
+                    global_tokens=st.sampled_from([0, 2, 11]),
                     q_offset=st.integers(0, 30), segments=st.booleans(),
                     use_alibi=st.booleans(), block_size=st.sampled_from([8, 16]))
   def test_random_shapes_and_masks(self, batch, t, s, num_kv_heads, group, causal, window,
-                                   q_offset, segments, use_alibi, block_size):
+                                   global_tokens, q_offset, segments, use_alibi, block_size):
+    global_tokens = global_tokens if window is not None else 0
     n = num_kv_heads * group
     q, k, v = random_inputs(7, batch, t, s, n, num_kv_heads, 8, jnp.float32)
     q_seg = kv_seg = None
     if segments:
       rng = np.random.default_rng(8)
       q_seg, kv_seg = packed_segments(rng, batch, t), packed_segments(rng, batch, s)
-    mask = AttentionMask(causal=causal, window=window, q_offset=q_offset, q_segment_ids=q_seg,
-                         kv_segment_ids=kv_seg)
+    mask = AttentionMask(causal=causal, window=window, global_tokens=global_tokens,
+                         q_offset=q_offset, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
     bias = alibi(n, batch, t, s, q_offset) if use_alibi else None
     self.assert_matches_reference(q, k, v, mask, bias, block_size=block_size)
 

@@ -16,7 +16,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import quickstart  # pylint: disable=g-import-not-at-top,wrong-import-position
 from longjax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-from longjax.training import optimizers, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+from longjax.training import state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
 
 MESHES = {"one_device": (1, 1, 1), "data8": (8, 1, 1), "data2_fsdp2_tensor2": (2, 2, 2)}
 
@@ -41,7 +41,7 @@ def run(name, data, fsdp, tensor):
   devices = jax.devices()[: data * fsdp * tensor]
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   rules = mesh_lib.parse_rules(config.mesh.rules)
-  tx, schedule = optimizers.make_optimizer(config.train)
+  tx, schedule = state_lib.make_model_optimizer(config.model, config.train, vocab_size=259)
   graphdef, state, shardings = state_lib.create_train_state(
       config.model, tx, vocab_size=259, mesh=mesh, rules=rules, seed=0)
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)

@@ -43,6 +43,10 @@ EVAL_METHODS: dict[str, Callable[..., Overrides]] = {
     "llama3": _rope_scaling("llama3"),
     # Sliding-window attention over the training length: no query sees an unseen distance.
     "window": lambda config, target_length: {"model.attention.window": config.data.seq_len},
+    # The Λ-shaped mask of LM-Infinite / StreamingLLM without their position handling: 4 global
+    # tokens plus a window of the training length.
+    "lambda_mask": lambda config, target_length: {"model.attention.window": config.data.seq_len,
+                                                  "model.attention.sink_tokens": 4},
 }
 
 

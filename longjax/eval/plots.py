@@ -9,6 +9,14 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np
 
 
+def _legend(ax, num_series: int) -> None:
+  # Many overlaid methods hide the curves under the legend: put it beside the axes instead.
+  if num_series > 3:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+  else:
+    ax.legend()
+
+
 def _save(fig, path: str) -> str:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fig.tight_layout()
@@ -37,7 +45,7 @@ def training_curve(metrics: list[dict], path: str, *, baseline: float | None = N
 def loss_vs_length(sweeps: dict[str, dict], train_length: int, path: str, *,
                    key: str = "loss", baseline: float | None = None) -> str:
   """One line per method: mean loss over the whole context against context length."""
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(8 if len(sweeps) > 3 else 6, 4))
   for label, sweep in sweeps.items():
     ax.plot(sweep["lengths"], sweep[key], "o-", label=label)
   ax.axvline(train_length, color="k", ls=":", label=f"train length {train_length}")
@@ -47,14 +55,14 @@ def loss_vs_length(sweeps: dict[str, dict], train_length: int, path: str, *,
   ax.set_xlabel("evaluation context length (tokens)")
   ax.set_ylabel("bits per byte" if key == "bits_per_byte" else "loss (nats / token)")
   ax.grid(alpha=0.3)
-  ax.legend()
+  _legend(ax, len(sweeps))
   return _save(fig, path)
 
 
 def loss_vs_position(sweeps: dict[str, dict], train_length: int, path: str, *,
                      bins: int = 48) -> str:
   """Loss at each token position (log-spaced bins) at the longest evaluated length."""
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(8 if len(sweeps) > 3 else 6, 4))
   for label, sweep in sweeps.items():
     longest = str(max(sweep["lengths"]))
     losses = np.asarray(sweep["per_position"][longest])
@@ -67,5 +75,5 @@ def loss_vs_position(sweeps: dict[str, dict], train_length: int, path: str, *,
   ax.set_xlabel("token position")
   ax.set_ylabel("loss (nats / token)")
   ax.grid(alpha=0.3)
-  ax.legend()
+  _legend(ax, len(sweeps))
   return _save(fig, path)

@@ -26,7 +26,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run directory written by experiments.train.")
 _LABEL = flags.DEFINE_string("label", "", "Names this evaluation in file names and plots.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_COMPARE = flags.DEFINE_list("compare", [], "Evaluation-time methods to overlay, e.g. none,pi,yarn.")
+_COMPARE = flags.DEFINE_list("compare", [],
+                             "Evaluation-time methods to overlay, e.g. none,pi,yarn.")
 flags.mark_flags_as_required(["workdir"])
 
 

@@ -102,6 +102,10 @@ def validate_model(model) -> None:
                                          and not model.attention.window):
     raise ConfigError("model.attention.sink_tokens", model.attention.sink_tokens,
                       "must be >= 0, and > 0 only with model.attention.window > 0")
+  if model.attention.distance_ceiling < 0 or (model.attention.distance_ceiling
+                                              and not model.attention.sink_tokens):
+    raise ConfigError("model.attention.distance_ceiling", model.attention.distance_ceiling,
+                      "must be >= 0, and > 0 only with model.attention.sink_tokens > 0")
   if model.attention.block_size < 0:
     raise ConfigError("model.attention.block_size", model.attention.block_size,
                       "must be >= 0 (0 = the op's default)")
@@ -182,8 +186,28 @@ def validate(config, num_devices: int) -> None:
   if config.model.posenc.kind == "learned" and config.model.posenc.max_length < config.data.seq_len:
     raise ConfigError("model.posenc.max_length", config.model.posenc.max_length,
                       f"the learned table must cover data.seq_len={config.data.seq_len}")
+  _validate_train_positions(config.model.posenc, config.data.seq_len)
   parse_eval_lengths(config.eval.lengths, config.data.seq_len)
   _validate_mesh(config, num_devices)
+
+
+def _validate_train_positions(p, seq_len: int) -> None:
+  """`model.posenc` fields of the training-time position transforms (randomized, PoSE)."""
+  _choice("model.posenc.train_positions", p.train_positions, posenc.POSITION_TRANSFORMS)
+  if p.train_positions == "none":
+    return
+  if p.train_positions == "randomized":
+    field, largest = "model.posenc.randomized_max_position", p.randomized_max_position
+  else:
+    if not isinstance(p.pose_chunks, int) or p.pose_chunks < 1:
+      raise ConfigError("model.posenc.pose_chunks", p.pose_chunks, "must be an integer >= 1")
+    field, largest = "model.posenc.pose_target_length", p.pose_target_length
+  if not isinstance(largest, int) or largest < seq_len:
+    raise ConfigError(field, largest, f"must be an integer >= data.seq_len={seq_len}")
+  # A learned table clamps positions past its last row, which would merge the sampled ones.
+  if p.kind == "learned" and largest > p.max_length:
+    raise ConfigError(field, largest, "exceeds the learned table: positions would be clamped to "
+                      f"its last row (model.posenc.max_length={p.max_length})")
 
 
 def _validate_mesh(config, num_devices: int) -> None:

@@ -62,12 +62,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.posenc.giraffe_truncated_cutoff = 0  # keep frequencies turning once in it; 0 = L
   c.model.posenc.giraffe_truncated_a_ratio = 8.0  # a = b / 8: below a, frequency 0
   c.model.posenc.giraffe_truncated_rho_ratio = 16.0  # between a and b, rho = b / 16
+  # Training-time positions (docs/positional_encodings.md); evaluation always uses 0..n-1:
+  c.model.posenc.train_positions = "none"  # none | randomized | pose
+  c.model.posenc.randomized_max_position = 2048  # randomized: positions drawn from [0, this)
+  c.model.posenc.pose_chunks = 2    # pose: chunks per document, each shifted by a skip bias
+  c.model.posenc.pose_target_length = 2048  # pose: positions stay < this (the target context)
   c.model.attention = ml_collections.ConfigDict()
   c.model.attention.impl = "auto"   # auto | reference | blockwise
   c.model.attention.block_size = 0  # blockwise key/query block; 0 = the op's default
   c.model.attention.log_scaling_length = 0  # L > 0: logits x max(1, log_L(position + 1))
   c.model.attention.window = 0      # > 0: sliding-window attention over this many keys
   c.model.attention.sink_tokens = 0  # with a window: first k keys always visible; streaming cache
+  c.model.attention.distance_ceiling = 0  # with sinks: far global keys sit this far (LM-Inf.)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000

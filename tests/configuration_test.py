@@ -12,7 +12,8 @@ from tests import testing
 # (override, field named in the message, a fragment of the message)
 BAD_VALUES = [
     ({"model.mixers": "attention,lstm"}, "model.mixers", "unknown mixer 'lstm'; valid: attention"),
-    ({"model.posenc.kind": "rotary"}, "model.posenc.kind", "valid: alibi, fire, kerple_log, kerple_power, learned, nope, rope"),
+    ({"model.posenc.kind": "rotary"}, "model.posenc.kind",
+     "valid: alibi, fire, kerple_log, kerple_power, learned, nope, rope"),
     ({"model.attention.impl": "flash"}, "model.attention.impl", "valid: auto, blockwise"),
     ({"model.dtype": "float16"}, "model.dtype", "valid: bfloat16, float32"),
     ({"model.remat": "some"}, "model.remat", "valid: dots, dots_no_batch, full, none"),

@@ -47,6 +47,10 @@ EVAL_METHODS: dict[str, Callable[..., Overrides]] = {
     # tokens plus a window of the training length.
     "lambda_mask": lambda config, target_length: {"model.attention.window": config.data.seq_len,
                                                   "model.attention.sink_tokens": 4},
+    # LM-Infinite: the Λ mask with far global keys at the training distance.
+    "lm_infinite": lambda config, target_length: {
+        "model.attention.window": config.data.seq_len, "model.attention.sink_tokens": 4,
+        "model.attention.distance_ceiling": config.data.seq_len},
 }
 
 

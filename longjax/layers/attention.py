@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from longjax.layers import params
+from longjax.layers import lm_infinite
 from longjax.layers import streaming
 from longjax.layers.positional import AttentionPositions
 from longjax.ops import AttentionMask, dot_product_attention
@@ -50,7 +51,8 @@ class Attention(nnx.Module):
   def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                positional: AttentionPositions, impl: str = "auto", block_size: int = 0,
                log_scaling_length: int = 0, window: int = 0, sink_tokens: int = 0,
-               out_init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
+               distance_ceiling: int = 0, out_init_scale: float = 1.0, dtype=jnp.float32,
+               rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
     self.w_q = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2)),
@@ -76,6 +78,10 @@ class Attention(nnx.Module):
     if sink_tokens and not window:
       raise ValueError(f"sink_tokens={sink_tokens} needs a sliding window (window > 0)")
     self.sink_tokens = sink_tokens
+    # LM-Infinite: global keys beyond the window count as `distance_ceiling` tokens away.
+    if distance_ceiling and not sink_tokens:
+      raise ValueError(f"distance_ceiling={distance_ceiling} needs sink_tokens > 0 and a window")
+    self.distance_ceiling = distance_ceiling
     self.dtype = dtype
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
@@ -109,6 +115,16 @@ class Attention(nnx.Module):
           positional=self.positional, scale_queries=self._scale_queries, impl=self.impl,
           block_size=self.block_size)
       return self._project_out(out), cache
+    if self.distance_ceiling:
+      if cache is not None:
+        raise ValueError("distance_ceiling (LM-Infinite) has no KV-cache decoding yet; decode "
+                         "with sink_tokens alone (the StreamingLLM cache)")
+      out = lm_infinite.lm_infinite_attention(
+          q, k, v, positions, segment_ids=segment_ids, window=self.window,
+          global_tokens=self.sink_tokens, ceiling=self.distance_ceiling,
+          positional=self.positional, scale_queries=self._scale_queries, impl=self.impl,
+          block_size=self.block_size)
+      return self._project_out(out), None
     # Length-dependent encodings (dynamic NTK) are computed for the cache's capacity when
     # decoding, so that keys cached at earlier steps and these queries share one rotation.
     context_length = None if cache is None else cache["k"].shape[1]

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 
-def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature: float, top_k: int) -> jax.Array:
+def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature: float,
+                  top_k: int) -> jax.Array:
   """Picks one token per row.
 
   Args:

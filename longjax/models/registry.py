@@ -35,6 +35,7 @@ def _attention(cfg, rngs: nnx.Rngs) -> Attention:
                    impl=cfg.attention.impl, block_size=cfg.attention.block_size,
                    log_scaling_length=cfg.attention.log_scaling_length,
                    window=cfg.attention.window, sink_tokens=cfg.attention.sink_tokens,
+                   distance_ceiling=cfg.attention.distance_ceiling,
                    out_init_scale=out_init_scale(cfg), dtype=DTYPES[cfg.dtype], rngs=rngs)
 
 

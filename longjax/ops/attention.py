@@ -52,10 +52,11 @@ def resolve_impl(impl: str, *, q_length: int, kv_length: int,
   simpler program (no padding or loops; ~40% less compile time) at a small run-time cost on the
   CPU (T=S=128, B=1 fwd+bwd: 1.4 ms vs 1.1 ms blockwise). With more keys the dense [T, S]
   logits make its fwd+bwd temp memory quadratic (10 GiB vs 69 MiB at T=S=8192, N=8, H=64) and
-  on the CPU it is also 2-8x slower than blockwise from T = S = 512 up. Decoding (T = 1) follows the same rule on
-  purpose: with a KV cache the causal mask lets blockwise skip the unwritten tail of the cache,
-  which the dense op cannot know statically (q_offset is traced); on a full cache the two were
-  measured alike (T=1, S=1024, B=4: 1.5 ms reference, 1.9 ms blockwise).
+  on the CPU it is also 2-8x slower than blockwise from T = S = 512 up. Decoding (T = 1)
+  follows the same rule on purpose: with a KV cache the causal mask lets blockwise skip the
+  unwritten tail of the cache, which the dense op cannot know statically (q_offset is traced);
+  on a full cache the two were measured alike (T=1, S=1024, B=4: 1.5 ms reference, 1.9 ms
+  blockwise).
 
   Args:
     impl: "auto", "reference" or "blockwise".

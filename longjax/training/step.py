@@ -1,5 +1,7 @@
 """Pure train and eval steps: (state, batch) -> (state, metrics)."""
 
+from collections.abc import Callable
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,9 @@ def _forward(graphdef, params, batch):
 
 
 def train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+               state: TrainState, batch: dict, *,
+               position_transform: Callable[..., jax.Array] | None = None,
+               position_seed: int = 0) -> tuple[TrainState, dict]:
   """One AdamW step on the mean token loss of `batch`.
 
   Args:
@@ -25,10 +29,19 @@ def train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Sched
     tx, schedule: from `longjax.training.optimizers.make_optimizer`.
     state: the current train state.
     batch: inputs, targets, positions, segment_ids [B, T] int32; weights [B, T] float32.
+    position_transform: `(positions, segment_ids, rng) -> positions` applied to the batch's
+      positions (`longjax.posenc.make_position_transform`); None keeps them.
+    position_seed: seed of the transform's randomness.
 
   Returns:
     (new state, metrics: loss, grad_norm, update_norm, lr, tokens).
   """
+  if position_transform is not None:
+    # The key is a function of the step alone, so a resumed run draws the same positions as an
+    # uninterrupted one without an RNG in the checkpoint.
+    rng = jax.random.fold_in(jax.random.key(position_seed), state.step)
+    batch = dict(batch, positions=position_transform(batch["positions"], batch["segment_ids"],
+                                                     rng))
 
   def loss_fn(params):
     logits = _forward(graphdef, params, batch)

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from tqdm import auto as tqdm
 
-from longjax import configuration
+from longjax import configuration, posenc
 from longjax.data import corpus as corpus_lib
 from longjax.data import pipeline
 from longjax.eval import harness
@@ -125,8 +125,12 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
     logging.warning("resuming from the checkpoint of step %d", start)
   writer = MetricsWriter(workdir, resume_step=start)
 
-  train_step = jax.jit(functools.partial(step_lib.train_step, graphdef, tx, schedule),
-                       in_shardings=(shardings, batch_sharding),
+  # Training-time positions (randomized, PoSE) change train_step only, never evaluation.
+  step_fn = functools.partial(
+      step_lib.train_step, graphdef, tx, schedule,
+      position_transform=posenc.make_position_transform(config.model.posenc),
+      position_seed=config.seed)
+  train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
   kill_at = int(os.environ.get(_SIGKILL_AT_STEP_ENV, "0"))
   steps = config.train.steps

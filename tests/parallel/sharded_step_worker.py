@@ -16,7 +16,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import quickstart  # pylint: disable=g-import-not-at-top,wrong-import-position
 from longjax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-from longjax.training import state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+from longjax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+from longjax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
 MESHES = {"one_device": (1, 1, 1), "data8": (8, 1, 1), "data2_fsdp2_tensor2": (2, 2, 2)}
 

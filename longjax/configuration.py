@@ -196,6 +196,11 @@ def _validate_train_positions(p, seq_len: int) -> None:
   _choice("model.posenc.train_positions", p.train_positions, posenc.POSITION_TRANSFORMS)
   if p.train_positions == "none":
     return
+  if p.scaling in posenc.rope_scaling.DYNAMIC_SCALINGS:
+    # Dynamic NTK recomputes frequencies from the largest position, which the transform inflates.
+    raise ConfigError("model.posenc.train_positions", p.train_positions,
+                      f"cannot be combined with model.posenc.scaling={p.scaling!r}, which "
+                      "derives its frequencies from the largest position")
   if p.train_positions == "randomized":
     field, largest = "model.posenc.randomized_max_position", p.randomized_max_position
   else:

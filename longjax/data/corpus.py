@@ -4,6 +4,7 @@ import dataclasses
 import os
 from typing import Any
 
+from longjax.data import pipeline
 from longjax.data import tokenizers
 from longjax.data.builders import text_dir
 
@@ -13,11 +14,6 @@ class Corpus:
   tokenizer: Any    # ByteTokenizer | SentencePieceTokenizer
   train: Any        # random-access data source of {"text", "path"} records
   validation: Any
-
-
-def record_text(record) -> str:
-  text = record["text"]
-  return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
 
 
 def load_corpus(data_cfg, workdir: str) -> Corpus:
@@ -36,6 +32,6 @@ def load_corpus(data_cfg, workdir: str) -> Corpus:
   # 12 s instead of 207 s (and 1 GB) for all of them, at the same bytes/token on validation.
   tokenizer = tokenizers.build_tokenizer(
       data_cfg.tokenizer, model_path=os.path.join(workdir, "tokenizer.model"),
-      texts=lambda: (record_text(train[i]) for i in range(0, len(train), 8)),
+      texts=lambda: (pipeline.record_text(train[i]) for i in range(0, len(train), 8)),
       vocab_size=data_cfg.vocab_size)
   return Corpus(tokenizer=tokenizer, train=train, validation=validation)

@@ -33,7 +33,7 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)
 DEFAULT_SHUFFLE_WINDOW = 8192
 
 
-def _text(record: Any) -> str:
+def record_text(record: Any) -> str:
   """The text of a data-source record: a dict with 'text' (TFDS gives bytes), or a string."""
   text = record['text'] if isinstance(record, Mapping) else record
   return text.decode('utf-8') if isinstance(text, bytes) else text
@@ -42,7 +42,7 @@ def _text(record: Any) -> str:
 def document_tokens(record: Any, tokenizer: tokenizers_lib.Tokenizer, *,
                     add_eos: bool = True) -> np.ndarray:
   """Returns int32 [L]: [BOS] + encode(text) (+ [EOS]) for one data-source record."""
-  ids = tokenizer.encode(_text(record))
+  ids = tokenizer.encode(record_text(record))
   parts = [np.array([tokenizer.bos_id], np.int32), ids]
   if add_eos:
     parts.append(np.array([tokenizer.eos_id], np.int32))

@@ -70,16 +70,12 @@ def unigram_baseline(train_source, validation_source, tokenizer, *, max_docs: in
   """
   counts = np.ones(tokenizer.vocab_size, np.float64)
   for i in range(min(len(train_source), max_docs)):
-    counts += np.bincount(tokenizer.encode(_text(train_source[i])), minlength=tokenizer.vocab_size)
+    ids = tokenizer.encode(pipeline.record_text(train_source[i]))
+    counts += np.bincount(ids, minlength=tokenizer.vocab_size)
   log_p = np.log(counts / counts.sum())
   total, n = 0.0, 0
   for i in range(len(validation_source)):
-    ids = tokenizer.encode(_text(validation_source[i]))
+    ids = tokenizer.encode(pipeline.record_text(validation_source[i]))
     total -= log_p[ids].sum()
     n += len(ids)
   return float(total / max(n, 1))
-
-
-def _text(record) -> str:
-  text = record["text"]
-  return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)

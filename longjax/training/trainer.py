@@ -74,15 +74,19 @@ def _global_batch(local_batch: dict, sharding) -> dict:
           for k, v in local_batch.items()}
 
 
+# Module level, so every validation pass of a run reuses one compilation (a jit of a fresh
+# functools.partial per call would retrace and recompile each time).
+_eval_step = jax.jit(step_lib.eval_step, static_argnums=0)
+
+
 def _validation_loss(config, graphdef, params, corpus, sharding) -> float:
   it = pipeline.make_train_iterator(
       data_source=corpus.validation, tokenizer=corpus.tokenizer, seq_len=config.data.seq_len,
       batch_size=config.train.batch_size // jax.process_count(), seed=0,
       shard_index=jax.process_index(), shard_count=jax.process_count())
-  eval_fn = jax.jit(functools.partial(step_lib.eval_step, graphdef))
   total = count = 0.0
   for _ in range(config.train.eval_batches):
-    out = eval_fn(params, _global_batch(next(it), sharding))
+    out = _eval_step(graphdef, params, _global_batch(next(it), sharding))
     total += float(out["loss_sum"])
     count += float(out["weight_sum"])
   return total / max(count, 1.0)

@@ -68,12 +68,7 @@ def tiny_config(**overrides):
 
 def apply_overrides(config, overrides: dict):
   """Sets dotted-name fields, like --config.a.b=v on the command line; returns `config`."""
-  for key, value in overrides.items():
-    section = config
-    *path, leaf = key.split(".")
-    for name in path:
-      section = section[name]
-    section[leaf] = value
+  config.update_from_flattened_dict(dict(overrides))
   return config
 
 

@@ -32,6 +32,15 @@ def _forward(graphdef, params, tokens, positions=None, cache=None):
   return nnx.merge(graphdef, params)(tokens, positions=positions, cache=cache)
 
 
+def decode_one_by_one(graphdef, params, tokens, cache):
+  """Feeds `tokens` [B, T] through the cache one token at a time: ([B, T, V] logits, cache)."""
+  steps = []
+  for t in range(tokens.shape[1]):
+    logits, cache = _forward(graphdef, params, tokens[:, t:t + 1], None, cache)
+    steps.append(logits)
+  return jnp.concatenate(steps, axis=1), cache
+
+
 class DecodeTest(parameterized.TestCase):
 
   @parameterized.parameters(
@@ -43,15 +52,8 @@ class DecodeTest(parameterized.TestCase):
     graphdef, params = nnx.split(model)
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, 50, (2, 11)), jnp.int32)
     full, _ = _forward(graphdef, params, tokens)
-
-    cache = model.init_cache(2, 16)
-    steps = []
-    for t in range(tokens.shape[1]):
-      logits, cache = _forward(graphdef, params, tokens[:, t:t + 1],
-                               jnp.full((2, 1), t, jnp.int32), cache)
-      steps.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full,
-                               atol=TOLERANCE["float32"], rtol=0)
+    decoded, _ = decode_one_by_one(graphdef, params, tokens, model.init_cache(2, 16))
+    np.testing.assert_allclose(decoded, full, atol=TOLERANCE["float32"], rtol=0)
 
   @parameterized.parameters("float32", "bfloat16")
   def test_chunked_prefill_then_decode(self, dtype):
@@ -63,11 +65,8 @@ class DecodeTest(parameterized.TestCase):
     full, _ = _forward(graphdef, params, tokens)
     cache = model.init_cache(3, 10)
     first, cache = _forward(graphdef, params, tokens[:, :7], None, cache)
-    rest = []
-    for t in range(7, 10):
-      logits, cache = _forward(graphdef, params, tokens[:, t:t + 1], None, cache)
-      rest.append(logits)
-    np.testing.assert_allclose(jnp.concatenate([first] + rest, axis=1), full,
+    rest, cache = decode_one_by_one(graphdef, params, tokens[:, 7:], cache)
+    np.testing.assert_allclose(jnp.concatenate([first, rest], axis=1), full,
                                atol=TOLERANCE[dtype], rtol=0)
     self.assertEqual(int(cache[0]["end"][0]), 10)
 
@@ -77,13 +76,8 @@ class DecodeTest(parameterized.TestCase):
     graphdef, params = nnx.split(model)
     tokens = jnp.asarray(np.random.RandomState(3).randint(0, 50, (2, 12)), jnp.int32)
     full, _ = _forward(graphdef, params, tokens)
-    cache = model.init_cache(2, 12)
-    steps = []
-    for t in range(12):
-      logits, cache = _forward(graphdef, params, tokens[:, t:t + 1], None, cache)
-      steps.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full,
-                               atol=TOLERANCE["float32"], rtol=0)
+    decoded, _ = decode_one_by_one(graphdef, params, tokens, model.init_cache(2, 12))
+    np.testing.assert_allclose(decoded, full, atol=TOLERANCE["float32"], rtol=0)
     # With 2 layers of window 4 the last token's receptive field starts at token 12 - 2*3 - 1:
     # changing token 0 cannot change the last logits.
     changed = tokens.at[:, 0].set((tokens[:, 0] + 1) % 50)

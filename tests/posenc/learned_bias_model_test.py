@@ -22,6 +22,7 @@ from longjax.training.step import train_step
 from tests import testing
 from tests.models.lm_test import TOLERANCE
 from tests.models.lm_test import _forward
+from tests.models.lm_test import decode_one_by_one
 from tests.models.lm_test import tiny_model_config
 
 KINDS = tuple(positional_bias.FACTORIES)
@@ -57,15 +58,8 @@ class LearnedBiasDecodeTest(parameterized.TestCase):
     params = nnx.State(randomise_positional(state.to_pure_dict(), seed=1))
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, 50, (2, 11)), jnp.int32)
     full, _ = _forward(graphdef, params, tokens)
-
-    cache = model.init_cache(2, 16)
-    steps = []
-    for t in range(tokens.shape[1]):
-      logits, cache = _forward(graphdef, params, tokens[:, t:t + 1],
-                               jnp.full((2, 1), t, jnp.int32), cache)
-      steps.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full,
-                               atol=TOLERANCE["float32"], rtol=0)
+    decoded, _ = decode_one_by_one(graphdef, params, tokens, model.init_cache(2, 16))
+    np.testing.assert_allclose(decoded, full, atol=TOLERANCE["float32"], rtol=0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -83,32 +77,43 @@ def counting_batch(rng, batch: int, length: int, vocab: int) -> dict:
           "weights": jnp.ones((batch, length), jnp.float32)}
 
 
+def train_on_counting(overrides: dict, *, length: int):
+  """12 AdamW steps of a 1-layer tiny model on counting rows of `length` tokens.
+
+  Returns:
+    (losses, initial parameters, final parameters).
+  """
+  cfg = quickstart.get_config("tiny")
+  testing.apply_overrides(cfg, {"model.num_layers": 1, "model.width": 32, "model.num_heads": 4,
+                                "model.mlp_hidden": 48, "train.steps": 12,
+                                "train.warmup_steps": 2, "train.learning_rate": 1e-2,
+                                **overrides})
+  model = build_model(cfg.model, vocab_size=32, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  params = state.to_pure_dict()
+  tx, schedule = optimizers.make_optimizer(
+      cfg.train, decay_mask=optimizers.weight_decay_mask(state))
+  train_state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=tx.init(params))
+  rng = np.random.default_rng(0)
+  losses = []
+  for _ in range(cfg.train.steps):
+    train_state, metrics = _train_step(graphdef, tx, schedule, train_state,
+                                       counting_batch(rng, 8, length, 32))
+    losses.append(float(metrics["loss"]))
+  return losses, params, train_state.params
+
+
 class LearnedBiasTrainingTest(parameterized.TestCase):
 
   @parameterized.parameters(*KINDS)
   def test_loss_falls_and_bias_parameters_move(self, kind):
-    cfg = quickstart.get_config("tiny")
-    testing.apply_overrides(cfg, {"model.posenc.kind": kind, "model.num_layers": 1,
-                                  "model.width": 32, "model.num_heads": 4,
-                                  "model.mlp_hidden": 48, "model.attention.impl": "blockwise",
-                                  "model.attention.block_size": 16, "train.steps": 12,
-                                  "train.warmup_steps": 2, "train.learning_rate": 1e-2})
-    model = build_model(cfg.model, vocab_size=32, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
-    params = state.to_pure_dict()
-    tx, schedule = optimizers.make_optimizer(
-        cfg.train, decay_mask=optimizers.weight_decay_mask(state))
-    train_state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=tx.init(params))
-    rng = np.random.default_rng(0)
-    losses = []
-    for _ in range(cfg.train.steps):
-      train_state, metrics = _train_step(graphdef, tx, schedule, train_state,
-                                         counting_batch(rng, 8, 40, 32))
-      losses.append(float(metrics["loss"]))
+    losses, initial, final = train_on_counting(
+        {"model.posenc.kind": kind, "model.attention.impl": "blockwise",
+         "model.attention.block_size": 16}, length=40)
     self.assertTrue(np.isfinite(losses).all(), losses)
     self.assertLess(np.mean(losses[-3:]), losses[0] - 0.3, losses)
-    before, after = positional_params(params), positional_params(train_state.params)
+    before, after = positional_params(initial), positional_params(final)
     for name in before:
       if name == "b2":  # FIRE's output bias shifts a head's logits uniformly: no gradient
         continue

@@ -18,9 +18,10 @@ def _rope(x, p, theta=10_000.0):
   return np.concatenate([z.real, z.imag], axis=-1)
 
 
-def _reference(q, k, v, *, window, g, ceiling, slopes=None):
+def _reference(q, k, v, *, window, g, ceiling, rope: bool, slopes=None):
   """q [T, N, H], k/v [T, K, H]: for each query i and Λ-visible key j the distance is i - j
-  inside the window and `ceiling` for global keys outside it."""
+  inside the window and `ceiling` for global keys outside it; it enters through the rotation
+  (RoPE: q rotated by the distance, k by 0) or through ALiBi's slopes."""
   t_len, n, h = q.shape
   group = n // k.shape[1]
   out = np.zeros_like(q)
@@ -28,10 +29,13 @@ def _reference(q, k, v, *, window, g, ceiling, slopes=None):
     for head in range(n):
       keys = [j for j in range(i + 1) if i - j < window or j < g]
       dist = [i - j if i - j < window else ceiling for j in keys]
-      logits = np.array([
-          _rope(q[i, head], d) @ _rope(k[j, head // group], 0) / np.sqrt(h)
-          - (slopes[head] * d if slopes is not None else 0.0)
-          for j, d in zip(keys, dist)])
+      logits = []
+      for j, d in zip(keys, dist):
+        qi, kj = q[i, head], k[j, head // group]
+        if rope:
+          qi, kj = _rope(qi, d), _rope(kj, 0)
+        logits.append(qi @ kj / np.sqrt(h) - (slopes[head] * d if slopes is not None else 0.0))
+      logits = np.asarray(logits)
       p = np.exp(logits - logits.max())
       p /= p.sum()
       out[i, head] = sum(pj * v[j, head // group] for pj, j in zip(p, keys))
@@ -54,27 +58,9 @@ class LmInfiniteTest(parameterized.TestCase):
         positions, segment_ids=None, window=5, global_tokens=3, ceiling=7,
         positional=positional, scale_queries=lambda x, p: x, impl=impl, block_size=8)
     slopes = np.asarray(positional.slopes) if kind == "alibi" else None
-    if kind == "rope":
-      expected = _reference(q[0], k[0], v[0], window=5, g=3, ceiling=7)
-    else:  # ALiBi does not rotate: its distance enters through the slopes
-      expected = _reference_no_rope(q[0], k[0], v[0], window=5, g=3, ceiling=7, slopes=slopes)
+    expected = _reference(q[0], k[0], v[0], window=5, g=3, ceiling=7, rope=kind == "rope",
+                          slopes=slopes)
     np.testing.assert_allclose(np.asarray(got)[0], expected, atol=2e-5, rtol=2e-5)
-
-
-def _reference_no_rope(q, k, v, *, window, g, ceiling, slopes):
-  t_len, n, h = q.shape
-  group = n // k.shape[1]
-  out = np.zeros_like(q)
-  for i in range(t_len):
-    for head in range(n):
-      keys = [j for j in range(i + 1) if i - j < window or j < g]
-      dist = [i - j if i - j < window else ceiling for j in keys]
-      logits = np.array([q[i, head] @ k[j, head // group] / np.sqrt(h) - slopes[head] * d
-                         for j, d in zip(keys, dist)])
-      p = np.exp(logits - logits.max())
-      p /= p.sum()
-      out[i, head] = sum(pj * v[j, head // group] for pj, j in zip(p, keys))
-  return out
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ Eq. 17-22, Llama 3.1's `apply_scaling` pseudo-code, the NTK base change), not ca
 `longjax.posenc.rope_scaling`.
 """
 
-import functools
 import json
 import math
 import os
@@ -25,6 +24,8 @@ from longjax.layers.positional import RotaryPositions
 from longjax.models import build_model
 from longjax.training import state as state_lib
 from tests import testing
+from tests.models.lm_test import _forward
+from tests.models.lm_test import decode_one_by_one
 
 STATIC = ("none", "linear", "abf", "ntk", "yarn", "llama3", "giraffe_power", "giraffe_truncated")
 ALL = STATIC + ("dynamic_ntk",)
@@ -264,9 +265,6 @@ def tiny_model_config(**posenc_overrides):
   return testing.apply_overrides(c, {f"posenc.{k}": v for k, v in posenc_overrides.items()})
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef, params, tokens, positions=None, cache=None):
-  return nnx.merge(graphdef, params)(tokens, positions=positions, cache=cache)
 
 
 class ModelTest(parameterized.TestCase):
@@ -281,13 +279,8 @@ class ModelTest(parameterized.TestCase):
     graphdef, params = nnx.split(model)
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, 50, (2, 10)), jnp.int32)
     full, _ = _forward(graphdef, params, tokens)
-    cache = model.init_cache(2, 10)
-    steps = []
-    for t in range(10):
-      logits, cache = _forward(graphdef, params, tokens[:, t:t + 1],
-                               jnp.full((2, 1), t, jnp.int32), cache)
-      steps.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=5e-5, rtol=0)
+    decoded, _ = decode_one_by_one(graphdef, params, tokens, model.init_cache(2, 10))
+    np.testing.assert_allclose(decoded, full, atol=5e-5, rtol=0)
 
   def test_scalings_keep_parameter_shapes(self):
     # Training-free: a trained RoPE checkpoint restores under any scaling.

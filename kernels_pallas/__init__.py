@@ -9,5 +9,8 @@ from kernels_pallas.common import backend
 from kernels_pallas.common import cdiv
 from kernels_pallas.common import default_interpret
 from kernels_pallas.common import pad_to_multiple
+from kernels_pallas.flash_attention import flash_attention
+from kernels_pallas.flash_attention import flash_attention_reference
 
-__all__ = ["backend", "cdiv", "default_interpret", "pad_to_multiple"]
+__all__ = ["backend", "cdiv", "default_interpret", "flash_attention", "flash_attention_reference",
+           "pad_to_multiple"]

@@ -54,3 +54,66 @@ def default_interpret() -> bool:
   CPU has no Pallas lowering, so the interpreter is the only way to run a kernel there (tests).
   """
   return backend() == "cpu"
+
+
+# Kernel variants: which Pallas lowering a kernel body is written for. "tpu" is Mosaic TPU (grid
+# axes that revisit an output block, scratch memory, scalar prefetch); "gpu" is Triton (no
+# sequential grid axes, so reductions are loops inside the body). In interpret mode on CPU both
+# run, so tests pick either with an override.
+VARIANTS = ("tpu", "gpu")
+
+
+def kernel_variant(override: str | None = None) -> str:
+  """The kernel variant to run: `override` if given, else TPU on TPU and GPU elsewhere.
+
+  On CPU the GPU variant is the default because it has far fewer grid steps (its loops over
+  blocks run inside the body), which is what the interpreter pays for.
+  """
+  if override is not None:
+    if override not in VARIANTS:
+      raise ValueError(f"kernel variant must be one of {VARIANTS}, got {override!r}")
+    return override
+  return "tpu" if backend() == "tpu" else "gpu"
+
+
+def next_power_of_2(n: int) -> int:
+  """Smallest power of two >= n (n >= 1)."""
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def default_block_sizes(variant: str, q_length: int, kv_length: int) -> tuple[int, int]:
+  """(block_q, block_k) for a flash attention call when the caller gives none.
+
+  TPU: 512 x 512 (multiples of the 128-lane vreg width; the tile of scores is 1 MiB of f32, well
+  inside VMEM), shrunk to the padded length for short sequences (block_q to a multiple of 8
+  sublanes, block_k to a multiple of 128 lanes). GPU: 64 x 64 (powers of two, as Triton needs;
+  the FlashAttention-2 tile for head dims up to 128 on an A100/H100), shrunk to the next power of
+  two >= 16 (Triton's smallest dot). Not tuned on hardware: no accelerator was available.
+  """
+  if variant == "tpu":
+    return min(512, cdiv(q_length, 8) * 8), min(512, cdiv(kv_length, 128) * 128)
+  return (min(64, max(16, next_power_of_2(q_length))),
+          min(64, max(16, next_power_of_2(kv_length))))
+
+
+def compiler_params(variant: str, *, dimension_semantics: tuple[str, ...], head_dim: int):
+  """Backend compiler parameters for a kernel: the one place they are chosen.
+
+  Args:
+    variant: "tpu" or "gpu".
+    dimension_semantics: per grid axis, "parallel" (independent programs: Mosaic may split them
+      over the TensorCores of a chip) or "arbitrary" (sequential: a reduction that revisits the
+      same output block). Only Mosaic reads it.
+    head_dim: H; Triton gets more warps for wider tiles.
+
+  Returns:
+    `pltpu.CompilerParams` or `plgpu.CompilerParams` (the interpreter ignores both).
+  """
+  # Imported here so that importing kernels_pallas stays cheap for code that only pads.
+  if variant == "tpu":
+    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+    return pltpu.CompilerParams(dimension_semantics=dimension_semantics)
+  from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
+  # 4 warps for head dims up to 64 and 8 above, 2 pipeline stages: the settings of jax's own
+  # Triton attention kernel.
+  return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)

@@ -1,0 +1,232 @@
+"""Flash attention (FlashAttention-2) in Pallas: forward, backward kernels and the dense reference.
+
+`flash_attention` takes queries [B, T, N, H] and grouped keys/values [B, S, K, H] (query head n
+reads KV head n // (N // K), never a repeated copy), evaluates masks and biases inside the
+kernels from a small static spec (see `block_mask` for the exact semantics), skips KV blocks that
+no query of a block can see (neither copied nor computed), and returns the output and optionally
+the log-sum-exp of each row, which ring attention and decoding need to merge partial results.
+The backward pass is two Pallas kernels (dq; dk and dv summed over each KV head's query heads)
+that recompute the probabilities from the saved log-sum-exp.
+
+Two kernel variants share the tile maths (`flash_tiles`): `flash_attention_tpu` (Mosaic: a
+grid axis over the visited KV blocks, scratch accumulators) and `flash_attention_gpu` (Triton:
+loops over the visited blocks inside each program). `common.kernel_variant` picks one by backend;
+both run in interpret mode on CPU.
+
+`flash_attention_reference` is the plain dense definition, for tests.
+"""
+
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas import block_mask
+from kernels_pallas import common
+from kernels_pallas import flash_attention_gpu
+from kernels_pallas import flash_attention_tpu
+
+_VARIANTS = {"tpu": flash_attention_tpu, "gpu": flash_attention_gpu}
+
+
+def _check_inputs(q, k, v, window, global_tokens, q_segment_ids, kv_segment_ids, alibi_slopes,
+                  logit_soft_cap):
+  b, t, n, h = q.shape
+  if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
+    raise ValueError(f"k and v must be [B={b}, S, K, H={h}], got {k.shape} and {v.shape}")
+  if n % k.shape[2]:
+    raise ValueError(f"query heads N={n} must be a multiple of kv heads K={k.shape[2]}")
+  if q.dtype != k.dtype or q.dtype != v.dtype:
+    raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+  if t < 1 or k.shape[1] < 1:
+    raise ValueError(f"empty sequences are not supported: T={t}, S={k.shape[1]}")
+  if window is not None and (not isinstance(window, numbers.Integral) or window < 1):
+    raise ValueError(f"window must be a positive int or None, got {window!r}")
+  if not isinstance(global_tokens, numbers.Integral) or global_tokens < 0:
+    raise ValueError(f"global_tokens must be an int >= 0, got {global_tokens!r}")
+  if global_tokens and window is None:
+    raise ValueError(f"global_tokens={global_tokens} needs a window")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+  if q_segment_ids is not None:
+    for name, ids, length in (("q_segment_ids", q_segment_ids, t),
+                              ("kv_segment_ids", kv_segment_ids, k.shape[1])):
+      if ids.ndim != 2 or ids.shape[1] != length or ids.shape[0] not in (1, b):
+        raise ValueError(f"{name} must have shape [{b} or 1, {length}], got {ids.shape}")
+  if alibi_slopes is not None and jnp.shape(alibi_slopes) != (n,):
+    raise ValueError(f"alibi_slopes must have shape [N={n}], got {jnp.shape(alibi_slopes)}")
+  if logit_soft_cap is not None and not logit_soft_cap > 0:
+    raise ValueError(f"logit_soft_cap must be positive or None, got {logit_soft_cap!r}")
+
+
+def _check_blocks(variant: str, interpret: bool, block_q: int, block_k: int) -> None:
+  if block_q < 1 or block_k < 1:
+    raise ValueError(f"block sizes must be positive, got {block_q}, {block_k}")
+  if interpret:
+    return  # the interpreter takes any block shape
+  if variant == "tpu" and (block_q % 8 or block_k % 128):
+    raise ValueError(f"the TPU kernels need block_q % 8 == 0 and block_k % 128 == 0 (vreg "
+                     f"tiles), got block_q={block_q}, block_k={block_k}")
+  if variant == "gpu" and any(x < 16 or x & (x - 1) for x in (block_q, block_k)):
+    raise ValueError(f"the GPU (Triton) kernels need power-of-two blocks >= 16, got "
+                     f"block_q={block_q}, block_k={block_k}")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _attention(spec, variant, interpret, q, k, v, q_offset, slopes, q_ids, kv_ids):
+  """Padded head-major attention: q [B, N, Tp, H], k/v [B, K, Sp, H] -> (out, lse [B, N, Tp])."""
+  return _VARIANTS[variant].forward(spec, q, k, v, q_offset, slopes, q_ids, kv_ids,
+                                    interpret=interpret)
+
+
+def _attention_fwd(spec, variant, interpret, q, k, v, q_offset, slopes, q_ids, kv_ids):
+  out, lse = _attention(spec, variant, interpret, q, k, v, q_offset, slopes, q_ids, kv_ids)
+  return (out, lse), (q, k, v, q_offset, slopes, q_ids, kv_ids, out, lse)
+
+
+def _attention_bwd(spec, variant, interpret, residuals, cotangents):
+  q, k, v, q_offset, slopes, q_ids, kv_ids, out, lse = residuals
+  dout, dlse = cotangents
+  # FlashAttention-2's D = rowsum(dO * O). A cotangent on lse adds p * dlse to d(logits), the
+  # same as lowering D by dlse.
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - dlse
+  # Rows that saw no key have lse = -inf and no visible logit; any finite value keeps their
+  # p = exp(-inf - lse) at 0 instead of NaN.
+  lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  dq, dk, dv, dslope = _VARIANTS[variant].backward(
+      spec, q, k, v, q_offset, slopes, q_ids, kv_ids, dout.astype(q.dtype), lse, delta,
+      interpret=interpret)
+  if dslope is not None:  # per-row shares; padded rows saw no key and hold 0
+    dslope = dslope.sum(axis=(0, 2)).astype(slopes.dtype)
+  return dq, dk, dv, None, dslope, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
+                    global_tokens: int = 0, q_offset=0, q_segment_ids=None, kv_segment_ids=None,
+                    alibi_slopes=None, logit_soft_cap: float | None = None,
+                    scale: float | None = None, block_q: int | None = None,
+                    block_k: int | None = None, return_lse: bool = False,
+                    interpret: bool | None = None, backend: str | None = None):
+  """Softmax attention softmax(logits, masked) v with in-kernel masks and biases.
+
+  Logits are scale * q.k, then soft-capped, then ALiBi-biased; query row t sits at absolute
+  index i = t + q_offset and sees key j as described in `block_mask` (causal, window, global
+  tokens, segment ids). Rows that see no key output zeros and lse = -inf, with zero gradients.
+
+  Args:
+    q: [B, T, N, H] queries.
+    k: [B, S, K, H] keys, N % K == 0.
+    v: [B, S, K, H] values (same dtype as q and k).
+    causal: hide keys j > i.
+    window: sliding window w: keys with i - j >= w are hidden (|i - j| >= w when not causal).
+    global_tokens: keys j < global_tokens are exempt from the window (LM-Infinite / sinks).
+    q_offset: int or int32 scalar (may be traced): absolute index of query row 0, e.g. the
+      number of tokens already in a KV cache when decoding.
+    q_segment_ids: [B or 1, T] int ids; only equal ids attend (packed documents).
+    kv_segment_ids: [B or 1, S] int ids.
+    alibi_slopes: [N] float: logits -= slopes[n] * |i - j|; differentiable (the dq kernel
+      also sums each row's d(logits) * -|i - j|).
+    logit_soft_cap: c: logits = c * tanh(logits / c) (before the ALiBi bias).
+    scale: multiplies q.k; None means H ** -0.5.
+    block_q: query rows per block; None picks `common.default_block_sizes`.
+    block_k: keys per block; None as above.
+    return_lse: also return the log-sum-exp of each row's logits.
+    interpret: run the Pallas interpreter; None means only on CPU.
+    backend: kernel variant override, "tpu" or "gpu"; None picks by backend (tests use it to
+      run both variants in the interpreter).
+
+  Returns:
+    out [B, T, N, H] in q.dtype; with `return_lse`, (out, lse) with lse [B, N, T] float32.
+  """
+  _check_inputs(q, k, v, window, global_tokens, q_segment_ids, kv_segment_ids, alibi_slopes,
+                logit_soft_cap)
+  b, t, n, h = q.shape
+  s = k.shape[1]
+  variant = common.kernel_variant(backend)
+  interpret = common.default_interpret() if interpret is None else bool(interpret)
+  default_q, default_k = common.default_block_sizes(variant, t, s)
+  block_q = default_q if block_q is None else int(block_q)
+  block_k = default_k if block_k is None else int(block_k)
+  _check_blocks(variant, interpret, block_q, block_k)
+  spec = block_mask.FlashSpec(
+      causal=bool(causal), window=window, global_tokens=global_tokens, q_length=t, kv_length=s,
+      block_q=block_q, block_k=block_k, scale=h ** -0.5 if scale is None else float(scale),
+      soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
+      has_alibi=alibi_slopes is not None, has_segments=q_segment_ids is not None)
+
+  # Head-major layout: a (block, H) tile of one head is then contiguous in its last two dims,
+  # which Mosaic's (8, 128) tiling needs; the transposes are O(T N H) next to O(T S N H).
+  def head_major(x, block):
+    return common.pad_to_multiple(x, 1, block).transpose(0, 2, 1, 3)
+
+  qh, kh, vh = head_major(q, block_q), head_major(k, block_k), head_major(v, block_k)
+  if variant == "gpu":
+    # Triton tiles need power-of-two sizes; zero features change neither q.k nor p v.
+    width = max(16, common.next_power_of_2(h))
+    qh, kh, vh = (common.pad_to_multiple(x, 3, width) for x in (qh, kh, vh))
+  offset = jnp.asarray(q_offset, jnp.int32).reshape(1)
+  slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32)
+  q_ids = kv_ids = None
+  if q_segment_ids is not None:
+    q_ids = common.pad_to_multiple(
+        jnp.broadcast_to(jnp.asarray(q_segment_ids, jnp.int32), (b, t)), 1, block_q)
+    kv_ids = common.pad_to_multiple(
+        jnp.broadcast_to(jnp.asarray(kv_segment_ids, jnp.int32), (b, s)), 1, block_k)
+  out, lse = _attention(spec, variant, interpret, qh, kh, vh, offset, slopes, q_ids, kv_ids)
+  out = out[:, :, :t, :h].transpose(0, 2, 1, 3)
+  return (out, lse[:, :, :t]) if return_lse else out
+
+
+def flash_attention_reference(q, k, v, *, causal: bool = True, window: int | None = None,
+                              global_tokens: int = 0, q_offset=0, q_segment_ids=None,
+                              kv_segment_ids=None, alibi_slopes=None,
+                              logit_soft_cap: float | None = None, scale: float | None = None,
+                              return_lse: bool = False):
+  """Dense attention with the semantics of `flash_attention`; materialises [B, N, T, S] logits.
+
+  Args: as for `flash_attention` (without block sizes, interpreter or variant).
+
+  Returns:
+    out [B, T, N, H] in q.dtype; with `return_lse`, (out, lse [B, N, T] float32).
+  """
+  _check_inputs(q, k, v, window, global_tokens, q_segment_ids, kv_segment_ids, alibi_slopes,
+                logit_soft_cap)
+  b, t, n, h = q.shape
+  s, nk = k.shape[1], k.shape[2]
+  scale = h ** -0.5 if scale is None else float(scale)
+  logits = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, nk, n // nk, h), k,
+                      preferred_element_type=jnp.float32).reshape(b, n, t, s) * scale
+  if logit_soft_cap is not None:
+    logits = logit_soft_cap * jnp.tanh(logits / logit_soft_cap)
+  distance = (jnp.arange(t)[:, None] + jnp.asarray(q_offset, jnp.int32)) - jnp.arange(s)[None]
+  if alibi_slopes is not None:
+    slopes = jnp.asarray(alibi_slopes, jnp.float32)
+    logits = logits - slopes[:, None, None] * jnp.abs(distance).astype(jnp.float32)
+  visible = jnp.ones((t, s), bool)
+  if causal:
+    visible &= distance >= 0
+  if window is not None:
+    near = (distance < window) if causal else (jnp.abs(distance) < window)
+    if global_tokens:
+      near |= jnp.arange(s)[None] < global_tokens
+    visible &= near
+  visible = visible[None, None]
+  if q_segment_ids is not None:
+    visible = visible & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
+  logits = jnp.where(visible, logits, -jnp.inf)
+  # The shift only stabilises exp(); softmax does not depend on it, so no gradient through it.
+  m = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  e = jnp.exp(logits - m)
+  total = e.sum(axis=-1, keepdims=True)
+  seen = total > 0
+  total = jnp.where(seen, total, 1.0)  # keeps 0/0 and log(0) (and their gradients) out
+  p = (e / total).astype(v.dtype).reshape(b, nk, n // nk, t, s)
+  out = jnp.einsum("bkgts,bskh->btkgh", p, v, preferred_element_type=jnp.float32)
+  out = out.reshape(b, t, n, h).astype(q.dtype)
+  lse = jnp.where(seen, m + jnp.log(total), -jnp.inf)[..., 0]
+  return (out, lse) if return_lse else out

@@ -45,7 +45,7 @@ def main(argv):
       common.fail(f"--compare: unknown method(s) {', '.join(unknown)}; valid: "
                   + ", ".join(sorted(compare.EVAL_METHODS)))
   try:
-    configuration.parse_eval_lengths(config.eval.lengths, config.data.seq_len)
+    configuration.validate_eval_lengths(config)
     run = runs.load_run(_WORKDIR.value, config, step=_STEP.value)
   except configuration.ConfigError as e:
     common.fail(f"config: {e}")

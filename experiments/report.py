@@ -1,6 +1,7 @@
-"""Print a markdown summary of a finished run (the README's results table comes from this).
+"""Print a markdown summary of a finished run (the README's results tables come from this).
 
   python -m experiments.report --workdir=runs/quickstart [--label=NAME]
+  python -m experiments.report --workdir=runs/quickstart --compare  # the --compare table
 """
 
 import json
@@ -11,7 +12,21 @@ from absl import flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run directory written by experiments.train.")
 _LABEL = flags.DEFINE_string("label", "", "Which evaluation (eval/perplexity[-LABEL].json).")
+_COMPARE = flags.DEFINE_bool("compare", False, "Print the table of the last "
+                             "`experiments.evaluate --compare` run (eval/compare.json) instead.")
 flags.mark_flags_as_required(["workdir"])
+
+
+def compare_markdown(workdir: str) -> str:
+  """One row per evaluated method, one column per context length (mean loss, nats/token)."""
+  with open(os.path.join(workdir, "eval", "compare.json"), encoding="utf-8") as f:
+    results = json.load(f)
+  lengths = next(iter(results.values()))["lengths"]
+  lines = ["| method | " + " | ".join(str(n) for n in lengths) + " |",
+           "|---|" + "---:|" * len(lengths)]
+  for method, result in results.items():
+    lines.append(f"| `{method}` | " + " | ".join(f"{x:.3f}" for x in result["loss"]) + " |")
+  return "\n".join(lines)
 
 
 def markdown(workdir: str, label: str = "") -> str:
@@ -42,7 +57,10 @@ def markdown(workdir: str, label: str = "") -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  print(markdown(_WORKDIR.value, _LABEL.value))
+  if _COMPARE.value:
+    print(compare_markdown(_WORKDIR.value))
+  else:
+    print(markdown(_WORKDIR.value, _LABEL.value))
 
 
 if __name__ == "__main__":

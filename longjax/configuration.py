@@ -12,6 +12,7 @@ import os
 import ml_collections
 
 from longjax import posenc
+from longjax.layers import attention as attention_layer
 from longjax.layers.positional import POSENCS, rope_scaling_hyperparameters
 from longjax.models import registry
 from longjax.models.lm import REMAT_POLICIES
@@ -19,6 +20,8 @@ from longjax.ops import attention as attention_ops
 from longjax.parallel import mesh as mesh_lib
 
 TOKENIZERS = ("byte", "sentencepiece")
+# Positional encodings that rotate queries and keys (RoPE's fields apply to them).
+ROTARY_KINDS = ("rope", "xpos", "clex")
 
 
 class ConfigError(ValueError):
@@ -86,8 +89,8 @@ def validate_model(model) -> None:
     raise ConfigError("model.num_kv_heads", model.num_kv_heads,
                       f"must divide model.num_heads={model.num_heads}")
   head_dim = registry.head_dim(model)
-  if model.posenc.kind == "rope" and head_dim % 2:
-    raise ConfigError("model.head_dim", head_dim, "RoPE needs an even head dim")
+  if model.posenc.kind in ROTARY_KINDS and head_dim % 2:
+    raise ConfigError("model.head_dim", head_dim, f"{model.posenc.kind} needs an even head dim")
   _validate_rope(model.posenc, head_dim)
   if model.posenc.kind == "sinusoidal" and model.width % 2:
     raise ConfigError("model.width", model.width, "sinusoidal encoding needs an even width")
@@ -106,11 +109,45 @@ def validate_model(model) -> None:
                                               and not model.attention.sink_tokens):
     raise ConfigError("model.attention.distance_ceiling", model.attention.distance_ceiling,
                       "must be >= 0, and > 0 only with model.attention.sink_tokens > 0")
+  length_dependent = (model.posenc.kind == "clex"
+                      or model.posenc.scaling in posenc.rope_scaling.DYNAMIC_SCALINGS)
+  if model.attention.distance_ceiling and length_dependent:
+    # The far global part rotates queries at the ceiling: a length-dependent encoding would
+    # derive a different context length there than in the local part.
+    raise ConfigError("model.attention.distance_ceiling", model.attention.distance_ceiling,
+                      "cannot be combined with an encoding whose frequencies depend on the "
+                      f"context length (model.posenc.kind={model.posenc.kind!r}, "
+                      f"scaling={model.posenc.scaling!r})")
   if model.attention.block_size < 0:
     raise ConfigError("model.attention.block_size", model.attention.block_size,
                       "must be >= 0 (0 = the op's default)")
+  _validate_normalizer(model.attention)
   # The blockwise XLA implementation pads any length to its block size; a block-size rule for
   # lengths belongs here once an implementation requires one (the Pallas kernels).
+
+
+def _validate_normalizer(a) -> None:
+  """`model.attention` fields of softplus attention (LSSA / LSSAR, arXiv 2501.13428)."""
+  _choice("model.attention.normalizer", a.normalizer, attention_layer.NORMALIZERS)
+  power = a.reweight_power
+  # The paper sharpens with p >= 1 (3 and 15); 0 < p < 1 would flatten instead.
+  if not isinstance(power, (int, float)) or not (power == 0 or power >= 1):
+    raise ConfigError("model.attention.reweight_power", power, "must be 0 (off) or >= 1")
+  if power and a.normalizer != "softplus":
+    raise ConfigError("model.attention.reweight_power", power,
+                      f"re-weights softplus attention, but model.attention.normalizer="
+                      f"{a.normalizer!r}", [0])
+  if a.normalizer != "softplus":
+    return
+  for name in ("distance_ceiling", "sink_tokens"):
+    if a[name]:
+      raise ConfigError(f"model.attention.{name}", a[name],
+                        "streaming and LM-Infinite attention are softmax-only, but "
+                        "model.attention.normalizer='softplus'", [0])
+  if a.softplus_length_scale and a.log_scaling_length:
+    raise ConfigError("model.attention.log_scaling_length", a.log_scaling_length,
+                      "cannot be combined with model.attention.softplus_length_scale, which "
+                      "scales the logits by log(N) itself", [0])
 
 
 def _validate_learned_bias(p) -> None:
@@ -144,13 +181,26 @@ def _validate_rope(p, head_dim: int) -> None:
   if p.original_length < 0:
     raise ConfigError("model.posenc.original_length", p.original_length,
                       "must be >= 0 (0 = the run's data.seq_len)")
-  if p.kind != "rope":
+  if p.kind not in ROTARY_KINDS:
     return
   try:
     rotary = posenc.rotary_dim(head_dim, p.rotary_fraction)
   except ValueError:
     raise ConfigError("model.posenc.rotary_fraction", p.rotary_fraction,
                       f"rotates no feature pair of the head dim {head_dim}") from None
+  if p.kind == "xpos":
+    for name in ("xpos_gamma", "xpos_scale_base"):
+      if not isinstance(p[name], (int, float)) or p[name] <= 0:
+        raise ConfigError(f"model.posenc.{name}", p[name], "must be positive")
+  if p.kind == "clex":
+    if rotary < 4:
+      raise ConfigError("model.posenc.rotary_fraction", p.rotary_fraction,
+                        f"CLEX needs >= 4 rotated features, this rotates {rotary}")
+    for name in ("clex_max_factor", "clex_hidden_factor"):
+      if not isinstance(p[name], int) or p[name] < 1:
+        raise ConfigError(f"model.posenc.{name}", p[name], "must be an integer >= 1")
+  if p.kind != "rope":
+    return
   if not p.original_length and p.scaling in posenc.rope_scaling.NEEDS_ORIGINAL_LENGTH:
     raise ConfigError("model.posenc.original_length", p.original_length,
                       f"scaling {p.scaling!r} needs the training length it extends (a saved "
@@ -187,14 +237,36 @@ def validate(config, num_devices: int) -> None:
     raise ConfigError("model.posenc.max_length", config.model.posenc.max_length,
                       f"the learned table must cover data.seq_len={config.data.seq_len}")
   _validate_train_positions(config.model.posenc, config.data.seq_len)
-  parse_eval_lengths(config.eval.lengths, config.data.seq_len)
+  validate_eval_lengths(config)
   _validate_mesh(config, num_devices)
 
 
+def validate_eval_lengths(config) -> list[int]:
+  """Parses `eval.lengths` and checks that the model can represent the longest one."""
+  lengths = parse_eval_lengths(config.eval.lengths, config.data.seq_len)
+  p = config.model.posenc
+  if p.kind == "xpos":
+    limit = posenc.xpos.max_position(p.xpos_gamma, p.xpos_scale_base)
+    if max(lengths) > limit:
+      raise ConfigError("model.posenc.xpos_scale_base", p.xpos_scale_base,
+                        f"xPos scales overflow float32 beyond position {limit}, below the "
+                        f"evaluation length {max(lengths)}; raise it")
+  return lengths
+
+
 def _validate_train_positions(p, seq_len: int) -> None:
-  """`model.posenc` fields of the training-time position transforms (randomized, PoSE)."""
+  """`model.posenc` fields of the training-time position transforms (randomized, PoSE, CLEX)."""
   _choice("model.posenc.train_positions", p.train_positions, posenc.POSITION_TRANSFORMS)
-  if p.train_positions == "none":
+  if (p.kind == "clex") != (p.train_positions == "clex"):
+    # CLEX's ODE only gets a gradient at sampled scales t > 1, which only this transform makes.
+    raise ConfigError("model.posenc.train_positions", p.train_positions,
+                      f"CLEX trains with, and only with, train_positions='clex' (model.posenc."
+                      f"kind={p.kind!r})")
+  if p.kind == "clex" and p.original_length not in (0, seq_len):
+    raise ConfigError("model.posenc.original_length", p.original_length,
+                      f"CLEX's scale is relative to the training length data.seq_len={seq_len}"
+                      " (set 0)")
+  if p.train_positions in ("none", "clex"):
     return
   if p.scaling in posenc.rope_scaling.DYNAMIC_SCALINGS:
     # Dynamic NTK recomputes frequencies from the largest position, which the transform inflates.
@@ -235,6 +307,16 @@ def _validate_mesh(config, num_devices: int) -> None:
     raise ConfigError("train.batch_size", config.train.batch_size,
                       f"must be divisible by the {data_parallel} data-parallel devices "
                       f"(mesh {resolved})")
+
+
+def resolve_lengths(config) -> None:
+  """Fills, in place, fields whose 0 means "the run's data.seq_len" (model.posenc.original_length).
+
+  The model is built from `config.model` alone, so this is resolved where the data and model
+  sections meet: before training writes config.json, and when a saved run is loaded.
+  """
+  if not config.model.posenc.original_length:
+    config.model.posenc.original_length = config.data.seq_len
 
 
 def to_json(config) -> str:

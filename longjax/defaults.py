@@ -36,7 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"         # compute dtype: float32 | bfloat16 (parameters stay float32)
   c.model.remat = "none"            # none | full | dots | dots_no_batch
   c.model.posenc = ml_collections.ConfigDict()
-  # rope | alibi | nope | sinusoidal | learned | t5 | kerple_log | kerple_power | fire
+  # rope | xpos | clex | alibi | nope | sinusoidal | learned | t5 | kerple_log | kerple_power | fire
   c.model.posenc.kind = "rope"
   c.model.posenc.rope_theta = 10_000.0
   c.model.posenc.max_length = 2048  # rows of the learned table (>= data.seq_len)
@@ -47,7 +47,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.posenc.fire_hidden = 32       # fire: hidden width of the MLP f
   c.model.posenc.fire_c_init = 0.1      # fire: initial c in psi(x) = log(c x + 1)
   c.model.posenc.fire_threshold_init = 512.0  # fire: initial threshold L in psi(max(L, i))
-  c.model.posenc.rotary_fraction = 1.0  # rope: share of each head's features rotated, in (0, 1]
+  c.model.posenc.rotary_fraction = 1.0  # rope, xpos, clex: share of features rotated, in (0, 1]
+  c.model.posenc.xpos_gamma = 0.4       # xpos: decay rates (2i/R + gamma) / (1 + gamma)
+  c.model.posenc.xpos_scale_base = 512.0  # xpos: decay per B tokens of distance
+  c.model.posenc.clex_max_factor = 8    # clex: training samples scales t in 1..this
+  c.model.posenc.clex_hidden_factor = 1  # clex: ODE MLP hidden width = this * rotated features
   # RoPE scalings (training-free context extension, docs/positional_encodings.md):
   # none | linear | abf | ntk | dynamic_ntk | yarn | llama3 | giraffe_power | giraffe_truncated
   c.model.posenc.scaling = "none"
@@ -63,7 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.posenc.giraffe_truncated_a_ratio = 8.0  # a = b / 8: below a, frequency 0
   c.model.posenc.giraffe_truncated_rho_ratio = 16.0  # between a and b, rho = b / 16
   # Training-time positions (docs/positional_encodings.md); evaluation always uses 0..n-1:
-  c.model.posenc.train_positions = "none"  # none | randomized | pose
+  c.model.posenc.train_positions = "none"  # none | randomized | pose | clex (kind=clex only)
   c.model.posenc.randomized_max_position = 2048  # randomized: positions drawn from [0, this)
   c.model.posenc.pose_chunks = 2    # pose: chunks per document, each shifted by a skip bias
   c.model.posenc.pose_target_length = 2048  # pose: positions stay < this (the target context)
@@ -74,6 +78,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.attention.window = 0      # > 0: sliding-window attention over this many keys
   c.model.attention.sink_tokens = 0  # with a window: first k keys always visible; streaming cache
   c.model.attention.distance_ceiling = 0  # with sinks: far global keys sit this far (LM-Inf.)
+  c.model.attention.normalizer = "softmax"  # softmax | softplus (l1-normalised, arXiv 2501.13428)
+  c.model.attention.softplus_length_scale = True  # softplus: cosine logits x log(H) log(N) (LSSA)
+  c.model.attention.reweight_power = 0.0  # softplus: p >= 1 re-weights (LSSAR; paper: 15); 0 = off
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000

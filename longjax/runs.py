@@ -37,10 +37,7 @@ def saved_config(workdir: str):
     saved = json.load(f)
   config = defaults.default_config()
   _merge(config, saved)
-  # RoPE scalings extend the run's training length; "0 = data.seq_len" is resolved here, where
-  # the data and model sections meet (the model is built from config.model alone).
-  if not config.model.posenc.original_length:
-    config.model.posenc.original_length = config.data.seq_len
+  configuration.resolve_lengths(config)
   return config
 
 

@@ -7,13 +7,15 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 from longjax import configuration
+from longjax.layers.positional import POSENCS
 from tests import testing
 
 # (override, field named in the message, a fragment of the message)
 BAD_VALUES = [
     ({"model.mixers": "attention,lstm"}, "model.mixers", "unknown mixer 'lstm'; valid: attention"),
     ({"model.posenc.kind": "rotary"}, "model.posenc.kind",
-     "valid: alibi, fire, kerple_log, kerple_power, learned, nope, rope"),
+     "valid: alibi, clex, fire, kerple_log, kerple_power, learned, nope, rope, sinusoidal, t5, "
+     "xpos"),
     ({"model.attention.impl": "flash"}, "model.attention.impl", "valid: auto, blockwise"),
     ({"model.dtype": "float16"}, "model.dtype", "valid: bfloat16, float32"),
     ({"model.remat": "some"}, "model.remat", "valid: dots, dots_no_batch, full, none"),
@@ -33,6 +35,37 @@ BAD_VALUES = [
     ({"model.posenc.train_positions": "randomized", "model.posenc.scaling": "dynamic_ntk",
       "model.posenc.original_length": 32}, "model.posenc.train_positions",
      "cannot be combined with model.posenc.scaling='dynamic_ntk'"),
+    ({"model.posenc.kind": "clex"}, "model.posenc.train_positions",
+     "CLEX trains with, and only with, train_positions='clex'"),
+    ({"model.posenc.train_positions": "clex"}, "model.posenc.train_positions",
+     "(model.posenc.kind='rope')"),
+    ({"model.posenc.kind": "clex", "model.posenc.train_positions": "clex",
+      "model.posenc.clex_max_factor": 0}, "model.posenc.clex_max_factor", "integer >= 1"),
+    ({"model.posenc.kind": "clex", "model.posenc.train_positions": "clex",
+      "model.posenc.original_length": 64}, "model.posenc.original_length",
+     "relative to the training length data.seq_len=32"),
+    ({"model.posenc.kind": "xpos", "model.posenc.xpos_gamma": 0.0}, "model.posenc.xpos_gamma",
+     "must be positive"),
+    ({"model.posenc.kind": "xpos", "model.posenc.xpos_scale_base": 1.0},
+     "model.posenc.xpos_scale_base",
+     "overflow float32 beyond position 63, below the evaluation length 128"),
+    ({"model.attention.window": 8, "model.attention.sink_tokens": 2,
+      "model.attention.distance_ceiling": 8, "model.posenc.scaling": "dynamic_ntk",
+      "model.posenc.original_length": 32}, "model.attention.distance_ceiling",
+     "depend on the context length"),
+    ({"model.attention.normalizer": "sigmoid"}, "model.attention.normalizer",
+     "unknown choice (valid: softmax, softplus)"),
+    ({"model.attention.normalizer": "softplus", "model.attention.reweight_power": 0.5},
+     "model.attention.reweight_power", "must be 0 (off) or >= 1"),
+    ({"model.attention.reweight_power": 15.0}, "model.attention.reweight_power",
+     "re-weights softplus attention, but model.attention.normalizer='softmax'"),
+    ({"model.attention.normalizer": "softplus", "model.attention.window": 8,
+      "model.attention.sink_tokens": 2}, "model.attention.sink_tokens", "softmax-only"),
+    ({"model.attention.normalizer": "softplus", "model.attention.window": 8,
+      "model.attention.sink_tokens": 2, "model.attention.distance_ceiling": 8},
+     "model.attention.distance_ceiling", "softmax-only"),
+    ({"model.attention.normalizer": "softplus", "model.attention.log_scaling_length": 32},
+     "model.attention.log_scaling_length", "scales the logits by log(N) itself"),
     ({"mesh.data": 4}, "mesh", "needs 4 devices but only 1 exist"),
     ({"mesh.data": -1, "mesh.fsdp": -1}, "mesh", "at most one axis may be -1"),
     ({"mesh.rules": "batch:pipeline"}, "mesh.rules", "unknown mesh axis 'pipeline'"),
@@ -83,8 +116,7 @@ class CommandLineErrorTest(absltest.TestCase):
     self.assertEqual(proc.returncode, 2)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     self.assertEqual(lines[-1], "error: config: model.posenc.kind='rotary': unknown choice (valid: "
-                                "alibi, fire, kerple_log, kerple_power, learned, nope, rope, "
-                                "sinusoidal, t5)", proc.stderr)
+                                + ", ".join(sorted(POSENCS)) + ")", proc.stderr)
     self.assertNotIn("Traceback", proc.stderr)
     self.assertFalse(os.path.exists(workdir))
 

@@ -28,6 +28,19 @@ def _rope_scaling(method: str) -> Callable[..., Overrides]:
   return overrides
 
 
+# The paper's power for contexts beyond the training length (it reports p = 3 best at 1x).
+REWEIGHT_POWER = 15.0
+
+
+def _reweight(config) -> Overrides:
+  """Re-weighting (Gao & Spratling, arXiv 2501.13428) sharpens softplus attention only."""
+  if config.model.attention.normalizer != "softplus":
+    raise configuration.ConfigError(
+        "model.attention.normalizer", config.model.attention.normalizer,
+        "--compare=reweight re-weights softplus attention; train with it first", ["softplus"])
+  return {"model.attention.reweight_power": REWEIGHT_POWER}
+
+
 EVAL_METHODS: dict[str, Callable[..., Overrides]] = {
     "none": lambda config, target_length: {},
     # Logits scaled by log_{L_train}(position + 1) beyond the training length.
@@ -51,6 +64,8 @@ EVAL_METHODS: dict[str, Callable[..., Overrides]] = {
     "lm_infinite": lambda config, target_length: {
         "model.attention.window": config.data.seq_len, "model.attention.sink_tokens": 4,
         "model.attention.distance_ceiling": config.data.seq_len},
+    # Re-weighting (LSSAR) of a model trained with softplus attention, training-free.
+    "reweight": lambda config, target_length: _reweight(config),
 }
 
 

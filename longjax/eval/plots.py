@@ -17,6 +17,15 @@ def _legend(ax, num_series: int) -> None:
     ax.legend()
 
 
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
+
+
+def _style(index: int, num_series: int) -> dict:
+  """Distinct colour and marker per series; tab20 once the default 10 colours would repeat."""
+  color = plt.get_cmap("tab20")(index % 20) if num_series > 10 else f"C{index % 10}"
+  return {"color": color, "marker": _MARKERS[index % len(_MARKERS)], "ls": "-"}
+
+
 def _save(fig, path: str) -> str:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fig.tight_layout()
@@ -46,8 +55,8 @@ def loss_vs_length(sweeps: dict[str, dict], train_length: int, path: str, *,
                    key: str = "loss", baseline: float | None = None) -> str:
   """One line per method: mean loss over the whole context against context length."""
   fig, ax = plt.subplots(figsize=(8 if len(sweeps) > 3 else 6, 4))
-  for label, sweep in sweeps.items():
-    ax.plot(sweep["lengths"], sweep[key], "o-", label=label)
+  for i, (label, sweep) in enumerate(sweeps.items()):
+    ax.plot(sweep["lengths"], sweep[key], label=label, **_style(i, len(sweeps)))
   ax.axvline(train_length, color="k", ls=":", label=f"train length {train_length}")
   if baseline is not None:
     ax.axhline(baseline, color="gray", ls="--", label="unigram baseline")
@@ -63,13 +72,14 @@ def loss_vs_position(sweeps: dict[str, dict], train_length: int, path: str, *,
                      bins: int = 48) -> str:
   """Loss at each token position (log-spaced bins) at the longest evaluated length."""
   fig, ax = plt.subplots(figsize=(8 if len(sweeps) > 3 else 6, 4))
-  for label, sweep in sweeps.items():
+  for i, (label, sweep) in enumerate(sweeps.items()):
     longest = str(max(sweep["lengths"]))
     losses = np.asarray(sweep["per_position"][longest])
     edges = np.unique(np.geomspace(1, len(losses), bins).astype(int))
     centers = [(lo + hi) / 2 for lo, hi in zip(edges[:-1], edges[1:])]
     means = [losses[lo - 1:hi - 1].mean() for lo, hi in zip(edges[:-1], edges[1:])]
-    ax.plot(centers, means, label=f"{label} (L={longest})")
+    ax.plot(centers, means, label=f"{label} (L={longest})",
+            **dict(_style(i, len(sweeps)), marker=None))
   ax.axvline(train_length, color="k", ls=":", label=f"train length {train_length}")
   ax.set_xscale("log", base=2)
   ax.set_xlabel("token position")

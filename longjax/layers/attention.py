@@ -6,8 +6,9 @@ All mixers share one interface (see DESIGN.md):
     y, cache = mixer(x_t, positions=pos_t, cache=cache)                              # decode
     cache = mixer.init_cache(batch_size, max_length, dtype)
 
-The maths is `longjax.ops.dot_product_attention`; this module owns the projections, applies the
-positional encoding and reads/writes the cache.
+The maths is `longjax.ops.dot_product_attention` (or, with normalizer="softplus",
+`longjax.ops.softplus_attention`); this module owns the projections, applies the positional
+encoding and reads/writes the cache.
 """
 
 from flax import nnx
@@ -18,7 +19,10 @@ from longjax.layers import params
 from longjax.layers import lm_infinite
 from longjax.layers import streaming
 from longjax.layers.positional import AttentionPositions
-from longjax.ops import AttentionMask, dot_product_attention
+from longjax.ops import AttentionMask, dot_product_attention, softplus_attention
+
+# How a row of logits becomes weights: softmax, or softplus + l1 normalisation (LSSA).
+NORMALIZERS = ("softmax", "softplus")
 
 
 def log_scale_queries(q: jax.Array, positions: jax.Array, train_length: int) -> jax.Array:
@@ -51,8 +55,9 @@ class Attention(nnx.Module):
   def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                positional: AttentionPositions, impl: str = "auto", block_size: int = 0,
                log_scaling_length: int = 0, window: int = 0, sink_tokens: int = 0,
-               distance_ceiling: int = 0, out_init_scale: float = 1.0, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               distance_ceiling: int = 0, normalizer: str = "softmax",
+               softplus_length_scale: bool = True, reweight_power: float = 0.0,
+               out_init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
     self.w_q = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2)),
@@ -74,7 +79,8 @@ class Attention(nnx.Module):
     self.window = window or None  # sliding window: the query at i sees keys i - window < j <= i
     # With a window, the first `sink_tokens` keys stay visible to every query (StreamingLLM's
     # attention sinks; the Λ-shaped mask of LM-Infinite), and decoding uses the O(sinks + window)
-    # streaming cache of `longjax.layers.streaming`.
+    # streaming cache of `longjax.layers.streaming` (with a distance ceiling, LM-Infinite's
+    # variant of it in `longjax.layers.lm_infinite`).
     if sink_tokens and not window:
       raise ValueError(f"sink_tokens={sink_tokens} needs a sliding window (window > 0)")
     self.sink_tokens = sink_tokens
@@ -82,6 +88,25 @@ class Attention(nnx.Module):
     if distance_ceiling and not sink_tokens:
       raise ValueError(f"distance_ceiling={distance_ceiling} needs sink_tokens > 0 and a window")
     self.distance_ceiling = distance_ceiling
+    # Softplus attention (Gao & Spratling, arXiv 2501.13428): LSSA with `softplus_length_scale`
+    # (cosine logits times log(H) log(N), N the keys the query sees), re-weighted (LSSAR) with
+    # power p = `reweight_power` > 0. See `longjax.ops.softplus_attention`.
+    if normalizer not in NORMALIZERS:
+      raise ValueError(f"normalizer={normalizer!r} is unknown; valid choices: {NORMALIZERS}")
+    if normalizer == "softplus" and (sink_tokens or distance_ceiling):
+      # The streaming and LM-Infinite paths merge softmax pieces by log-sum-exp; softplus rows
+      # would need their own merge rule.
+      raise ValueError(f"normalizer='softplus' does not support sink_tokens={sink_tokens} or "
+                       f"distance_ceiling={distance_ceiling} (streaming / LM-Infinite)")
+    if reweight_power and normalizer != "softplus":
+      raise ValueError(f"reweight_power={reweight_power} needs normalizer='softplus'")
+    if normalizer == "softplus" and softplus_length_scale and log_scaling_length:
+      # LSSA l2-normalises the queries, which would undo the log-n query scaling.
+      raise ValueError(f"log_scaling_length={log_scaling_length} cannot be combined with "
+                       "softplus_length_scale, which scales by log(N) itself")
+    self.normalizer = normalizer
+    self.softplus_length_scale = softplus_length_scale
+    self.reweight_power = reweight_power
     self.dtype = dtype
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
@@ -90,9 +115,13 @@ class Attention(nnx.Module):
     Returns:
       {"k", "v": [B, S, K, H], "positions": [B, S] int32 (for position-dependent biases),
        "end": int32 scalar, the number of tokens written so far}; with sinks, see
-      `streaming.init_streaming_cache` (its size does not depend on `max_length`).
+      `streaming.init_streaming_cache`, and with a distance ceiling
+      `lm_infinite.init_lm_infinite_cache` (their size does not depend on `max_length`).
     """
     dtype = dtype or self.dtype
+    if self.distance_ceiling:
+      return lm_infinite.init_lm_infinite_cache(batch_size, self.sink_tokens, self.window,
+                                                self.num_kv_heads, self.head_dim, dtype)
     if self.sink_tokens:
       return streaming.init_streaming_cache(batch_size, self.sink_tokens, self.window,
                                             self.num_kv_heads, self.head_dim, dtype)
@@ -109,6 +138,16 @@ class Attention(nnx.Module):
     q = jnp.einsum("btd,dnh->btnh", x, self.w_q.value.astype(self.dtype))
     kv = jnp.einsum("btd,dckh->btckh", x, self.w_kv.value.astype(self.dtype))
     k, v = kv[:, :, 0], kv[:, :, 1]
+    if cache is not None and self.distance_ceiling:
+      if segment_ids is not None:
+        raise ValueError("segment_ids are for packed training batches; a cache holds one sequence"
+                         " per row")
+      # Checked before the streaming cache: same slots, but LM-Infinite's true positions.
+      out, cache = lm_infinite.lm_infinite_decode(
+          q, k, v, positions, cache, window=self.window, global_tokens=self.sink_tokens,
+          ceiling=self.distance_ceiling, positional=self.positional,
+          scale_queries=self._scale_queries, impl=self.impl, block_size=self.block_size)
+      return self._project_out(out), cache
     if cache is not None and self.sink_tokens:
       out, cache = streaming.streaming_attention(
           q, k, v, cache, sinks=self.sink_tokens, window=self.window,
@@ -116,9 +155,6 @@ class Attention(nnx.Module):
           block_size=self.block_size)
       return self._project_out(out), cache
     if self.distance_ceiling:
-      if cache is not None:
-        raise ValueError("distance_ceiling (LM-Infinite) has no KV-cache decoding yet; decode "
-                         "with sink_tokens alone (the StreamingLLM cache)")
       out = lm_infinite.lm_infinite_attention(
           q, k, v, positions, segment_ids=segment_ids, window=self.window,
           global_tokens=self.sink_tokens, ceiling=self.distance_ceiling,
@@ -129,7 +165,7 @@ class Attention(nnx.Module):
     # decoding, so that keys cached at earlier steps and these queries share one rotation.
     context_length = None if cache is None else cache["k"].shape[1]
     q = self.positional.rotate(q, positions, context_length=context_length)
-    k = self.positional.rotate(k, positions, context_length=context_length)
+    k = self.positional.rotate(k, positions, context_length=context_length, is_key=True)
     q = self._scale_queries(q, positions)
 
     if cache is None:
@@ -151,8 +187,16 @@ class Attention(nnx.Module):
       # unwritten tail of the cache.
       mask = AttentionMask(causal=True, window=self.window, q_offset=end)
     bias = self.positional.bias(positions, kv_positions)
-    out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask=mask,
-                                bias=bias, impl=self.impl, block_size=self.block_size)
+    if self.normalizer == "softplus":
+      # N_t of the length scale and the re-weighting is counted from the mask: the query's
+      # cache index + 1 when decoding, as in a prefill; min(position + 1, window) with a window.
+      out = softplus_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask=mask,
+                               bias=bias, length_scale=self.softplus_length_scale,
+                               reweight_power=self.reweight_power, impl=self.impl,
+                               block_size=self.block_size)
+    else:
+      out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask=mask,
+                                  bias=bias, impl=self.impl, block_size=self.block_size)
     return self._project_out(out), cache
 
   def _scale_queries(self, q, positions):

@@ -11,11 +11,17 @@ parts are separate softmaxes merged by their log-sum-exp: the local part through
 Only the positional encoding's *relative* behaviour is changed: the global part rotates queries
 at position `ceiling` and keys at 0 (and evaluates biases there), which gives every such pair the
 distance `ceiling` for RoPE, ALiBi and the learned relative biases alike.
+
+Decoding (`lm_infinite_decode`) keeps O(global_tokens + window) keys: the slots of StreamingLLM's
+cache (`longjax.layers.streaming`), keys unrotated, plus each slot's true position. Unlike
+StreamingLLM, positions are never re-assigned: window keys keep their true positions and far
+global keys sit at `ceiling`, so every decode step equals the same token's row of the full pass.
 """
 
 import jax
 import jax.numpy as jnp
 
+from longjax.layers import streaming
 from longjax.ops import AttentionMask, dot_product_attention
 
 
@@ -23,7 +29,8 @@ def lm_infinite_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: j
                           segment_ids: jax.Array | None, window: int, global_tokens: int,
                           ceiling: int, positional, scale_queries, impl: str,
                           block_size: int | None) -> jax.Array:
-  """Λ-masked attention with a distance ceiling; no KV cache.
+  """Λ-masked attention with a distance ceiling over a whole sequence (decoding with a cache:
+  `lm_infinite_decode`).
 
   Args:
     q: [B, T, N, H] unrotated queries.
@@ -39,44 +46,157 @@ def lm_infinite_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: j
   Returns:
     [B, T, N, H] in q.dtype.
   """
-  batch, length, num_heads, head_dim = q.shape
-  kv_heads = k.shape[2]
+  batch, length = positions.shape
   # Local part: true positions, sliding window.
   q_local = scale_queries(positional.rotate(q, positions), positions)
-  k_local = positional.rotate(k, positions)
+  k_local = positional.rotate(k, positions, is_key=True)
   mask = AttentionMask(causal=True, window=window, q_segment_ids=segment_ids,
                        kv_segment_ids=segment_ids)
   out_local, lse_local = dot_product_attention(
       q_local, k_local, v, mask=mask, bias=positional.bias(positions, positions), impl=impl,
       block_size=block_size, return_lse=True)
 
-  # Global part: every visible global key at distance `ceiling`.
+  # Global part: the row's first g tokens, for the queries they are outside the window of.
   g = min(global_tokens, length)
-  q_far = scale_queries(positional.rotate(q, jnp.full_like(positions, ceiling)), positions)
-  k_far = positional.rotate(k[:, :g], jnp.zeros((batch, g), jnp.int32))
-  logits = jnp.einsum("btkgh,bskh->bkgts",
-                      q_far.reshape(batch, length, kv_heads, num_heads // kv_heads, head_dim),
-                      k_far, preferred_element_type=jnp.float32) * head_dim**-0.5
-  logits = logits.reshape(batch, num_heads, length, g)
-  bias = positional.bias(jnp.full_like(positions, ceiling), jnp.zeros((batch, g), jnp.int32))
-  if bias is not None:
-    logits = logits + bias.block(0, length, 0, g)
   index = jnp.arange(length)
   visible = (index[:, None] - jnp.arange(g)[None, :]) >= window  # outside the local window
   visible = jnp.broadcast_to(visible[None, None], (batch, 1, length, g))
   if segment_ids is not None:
     visible = visible & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :g])
-  logits = jnp.where(visible, logits, -jnp.inf)
-  lse_far = jax.nn.logsumexp(logits, axis=-1)  # [B, N, T]; -inf where no global key is far
-  probs = jnp.where(visible, jnp.exp(logits - jnp.where(jnp.isfinite(lse_far), lse_far,
-                                                        0.0)[..., None]), 0.0)
-  out_far = jnp.einsum("bkgts,bskh->btkgh",
-                       probs.reshape(batch, kv_heads, num_heads // kv_heads, length, g),
-                       v[:, :g].astype(jnp.float32)).reshape(batch, length, num_heads, head_dim)
+  out_far, lse_far = _far_global_part(q, k[:, :g], v[:, :g], positions, visible,
+                                      ceiling=ceiling, positional=positional,
+                                      scale_queries=scale_queries)
+  return _merge(out_local, lse_local, out_far, lse_far).astype(q.dtype)
 
-  # Merge the two softmaxes: weights exp(lse_part - lse_total).
+
+def _far_global_part(q: jax.Array, k_global: jax.Array, v_global: jax.Array,
+                     positions: jax.Array, visible: jax.Array, *, ceiling: int, positional,
+                     scale_queries) -> tuple[jax.Array, jax.Array]:
+  """Attention to the global keys outside the window, every one at distance `ceiling`.
+
+  Dense: there are only G = global_tokens keys. Shared by the full pass and the decode step.
+
+  Args:
+    q: [B, T, N, H] unrotated queries.
+    k_global, v_global: [B, G, K, H] unrotated keys and values of the global tokens.
+    positions: [B, T] true query positions (only `scale_queries` reads them).
+    visible: [B, 1, T, G] bool, which global keys each query attends to at the ceiling.
+    ceiling, positional, scale_queries: as for `lm_infinite_attention`.
+
+  Returns:
+    (out [B, T, N, H] float32, lse [B, N, T] float32; -inf where no global key is visible).
+  """
+  batch, length, num_heads, head_dim = q.shape
+  g, kv_heads = k_global.shape[1], k_global.shape[2]
+  # Query at `ceiling` and key at 0: the distance `ceiling` for rotations and biases alike.
+  q_positions = jnp.full_like(positions, ceiling)
+  kv_positions = jnp.zeros((batch, g), jnp.int32)
+  q_far = scale_queries(positional.rotate(q, q_positions), positions)
+  k_far = positional.rotate(k_global, kv_positions, is_key=True)
+  logits = jnp.einsum("btkgh,bskh->bkgts",
+                      q_far.reshape(batch, length, kv_heads, num_heads // kv_heads, head_dim),
+                      k_far, preferred_element_type=jnp.float32) * head_dim**-0.5
+  logits = logits.reshape(batch, num_heads, length, g)
+  bias = positional.bias(q_positions, kv_positions)
+  if bias is not None:
+    logits = logits + bias.block(0, length, 0, g)
+  logits = jnp.where(visible, logits, -jnp.inf)
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, N, T]; -inf where no global key is far
+  probs = jnp.where(visible, jnp.exp(logits - jnp.where(jnp.isfinite(lse), lse,
+                                                        0.0)[..., None]), 0.0)
+  out = jnp.einsum("bkgts,bskh->btkgh",
+                   probs.reshape(batch, kv_heads, num_heads // kv_heads, length, g),
+                   v_global.astype(jnp.float32)).reshape(batch, length, num_heads, head_dim)
+  return out, lse
+
+
+def _merge(out_local: jax.Array, lse_local: jax.Array, out_far: jax.Array,
+           lse_far: jax.Array) -> jax.Array:
+  """One softmax from two over disjoint key sets: outs [B, T, N, H], lses [B, N, T].
+
+  Each part is weighted by exp(lse_part - lse_total). lse_local is finite (a query always sees
+  itself), so a -inf lse_far just gives the global part weight 0. Returns [B, T, N, H] float32.
+  """
   lse = jnp.logaddexp(lse_local, lse_far)
   w_local = jnp.exp(lse_local - lse).transpose(0, 2, 1)[..., None]  # [B, T, N, 1]
   w_far = jnp.exp(lse_far - lse).transpose(0, 2, 1)[..., None]
-  out = out_local.astype(jnp.float32) * w_local + out_far * w_far
-  return out.astype(q.dtype)
+  return out_local.astype(jnp.float32) * w_local + out_far * w_far
+
+
+def init_lm_infinite_cache(batch_size: int, global_tokens: int, window: int, num_kv_heads: int,
+                           head_dim: int, dtype) -> dict:
+  """The streaming cache of `streaming.init_streaming_cache` plus each slot's true position.
+
+  Returns:
+    {"k", "v": [B, C, K, H] unrotated; "token_index": [C] int32 (-1 = empty); "end": scalar;
+     "positions": [B, C] int32, the position each slot's token was given}, C = g + window.
+  """
+  cache = streaming.init_streaming_cache(batch_size, global_tokens, window, num_kv_heads,
+                                         head_dim, dtype)
+  cache["positions"] = jnp.zeros((batch_size, global_tokens + window), jnp.int32)
+  return cache
+
+
+def lm_infinite_decode(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+                       cache: dict, *, window: int, global_tokens: int, ceiling: int, positional,
+                       scale_queries, impl: str, block_size: int | None
+                       ) -> tuple[jax.Array, dict]:
+  """LM-Infinite attention of T new tokens through the O(g + window) cache, one at a time.
+
+  Each step sees exactly what `lm_infinite_attention` gives the same token in a full pass: the
+  keys of the last `window` tokens (by token index) at their true positions, and the first g
+  tokens, once outside the window, at distance `ceiling`. The cache slots are StreamingLLM's
+  (g fixed slots, then a ring of `window`), but no position is re-assigned.
+
+  Args:
+    q: [B, T, N, H] unrotated queries of the new tokens.
+    k, v: [B, T, K, H] unrotated keys and values.
+    positions: [B, T] true positions of the new tokens (queries and, once cached, keys).
+    cache: from `init_lm_infinite_cache`.
+    window, global_tokens, ceiling, positional, scale_queries, impl, block_size: as for
+      `lm_infinite_attention`.
+
+  Returns:
+    (out [B, T, N, H] in q.dtype, updated cache).
+  """
+  batch = q.shape[0]
+  g = global_tokens
+  capacity = cache["k"].shape[1]
+
+  def one_token(cache, inputs):
+    q_t, k_t, v_t, p_t = (a[:, None] for a in inputs)  # [B, 1, ., H] and positions [B, 1]
+    t = cache["end"]  # token index of this step
+    slot = jnp.where(t < capacity, t, g + (t - g) % window)
+    keys = jax.lax.dynamic_update_slice(cache["k"], k_t.astype(cache["k"].dtype), (0, slot, 0, 0))
+    values = jax.lax.dynamic_update_slice(cache["v"], v_t.astype(cache["v"].dtype),
+                                          (0, slot, 0, 0))
+    token_index = cache["token_index"].at[slot].set(t)
+    kv_positions = jax.lax.dynamic_update_slice(cache["positions"], p_t.astype(jnp.int32),
+                                                (0, slot))
+    valid = token_index >= 0
+    # Local part: the window by token index (the ring holds only tokens inside it; a global
+    # slot counts while its token is), keys at their recorded positions.
+    near = valid & (t - token_index < window)
+    q_local = scale_queries(positional.rotate(q_t, p_t), p_t)
+    k_local = positional.rotate(keys.astype(q.dtype), kv_positions, is_key=True)
+    mask = AttentionMask(causal=False, q_segment_ids=jnp.ones((batch, 1), jnp.int32),
+                         kv_segment_ids=jnp.broadcast_to(near.astype(jnp.int32),
+                                                         (batch, capacity)))
+    out_local, lse_local = dot_product_attention(
+        q_local, k_local, values.astype(q.dtype), mask=mask,
+        bias=positional.bias(p_t, kv_positions), impl=impl, block_size=block_size,
+        return_lse=True)
+    # Global part: the g fixed slots whose token has left the window.
+    far = valid[:g] & (t - token_index[:g] >= window)
+    out_far, lse_far = _far_global_part(
+        q_t, keys[:, :g].astype(q.dtype), values[:, :g], p_t,
+        jnp.broadcast_to(far[None, None, None], (batch, 1, 1, g)), ceiling=ceiling,
+        positional=positional, scale_queries=scale_queries)
+    out = _merge(out_local, lse_local, out_far, lse_far).astype(q.dtype)
+    new_cache = {"k": keys, "v": values, "token_index": token_index, "positions": kv_positions,
+                 "end": t + 1}
+    return new_cache, out[:, 0]
+
+  moved = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, positions))  # scan over T
+  cache, outs = jax.lax.scan(one_token, cache, moved)
+  return jnp.moveaxis(outs, 0, 1), cache

@@ -54,15 +54,16 @@ class LearnedPositions(InputPositions):
 class AttentionPositions(nnx.Module):
   """Per-attention-layer encoding. The default acts nowhere (NoPE)."""
 
-  def rotate(self, x: jax.Array, positions: jax.Array, *,
-             context_length: int | None = None) -> jax.Array:
-    """Queries [B, T, N, H] or keys [B, S, K, H] at their positions [B, T].
+  def rotate(self, x: jax.Array, positions: jax.Array, *, context_length: int | None = None,
+             is_key: bool = False) -> jax.Array:
+    """Queries [B, T, N, H] or keys [B, S, K, H] (`is_key`) at their positions [B, T].
 
     `context_length` is the decode cache's capacity when there is one (None otherwise): the
     length that length-dependent encodings (dynamic NTK) are computed for, so that keys cached
-    by earlier steps and the current queries use the same frequencies.
+    by earlier steps and the current queries use the same frequencies. `is_key` matters to
+    encodings that treat the two sides differently (xPos scales them in opposite directions).
     """
-    del positions, context_length
+    del positions, context_length, is_key
     return x
 
   def bias(self, q_positions: jax.Array, kv_positions: jax.Array):
@@ -103,7 +104,8 @@ class RotaryPositions(AttentionPositions):
         self.scaling, self.rotary_dim, theta=self.theta, factor=self.factor,
         original_length=self.original_length, length=length, **dict(self.hyperparameters))
 
-  def rotate(self, x, positions, *, context_length=None):
+  def rotate(self, x, positions, *, context_length=None, is_key=False):
+    del is_key  # RoPE rotates queries and keys alike
     length = None
     if self.scaling in posenc.rope_scaling.DYNAMIC_SCALINGS:
       length = jnp.max(positions) + 1
@@ -137,13 +139,68 @@ def _rotary(cfg, rngs) -> RotaryPositions:
                          hyperparameters=rope_scaling_hyperparameters(p))
 
 
+class XPosPositions(AttentionPositions):
+  """xPos: RoPE with a per-frequency decay in the distance (`longjax.posenc.xpos`)."""
+
+  def __init__(self, head_dim: int, theta: float, *, rotary_fraction: float = 1.0,
+               gamma: float = 0.4, scale_base: float = 512.0):
+    self.rotary_dim = posenc.rotary_dim(head_dim, rotary_fraction)
+    self.theta = theta
+    self.gamma = gamma
+    self.scale_base = scale_base
+
+  def rotate(self, x, positions, *, context_length=None, is_key=False):
+    del context_length
+    inv_freq = posenc.rope_inv_freq(self.rotary_dim, self.theta)
+    return posenc.apply_xpos(x, positions, inv_freq, is_key=is_key, gamma=self.gamma,
+                             scale_base=self.scale_base)
+
+
+class ClexPositions(AttentionPositions):
+  """CLEX: RoPE whose frequencies follow a learned ODE over the scale t (`longjax.posenc.clex`).
+
+  t = ceil(l / L) for the context length l = max(positions) + 1, or with a decode cache the
+  larger of that and the cache capacity (as for dynamic NTK: cached keys were rotated with the
+  capacity's t). In training the `clex` position transform spreads positions over [0, t L), so
+  the same rule recovers the sampled t.
+  """
+
+  def __init__(self, head_dim: int, theta: float, *, original_length: int,
+               rotary_fraction: float = 1.0, hidden_factor: int = 1, rngs: nnx.Rngs):
+    if original_length < 1:
+      raise ValueError(f"CLEX needs the training length, got original_length={original_length}")
+    self.rotary_dim = posenc.rotary_dim(head_dim, rotary_fraction)
+    if self.rotary_dim < 4:
+      raise ValueError(f"CLEX needs >= 4 rotated features, got {self.rotary_dim}")
+    self.theta = theta
+    self.original_length = original_length
+    init = posenc.clex.init_params(rngs.params(), self.rotary_dim, hidden_factor)
+    self.w1 = nnx.Param(init["w1"], out_sharding=(None, None), eager_sharding=False)
+    self.w2 = nnx.Param(init["w2"], out_sharding=(None, None), eager_sharding=False)
+
+  def inv_freq(self, length) -> jax.Array:
+    """[R/2] inverse frequencies for a context of `length` tokens."""
+    t = posenc.clex.scale_for_length(length, self.original_length)
+    return posenc.clex.clex_inv_freq({"w1": self.w1.value, "w2": self.w2.value}, t,
+                                     rotary_dim=self.rotary_dim, theta=self.theta)
+
+  def rotate(self, x, positions, *, context_length=None, is_key=False):
+    del is_key
+    length = jnp.max(positions) + 1
+    if context_length is not None:
+      length = jnp.maximum(length, context_length)
+    return posenc.apply_rope(x, positions, self.inv_freq(length))
+
+
 class AlibiPositions(AttentionPositions):
 
   def __init__(self, num_heads: int):
-    self.slopes = posenc.alibi_slopes(num_heads)
+    # Only the head count is stored: an array attribute would become part of the model's state,
+    # i.e. a parameter the optimizer trains.
+    self.num_heads = num_heads
 
   def bias(self, q_positions, kv_positions):
-    return AlibiBias(jnp.asarray(self.slopes), q_positions, kv_positions)
+    return AlibiBias(jnp.asarray(posenc.alibi_slopes(self.num_heads)), q_positions, kv_positions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +228,13 @@ def _learned_bias(name: str) -> Callable[..., AttentionPositions]:
 POSENCS: dict[str, PosEncEntry] = {
     "nope": PosEncEntry(None, lambda cfg, rngs: NoPositions()),
     "rope": PosEncEntry(None, lambda cfg, rngs: _rotary(cfg, rngs)),
+    "xpos": PosEncEntry(None, lambda cfg, rngs: XPosPositions(
+        _head_dim(cfg), cfg.posenc.rope_theta, rotary_fraction=cfg.posenc.rotary_fraction,
+        gamma=cfg.posenc.xpos_gamma, scale_base=cfg.posenc.xpos_scale_base)),
+    "clex": PosEncEntry(None, lambda cfg, rngs: ClexPositions(
+        _head_dim(cfg), cfg.posenc.rope_theta, original_length=cfg.posenc.original_length,
+        rotary_fraction=cfg.posenc.rotary_fraction, hidden_factor=cfg.posenc.clex_hidden_factor,
+        rngs=rngs)),
     "alibi": PosEncEntry(None, lambda cfg, rngs: AlibiPositions(cfg.num_heads)),
     "sinusoidal": PosEncEntry(lambda cfg, rngs: SinusoidalPositions(cfg.width),
                               lambda cfg, rngs: NoPositions()),

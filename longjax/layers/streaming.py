@@ -60,7 +60,7 @@ def streaming_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, *
     kv_positions = jnp.broadcast_to(jnp.sum(older, axis=1).astype(jnp.int32), (batch, len(valid)))
     q_positions = jnp.full((batch, 1), jnp.sum(valid) - 1, jnp.int32)
     q_rot = scale_queries(positional.rotate(q_t, q_positions), q_positions)
-    k_rot = positional.rotate(keys.astype(q.dtype), kv_positions)
+    k_rot = positional.rotate(keys.astype(q.dtype), kv_positions, is_key=True)
     mask = AttentionMask(causal=False, q_segment_ids=jnp.ones((batch, 1), jnp.int32),
                          kv_segment_ids=jnp.broadcast_to(valid.astype(jnp.int32),
                                                          (batch, len(valid))))

@@ -36,6 +36,9 @@ def _attention(cfg, rngs: nnx.Rngs) -> Attention:
                    log_scaling_length=cfg.attention.log_scaling_length,
                    window=cfg.attention.window, sink_tokens=cfg.attention.sink_tokens,
                    distance_ceiling=cfg.attention.distance_ceiling,
+                   normalizer=cfg.attention.normalizer,
+                   softplus_length_scale=cfg.attention.softplus_length_scale,
+                   reweight_power=cfg.attention.reweight_power,
                    out_init_scale=out_init_scale(cfg), dtype=DTYPES[cfg.dtype], rngs=rngs)
 
 

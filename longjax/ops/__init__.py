@@ -1,6 +1,7 @@
 """Pure operations without parameters, one dispatch point per operation.
 
-Attention: `dot_product_attention(q, k, v, mask=AttentionMask(...), bias=None, impl="auto")`.
+Attention: `dot_product_attention(q, k, v, mask=AttentionMask(...), bias=None, impl="auto")`;
+softplus attention with l1 normalisation and re-weighting (LSSA/LSSAR): `softplus_attention`.
 """
 
 from longjax.ops.attention import default_block_size
@@ -11,6 +12,7 @@ from longjax.ops.biases import FireBias
 from longjax.ops.biases import KerpleBias
 from longjax.ops.biases import T5Bias
 from longjax.ops.masks import AttentionMask
+from longjax.ops.softplus_attention import softplus_attention
 
 __all__ = [
     "AlibiBias",
@@ -21,4 +23,5 @@ __all__ = [
     "default_block_size",
     "dot_product_attention",
     "resolve_impl",
+    "softplus_attention",
 ]

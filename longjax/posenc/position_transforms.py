@@ -65,11 +65,50 @@ def randomized(positions: jax.Array, segment_ids: jax.Array, rng: jax.Array, *,
   if max_position < t:
     raise ValueError(f"max_position={max_position} must be >= the sequence length {t}")
   perms = jax.vmap(lambda k: jax.random.permutation(k, max_position))(jax.random.split(rng, b))
-  drawn = perms[:, :t].astype(jnp.int32)
+  return _sorted_per_segment(perms[:, :t], positions, segment_ids)
+
+
+def _sorted_per_segment(drawn: jax.Array, positions: jax.Array,
+                        segment_ids: jax.Array) -> jax.Array:
+  """drawn [B, T] distinct values, sorted within each segment; padding keeps `positions`."""
   start, _ = _segment_bounds(segment_ids)
   # Segments are contiguous, so sorting by (segment start, value) sorts within segments only.
-  _, ordered = jax.lax.sort((start, drawn), dimension=-1, num_keys=2)
+  _, ordered = jax.lax.sort((start, drawn.astype(jnp.int32)), dimension=-1, num_keys=2)
   return jnp.where(segment_ids != 0, ordered, positions).astype(positions.dtype)
+
+
+def clex(positions: jax.Array, segment_ids: jax.Array, rng: jax.Array, *,
+         max_factor: int) -> jax.Array:
+  """CLEX's training positions (Chen et al. 2024; `longjax.posenc.clex`).
+
+  One scale t is drawn uniformly from 1..max_factor per batch; each row then gets positions as
+  in `randomized` with max_position = t T, and the row's largest position is moved to t T - 1,
+  so that max(positions) + 1 = t T and the CLEX encoding (t = ceil(l / L), L = T) recovers t.
+  With t = 1 the positions are 0..T-1 for a row holding one document.
+
+  Args:
+    positions: [B, T] int32, kept on padding.
+    segment_ids: [B, T] int32, 0 = padding.
+    rng: a PRNG key.
+    max_factor: the largest sampled scale t_max >= 1.
+
+  Returns:
+    [B, T] int32 positions, strictly increasing within each segment, all < t T.
+  """
+  b, t = positions.shape
+  scale_key, perm_key = jax.random.split(rng)
+  scale = jax.random.randint(scale_key, (), 1, max_factor + 1)
+  limit = scale * t
+  # A uniform T-subset of [0, t T) with t traced: the first T entries, in permutation order, of
+  # a permutation of the static range [0, t_max T) that are < t T (there are t T >= T of them).
+  perms = jax.vmap(lambda k: jax.random.permutation(k, max_factor * t))(
+      jax.random.split(perm_key, b))
+  beyond = (perms >= limit).astype(jnp.int32)
+  _, kept = jax.lax.sort((beyond, perms), dimension=-1, num_keys=1, is_stable=True)
+  out = _sorted_per_segment(kept[:, :t], positions, segment_ids)
+  real = segment_ids != 0
+  row_max = jnp.max(jnp.where(real, out, -1), axis=-1, keepdims=True)
+  return jnp.where(real & (out == row_max), limit - 1, out).astype(positions.dtype)
 
 
 def pose(positions: jax.Array, segment_ids: jax.Array, rng: jax.Array, *, num_chunks: int,
@@ -121,6 +160,7 @@ POSITION_TRANSFORMS: dict[str, Callable[..., jax.Array]] = {
     "none": none,
     "randomized": randomized,
     "pose": pose,
+    "clex": clex,
 }
 
 
@@ -133,5 +173,7 @@ def make_position_transform(posenc_config) -> Callable[..., jax.Array] | None:
     return None
   if name == "randomized":
     return functools.partial(randomized, max_position=posenc_config.randomized_max_position)
+  if name == "clex":
+    return functools.partial(clex, max_factor=posenc_config.clex_max_factor)
   return functools.partial(pose, num_chunks=posenc_config.pose_chunks,
                            target_length=posenc_config.pose_target_length)

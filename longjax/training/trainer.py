@@ -99,6 +99,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
     ConfigError: before anything is written, for a bad config value.
     NonFiniteLossError: when the loss stops being finite.
   """
+  config = config.copy_and_resolve_references()
+  configuration.resolve_lengths(config)
   configuration.validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   config_dict = config.to_dict()

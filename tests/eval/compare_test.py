@@ -6,6 +6,8 @@ import os
 from absl.testing import absltest
 import numpy as np
 
+from experiments import report
+from longjax import configuration
 from longjax import runs
 from longjax.eval import compare
 from longjax.training import trainer
@@ -38,6 +40,11 @@ class CompareTest(absltest.TestCase):
                      {"model.attention.log_scaling_length": 32})
     for name in ("compare_loss_vs_length.png", "compare_loss_vs_position.png"):
       self.assertTrue(os.path.exists(os.path.join(self.workdir, "plots", name)))
+    # The README's table is printed by `experiments.report --compare` from compare.json.
+    table = report.compare_markdown(self.workdir).splitlines()
+    self.assertEqual(table[0], "| method | 32 | 128 |")
+    self.assertEqual(table[3], "| `log_n` | " + " | ".join(
+        f"{x:.3f}" for x in results["log_n"]["loss"]) + " |")
 
   def test_unknown_method(self):
     run = runs.load_run(self.workdir)
@@ -56,6 +63,19 @@ class CompareTest(absltest.TestCase):
     config = runs.saved_config(workdir)
     self.assertEqual(config.model.attention.log_scaling_length, 0)
     self.assertEqual(config.data.seq_len, saved["data"]["seq_len"])
+
+
+
+class MethodOverridesTest(absltest.TestCase):
+
+  def test_reweight_needs_softplus_and_validates(self):
+    config = testing.tiny_config(**{"model.attention.normalizer": "softplus"})
+    overrides = compare.method_overrides("reweight", config, 128)
+    self.assertEqual(overrides, {"model.attention.reweight_power": compare.REWEIGHT_POWER})
+    configuration.validate_model(compare.apply_overrides(config, overrides).model)
+    with self.assertRaisesRegex(configuration.ConfigError,
+                                "^model.attention.normalizer='softmax': --compare=reweight"):
+      compare.method_overrides("reweight", testing.tiny_config(), 128)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import quickstart
+from longjax.layers.positional import POSENCS
 from longjax.models import build_model
 from longjax.models.generate import generate, sample_logits
 from tests import testing
@@ -129,7 +130,40 @@ class DecodeTest(parameterized.TestCase):
     np.testing.assert_allclose(logits[:, 6:], alone_b, atol=TOLERANCE["float32"])
 
 
+  @parameterized.parameters(("reference", 0, 4), ("blockwise", 0, 2), ("blockwise", 5, 2))
+  def test_softplus_reweighted_prefill_equals_token_by_token_decode(self, impl, window, kv_heads):
+    # LSSAR (arXiv 2501.13428): the length scale and the re-weighting use each query's number
+    # of visible keys, which decoding must count from the cache exactly as the prefill does.
+    cfg = tiny_model_config(**{"attention.normalizer": "softplus",
+                               "attention.reweight_power": 15.0, "attention.impl": impl,
+                               "attention.block_size": 4, "attention.window": window,
+                               "num_kv_heads": kv_heads})
+    model = build_model(cfg, vocab_size=50, rngs=nnx.Rngs(7))
+    graphdef, params = nnx.split(model)
+    tokens = jnp.asarray(np.random.RandomState(7).randint(0, 50, (2, 11)), jnp.int32)
+    full, _ = _forward(graphdef, params, tokens)
+    decoded, _ = decode_one_by_one(graphdef, params, tokens, model.init_cache(2, 16))
+    np.testing.assert_allclose(decoded, full, atol=TOLERANCE["float32"], rtol=0)
+    # Re-weighting is active: the same parameters without it give other logits.
+    plain = build_model(tiny_model_config(**{"attention.normalizer": "softplus",
+                                             "attention.window": window,
+                                             "num_kv_heads": kv_heads}),
+                        vocab_size=50, rngs=nnx.Rngs(7))
+    plain_graphdef, _ = nnx.split(plain)
+    self.assertGreater(float(jnp.abs(_forward(plain_graphdef, params, tokens)[0] - full).max()),
+                       1e-3)
+
+
 class StructureTest(parameterized.TestCase):
+
+  @parameterized.parameters(*POSENCS)
+  def test_state_holds_only_parameters(self, kind):
+    # A bare array attribute (e.g. fixed ALiBi slopes) would join the state and be trained.
+    cfg = tiny_model_config(**{"posenc.kind": kind, "posenc.original_length": 16})
+    state = nnx.state(build_model(cfg, vocab_size=50, rngs=nnx.Rngs(0)))
+    leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    self.assertTrue(all(isinstance(leaf, nnx.Param) for leaf in leaves),
+                    [type(leaf) for leaf in leaves])
 
   def test_layers_are_stacked_for_scan(self):
     cfg = tiny_model_config(num_layers=6)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import quickstart
+from longjax import posenc
 from longjax.layers import positional_bias
 from longjax.models import build_model
 from longjax.training import optimizers
@@ -62,9 +63,9 @@ class LearnedBiasDecodeTest(parameterized.TestCase):
     np.testing.assert_allclose(decoded, full, atol=TOLERANCE["float32"], rtol=0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _train_step(graphdef, tx, schedule, state, batch):
-  return train_step(graphdef, tx, schedule, state, batch)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _train_step(graphdef, tx, schedule, position_transform, state, batch):
+  return train_step(graphdef, tx, schedule, state, batch, position_transform=position_transform)
 
 
 def counting_batch(rng, batch: int, length: int, vocab: int) -> dict:
@@ -79,6 +80,8 @@ def counting_batch(rng, batch: int, length: int, vocab: int) -> dict:
 
 def train_on_counting(overrides: dict, *, length: int):
   """12 AdamW steps of a 1-layer tiny model on counting rows of `length` tokens.
+
+  Training-time positions (`model.posenc.train_positions`) are applied as the trainer does.
 
   Returns:
     (losses, initial parameters, final parameters).
@@ -95,10 +98,11 @@ def train_on_counting(overrides: dict, *, length: int):
       cfg.train, decay_mask=optimizers.weight_decay_mask(state))
   train_state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params))
+  transform = posenc.make_position_transform(cfg.model.posenc)
   rng = np.random.default_rng(0)
   losses = []
   for _ in range(cfg.train.steps):
-    train_state, metrics = _train_step(graphdef, tx, schedule, train_state,
+    train_state, metrics = _train_step(graphdef, tx, schedule, transform, train_state,
                                        counting_batch(rng, 8, length, 32))
     losses.append(float(metrics["loss"]))
   return losses, params, train_state.params

@@ -1,4 +1,4 @@
-"""Every RoPE scaling and attention-level method trains: a few steps, finite and falling loss.
+"""Every RoPE scaling, attention-level method and encoding trains: finite and falling loss.
 
 (Their formulas, prefill == decode identities and references are tested in their own files;
 this checks that each one also works as a *training* configuration, e.g. YaRN fine-tuning.)
@@ -17,11 +17,25 @@ _ATTENTION_METHODS = {
     "lm_infinite": {"model.attention.window": 8, "model.attention.sink_tokens": 2,
                     "model.attention.distance_ceiling": 8},
     "log_n": {"model.attention.log_scaling_length": 16},
+    "softplus": {"model.attention.normalizer": "softplus"},
+    # LSSAR through the blockwise op (3 key blocks), so its gradients are the ones trained on.
+    "softplus_reweight": {"model.attention.normalizer": "softplus",
+                          "model.attention.reweight_power": 15.0,
+                          "model.attention.impl": "blockwise", "model.attention.block_size": 8},
+}
+# Encodings and training-time positions not trained elsewhere (rope: the quickstart; learned
+# biases: learned_bias_model_test; xpos, clex: xpos_clex_test).
+_ENCODINGS = {
+    **{f"kind_{kind}": {"model.posenc.kind": kind}
+       for kind in ("nope", "alibi", "sinusoidal", "learned")},
+    "randomized": {"model.posenc.train_positions": "randomized",
+                   "model.posenc.randomized_max_position": 96},
+    "pose": {"model.posenc.train_positions": "pose", "model.posenc.pose_target_length": 96},
 }
 _CASES = ([(f"rope_{name}", {"model.posenc.scaling": name, "model.posenc.factor": 2.0,
                              "model.posenc.original_length": 16})
            for name in sorted(rope_scaling.ROPE_SCALINGS)]
-          + list(_ATTENTION_METHODS.items()))
+          + list(_ATTENTION_METHODS.items()) + list(_ENCODINGS.items()))
 
 
 class MethodsTrainTest(parameterized.TestCase):

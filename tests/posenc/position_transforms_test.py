@@ -150,7 +150,8 @@ class PositionTransformTest(parameterized.TestCase):
 class ConfigTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
-      ("unknown", {"model.posenc.train_positions": "shuffled"}, "train_positions.*valid: none"),
+      ("unknown", {"model.posenc.train_positions": "shuffled"},
+       "train_positions.*valid: clex, none, pose, randomized"),
       ("short_range", {"model.posenc.train_positions": "randomized",
                        "model.posenc.randomized_max_position": 16}, "randomized_max_position"),
       ("short_target", {"model.posenc.train_positions": "pose",

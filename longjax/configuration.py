@@ -122,6 +122,12 @@ def validate_model(model) -> None:
     raise ConfigError("model.attention.block_size", model.attention.block_size,
                       "must be >= 0 (0 = the op's default)")
   _validate_normalizer(model.attention)
+  if model.attention.learned_sink and (model.attention.normalizer != "softmax"
+                                       or model.attention.distance_ceiling):
+    raise ConfigError("model.attention.learned_sink", model.attention.learned_sink,
+                      "needs softmax attention without distance_ceiling (model.attention."
+                      f"normalizer={model.attention.normalizer!r}, distance_ceiling="
+                      f"{model.attention.distance_ceiling})", [False])
   # The blockwise XLA implementation pads any length to its block size; a block-size rule for
   # lengths belongs here once an implementation requires one (the Pallas kernels).
 

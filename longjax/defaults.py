@@ -81,6 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.attention.normalizer = "softmax"  # softmax | softplus (l1-normalised, arXiv 2501.13428)
   c.model.attention.softplus_length_scale = True  # softplus: cosine logits x log(H) log(N) (LSSA)
   c.model.attention.reweight_power = 0.0  # softplus: p >= 1 re-weights (LSSAR; paper: 15); 0 = off
+  c.model.attention.learned_sink = False  # a learned key/value every query sees (StreamingLLM)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000

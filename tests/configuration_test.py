@@ -66,6 +66,8 @@ BAD_VALUES = [
      "model.attention.distance_ceiling", "softmax-only"),
     ({"model.attention.normalizer": "softplus", "model.attention.log_scaling_length": 32},
      "model.attention.log_scaling_length", "scales the logits by log(N) itself"),
+    ({"model.attention.learned_sink": True, "model.attention.normalizer": "softplus"},
+     "model.attention.learned_sink", "needs softmax attention"),
     ({"mesh.data": 4}, "mesh", "needs 4 devices but only 1 exist"),
     ({"mesh.data": -1, "mesh.fsdp": -1}, "mesh", "at most one axis may be -1"),
     ({"mesh.rules": "batch:pipeline"}, "mesh.rules", "unknown mesh axis 'pipeline'"),

@@ -19,7 +19,8 @@ from longjax.layers import params
 from longjax.layers import lm_infinite
 from longjax.layers import streaming
 from longjax.layers.positional import AttentionPositions
-from longjax.ops import AttentionMask, dot_product_attention, softplus_attention
+from longjax.ops import AttentionMask, add_learned_sink, dot_product_attention
+from longjax.ops import softplus_attention
 
 # How a row of logits becomes weights: softmax, or softplus + l1 normalisation (LSSA).
 NORMALIZERS = ("softmax", "softplus")
@@ -57,7 +58,8 @@ class Attention(nnx.Module):
                log_scaling_length: int = 0, window: int = 0, sink_tokens: int = 0,
                distance_ceiling: int = 0, normalizer: str = "softmax",
                softplus_length_scale: bool = True, reweight_power: float = 0.0,
-               out_init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
+               learned_sink: bool = False, out_init_scale: float = 1.0, dtype=jnp.float32,
+               rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
     self.w_q = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2)),
@@ -104,6 +106,16 @@ class Attention(nnx.Module):
       # LSSA l2-normalises the queries, which would undo the log-n query scaling.
       raise ValueError(f"log_scaling_length={log_scaling_length} cannot be combined with "
                        "softplus_length_scale, which scales by log(N) itself")
+    # StreamingLLM's learnable sink token, as one learned key/value per layer and KV head
+    # (`longjax.ops.learned_sink`). Zeros at init: the sink logit is 0 and its value 0, i.e. the
+    # softmax starts with one extra unit in its denominator.
+    if learned_sink and (normalizer != "softmax" or distance_ceiling):
+      raise ValueError("learned_sink needs softmax attention without distance_ceiling (got "
+                       f"normalizer={normalizer!r}, distance_ceiling={distance_ceiling})")
+    self.learned_sink = learned_sink
+    if learned_sink:
+      self.sink_kv = params.param(rngs, jax.nn.initializers.zeros, (2, num_kv_heads, head_dim),
+                                  (None, params.KV_HEADS, params.HEAD_DIM))
     self.normalizer = normalizer
     self.softplus_length_scale = softplus_length_scale
     self.reweight_power = reweight_power
@@ -152,7 +164,7 @@ class Attention(nnx.Module):
       out, cache = streaming.streaming_attention(
           q, k, v, cache, sinks=self.sink_tokens, window=self.window,
           positional=self.positional, scale_queries=self._scale_queries, impl=self.impl,
-          block_size=self.block_size)
+          block_size=self.block_size, learned_sink=self._learned_sink())
       return self._project_out(out), cache
     if self.distance_ceiling:
       out = lm_infinite.lm_infinite_attention(
@@ -194,10 +206,21 @@ class Attention(nnx.Module):
                                bias=bias, length_scale=self.softplus_length_scale,
                                reweight_power=self.reweight_power, impl=self.impl,
                                block_size=self.block_size)
+    elif self.learned_sink:
+      out, lse = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask=mask,
+                                       bias=bias, impl=self.impl, block_size=self.block_size,
+                                       return_lse=True)
+      out = add_learned_sink(out, lse, q, *self._learned_sink())
     else:
       out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask=mask,
                                   bias=bias, impl=self.impl, block_size=self.block_size)
     return self._project_out(out), cache
+
+  def _learned_sink(self):
+    """(k_sink, v_sink), each [K, H], or None."""
+    if not self.learned_sink:
+      return None
+    return self.sink_kv.value[0], self.sink_kv.value[1]
 
   def _scale_queries(self, q, positions):
     if self.log_scaling_length:

@@ -14,7 +14,7 @@ cache sees exactly what it would see token by token.
 import jax
 import jax.numpy as jnp
 
-from longjax.ops import AttentionMask, dot_product_attention
+from longjax.ops import AttentionMask, add_learned_sink, dot_product_attention
 
 
 def init_streaming_cache(batch_size: int, sinks: int, window: int, num_kv_heads: int,
@@ -29,7 +29,9 @@ def init_streaming_cache(batch_size: int, sinks: int, window: int, num_kv_heads:
 
 def streaming_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, *, sinks: int,
                         window: int, positional, scale_queries, impl: str,
-                        block_size: int | None) -> tuple[jax.Array, dict]:
+                        block_size: int | None,
+                        learned_sink: tuple[jax.Array, jax.Array] | None = None
+                        ) -> tuple[jax.Array, dict]:
   """Attends T new tokens, one at a time, through the sink + rolling-window cache.
 
   Args:
@@ -40,6 +42,7 @@ def streaming_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, *
     positional: the layer's `AttentionPositions` (rotation and bias from re-assigned positions).
     scale_queries: function (q [B, 1, N, H], positions [B, 1]) -> q, applied after rotation.
     impl, block_size: passed to `dot_product_attention`.
+    learned_sink: (k_sink, v_sink) [K, H] of `longjax.ops.add_learned_sink`, or None.
 
   Returns:
     (out [B, T, N, H], updated cache).
@@ -64,9 +67,11 @@ def streaming_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, *
     mask = AttentionMask(causal=False, q_segment_ids=jnp.ones((batch, 1), jnp.int32),
                          kv_segment_ids=jnp.broadcast_to(valid.astype(jnp.int32),
                                                          (batch, len(valid))))
-    out = dot_product_attention(q_rot, k_rot, values.astype(q.dtype), mask=mask,
-                                bias=positional.bias(q_positions, kv_positions), impl=impl,
-                                block_size=block_size)
+    out, lse = dot_product_attention(q_rot, k_rot, values.astype(q.dtype), mask=mask,
+                                     bias=positional.bias(q_positions, kv_positions), impl=impl,
+                                     block_size=block_size, return_lse=True)
+    if learned_sink is not None:
+      out = add_learned_sink(out, lse, q_rot, *learned_sink)
     new_cache = {"k": keys, "v": values, "token_index": token_index, "end": t + 1}
     return new_cache, out[:, 0]
 

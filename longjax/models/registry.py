@@ -39,6 +39,7 @@ def _attention(cfg, rngs: nnx.Rngs) -> Attention:
                    normalizer=cfg.attention.normalizer,
                    softplus_length_scale=cfg.attention.softplus_length_scale,
                    reweight_power=cfg.attention.reweight_power,
+                   learned_sink=cfg.attention.learned_sink,
                    out_init_scale=out_init_scale(cfg), dtype=DTYPES[cfg.dtype], rngs=rngs)
 
 

@@ -1,7 +1,8 @@
 """Pure operations without parameters, one dispatch point per operation.
 
 Attention: `dot_product_attention(q, k, v, mask=AttentionMask(...), bias=None, impl="auto")`;
-softplus attention with l1 normalisation and re-weighting (LSSA/LSSAR): `softplus_attention`.
+softplus attention with l1 normalisation and re-weighting (LSSA/LSSAR): `softplus_attention`;
+a learned sink key/value merged into softmax rows by their log-sum-exp: `add_learned_sink`.
 """
 
 from longjax.ops.attention import default_block_size
@@ -11,6 +12,7 @@ from longjax.ops.biases import AlibiBias
 from longjax.ops.biases import FireBias
 from longjax.ops.biases import KerpleBias
 from longjax.ops.biases import T5Bias
+from longjax.ops.learned_sink import add_learned_sink
 from longjax.ops.masks import AttentionMask
 from longjax.ops.softplus_attention import softplus_attention
 
@@ -20,6 +22,7 @@ __all__ = [
     "FireBias",
     "KerpleBias",
     "T5Bias",
+    "add_learned_sink",
     "default_block_size",
     "dot_product_attention",
     "resolve_impl",

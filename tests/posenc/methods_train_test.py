@@ -17,6 +17,7 @@ _ATTENTION_METHODS = {
     "lm_infinite": {"model.attention.window": 8, "model.attention.sink_tokens": 2,
                     "model.attention.distance_ceiling": 8},
     "log_n": {"model.attention.log_scaling_length": 16},
+    "learned_sink": {"model.attention.learned_sink": True},
     "softplus": {"model.attention.normalizer": "softplus"},
     # LSSAR through the blockwise op (3 key blocks), so its gradients are the ones trained on.
     "softplus_reweight": {"model.attention.normalizer": "softplus",

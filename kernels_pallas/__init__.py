@@ -9,8 +9,15 @@ from kernels_pallas.common import backend
 from kernels_pallas.common import cdiv
 from kernels_pallas.common import default_interpret
 from kernels_pallas.common import pad_to_multiple
+from kernels_pallas.decode_attention import decode_attention
+from kernels_pallas.decode_attention import decode_attention_reference
 from kernels_pallas.flash_attention import flash_attention
 from kernels_pallas.flash_attention import flash_attention_reference
+from kernels_pallas.linear_attention import linear_attention
+from kernels_pallas.linear_attention import linear_attention_recurrent
+from kernels_pallas.linear_attention import linear_attention_reference
 
-__all__ = ["backend", "cdiv", "default_interpret", "flash_attention", "flash_attention_reference",
+__all__ = ["backend", "cdiv", "decode_attention", "decode_attention_reference",
+           "default_interpret", "flash_attention", "flash_attention_reference",
+           "linear_attention", "linear_attention_recurrent", "linear_attention_reference",
            "pad_to_multiple"]

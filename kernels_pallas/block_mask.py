@@ -263,9 +263,15 @@ def decode_kv_ranges(spec: FlashSpec, q_offset, cache_length):
   Returns:
     (g_hi, lo, hi): global blocks [0, g_hi) and local blocks [lo, hi), disjoint, g_hi <= lo.
   """
-  (_, g_hi), (lo, hi) = kv_block_ranges(spec, 0, q_offset)
-  valid = int_div(cache_length + spec.block_k - 1, spec.block_k)
-  return _min(g_hi, valid), lo, _max(_min(hi, valid), lo)
+  bk = spec.block_k
+  # Key ranges first, then blocks: clipping block ranges to the valid cache would keep a block
+  # whose window keys all lie past cache_length (when q_offset > cache_length - T).
+  hi = _clip(_min(q_offset + spec.q_length, cache_length), 0, spec.kv_length)  # causal, valid
+  lo = 0 if spec.window is None else _clip(q_offset - spec.window + 1, 0, spec.kv_length)
+  g_hi = int_div(_min(spec.global_tokens, hi) + bk - 1, bk) if spec.global_tokens else 0
+  lo_b = _max(int_div(lo, bk), g_hi)
+  hi_b = _max(_where(hi > lo, int_div(hi + bk - 1, bk), lo_b), lo_b)
+  return g_hi, lo_b, hi_b
 
 
 def split_range(total, num_splits: int, split):

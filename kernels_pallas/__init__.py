@@ -13,6 +13,8 @@ from kernels_pallas.decode_attention import decode_attention
 from kernels_pallas.decode_attention import decode_attention_reference
 from kernels_pallas.flash_attention import flash_attention
 from kernels_pallas.flash_attention import flash_attention_reference
+from kernels_pallas.landmark import landmark_attention
+from kernels_pallas.landmark import landmark_attention_reference
 from kernels_pallas.linear_attention import linear_attention
 from kernels_pallas.linear_attention import linear_attention_recurrent
 from kernels_pallas.linear_attention import linear_attention_reference
@@ -21,5 +23,6 @@ from kernels_pallas.selective_scan import selective_scan_reference
 
 __all__ = ["backend", "cdiv", "decode_attention", "decode_attention_reference",
            "default_interpret", "flash_attention", "flash_attention_reference",
+           "landmark_attention", "landmark_attention_reference",
            "linear_attention", "linear_attention_recurrent", "linear_attention_reference",
            "pad_to_multiple", "selective_scan", "selective_scan_reference"]

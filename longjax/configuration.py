@@ -122,6 +122,15 @@ def validate_model(model) -> None:
     raise ConfigError("model.attention.block_size", model.attention.block_size,
                       "must be >= 0 (0 = the op's default)")
   _validate_normalizer(model.attention)
+  if model.attention.impl == "pallas":
+    if model.attention.normalizer != "softmax":
+      raise ConfigError("model.attention.impl", "pallas", "has no softplus kernel (model."
+                        f"attention.normalizer={model.attention.normalizer!r})",
+                        ["auto", "reference", "blockwise"])
+    if POSENCS[model.posenc.kind].logit_bias:
+      raise ConfigError("model.attention.impl", "pallas", "computes no position-based logit "
+                        f"bias in-kernel yet (model.posenc.kind={model.posenc.kind!r})",
+                        ["auto", "reference", "blockwise"])
   if model.attention.learned_sink and (model.attention.normalizer != "softmax"
                                        or model.attention.distance_ceiling):
     raise ConfigError("model.attention.learned_sink", model.attention.learned_sink,

@@ -205,9 +205,14 @@ class AlibiPositions(AttentionPositions):
 
 @dataclasses.dataclass(frozen=True)
 class PosEncEntry:
-  """Factories from (model config, rngs) to the modules of one encoding."""
+  """Factories from (model config, rngs) to the modules of one encoding.
+
+  `logit_bias`: whether the attention module adds a bias to the logits (kernels that cannot
+  compute a position-based bias in-kernel refuse such encodings).
+  """
   input: Callable[..., InputPositions] | None
   attention: Callable[..., AttentionPositions]
+  logit_bias: bool = False
 
 
 def _head_dim(cfg) -> int:
@@ -235,12 +240,12 @@ POSENCS: dict[str, PosEncEntry] = {
         _head_dim(cfg), cfg.posenc.rope_theta, original_length=cfg.posenc.original_length,
         rotary_fraction=cfg.posenc.rotary_fraction, hidden_factor=cfg.posenc.clex_hidden_factor,
         rngs=rngs)),
-    "alibi": PosEncEntry(None, lambda cfg, rngs: AlibiPositions(cfg.num_heads)),
+    "alibi": PosEncEntry(None, lambda cfg, rngs: AlibiPositions(cfg.num_heads), logit_bias=True),
     "sinusoidal": PosEncEntry(lambda cfg, rngs: SinusoidalPositions(cfg.width),
                               lambda cfg, rngs: NoPositions()),
     "learned": PosEncEntry(
         lambda cfg, rngs: LearnedPositions(cfg.posenc.max_length, cfg.width, rngs=rngs),
         lambda cfg, rngs: NoPositions()),
-    **{name: PosEncEntry(None, _learned_bias(name))
+    **{name: PosEncEntry(None, _learned_bias(name), logit_bias=True)
        for name in ("t5", "kerple_log", "kerple_power", "fire")},
 }

@@ -15,17 +15,28 @@ resolved in `resolve_impl` only. Implementations share one set of semantics:
 import jax
 import jax.numpy as jnp
 
+import kernels_pallas
 from kernels_pallas import common
 from longjax.ops.attention_blockwise import blockwise_attention
 from longjax.ops.masks import AttentionMask
 
-IMPLS = ("auto", "reference", "blockwise")
+IMPLS = ("auto", "reference", "blockwise", "pallas")
 
 # Names that will become valid later, with the reason they cannot serve yet.
 _NOT_YET = {
-    "pallas": "the Pallas attention kernels are not implemented yet",
     "splash": "jax's splash attention is not wired in yet (it needs a TPU)",
 }
+
+
+def pallas_unsupported(mask: AttentionMask, bias) -> str | None:
+  """Why `kernels_pallas.flash_attention` cannot serve this case, or None if it can."""
+  del mask  # every AttentionMask field maps onto the kernel's mask spec
+  if bias is not None:
+    # The kernel's ALiBi is a function of (query index + q_offset - key index); our biases are
+    # functions of explicit positions, which only coincide for unshifted, unrestarted positions.
+    return (f"it has no in-kernel {type(bias).__name__} from explicit positions yet; "
+            "use impl='blockwise' or 'reference'")
+  return None
 
 
 def default_block_size() -> int:
@@ -64,13 +75,20 @@ def resolve_impl(impl: str, *, q_length: int, kv_length: int,
     kv_length: S.
     block_size: the block size the call will use (None: `default_block_size()`).
 
+  "pallas" (the Pallas flash attention kernel; interpreted on CPU) is only used when asked for:
+  on this 2-core CPU the interpreter is far slower than XLA's blockwise op (T=S=512, causal,
+  fwd+bwd: see docs/kernels.md), and the compiled kernels have not yet been run on a TPU or GPU
+  (none was available), only lowered for them.
+
   Returns:
-    "reference" or "blockwise".
+    "reference", "blockwise" or "pallas".
 
   Raises:
     ValueError: for any other name, saying why it cannot serve.
   """
   del q_length  # not part of the rule (see above); kept so callers state the whole shape
+  if impl == "pallas":
+    return impl
   if impl in _NOT_YET:
     raise ValueError(f"impl={impl!r} is unavailable: {_NOT_YET[impl]}; valid choices: {IMPLS}")
   if impl not in IMPLS:
@@ -132,7 +150,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Att
     bias: None or a block bias such as `AlibiBias` or `T5Bias`; its floating-point arrays are
       differentiable (wrap them in `stop_gradient` to freeze them), its positions are not.
     scale: Python float multiplying q.k; None means H ** -0.5.
-    impl: "auto", "reference" or "blockwise"; see `resolve_impl`.
+    impl: "auto", "reference", "blockwise" or "pallas"; see `resolve_impl`.
     block_size: block length C of the blockwise op (None: `default_block_size()`).
     return_lse: also return the log-sum-exp of each row's scaled logits.
 
@@ -152,11 +170,21 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Att
   scale = h ** -0.5 if scale is None else float(scale)
   if t < 1 or s < 1:
     raise ValueError(f"empty sequences are not supported: T={t}, S={s}")
+  requested_block = block_size
   block_size = default_block_size() if block_size is None else int(block_size)
   if block_size < 1:
     raise ValueError(f"block_size must be positive, got {block_size}")
   resolved = resolve_impl(impl, q_length=t, kv_length=s, block_size=block_size)
-  if resolved == "reference":
+  if resolved == "pallas":
+    reason = pallas_unsupported(mask, bias)
+    if reason is not None:
+      raise ValueError(f"impl='pallas' cannot serve this call: {reason}")
+    out, lse = kernels_pallas.flash_attention(
+        q, k, v, causal=mask.causal, window=mask.window, global_tokens=mask.global_tokens,
+        q_offset=mask.q_offset, q_segment_ids=mask.q_segment_ids,
+        kv_segment_ids=mask.kv_segment_ids, scale=scale, block_q=requested_block,
+        block_k=requested_block, return_lse=True)
+  elif resolved == "reference":
     out, lse = attention_reference(q, k, v, mask=mask, bias=bias, scale=scale)
   else:
     out, lse = blockwise_attention(q, k, v, mask=mask, bias=bias, scale=scale,

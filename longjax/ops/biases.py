@@ -49,8 +49,9 @@ class AlibiBias:
   """ALiBi: logits get `-slopes[n] * |q_positions[b, t] - kv_positions[b, s]|`.
 
   Positions are explicit so that evaluation can shift, clamp or restart them without touching the
-  model. The slopes are differentiable like any float field, but `AlibiPositions` holds them as
-  a plain array (not a parameter), so in the models they are the paper's constants.
+  model. The slopes are differentiable like any float field, but `AlibiPositions` builds them
+  from the head count at every call (they are not parameters), so in the models they are the
+  paper's constants.
 
   Attributes:
     slopes: [N] float32, one per query head.

@@ -338,6 +338,9 @@ def softplus_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Attent
     raise ValueError(f"block_size must be positive, got {block_size}")
   kwargs = dict(mask=mask, bias=bias, scale=scale, length_scale=length_scale,
                 reweight_power=float(reweight_power))
-  if resolve_impl(impl, q_length=t, kv_length=s, block_size=block_size) == "reference":
+  resolved = resolve_impl(impl, q_length=t, kv_length=s, block_size=block_size)
+  if resolved == "pallas":
+    raise ValueError("impl='pallas' has no softplus kernel; use 'blockwise' or 'reference'")
+  if resolved == "reference":
     return softplus_attention_reference(q, k, v, **kwargs)
   return softplus_attention_blockwise(q, k, v, block_size=block_size, **kwargs)

@@ -267,7 +267,7 @@ class DispatchTest(parameterized.TestCase):
       self.assertEqual(resolve_impl("auto", q_length=t, kv_length=s, block_size=128), expected)
     self.assertEqual(resolve_impl("reference", q_length=1, kv_length=4096), "reference")
 
-  @parameterized.parameters("pallas", "flash", "")
+  @parameterized.parameters("splash", "flash", "")
   def test_unknown_impl(self, impl):
     with self.assertRaisesRegex(ValueError, f"impl={impl!r}.*valid choices"):
       resolve_impl(impl, q_length=8, kv_length=8)

@@ -1,12 +1,6 @@
 """Decode attention lowers for TPU (Mosaic) and GPU (Triton) on a CPU-only machine.
 
-As in `flash_attention_lowering_test.py`: `jax.export` with an explicit platform runs each
-kernel's Pallas lowering without the device (a `tpu_custom_call` holding Mosaic MLIR, or a
-Triton custom call holding Triton IR). The Mosaic layout passes and Triton's PTX compiler only
-run when XLA compiles for a real device, so a shape that lowers here may still be rejected
-there. The cache length is an argument, so it is traced, as in a decoding loop. The tests also
-check that the cache reaches the kernel without a copy (no transpose or pad of it) in the
-layouts meant for it: H % 128 == 0 on TPU, any power-of-two H on GPU.
+What lowering does and does not check: `tests/kernels/lowering.py`.
 """
 
 import itertools
@@ -18,11 +12,11 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.decode_attention import decode_attention
+from tests.kernels import lowering
 
-_TRITON_CALL = "__gpu$xla.gpu.triton"
 # Per variant: the platform it compiles for, the custom call its kernel becomes, a head dim
 # typical of the models that run there.
-_TARGETS = {"tpu": ("tpu", "tpu_custom_call", 128), "gpu": ("cuda", _TRITON_CALL, 64)}
+_TARGETS = lowering.TARGETS
 _MASKS = {
     "causal": dict(),
     "all_features": dict(window=1024, global_tokens=4, logit_soft_cap=30.0, alibi=True),
@@ -32,12 +26,6 @@ _MASKS = {
 _SHAPES = {"t1": (1, 1, 8192), "t4_b2": (2, 4, 8192)}
 
 
-def _export(fn, platform, *args):
-  # The Triton custom call has no serialisation-compatibility guarantee (its IR is tied to the
-  # jaxlib version), which only matters when an export is stored; it is not stored here.
-  return jax.export.export(
-      jax.jit(fn), platforms=[platform],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)])(*args)
 
 
 class LoweringTest(parameterized.TestCase):
@@ -61,7 +49,7 @@ class LoweringTest(parameterized.TestCase):
 
     kv = jax.ShapeDtypeStruct((b, s, kh, h), dtype)
     length = jax.ShapeDtypeStruct(() if b == 1 else (b,), jnp.int32)
-    exported = _export(forward, platform, jax.ShapeDtypeStruct((b, t, n, h), dtype), kv, kv,
+    exported = lowering.export(forward, platform, jax.ShapeDtypeStruct((b, t, n, h), dtype), kv, kv,
                        length)
     text = exported.mlir_module()
     self.assertEqual(text.count(f"stablehlo.custom_call @{custom_call}"), 1)
@@ -75,7 +63,7 @@ class LoweringTest(parameterized.TestCase):
     # A (block_k, 64) tile of one head is not a legal Mosaic block of the [B, S, K * H] view,
     # so the wrapper transposes the cache to [B, K, S, H]: it lowers, at the cost of a copy.
     kv = jax.ShapeDtypeStruct((1, 8192, 2, 64), jnp.bfloat16)
-    text = _export(lambda q, k, v, n: decode_attention(q, k, v, cache_length=n, interpret=False,
+    text = lowering.export(lambda q, k, v, n: decode_attention(q, k, v, cache_length=n, interpret=False,
                                                        backend="tpu"),
                    "tpu", jax.ShapeDtypeStruct((1, 1, 8, 64), jnp.bfloat16), kv, kv,
                    jax.ShapeDtypeStruct((), jnp.int32)).mlir_module()

@@ -1,10 +1,6 @@
 """Flash attention lowers for TPU (Mosaic) and GPU (Triton) on a CPU-only machine.
 
-`jax.export` with an explicit platform runs the Pallas lowering of each kernel without the
-device: for TPU it produces a `tpu_custom_call` holding the Mosaic MLIR of the kernel, for CUDA a
-Triton custom call holding Triton IR. What this cannot check: the Mosaic layout passes and the
-Triton-to-PTX compiler run only when XLA compiles for a real device (libtpu, the CUDA backend),
-so a shape that lowers here may still be rejected there. No execution happens.
+What lowering does and does not check: `tests/kernels/lowering.py`.
 """
 
 import itertools
@@ -15,11 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.flash_attention import flash_attention
+from tests.kernels import lowering
 
-_TRITON_CALL = "__gpu$xla.gpu.triton"
-# Per variant: the platform it compiles for, the custom call its kernels become, a head dim
-# typical of the models that run there.
-_TARGETS = {"tpu": ("tpu", "tpu_custom_call", 128), "gpu": ("cuda", _TRITON_CALL, 64)}
+_TARGETS = lowering.TARGETS
 _MASKS = {
     "causal": dict(),
     # Everything at once; q_offset is an argument so that it is traced, as when decoding.
@@ -28,12 +22,6 @@ _MASKS = {
 }
 
 
-def _export(fn, platform, *args):
-  # The Triton custom call has no serialisation-compatibility guarantee (its IR is tied to the
-  # jaxlib version), which only matters when an export is stored; it is not stored here.
-  return jax.export.export(
-      jax.jit(fn), platforms=[platform],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)])(*args)
 
 
 class LoweringTest(parameterized.TestCase):
@@ -62,7 +50,7 @@ class LoweringTest(parameterized.TestCase):
       fn = jax.grad(lambda *args: forward(*args).astype(jnp.float32).sum(), argnums=(0, 1, 2))
     q = jax.ShapeDtypeStruct((b, t, n, h), dtype)
     kv = jax.ShapeDtypeStruct((b, t, kh, h), dtype)
-    exported = _export(fn, platform, q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32))
+    exported = lowering.export(fn, platform, q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32))
     text = exported.mlir_module()
     # Forward: one kernel; backward: the forward again, then dq and dk/dv.
     self.assertEqual(text.count(f"stablehlo.custom_call @{custom_call}"),

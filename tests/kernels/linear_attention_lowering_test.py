@@ -1,10 +1,6 @@
 """Chunked linear attention lowers for TPU (Mosaic) and GPU (Triton) on a CPU-only machine.
 
-`jax.export` with an explicit platform runs the Pallas lowering of each kernel without the
-device: for TPU a `tpu_custom_call` holding the kernel's Mosaic MLIR, for CUDA a Triton custom
-call holding Triton IR. What this cannot check: the Mosaic layout passes and the Triton-to-PTX
-compiler run only when XLA compiles for a real device (libtpu, the CUDA backend), so a shape
-that lowers here may still be rejected there (or exceed VMEM / registers). No execution happens.
+What lowering does and does not check: `tests/kernels/lowering.py`.
 """
 
 import itertools
@@ -16,19 +12,11 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.linear_attention import linear_attention
+from tests.kernels import lowering
 
-_TRITON_CALL = "__gpu$xla.gpu.triton"
-# Per variant: the platform it compiles for, the custom call its kernels become, a head dim
-# typical of the models that run there.
-_TARGETS = {"tpu": ("tpu", "tpu_custom_call", 128), "gpu": ("cuda", _TRITON_CALL, 64)}
+_TARGETS = lowering.TARGETS
 
 
-def _export(fn, platform, *args):
-  # The Triton custom call has no serialisation-compatibility guarantee (its IR is tied to the
-  # jaxlib version), which only matters when an export is stored; it is not stored here.
-  return jax.export.export(
-      jax.jit(fn), platforms=[platform],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)])(*args)
 
 
 class LoweringTest(parameterized.TestCase):
@@ -56,7 +44,7 @@ class LoweringTest(parameterized.TestCase):
     x = jax.ShapeDtypeStruct((b, t, n, d), dtype)
     log_decay = jax.ShapeDtypeStruct((n,) if decay == "constant" else (b, t, n), jnp.float32)
     state = jax.ShapeDtypeStruct((b, n, d, d), jnp.float32)
-    text = _export(fn, platform, x, x, x, log_decay, state).mlir_module()
+    text = lowering.export(fn, platform, x, x, x, log_decay, state).mlir_module()
     kernels = set(re.findall(r"linear_attention_(fwd|dq|dkv)\b", text))
     calls = text.count(f"stablehlo.custom_call @{custom_call}")
     if mode == "fwd":

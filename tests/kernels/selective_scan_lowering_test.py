@@ -1,10 +1,6 @@
 """The selective scan lowers for TPU (Mosaic) and GPU (Triton) on a CPU-only machine.
 
-`jax.export` with an explicit platform runs the Pallas lowering of each kernel without the
-device: for TPU it produces a `tpu_custom_call` holding the Mosaic MLIR of the kernel, for CUDA a
-Triton custom call holding Triton IR. What this cannot check: the Mosaic layout passes and the
-Triton-to-PTX compiler run only when XLA compiles for a real device (libtpu, the CUDA backend),
-so a shape that lowers here may still be rejected there. No execution happens.
+What lowering does and does not check: `tests/kernels/lowering.py`.
 """
 
 import itertools
@@ -15,19 +11,13 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.selective_scan import selective_scan
+from tests.kernels import lowering
 
-_TRITON_CALL = "__gpu$xla.gpu.triton"
-_TARGETS = {"tpu": ("tpu", "tpu_custom_call"), "gpu": ("cuda", _TRITON_CALL)}
+_TARGETS = {"tpu": ("tpu", "tpu_custom_call"), "gpu": ("cuda", lowering.TRITON_CALL)}
 # A Mamba-1 layer's shapes: d_inner 1024 channels (on TPU lanes), state 16, 2k tokens.
 _BATCH, _LENGTH, _CHANNELS, _STATE = 1, 2048, 1024, 16
 
 
-def _export(fn, platform, *args):
-  # The Triton custom call has no serialisation-compatibility guarantee (its IR is tied to the
-  # jaxlib version), which only matters when an export is stored; it is not stored here.
-  return jax.export.export(
-      jax.jit(fn), platforms=[platform],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)])(*args)
 
 
 class LoweringTest(parameterized.TestCase):
@@ -56,7 +46,7 @@ class LoweringTest(parameterized.TestCase):
     bc = (_BATCH, _LENGTH, 4, _STATE) if grouped else (_BATCH, _LENGTH, _STATE)
     x = shape((_BATCH, _LENGTH, _CHANNELS), dtype)
     channel = shape((_CHANNELS,), jnp.float32)
-    exported = _export(fn, platform, x, x, shape((_CHANNELS, _STATE), jnp.float32),
+    exported = lowering.export(fn, platform, x, x, shape((_CHANNELS, _STATE), jnp.float32),
                        shape(bc, dtype), shape(bc, dtype), channel, channel,
                        shape((_BATCH, _CHANNELS, _STATE), jnp.float32))
     # Forward: one kernel; backward: the forward (saving chunk-start states) and the backward.

@@ -137,6 +137,21 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Atten
   return out.reshape(b, t, n, h).astype(q.dtype), lse
 
 
+def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> None:
+  """Raises ValueError unless q [B, T, N, H], k and v [B, S, K, H] (N % K == 0, one dtype,
+  T, S >= 1) and `mask` fit together."""
+  b, t, n, h = q.shape
+  if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
+    raise ValueError(f"k and v must be [B={b}, S, K, H={h}], got {k.shape} and {v.shape}")
+  if n % k.shape[2]:
+    raise ValueError(f"query heads N={n} must be a multiple of kv heads K={k.shape[2]}")
+  if q.dtype != k.dtype or q.dtype != v.dtype:
+    raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+  if t < 1 or k.shape[1] < 1:
+    raise ValueError(f"empty sequences are not supported: T={t}, S={k.shape[1]}")
+  mask.validate(b, t, k.shape[1])
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: AttentionMask,
                           bias=None, scale: float | None = None, impl: str = "auto",
                           block_size: int | None = None, return_lse: bool = False):
@@ -158,18 +173,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Att
     out [B, T, N, H] in q.dtype; with `return_lse`, (out, lse) where lse is [B, N, T] float32.
     Rows with no visible key give zeros (and lse = -inf).
   """
-  b, t, n, h = q.shape
-  if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
-    raise ValueError(f"k and v must be [B={b}, S, K, H={h}], got {k.shape} and {v.shape}")
-  if n % k.shape[2]:
-    raise ValueError(f"query heads N={n} must be a multiple of kv heads K={k.shape[2]}")
-  if q.dtype != k.dtype or q.dtype != v.dtype:
-    raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-  s = k.shape[1]
-  mask.validate(b, t, s)
+  check_qkv(q, k, v, mask)
+  h = q.shape[3]
+  t, s = q.shape[1], k.shape[1]
   scale = h ** -0.5 if scale is None else float(scale)
-  if t < 1 or s < 1:
-    raise ValueError(f"empty sequences are not supported: T={t}, S={s}")
   requested_block = block_size
   block_size = default_block_size() if block_size is None else int(block_size)
   if block_size < 1:

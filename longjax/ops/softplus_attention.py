@@ -48,6 +48,7 @@ from jax import lax
 
 from kernels_pallas import common
 from longjax.ops.attention import default_block_size
+from longjax.ops.attention import check_qkv
 from longjax.ops.attention import resolve_impl
 from longjax.ops.masks import AttentionMask
 
@@ -318,17 +319,8 @@ def softplus_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Attent
   Returns:
     out [B, T, N, H] in q.dtype; rows with no visible key give zeros.
   """
-  b, t, n, h = q.shape
-  if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
-    raise ValueError(f"k and v must be [B={b}, S, K, H={h}], got {k.shape} and {v.shape}")
-  if n % k.shape[2]:
-    raise ValueError(f"query heads N={n} must be a multiple of kv heads K={k.shape[2]}")
-  if q.dtype != k.dtype or q.dtype != v.dtype:
-    raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-  s = k.shape[1]
-  if t < 1 or s < 1:
-    raise ValueError(f"empty sequences are not supported: T={t}, S={s}")
-  mask.validate(b, t, s)
+  check_qkv(q, k, v, mask)
+  t, h, s = q.shape[1], q.shape[3], k.shape[1]
   if not reweight_power == 0 and not reweight_power >= 1:
     raise ValueError(f"reweight_power must be 0 (off) or >= 1, got {reweight_power!r}")
   if length_scale and h < 2:

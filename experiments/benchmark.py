@@ -1,0 +1,56 @@
+"""Benchmark longjax against what a researcher would otherwise use, peers in the same run.
+
+  python -m experiments.benchmark --suite=kernels --out=docs/benchmarks/kernels_small.json \
+      [--sizes=tiny|small|full] [--plot]
+  python -m experiments.benchmark --suite=peak --out=peak.json
+
+Every run first measures the jitted matmul GFLOP/s (f32, bf16): the machine's ceiling, used for
+the utilisation columns. Each case runs in its own child process (an out-of-memory case is
+recorded, not fatal). Writes OUT (JSON: machine, peak, every case), OUT.md (the tables, also
+printed) and, with --plot, OUT_<group>.png. PyTorch peers need the `bench` extra
+(pip install -e '.[bench]'); without it they are recorded as skipped, with the reason.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from experiments import common
+
+_SUITE = flags.DEFINE_enum("suite", "kernels", ["peak", "kernels"], "Which benchmark suite.")
+_OUT = flags.DEFINE_string("out", None, "Output JSON path; the markdown goes beside it (.md).")
+_SIZES = flags.DEFINE_enum("sizes", "full", ["tiny", "small", "full"],
+                           "Size set: tiny (smoke test, < 1 min), small (minutes), full.")
+_PLOT = flags.DEFINE_bool("plot", False, "Also write PNG plots (time vs size, log-log).")
+_MEMORY = flags.DEFINE_float("memory_budget_gb", None,
+                             "Refuse cases whose compiled footprint exceeds this (default: 75% "
+                             "of the memory available at the start).")
+_TIMEOUT = flags.DEFINE_float("case_timeout_s", None,
+                              "Kill a case after this many seconds (default: per size set).")
+_GROUPS = flags.DEFINE_list("groups", None,
+                            "kernels suite only: a subset of attention,decode,linear,scan.")
+flags.mark_flag_as_required("out")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_logs()
+  from longjax import benchmarks  # pylint: disable=g-import-not-at-top (fast --help)
+  kwargs = {}
+  if _SUITE.value == "kernels":
+    groups = _GROUPS.value or benchmarks.kernels.GROUPS
+    unknown = set(groups) - set(benchmarks.kernels.GROUPS)
+    if unknown:
+      common.fail(f"--groups: unknown {sorted(unknown)}; choose from "
+                  f"{','.join(benchmarks.kernels.GROUPS)}")
+    kwargs = {"groups": tuple(groups), "memory_budget_gb": _MEMORY.value,
+              "timeout_s": _TIMEOUT.value, "make_plots": _PLOT.value}
+  md = benchmarks.SUITES[_SUITE.value](_SIZES.value, _OUT.value, argv=sys.argv, **kwargs)
+  print(md)
+  print(f"\nwrote {_OUT.value} and its .md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,15 @@
+"""Benchmarks behind `python -m experiments.benchmark --suite=NAME`.
+
+Each suite is a function `(sizes, out, *, argv, make_plots, ...) -> markdown` that measures the
+matmul peak first (`common.measure_peak`), runs every case in its own child process, and writes
+OUT (JSON) and OUT.md (and plots). Suites: "peak" (the matmul ceiling alone), "kernels".
+"""
+
+from longjax.benchmarks import common
+from longjax.benchmarks import flops
+from longjax.benchmarks import kernels
+
+SUITES = {"peak": common.run_peak_suite, "kernels": kernels.run_suite}
+SIZES = tuple(kernels.SIZES)
+
+__all__ = ["SIZES", "SUITES", "common", "flops", "kernels"]

@@ -1,0 +1,474 @@
+"""Benchmark plumbing: timing, compiled memory, one child process per case, peak, reports.
+
+Every case runs in its own child process (`run_case`), so that
+  * an out-of-memory kill or a crash ends that case only, and is recorded as such;
+  * the peak resident set size of the case is its own (VmHWM of the child's address space, see
+    `peak_rss_mib`; `getrusage(RUSAGE_CHILDREN)` would give the maximum over all children);
+  * a case that runs past its time limit is killed and recorded as a timeout.
+
+A case is a function `f(**kwargs) -> dict` in an importable module; the child imports it, calls
+it and writes the dict as JSON. Timings are the median of several runs after compilation and one
+warm-up call (`time_jax`, `time_callable`). JAX cases compile ahead of time, read the compiled
+footprint from `memory_analysis()` and refuse to run when it exceeds the memory budget
+(`OutOfBudget`), so that a case that cannot fit is reported rather than swapping or being killed.
+"""
+
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+_MIB = 2**20
+
+
+class OutOfBudget(Exception):
+  """A case needs more memory than the budget; raised before running it."""
+
+
+class Skip(Exception):
+  """A case cannot run here (e.g. torch is not installed); the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and memory, inside a case.
+
+
+def _block(x):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.block_until_ready(x)
+
+
+def _repeats_within(budget_s: float, one_call_s: float, repeats: int) -> int:
+  """How many timed runs fit in `budget_s` (at most `repeats`; 0 when one call exceeds it).
+
+  Long cases (the interpreter or a quadratic op at large T) would otherwise take many minutes
+  per size; their median is then over fewer runs, and the JSON says how many.
+  """
+  if one_call_s <= 0:
+    return repeats
+  return max(0, min(repeats, int(budget_s // one_call_s)))
+
+
+def _median_of(fn, first_s: float, repeats: int, budget_s: float, sync) -> dict:
+  """Median of timed runs; when even one run exceeds the budget, the first (warm-up) call is
+  the only sample (compilation is already done: its extra cost is allocations, small next to a
+  call that long), flagged by "first_call_only"."""
+  n = _repeats_within(budget_s, first_s, repeats)
+  times = []
+  for _ in range(n):
+    start = time.perf_counter()
+    sync(fn())
+    times.append(time.perf_counter() - start)
+  if not times:
+    return {"time_s": first_s, "times_s": [first_s], "repeats": 1, "first_call_only": True}
+  return {"time_s": statistics.median(times), "times_s": times, "repeats": n}
+
+
+def compiled_memory(compiled) -> dict:
+  """The compiled footprint of a `jax.stages.Compiled`, in bytes (None where unavailable)."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return {}
+  fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+            "alias_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes")
+  return {name.replace("_size_in_bytes", "_bytes").replace("_in_bytes", "_bytes"):
+          getattr(stats, name, None) for name in fields}
+
+
+def time_jax(fn, args, *, repeats: int, budget_s: float, memory_budget_bytes: int | None) -> dict:
+  """Compiles `fn(*args)` ahead of time, checks its footprint, then times it.
+
+  Args:
+    fn: a function of JAX arrays (it is jitted here).
+    args: its arguments.
+    repeats: timed runs at most (fewer when they would exceed `budget_s`).
+    budget_s: seconds the timed runs may take together.
+    memory_budget_bytes: refuse (raise `OutOfBudget`) when the compiled temp + argument +
+      output memory exceeds it; None: no check.
+
+  Returns:
+    time_s (median), times_s, repeats, compile_s, first_call_s and the compiled memory fields.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled_memory(compiled)
+  need = sum(memory.get(k) or 0 for k in ("temp_bytes", "argument_bytes", "output_bytes"))
+  if memory_budget_bytes is not None and need > memory_budget_bytes:
+    raise OutOfBudget(f"compiled footprint {need / 2**30:.1f} GiB > budget "
+                      f"{memory_budget_bytes / 2**30:.1f} GiB", memory)
+  start = time.perf_counter()
+  _block(compiled(*args))  # warm-up: first-call allocations, thread pool start
+  first_s = time.perf_counter() - start
+  result = _median_of(lambda: compiled(*args), first_s, repeats, budget_s, _block)
+  return {**result, "compile_s": compile_s, "first_call_s": first_s, **memory}
+
+
+def time_callable(fn, *, repeats: int, budget_s: float, sync=lambda x: x) -> dict:
+  """Times an eager callable (a PyTorch step): one warm-up call, then the median of runs."""
+  start = time.perf_counter()
+  sync(fn())
+  first_s = time.perf_counter() - start
+  return {**_median_of(fn, first_s, repeats, budget_s, sync), "first_call_s": first_s}
+
+
+def peak_rss_mib(pid: int | str = "self") -> float | None:
+  """A process's peak resident set size since its exec, in MiB: VmHWM from /proc.
+
+  Not `getrusage`: Linux carries ru_maxrss across fork and exec, so a child's would start at
+  the parent's size (the benchmark's parent holds jax and the library, ~0.3 GiB); VmHWM belongs
+  to the address space, which exec replaces. None where /proc is unavailable.
+  """
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024
+  except (OSError, ValueError):
+    pass
+  return None
+
+
+# ---------------------------------------------------------------------------------------------
+# One child process per case.
+
+
+def _classify(exc: BaseException) -> tuple[str, str]:
+  """(status, one-line reason) for an exception raised inside a case."""
+  text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+  if isinstance(exc, OutOfBudget):
+    return "oom", f"not run: {exc.args[0]}"
+  if isinstance(exc, Skip):
+    return "skipped", str(exc)
+  if isinstance(exc, MemoryError) or any(
+      s in str(exc) for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
+                              "DefaultCPUAllocator: can't allocate")):
+    return "oom", text
+  return "error", text
+
+
+def child_main(argv: list[str]) -> None:
+  """Child side of `run_case`: argv = [request.json, result.json]."""
+  with open(argv[0]) as f:
+    request = json.load(f)
+  result = {"rss_base_mib": None, "load_average_start": os.getloadavg()[0]}
+  try:
+    for name in request.get("preload", ()):
+      __import__(name)
+    module = __import__(request["module"], fromlist=[request["function"]])
+    fn = getattr(module, request["function"])
+    # After the framework's imports: the case's own arrays and programs are peak - base.
+    result["rss_base_mib"] = peak_rss_mib()
+    result.update(fn(**request["kwargs"]))
+    result.setdefault("status", "ok")
+  except Exception as exc:  # pylint: disable=broad-except  (recorded, never fatal)
+    result["status"], result["reason"] = _classify(exc)
+    if isinstance(exc, OutOfBudget) and len(exc.args) > 1:
+      result.update(exc.args[1])  # the compiled footprint that was refused
+    if result["status"] == "error":
+      traceback.print_exc()
+  result["rss_peak_mib"] = peak_rss_mib()
+  # Other jobs on a shared machine skew timings (a 2-thread OpenMP or Eigen pool on 2 busy
+  # cores stalls at every barrier): the load average goes into the report beside each case.
+  result["load_average_end"] = os.getloadavg()[0]
+  with open(argv[1], "w") as f:
+    json.dump(result, f)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../longjax
+_REPO_ROOT = os.path.dirname(_PACKAGE_DIR)
+# The child registers `longjax` as a bare package instead of running longjax/__init__.py: the
+# curated API imports the model, data pipeline and TFDS (~1.5 s per case, more on a loaded
+# machine), which no case needs; `longjax.ops` and the rest import as usual. A torch case then
+# imports neither jax nor flax, so its peak RSS is torch's own.
+_BOOTSTRAP = """import sys, types
+package = types.ModuleType("longjax")
+package.__path__ = [sys.argv[1]]
+sys.modules["longjax"] = package
+from longjax.benchmarks import common
+common.child_main(sys.argv[2:])
+"""
+
+
+def torch_env() -> dict:
+  """Environment for a PyTorch child: OpenMP threads that sleep instead of spinning at a barrier.
+
+  On a 2-core machine shared with other jobs, libgomp's default (spin, then sleep) collapses
+  when a core is taken: torch SDPA fwd+bwd at T=128 took 84 ms instead of 2 ms at load average
+  4 on 2 cores, with OMP_WAIT_POLICY=PASSIVE 2 ms. The benchmark compares implementations, not
+  the scheduler, so torch gets the setting unless the user has chosen one (recorded in the JSON).
+  """
+  return {} if "OMP_WAIT_POLICY" in os.environ else {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def run_case(module: str, function: str, kwargs: dict, *, timeout_s: float,
+             preload: tuple[str, ...] = (), env: dict | None = None) -> dict:
+  """Runs `module.function(**kwargs)` in a child process and returns its result dict.
+
+  `preload` names modules the child imports before it notes its base RSS ("rss_base_mib"), e.g.
+  the framework the case runs on; `env` adds environment variables for the child.
+
+  The dict always has "status" ("ok", "skipped", "oom", "timeout", "killed" or "error"), a
+  "reason" unless ok, "wall_s" (the whole child, imports and compilation included) and
+  "rss_peak_mib" (the child's peak resident set size: its own VmHWM at the end, or for a child
+  that was killed the last value the parent read while polling).
+  """
+  with tempfile.TemporaryDirectory(prefix="longjax-bench-") as tmp:
+    request, output, log = (os.path.join(tmp, n) for n in ("request.json", "result.json", "log"))
+    with open(request, "w") as f:
+      json.dump({"module": module, "function": function, "kwargs": kwargs,
+                 "preload": list(preload)}, f)
+    start = time.perf_counter()
+    env = {**os.environ, **(env or {})}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_REPO_ROOT, env.get("PYTHONPATH")]))
+    with open(log, "w") as log_file:
+      # A new session: a timeout kills the child and anything it started, nothing else.
+      proc = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, _PACKAGE_DIR, request, output],
+                              stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                              start_new_session=True)
+    status = polled_rss = None
+    try:
+      while status is None:
+        polled_rss = peak_rss_mib(proc.pid) or polled_rss
+        try:
+          status = proc.wait(timeout=0.05)
+        except subprocess.TimeoutExpired:
+          if time.perf_counter() - start > timeout_s:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            status = "timeout"
+    except BaseException:  # Ctrl-C reaches only our session: take the child down with us
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+      raise
+    wall = time.perf_counter() - start
+    result = {}
+    if os.path.exists(output):
+      with open(output) as f:
+        result = json.load(f)
+    elif status == "timeout":
+      result = {"status": "timeout", "reason": f"ran past the {timeout_s:.0f} s limit"}
+    else:
+      code = status
+      with open(log) as f:
+        tail = f.read()[-2000:]
+      if code == -signal.SIGKILL:
+        result = {"status": "killed", "reason": "killed by SIGKILL (likely the kernel's "
+                                                 "out-of-memory killer)"}
+      else:
+        last = tail.strip().splitlines()[-1] if tail.strip() else ""
+        result = {"status": "error", "reason": f"child exited with {code}: {last[:300]}"}
+    if result.get("status") == "error" and "log_tail" not in result:
+      with open(log) as f:
+        result["log_tail"] = f.read()[-2000:]
+  result["wall_s"] = wall
+  if result.get("rss_peak_mib") is None:
+    result["rss_peak_mib"] = polled_rss
+  return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The matmul peak (a case like any other).
+
+PEAK_SIZES = {"tiny": 1024, "small": 2048, "full": 4096}
+
+
+def matmul_case(dtype: str, n: int, repeats: int = 5, framework: str = "jax") -> dict:
+  """GFLOP/s of an [n, n] x [n, n] matmul: jitted JAX in `dtype`, or PyTorch (f32)."""
+  flops = 2 * n**3
+  if framework == "torch":
+    torch = import_torch()
+    a, b = (torch.randn(n, n, dtype=getattr(torch, dtype)) for _ in range(2))
+    timing = time_callable(lambda: a @ b, repeats=repeats, budget_s=30)
+  else:
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.dtype(dtype))
+    b = jax.random.normal(kb, (n, n), jnp.dtype(dtype))
+    timing = time_jax(lambda x, y: x @ y, (a, b), repeats=repeats, budget_s=30,
+                      memory_budget_bytes=None)
+  return {**timing, "n": n, "dtype": dtype, "flops": flops,
+          "gflops_per_s": flops / timing["time_s"] / 1e9}
+
+
+def measure_peak(sizes: str, *, timeout_s: float, include_torch: bool = True) -> dict:
+  """Matmul GFLOP/s in child processes: JAX f32, JAX bf16 and, as a reference, PyTorch f32."""
+  n = PEAK_SIZES[sizes]
+  runs = {"f32": ("float32", "jax"), "bf16": ("bfloat16", "jax")}
+  if include_torch:
+    runs["torch_f32"] = ("float32", "torch")
+  peak = {}
+  for name, (dtype, framework) in progress(runs.items(), desc="peak"):
+    peak[name] = run_case(__name__, "matmul_case",
+                          {"dtype": dtype, "n": n, "framework": framework}, timeout_s=timeout_s,
+                          preload=(framework,), env=torch_env() if framework == "torch" else None)
+  return peak
+
+
+def peak_gflops(peak: dict) -> float | None:
+  """The f32 ceiling used for utilisation columns: the jitted JAX f32 matmul's GFLOP/s."""
+  f32 = peak.get("f32", {})
+  return f32.get("gflops_per_s") if f32.get("status") == "ok" else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers, machine, progress, reports.
+
+
+def import_torch():
+  """Imports torch, or raises `Skip` with the reason (it is in the optional `bench` extra)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise Skip(f"torch is not installed ({e}); pip install -e '.[bench]'") from e
+  return torch
+
+
+def machine_info(argv: list[str]) -> dict:
+  """Where and how the numbers were taken."""
+  import jax  # pylint: disable=g-import-not-at-top
+  info = {"command": " ".join(["python -m experiments.benchmark"] + argv[1:]),
+          "cpu_count": os.cpu_count(), "platform": platform.platform(),
+          "processor": _cpu_model(), "python": platform.python_version(),
+          "jax": jax.__version__, "jax_backend": jax.default_backend(),
+          "devices": [str(d) for d in jax.devices()],
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "load_average_at_start": os.getloadavg(),
+          "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+  try:  # the version without importing torch into the parent (seconds, and its memory)
+    info["torch"] = importlib.metadata.version("torch")
+    info["torch_child_env"] = torch_env()
+  except importlib.metadata.PackageNotFoundError:
+    info["torch"] = None
+  try:
+    with open("/proc/meminfo") as f:
+      info["mem_total_gib"] = int(f.readline().split()[1]) / 2**20
+  except OSError:
+    pass
+  return info
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def available_memory_bytes() -> int | None:
+  """MemAvailable from /proc/meminfo (None elsewhere)."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def progress(iterable, total: int | None = None, desc: str = ""):
+  """A tqdm progress bar on stderr, or plain one-line updates when tqdm is missing."""
+  try:
+    from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+    return tqdm.tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, file=sys.stderr)
+  except ImportError:
+    return _plain_progress(iterable, total, desc)
+
+
+def _plain_progress(iterable, total, desc):
+  items = list(iterable)
+  for i, item in enumerate(items):
+    print(f"{desc} {i + 1}/{total or len(items)}", file=sys.stderr, flush=True)
+    yield item
+
+
+def fmt(x, digits: int = 3) -> str:
+  """A number for a table: 3 significant digits, '—' for missing values."""
+  if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    return "—"
+  if isinstance(x, int):
+    return str(x)
+  return f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:.0f}"
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+  """A GitHub markdown table; numbers right-aligned."""
+  def cell(x):
+    return fmt(x) if isinstance(x, (int, float)) or x is None else str(x)
+  align = ["---:" if rows and isinstance(rows[0][i], (int, float)) else "---"
+           for i in range(len(headers))]
+  lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+  lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def write_report(path: str, report: dict, markdown: str) -> str:
+  """Writes the JSON to `path` and the markdown beside it (same name, .md); returns that path."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(report, f, indent=1, default=_json_default)
+    f.write("\n")
+  md_path = os.path.splitext(path)[0] + ".md"
+  with open(md_path, "w") as f:
+    f.write(markdown + "\n")
+  return md_path
+
+
+def _json_default(x):
+  if hasattr(x, "tolist"):
+    return x.tolist()
+  return str(x)
+
+
+def mib(x) -> float | None:
+  return None if x is None else x / _MIB
+
+
+def header_markdown(suite: str, sizes: str, machine: dict, peak: dict,
+                    memory_budget: int | None = None) -> str:
+  """The report's opening: command, machine, versions and the measured matmul peak."""
+  lines = [f"## Benchmark `{suite}` ({sizes} sizes)\n",
+           f"Command: `{machine['command']}`  ",
+           f"Machine: {machine['processor']}, {machine['cpu_count']} CPUs, "
+           f"{machine.get('mem_total_gib', 0):.0f} GiB, jax {machine['jax']} "
+           f"({machine['jax_backend']}), torch {machine.get('torch') or 'not installed'}, "
+           f"load average at start {machine['load_average_at_start'][0]:.1f}, "
+           f"{machine['time']}  "]
+  if memory_budget:
+    lines.append(f"Memory budget per case (compiled footprint): {memory_budget / 2**30:.1f} GiB")
+  lines.append("\n### Matmul peak (jitted, median)\n")
+  rows = [[name, r.get("n"), r.get("gflops_per_s"), r.get("time_s"),
+           "ok" if r.get("status") == "ok" else f"{r.get('status')}: {r.get('reason', '')}"]
+          for name, r in peak.items()]
+  lines.append(markdown_table(["matmul", "n", "GFLOP/s", "time (s)", "status"], rows))
+  lines.append("\nUtilisation columns are against the jitted JAX f32 matmul's GFLOP/s.\n")
+  return "\n".join(lines)
+
+
+def run_peak_suite(sizes: str, out: str, *, argv: list[str], **unused) -> str:
+  """`--suite=peak`: the matmul ceiling alone; writes OUT (JSON) and OUT.md."""
+  del unused
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  machine = machine_info(argv)
+  peak = measure_peak(sizes, timeout_s=300,
+                      include_torch=importlib.util.find_spec("torch") is not None)
+  md = header_markdown("peak", sizes, machine, peak)
+  write_report(out, {"suite": "peak", "sizes": sizes, "machine": machine, "peak": peak,
+                     "peak_f32_gflops_per_s": peak_gflops(peak)}, md)
+  return md

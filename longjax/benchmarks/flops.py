@@ -1,0 +1,67 @@
+"""FLOP counts for the benchmarks' utilisation columns (one multiply-add = 2 FLOPs).
+
+Only the matrix products are counted (softmax, masking, exponentials and the recurrences'
+elementwise work are not): this is the convention of the FlashAttention papers and of MFU, so the
+achieved GFLOP/s can be set against the measured matmul peak.
+"""
+
+
+def matmul_flops(m: int, k: int, n: int) -> int:
+  """FLOPs of an [m, k] x [k, n] product: m * n * k multiply-adds."""
+  return 2 * m * k * n
+
+
+def visible_pairs(t: int, s: int, causal: bool) -> int:
+  """Query/key pairs (i, j) that a mask lets through, per batch element and head.
+
+  Causal attention of T queries to S keys is bottom-right aligned, as with a KV cache: query row
+  i sits at absolute position i + (S - T) and sees keys j <= i + (S - T). For T = S that is
+  T (T + 1) / 2 pairs, the exact count; the FlashAttention benchmarks use T^2 / 2, which differs
+  by the factor 1 + 1/T (0.1% at T = 1k).
+
+  Args:
+    t: T, query length.
+    s: S, key length.
+    causal: count only the pairs the causal mask keeps.
+
+  Returns:
+    The number of visible pairs.
+  """
+  if not causal:
+    return t * s
+  offset = s - t
+  # Row i sees min(S, max(0, i + offset + 1)) keys: none before row `first`, a growing
+  # arithmetic series up to row `full`, all S keys after it.
+  first = min(t, max(0, -offset))
+  full = min(t, max(first, s - offset - 1))
+  n = full - first
+  lo = first + offset + 1
+  return n * (2 * lo + n - 1) // 2 + (t - full) * s
+
+
+def attention_flops(t: int, s: int, heads: int, head_dim: int, causal: bool, backward: bool,
+                    batch: int = 1) -> int:
+  """FLOPs of softmax attention, causal pairs counted once.
+
+  Forward: two matmuls per head, logits = q k^T ([T, H] x [H, S]) and out = p v ([T, S] x [S, H]),
+  each H multiply-adds per visible (query, key) pair, so 2 * 2 * B * N * pairs * H FLOPs, which
+  is 4 * B * N * T * S * H without a mask and about half of it with a causal one.
+
+  Backward: the FlashAttention count, five matmuls per head against the forward's two, i.e.
+  2.5x the forward: recomputing q k^T, dv = p^T do, dp = do v^T, dq = ds k and dk = ds^T q. So
+  forward + backward = 3.5x the forward (FlashAttention's `flops(..., mode="fwd_bwd")`).
+
+  Args:
+    t: T, query length.
+    s: S, key length.
+    heads: N, query heads.
+    head_dim: H.
+    causal: count only the visible pairs of a causal mask (see `visible_pairs`).
+    backward: count forward + backward (3.5x forward) instead of forward only.
+    batch: B.
+
+  Returns:
+    FLOPs as an int.
+  """
+  matmuls = 2 + (5 if backward else 0)
+  return 2 * matmuls * batch * heads * head_dim * visible_pairs(t, s, causal)

@@ -1,0 +1,604 @@
+"""The kernels suite: longjax's attention, decode, linear attention and scan against their peers.
+
+Four groups of cases, each case one child process (`common.run_case`):
+  attention  causal softmax attention fwd+bwd, B=1, N=8, H=64, f32: longjax
+             `dot_product_attention` (impl "auto" and "pallas"), `jax.nn.dot_product_attention`
+             and PyTorch `scaled_dot_product_attention`, with backward.
+  decode     one query token against a full KV cache (B=1, N=K=8, H=64): the Pallas decode
+             kernel, longjax `dot_product_attention` with a traced q_offset, a plain jnp
+             softmax, PyTorch SDPA.
+  linear     causal linear attention fwd+bwd (B=1, N=8, Dk=Dv=64): the Pallas chunked kernel and
+             the `lax.scan` recurrence (and longjax's chunked jnp form once one exists).
+  scan       Mamba-1 selective scan fwd+bwd (B=1, P=16): the Pallas kernel, the `lax.scan`
+             reference, and the per-step PyTorch loop of HF transformers'
+             `MambaMixer.slow_forward` (what `transformers` runs for Mamba without CUDA).
+
+On CPU the Pallas kernels run in the interpreter and are labelled so: their times say what the
+interpreter costs on this machine, not what the kernels do on a TPU or GPU.
+"""
+
+import math
+import os
+
+from longjax.benchmarks import common
+from longjax.benchmarks import flops as flops_lib
+
+GROUPS = ("attention", "decode", "linear", "scan")
+IMPLS = {
+    "attention": ("longjax_auto", "longjax_pallas", "jax_nn", "torch_sdpa"),
+    "decode": ("pallas_decode", "longjax_auto", "jnp_dense", "torch_sdpa"),
+    "linear": ("pallas", "recurrent_scan", "chunked_jnp"),
+    "scan": ("pallas", "lax_scan", "torch_loop"),
+}
+LABELS = {
+    "longjax_auto": "longjax auto", "longjax_pallas": "longjax pallas",
+    "jax_nn": "jax.nn.dot_product_attention", "torch_sdpa": "torch SDPA",
+    "pallas_decode": "pallas decode", "jnp_dense": "plain jnp", "pallas": "pallas",
+    "recurrent_scan": "lax.scan recurrence", "chunked_jnp": "longjax chunked jnp",
+    "lax_scan": "lax.scan reference", "torch_loop": "torch loop (HF slow_forward)",
+}
+# The peers each group's ratios are taken against (time of peer / time of the row: > 1 means
+# the row is faster).
+PEERS = {"attention": ("jax_nn", "torch_sdpa"), "decode": ("jnp_dense", "torch_sdpa"),
+         "linear": ("recurrent_scan",), "scan": ("lax_scan", "torch_loop")}
+
+# Sizes. `pallas_max_t`: the longest T at which the interpreted flash attention kernel runs
+# (above it a call takes well over a minute on a 2-core CPU: 2.5 s at T=2k, growing ~T^2).
+SIZES = {
+    "tiny": {"attention": [128], "pallas_max_t": 128, "decode": [256], "linear": [128],
+             "scan": [(64, 64)], "repeats": 3, "budget_s": 5, "timeout_s": 120},
+    # `small` adds T=1024 and 2048 to attention (and 2048 to linear attention): the issue's
+    # targets start at T=2k, and linear attention then meets softmax attention at three
+    # lengths. The whole set takes a few minutes on 2 cores (the interpreter ~3 s a call at 2k).
+    "small": {"attention": [256, 512, 1024, 2048], "pallas_max_t": 2048, "decode": [1024],
+              "linear": [256, 1024, 2048], "scan": [(512, 128)], "repeats": 5, "budget_s": 20,
+              "timeout_s": 300},
+    "full": {"attention": [1024, 2048, 4096, 8192, 16384, 32768, 65536], "pallas_max_t": 8192,
+             "decode": [4096, 16384, 65536, 262144], "linear": [1024, 4096, 16384, 65536],
+             # Single calls of the 64k cases take minutes on 2 cores (blockwise ~T^2).
+             "scan": [(8192, 1024)], "repeats": 3, "budget_s": 60, "timeout_s": 2400},
+}
+HEADS, HEAD_DIM, STATE = 8, 64, 16
+_JAX_MODULES = ("jax", "kernels_pallas", "longjax.ops")  # imported before a case's base RSS
+
+
+def _keys(n):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.random.split(jax.random.key(0), n)
+
+
+def _normal(key, shape, scale=1.0):
+  import jax  # pylint: disable=g-import-not-at-top
+  return scale * jax.random.normal(key, shape)
+
+
+def _fwd_bwd(f):
+  """(inputs..., cotangent) -> gradients of every input: one forward and one backward pass."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def run(*args):
+    _, vjp = jax.vjp(f, *args[:-1])
+    return vjp(args[-1])
+  return run
+
+
+def _timing_kwargs(kw):
+  return {"repeats": kw["repeats"], "budget_s": kw["budget_s"]}
+
+
+def _torch_device(torch):
+  # On a GPU machine the peer runs on the GPU as JAX does; on CPU both use the CPU. (Not
+  # asking jax keeps jax out of a torch case's process and its peak RSS.)
+  return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _torch_sync(torch, device):
+  return (lambda x: (torch.cuda.synchronize(), x)[1]) if device == "cuda" else (lambda x: x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases (run in the child).
+
+
+def attention_case(impl: str, t: int, **kw) -> dict:
+  """Causal attention fwd+bwd at T = S = t."""
+  flops = flops_lib.attention_flops(t, t, HEADS, HEAD_DIM, causal=True, backward=True)
+  extra = {"flops": flops}
+  if impl == "torch_sdpa":
+    torch = common.import_torch()
+    device = _torch_device(torch)
+    q, k, v = (torch.randn(1, HEADS, t, HEAD_DIM, device=device, requires_grad=True)
+               for _ in range(3))
+    do = torch.randn(1, HEADS, t, HEAD_DIM, device=device)
+
+    def step():
+      q.grad = k.grad = v.grad = None
+      torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
+      return q.grad
+    timing = common.time_callable(step, sync=_torch_sync(torch, device), **_timing_kwargs(kw))
+    extra["torch_device"] = device
+  else:
+    import jax  # pylint: disable=g-import-not-at-top
+    from longjax import ops  # pylint: disable=g-import-not-at-top
+    if impl == "jax_nn":
+      attn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    else:
+      name = {"longjax_auto": "auto", "longjax_pallas": "pallas"}[impl]
+      mask = ops.AttentionMask(causal=True)
+      attn = lambda q, k, v: ops.dot_product_attention(q, k, v, mask=mask, impl=name)  # noqa
+      extra["resolved"] = (ops.resolve_impl(name, q_length=t, kv_length=t)
+                           if name == "auto" else _pallas_label())
+    keys = _keys(4)
+    args = [_normal(key, (1, t, HEADS, HEAD_DIM)) for key in keys]
+    timing = common.time_jax(_fwd_bwd(attn), args, memory_budget_bytes=kw["memory_budget"],
+                             **_timing_kwargs(kw))
+  return {**timing, **extra, "gflops_per_s": flops / timing["time_s"] / 1e9}
+
+
+def _pallas_label() -> str:
+  import kernels_pallas  # pylint: disable=g-import-not-at-top
+  return "pallas (interpret)" if kernels_pallas.default_interpret() else "pallas"
+
+
+def decode_case(impl: str, cache: int, **kw) -> dict:
+  """One decode step: a query token at position cache - 1 against a full cache of `cache`."""
+  bytes_read = 2 * cache * HEADS * HEAD_DIM * 4  # K and V, f32
+  extra = {"flops": flops_lib.attention_flops(1, cache, HEADS, HEAD_DIM, causal=True,
+                                              backward=False), "cache_bytes": bytes_read}
+  kw = {**kw, "repeats": 4 * kw["repeats"]}  # milliseconds per call: take more samples
+  if impl == "torch_sdpa":
+    torch = common.import_torch()
+    device = _torch_device(torch)
+    q = torch.randn(1, HEADS, 1, HEAD_DIM, device=device)
+    k, v = (torch.randn(1, HEADS, cache, HEAD_DIM, device=device) for _ in range(2))
+
+    def step():
+      with torch.inference_mode():  # a full cache: every key is visible, no mask needed
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    timing = common.time_callable(step, sync=_torch_sync(torch, device), **_timing_kwargs(kw))
+  else:
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    import kernels_pallas  # pylint: disable=g-import-not-at-top
+    from longjax import ops  # pylint: disable=g-import-not-at-top
+    if impl == "pallas_decode":
+      fn = lambda q, k, v, n: kernels_pallas.decode_attention(q, k, v, cache_length=n)  # noqa
+      extra["resolved"] = _pallas_label()
+    elif impl == "longjax_auto":
+      def fn(q, k, v, n):  # the cache length arrives at run time, as in a decode loop
+        mask = ops.AttentionMask(causal=True, q_offset=n - 1)
+        return ops.dot_product_attention(q, k, v, mask=mask)
+      extra["resolved"] = ops.resolve_impl("auto", q_length=1, kv_length=cache)
+    else:
+      def fn(q, k, v, n):  # the plain definition a user writes: dense logits, masked softmax
+        logits = jnp.einsum("btnh,bsnh->bnts", q, k) * HEAD_DIM ** -0.5
+        logits = jnp.where(jnp.arange(cache) < n, logits, -jnp.inf)
+        return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
+    keys = _keys(3)
+    args = [_normal(keys[0], (1, 1, HEADS, HEAD_DIM))]
+    args += [_normal(key, (1, cache, HEADS, HEAD_DIM)) for key in keys[1:]]
+    args.append(jnp.int32(cache))
+    timing = common.time_jax(fn, args, memory_budget_bytes=kw["memory_budget"],
+                             **_timing_kwargs(kw))
+  return {**timing, **extra, "ms_per_token": 1e3 * timing["time_s"],
+          "cache_gb_per_s": bytes_read / timing["time_s"] / 1e9}
+
+
+def linear_case(impl: str, t: int, **kw) -> dict:
+  """Causal linear attention fwd+bwd at T = t (no decay, scale Dk^-1/2)."""
+  import kernels_pallas  # pylint: disable=g-import-not-at-top
+  if impl == "chunked_jnp":
+    fn = _longjax_chunked_linear_attention()
+    extra = {}
+  elif impl == "pallas":
+    fn, extra = kernels_pallas.linear_attention, {"resolved": _pallas_label()}
+  else:
+    fn, extra = kernels_pallas.linear_attention_recurrent, {}
+
+  def attn(q, k, v):
+    return fn(q, k, v, scale=HEAD_DIM ** -0.5, return_final_state=False)
+  keys = _keys(4)
+  args = [_normal(key, (1, t, HEADS, HEAD_DIM)) for key in keys]
+  timing = common.time_jax(_fwd_bwd(attn), args, memory_budget_bytes=kw["memory_budget"],
+                           **_timing_kwargs(kw))
+  return {**timing, **extra, "tokens_per_s": t / timing["time_s"]}
+
+
+def _longjax_chunked_linear_attention():
+  """longjax's chunked jnp linear attention, or `Skip` while the library has none."""
+  try:
+    from longjax.ops import linear_attention  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    linear_attention = None
+  fn = getattr(linear_attention, "linear_attention_chunked", None)
+  if fn is None:
+    raise common.Skip("longjax has no chunked jnp linear attention yet (DESIGN.md plans "
+                      "longjax/ops/linear_attention.py: linear_attention_chunked)")
+  return fn
+
+
+def _scan_inputs(length, d_model):
+  """Mamba-like inputs: A = -(1..P) per channel (S4D-real init), dt bias ~ softplus^-1(0.01)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  keys = _keys(5)
+  u, delta = (_normal(key, (1, length, d_model)) for key in keys[:2])
+  b, c = (_normal(key, (1, length, STATE)) for key in keys[2:4])
+  a = -jnp.broadcast_to(jnp.arange(1, STATE + 1, dtype=jnp.float32), (d_model, STATE))
+  return u, delta, a, b, c, jnp.ones((d_model,)), jnp.full((d_model,), -4.6), keys[4]
+
+
+def scan_case(impl: str, length: int, d_model: int, **kw) -> dict:
+  """Selective scan fwd+bwd over L = length steps of D = d_model channels, P = 16."""
+  if impl == "torch_loop":
+    timing = _torch_scan_timing(length, d_model, kw)
+  else:
+    import kernels_pallas  # pylint: disable=g-import-not-at-top
+    u, delta, a, b, c, d, bias, key = _scan_inputs(length, d_model)
+    fn = kernels_pallas.selective_scan if impl == "pallas" else (
+        kernels_pallas.selective_scan_reference)
+
+    def scan(u, delta, a, b, c, d):
+      return fn(u, delta, a, b, c, d, delta_bias=bias, return_final_state=False)
+    args = [u, delta, a, b, c, d, _normal(key, u.shape)]
+    timing = common.time_jax(_fwd_bwd(scan), args, memory_budget_bytes=kw["memory_budget"],
+                             **_timing_kwargs(kw))
+    if impl == "pallas":
+      timing["resolved"] = _pallas_label()
+  return {**timing, "tokens_per_s": length / timing["time_s"]}
+
+
+def _torch_scan_timing(length, d_model, kw):
+  """HF `MambaMixer.slow_forward`'s scan (steps 3.b-3.c and the D skip), with autograd."""
+  torch = common.import_torch()
+  device = _torch_device(torch)
+  gen = torch.Generator().manual_seed(0)
+
+  def leaf(*shape):
+    return torch.randn(*shape, generator=gen).to(device).requires_grad_()
+  u, delta = leaf(1, d_model, length), leaf(1, d_model, length)  # HF: [batch, channels, time]
+  b, c = leaf(1, length, STATE), leaf(1, length, STATE)
+  a = (-torch.arange(1, STATE + 1, dtype=torch.float32)).repeat(d_model, 1).to(device)
+  a.requires_grad_()
+  d_skip = torch.ones(d_model, device=device, requires_grad=True)
+  bias = torch.full((d_model,), -4.6, device=device)
+  dy = torch.randn(1, d_model, length, generator=gen).to(device)
+  leaves = (u, delta, a, b, c, d_skip)
+
+  def step():
+    for x in leaves:
+      x.grad = None
+    dt = torch.nn.functional.softplus(delta + bias[None, :, None])
+    discrete_a = torch.exp(a[None, :, None, :] * dt[:, :, :, None])  # [b, d, l, n]
+    delta_b_u = dt[:, :, :, None] * b[:, None, :, :] * u[:, :, :, None]
+    state = torch.zeros(1, d_model, STATE, device=device)
+    outputs = []
+    for i in range(length):
+      state = discrete_a[:, :, i, :] * state + delta_b_u[:, :, i, :]
+      outputs.append(torch.matmul(state, c[:, i, :].unsqueeze(-1))[:, :, 0])
+    y = torch.stack(outputs, dim=-1) + u * d_skip[None, :, None]
+    y.backward(dy)
+    return u.grad
+  return common.time_callable(step, sync=_torch_sync(torch, device), **_timing_kwargs(kw))
+
+
+# ---------------------------------------------------------------------------------------------
+# The suite (parent side).
+
+
+def plan(sizes: str, groups=GROUPS) -> list[dict]:
+  """Every case of the suite at `sizes`: dicts with group, impl, the size and its function."""
+  cfg = SIZES[sizes]
+  cases = []
+  for group in groups:
+    for size in cfg[group]:
+      for impl in IMPLS[group]:
+        case = {"group": group, "impl": impl, "function": f"{group}_case"}
+        if group == "scan":
+          case.update(length=size[0], d_model=size[1])
+        elif group == "decode":
+          case["cache"] = size
+        else:
+          case["t"] = size
+        if group == "attention" and impl == "longjax_pallas" and size > cfg["pallas_max_t"]:
+          case["skip"] = (f"the Pallas interpreter is not run above T={cfg['pallas_max_t']} "
+                          "at these sizes (a call would take well over a minute)")
+        cases.append(case)
+  return cases
+
+
+def _torch_missing() -> str | None:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec("torch") is None:
+    return "torch is not installed; pip install -e '.[bench]'"
+  return None
+
+
+def run(sizes: str, *, groups=GROUPS, memory_budget: int | None,
+        timeout_s: float | None = None) -> list[dict]:
+  """Runs every case in its own child process; returns the result dicts in plan order."""
+  cfg = SIZES[sizes]
+  timeout_s = cfg["timeout_s"] if timeout_s is None else timeout_s
+  no_torch = _torch_missing()
+  results = []
+  cases = plan(sizes, groups)
+  bar = common.progress(cases, total=len(cases), desc="kernels")
+  for case in bar:
+    size = {k: case[k] for k in ("t", "cache", "length", "d_model") if k in case}
+    if hasattr(bar, "set_postfix_str"):
+      bar.set_postfix_str(f"{case['group']} {case['impl']} {size}")
+    if "skip" in case:
+      result = {"status": "skipped", "reason": case["skip"]}
+    elif no_torch and case["impl"].startswith("torch"):
+      result = {"status": "skipped", "reason": no_torch}  # no child needed to find that out
+    else:
+      kwargs = {"impl": case["impl"], **size, "repeats": cfg["repeats"],
+                "budget_s": cfg["budget_s"], "memory_budget": memory_budget}
+      torch = case["impl"].startswith("torch")
+      result = common.run_case(__name__, case["function"], kwargs, timeout_s=timeout_s,
+                               preload=("torch",) if torch else _JAX_MODULES,
+                               env=common.torch_env() if torch else None)
+    results.append({"group": case["group"], "impl": case["impl"], **size, **result})
+  return results
+
+
+def size_of(case: dict) -> int:
+  """The length a case is measured at: T, the cache length, or the scan length L."""
+  return case.get("t", case.get("cache", case.get("length")))
+
+
+def find(results: list[dict], group: str, impl: str, size: int) -> dict | None:
+  """The result of `impl` in `group` at length `size`, or None."""
+  for r in results:
+    if r["group"] == group and r["impl"] == impl and size_of(r) == size:
+      return r
+  return None
+
+
+def _ok_time(r):
+  return r["time_s"] if r is not None and r.get("status") == "ok" else None
+
+
+def derive(results: list[dict], peak_gflops: float | None) -> dict:
+  """Adds ratios and utilisation to each result in place; returns suite-level figures."""
+  for r in results:
+    own = _ok_time(r)
+    for peer in PEERS[r["group"]]:
+      other = _ok_time(find(results, r["group"], peer, size_of(r)))
+      r[f"speedup_vs_{peer}"] = other / own if own and other else None
+    if peak_gflops and r.get("gflops_per_s") is not None and r["group"] == "attention":
+      r["fraction_of_peak"] = r["gflops_per_s"] / peak_gflops
+    if r["group"] == "linear":
+      softmax = _ok_time(find(results, "attention", "longjax_auto", r["t"]))
+      r["speedup_vs_softmax_auto"] = softmax / own if own and softmax else None
+    if r["group"] == "attention":
+      # Compiled temp memory is known even for a case refused as too big (it is compiled first).
+      other = (find(results, "attention", "jax_nn", r["t"]) or {}).get("temp_bytes")
+      r["temp_vs_jax_nn"] = r["temp_bytes"] / other if r.get("temp_bytes") and other else None
+  flatness = {}
+  for impl in IMPLS["linear"]:
+    rows = sorted((r for r in results if r["group"] == "linear" and r["impl"] == impl
+                   and r.get("status") == "ok"), key=lambda r: r["t"])
+    if len(rows) >= 2:
+      flatness[impl] = {"t_short": rows[0]["t"], "t_long": rows[-1]["t"],
+                        "ratio": rows[-1]["tokens_per_s"] / rows[0]["tokens_per_s"]}
+  summary = {"linear_flatness": flatness}
+  summary["targets"] = targets(results, summary)
+  return summary
+
+
+def _rows(results, group, impl, at_least=0):
+  return [r for r in results if r["group"] == group and r["impl"] == impl
+          and size_of(r) >= at_least]
+
+
+def _extreme(rows, field, pick=min):
+  """(value, size) of the smallest (or largest) `field` over rows that have it, else None."""
+  values = [(r[field], size_of(r)) for r in rows if r.get(field) is not None]
+  return pick(values) if values else None
+
+
+def targets(results: list[dict], summary: dict) -> list[dict]:
+  """The issue's targets, each with what this run measured and whether it is met.
+
+  "met" is None where these sizes do not reach the target's lengths (or a side did not run).
+  On CPU the Pallas rows are the interpreter, so their targets say little about the kernels.
+  """
+  out = []
+
+  def add(target, found, ok, fmt_value):
+    if found is None:
+      out.append({"target": target, "measured": "not measured at these sizes", "met": None})
+    else:
+      out.append({"target": target, "measured": fmt_value(found), "met": ok(found[0])})
+
+  def ratio(found):
+    return f"{found[0]:.2f}x (worst at T={found[1]})"
+
+  add("attention fwd+bwd, longjax auto >= 1.0x torch SDPA at every T >= 2k",
+      _extreme(_rows(results, "attention", "longjax_auto", 2048), "speedup_vs_torch_sdpa"),
+      lambda v: v >= 1.0, ratio)
+  at16k = find(results, "attention", "longjax_auto", 16384)
+  add("attention fwd+bwd at T=16k, longjax auto >= 3x faster than jax.nn",
+      None if at16k is None or at16k.get("speedup_vs_jax_nn") is None else
+      (at16k["speedup_vs_jax_nn"], 16384), lambda v: v >= 3, ratio)
+  add("attention fwd+bwd at T=16k, longjax auto compiled temp <= 1/8 of jax.nn's",
+      None if at16k is None or at16k.get("temp_vs_jax_nn") is None else
+      (at16k["temp_vs_jax_nn"], 16384), lambda v: v <= 1 / 8, lambda f: f"{f[0]:.3f} of it")
+  add("attention fwd+bwd, longjax auto >= 50% of the f32 matmul peak at T >= 8k",
+      _extreme(_rows(results, "attention", "longjax_auto", 8192), "fraction_of_peak"),
+      lambda v: v >= 0.5, lambda f: f"{100 * f[0]:.0f}% (worst at T={f[1]})")
+  flat = summary["linear_flatness"].get("pallas")
+  add("linear attention (pallas) flat: tokens/s at the longest T >= 0.9x at the shortest",
+      None if flat is None else (flat["ratio"], flat["t_long"]), lambda v: v >= 0.9,
+      lambda f: f"{f[0]:.2f} (T={flat['t_short']}..{flat['t_long']})")
+  longest = _extreme(_rows(results, "linear", "pallas"), "speedup_vs_softmax_auto",
+                     pick=lambda v: max(v, key=lambda x: x[1]))
+  add("linear attention (pallas) >= 10x faster than softmax attention at T=64k",
+      longest if longest and longest[1] >= 65536 else None, lambda v: v >= 10,
+      lambda f: f"{f[0]:.1f}x at T={f[1]}")
+  for peer in PEERS["scan"]:
+    add(f"selective scan (pallas) fwd+bwd at L=8k faster than the {LABELS[peer]}",
+        _extreme(_rows(results, "scan", "pallas", 8192), f"speedup_vs_{peer}"),
+        lambda v: v > 1, lambda f: f"{f[0]:.2f}x")
+  return out
+
+
+def _label(r):
+  label = LABELS[r["impl"]]
+  resolved = r.get("resolved")
+  if r["impl"] == "longjax_auto" and resolved:
+    return f"{label} (→ {resolved})"
+  if resolved and "interpret" in resolved:
+    return f"{label} (interpret)"
+  return label
+
+
+def _shown(r, field):
+  """A result's field for a table; nothing for cases that did not run (skipped, killed)."""
+  return r.get(field) if r.get("status") in ("ok", "oom") else None
+
+
+def _status(r):
+  return "ok" if r.get("status") == "ok" else f"{r.get('status')}: {r.get('reason', '')}"
+
+
+def markdown(results: list[dict], summary: dict) -> str:
+  """The suite's tables, one per group; ratios are peer time / row time (> 1: row faster)."""
+  m = common.mib
+  out = []
+  groups = [g for g in GROUPS if any(r["group"] == g for r in results)]
+  for group in groups:
+    rows = [r for r in results if r["group"] == group]
+    peers = PEERS[group]
+    ratio_heads = [f"× vs {LABELS[p]}" for p in peers]
+    ratio_cells = lambda r: [r.get(f"speedup_vs_{p}") for p in peers]  # noqa: E731
+    if group == "attention":
+      out.append(f"### Causal attention fwd+bwd (B=1, N={HEADS}, H={HEAD_DIM}, f32)\n")
+      heads = ["T", "implementation", "time (s)", "GFLOP/s", "% of f32 peak",
+               "compiled temp (MiB)", "peak RSS (MiB)", *ratio_heads, "status"]
+      body = [[r["t"], _label(r), r.get("time_s"), r.get("gflops_per_s"),
+               None if r.get("fraction_of_peak") is None else 100 * r["fraction_of_peak"],
+               m(_shown(r, "temp_bytes")), _shown(r, "rss_peak_mib"), *ratio_cells(r), _status(r)]
+              for r in rows]
+    elif group == "decode":
+      out.append(f"### Decode attention, one token vs a full cache (B=1, N=K={HEADS}, "
+                 f"H={HEAD_DIM}, f32)\n")
+      heads = ["cache", "implementation", "ms/token", "cache GB/s", "compiled temp (MiB)",
+               "peak RSS (MiB)", *ratio_heads, "status"]
+      body = [[r["cache"], _label(r), r.get("ms_per_token"), r.get("cache_gb_per_s"),
+               m(_shown(r, "temp_bytes")), _shown(r, "rss_peak_mib"), *ratio_cells(r), _status(r)]
+              for r in rows]
+    elif group == "linear":
+      out.append(f"### Causal linear attention fwd+bwd (B=1, N={HEADS}, Dk=Dv={HEAD_DIM}, "
+                 "f32)\n")
+      heads = ["T", "implementation", "tokens/s", "time (s)", "compiled temp (MiB)",
+               "peak RSS (MiB)", *ratio_heads, "× vs softmax (longjax auto)", "status"]
+      body = [[r["t"], _label(r), r.get("tokens_per_s"), r.get("time_s"),
+               m(_shown(r, "temp_bytes")), _shown(r, "rss_peak_mib"), *ratio_cells(r),
+               r.get("speedup_vs_softmax_auto"), _status(r)] for r in rows]
+    else:
+      out.append(f"### Selective scan fwd+bwd (B=1, P={STATE}, f32)\n")
+      heads = ["L", "D", "implementation", "time (s)", "tokens/s", "compiled temp (MiB)",
+               "peak RSS (MiB)", *ratio_heads, "status"]
+      body = [[r["length"], r["d_model"], _label(r), r.get("time_s"), r.get("tokens_per_s"),
+               m(_shown(r, "temp_bytes")), _shown(r, "rss_peak_mib"), *ratio_cells(r), _status(r)]
+              for r in rows]
+    out.append(common.markdown_table(heads, body) + "\n")
+    if group == "linear":
+      for impl, f in summary["linear_flatness"].items():
+        out.append(f"Flatness, {LABELS[impl]}: tokens/s at T={f['t_long']} / at "
+                   f"T={f['t_short']} = {f['ratio']:.2f}\n")
+  out.append("### Targets (issue 6)\n")
+  met = {True: "yes", False: "**no**", None: "—"}
+  out.append(common.markdown_table(
+      ["target", "measured", "met"],
+      [[t["target"], t["measured"], met[t["met"]]] for t in summary["targets"]]) + "\n")
+  out.append("Ratios (× vs X) are X's time / the row's time: above 1 the row is faster. "
+             "Peak RSS is the case's whole child process (interpreter, jax or torch, inputs).")
+  out.append(_conditions(results))
+  return "\n".join(out)
+
+
+def _conditions(results: list[dict]) -> str:
+  """A line on what the cases ran beside: imports' RSS and the machine's load."""
+  base = {}
+  for r in results:
+    if r.get("rss_base_mib"):
+      kind = "torch" if r["impl"].startswith("torch") else "jax"
+      base[kind] = min(base.get(kind, math.inf), r["rss_base_mib"])
+  loads = [x for r in results for x in (r.get("load_average_start"), r.get("load_average_end"))
+           if x is not None]
+  parts = ["RSS after imports alone: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in base.items())]
+  if loads:
+    cpus = os.cpu_count() or 1
+    parts.append(f"1-minute load average during the cases {min(loads):.1f}-{max(loads):.1f} on "
+                 f"{cpus} CPUs" + (" (other jobs shared the cores: absolute times are inflated; "
+                                   "compare ratios)" if max(loads) > cpus else ""))
+  return ". ".join(parts) + "."
+
+
+def plot(results: list[dict], stem: str) -> list[str]:
+  """Time vs size per implementation, log-log, one PNG per group; returns the paths."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  paths = []
+  xlabels = {"attention": "T", "decode": "cache length", "linear": "T", "scan": "L"}
+  for group in GROUPS:
+    rows = [r for r in results if r["group"] == group and r.get("status") == "ok"]
+    if not rows:
+      continue
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for impl in IMPLS[group]:
+      pts = sorted((size_of(r), r["time_s"]) for r in rows if r["impl"] == impl)
+      if pts:
+        first = next(r for r in rows if r["impl"] == impl)
+        # "auto" may resolve differently per size; the tables say to what.
+        label = LABELS[impl] if impl == "longjax_auto" else _label(first)
+        ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabels[group])
+    ax.set_ylabel("ms per token" if group == "decode" else "seconds")
+    if group == "decode":  # time_s in ms for readability
+      for line in ax.get_lines():
+        line.set_ydata([y * 1e3 for y in line.get_ydata()])
+      ax.relim()
+      ax.autoscale_view()
+    ax.set_title(f"kernels: {group}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    path = f"{stem}_{group}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def run_suite(sizes: str, out: str, *, argv: list[str], make_plots: bool = False,
+              memory_budget_gb: float | None = None, timeout_s: float | None = None,
+              groups=GROUPS) -> str:
+  """Measures the peak, runs the kernels suite, writes OUT (JSON), OUT.md and plots.
+
+  Returns:
+    The markdown report.
+  """
+  machine = common.machine_info(argv)
+  budget = (int(memory_budget_gb * 2**30) if memory_budget_gb
+            else int(0.75 * (common.available_memory_bytes() or 2**40)))
+  peak = common.measure_peak(sizes, timeout_s=SIZES[sizes]["timeout_s"],
+                             include_torch=_torch_missing() is None)
+  peak_gflops = common.peak_gflops(peak)
+  results = run(sizes, groups=groups, memory_budget=budget, timeout_s=timeout_s)
+  summary = derive(results, peak_gflops)
+  md = "\n".join([common.header_markdown("kernels", sizes, machine, peak, budget),
+                  markdown(results, summary)])
+  report = {"suite": "kernels", "sizes": sizes, "machine": machine, "memory_budget_bytes": budget,
+            "peak": peak, "peak_f32_gflops_per_s": peak_gflops, "cases": results, **summary,
+            "impls": IMPLS}
+  common.write_report(out, report, md)  # before plotting: a plotting failure loses nothing
+  if make_plots:
+    report["plots"] = plot(results, os.path.splitext(out)[0])
+    common.write_report(out, report, md)
+  return md

@@ -1,1 +1,1 @@
-"""Thin command-line entry points: train, evaluate, sample."""
+"""Thin command-line entry points: train, evaluate, sample, report, benchmark."""

@@ -28,6 +28,17 @@ _NOT_YET = {
 }
 
 
+# Up to this many queries against a longer causal cache count as decoding (`_is_decode`).
+DECODE_MAX_QUERIES = 16
+
+
+def _is_decode(mask: AttentionMask, q_length: int, kv_length: int) -> bool:
+  """Whether impl="pallas" serves a call with the decode kernel: a few causal queries of one
+  sequence per row against a longer KV cache (training calls have T == S)."""
+  return (mask.causal and mask.q_segment_ids is None and q_length < kv_length
+          and q_length <= DECODE_MAX_QUERIES)
+
+
 def pallas_unsupported(mask: AttentionMask, bias) -> str | None:
   """Why `kernels_pallas.flash_attention` cannot serve this case, or None if it can."""
   del mask  # every AttentionMask field maps onto the kernel's mask spec
@@ -75,7 +86,9 @@ def resolve_impl(impl: str, *, q_length: int, kv_length: int,
     kv_length: S.
     block_size: the block size the call will use (None: `default_block_size()`).
 
-  "pallas" (the Pallas flash attention kernel; interpreted on CPU) is only used when asked for:
+  "pallas" (the Pallas flash attention kernel, or the split-KV decode kernel for up to
+  `DECODE_MAX_QUERIES` causal queries against a longer cache; interpreted on CPU) is only used
+  when asked for:
   on this 2-core CPU the interpreter is far slower than XLA's blockwise op (T=S=512, causal,
   fwd+bwd: see docs/kernels.md), and the compiled kernels have not yet been run on a TPU or GPU
   (none was available), only lowered for them.
@@ -186,6 +199,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Att
     reason = pallas_unsupported(mask, bias)
     if reason is not None:
       raise ValueError(f"impl='pallas' cannot serve this call: {reason}")
+    if _is_decode(mask, t, s):
+      # Keys past the last query's index are hidden by causality, so the valid cache is
+      # q_offset + T entries; the split-KV kernel skips the rest. Inference only (no VJP).
+      out, lse = kernels_pallas.decode_attention(
+          q, k, v, cache_length=mask.q_offset + t, q_offset=mask.q_offset, window=mask.window,
+          global_tokens=mask.global_tokens, scale=scale, block_k=requested_block,
+          return_lse=True)
+      return (out, lse) if return_lse else out
     out, lse = kernels_pallas.flash_attention(
         q, k, v, causal=mask.causal, window=mask.window, global_tokens=mask.global_tokens,
         q_offset=mask.q_offset, q_segment_ids=mask.q_segment_ids,

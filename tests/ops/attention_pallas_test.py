@@ -5,6 +5,8 @@ translation of `AttentionMask` and the model's use of it are compared with the X
 implementations (interpret mode on CPU).
 """
 
+from unittest import mock
+
 from absl.testing import absltest
 from absl.testing import parameterized
 from flax import nnx
@@ -12,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import kernels_pallas
 from longjax import configuration
 from longjax.models import build_model
 from longjax.ops import AlibiBias, AttentionMask, dot_product_attention
@@ -74,6 +77,22 @@ class PallasDispatchTest(parameterized.TestCase):
                                    impl="reference")
       np.testing.assert_allclose(step(jnp.int32(offset)), want, atol=2e-5, rtol=0)
     self.assertEqual(step._cache_size(), 1)  # pylint: disable=protected-access
+
+  def test_decoding_uses_the_decode_kernel_and_training_the_flash_kernel(self):
+    calls = []
+    for name in ("decode_attention", "flash_attention"):
+      original = getattr(kernels_pallas, name)
+      patcher = mock.patch.object(kernels_pallas, name, side_effect=original)
+      self.addCleanup(patcher.stop)
+      calls.append(patcher.start())
+    decode, flash = calls
+    q, k, v = _inputs(2, 40, 2)
+    dot_product_attention(q, k, v, mask=AttentionMask(causal=True, q_offset=30), impl="pallas",
+                          block_size=16)
+    self.assertEqual((decode.call_count, flash.call_count), (1, 0))
+    q, k, v = _inputs(40, 40, 2)
+    dot_product_attention(q, k, v, mask=AttentionMask(causal=True), impl="pallas", block_size=16)
+    self.assertEqual((decode.call_count, flash.call_count), (1, 1))
 
   def test_a_bias_is_refused_in_one_line(self):
     q, k, v = _inputs(8, 8, 2)

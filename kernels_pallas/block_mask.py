@@ -1,8 +1,8 @@
 """The static attention spec of the flash kernels: block ranges, in-tile masks and logits.
 
 Everything a kernel needs to know about masks and biases is a small hashable `FlashSpec` (static
-fields) plus a few run-time scalars (the query offset, one ALiBi slope per head) and optional
-segment ids. Nothing here materialises a [T, S] array.
+fields) plus a few run-time scalars (the query offset, the bias parameters of each head) and
+optional per-token arrays (segment ids, positions). Nothing here materialises a [T, S] array.
 
 Semantics (the same as `longjax.ops.masks.AttentionMask`): query row t has absolute index
 i = t + q_offset, key j is visible when all of
@@ -11,9 +11,14 @@ i = t + q_offset, key j is visible when all of
   * window w: i - j < w, and |i - j| < w when not causal;
   * global_tokens g (with a window): keys j < g are exempt from the window only;
   * segment ids: q_segment_ids[b, t] == kv_segment_ids[b, j].
-Logits of visible entries: x = scale * q.k; with a soft cap c, x = c * tanh(x / c); with ALiBi,
-x -= slope[n] * |i - j|. The cap is applied before the bias on purpose: capping the ALiBi
-distance penalty would bound it by c and make far keys as visible as near ones.
+Logits of visible entries: x = scale * q.k; with a soft cap c, x = c * tanh(x / c); then a bias
+of the distance d = |p_q - p_k| is added, where the positions p are q_positions[b, t] and
+kv_positions[b, j] when given, else the indices i and j (`BIAS_KINDS`):
+  * "alibi": x -= slope[n] * d;
+  * "kerple_log": x -= r1[n] * log(1 + r2[n] * d);
+  * "kerple_power": x -= r1[n] * d ** r2[n] (0 at d = 0, with zero gradients there).
+The cap is applied before the bias on purpose: capping the ALiBi distance penalty would bound it
+by c and make far keys as visible as near ones. Masks always use indices, never positions.
 
 The block-range functions below run in three places: in the TPU index maps (to choose which K/V
 block to copy), in kernel bodies (to choose which block to compute), and in plain Python (tests
@@ -27,6 +32,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels_pallas.common import cdiv
+
+# Bias kind -> number of parameters per head.
+BIAS_KINDS = {"alibi": 1, "kerple_log": 2, "kerple_power": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +51,9 @@ class FlashSpec:
     block_k: keys per block.
     scale: multiplies q.k.
     soft_cap: logit soft cap c or None.
-    has_alibi: add -slope[n] * |i - j| to the logits.
+    bias: None or one of `BIAS_KINDS`: the logit bias of the distance (module docstring).
     has_segments: compare segment ids.
+    has_positions: the bias reads per-token positions instead of indices.
   """
 
   causal: bool
@@ -56,8 +65,18 @@ class FlashSpec:
   block_k: int
   scale: float
   soft_cap: float | None = None
-  has_alibi: bool = False
+  bias: str | None = None
   has_segments: bool = False
+  has_positions: bool = False
+
+  @property
+  def has_alibi(self) -> bool:
+    return self.bias == "alibi"
+
+  @property
+  def num_bias_params(self) -> int:
+    """Parameters per head of the bias: 0, 1 (ALiBi slope) or 2 (KERPLE r1, r2)."""
+    return BIAS_KINDS[self.bias] if self.bias is not None else 0
 
   @property
   def num_q_blocks(self) -> int:

@@ -185,7 +185,7 @@ def decode_attention(q, k_cache, v_cache, *, cache_length, q_offset=None,
       causal=True, window=window, global_tokens=global_tokens, q_length=t, kv_length=s,
       block_q=t, block_k=block_k, scale=h ** -0.5 if scale is None else float(scale),
       soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
-      has_alibi=alibi_slopes is not None)
+      bias=None if alibi_slopes is None else "alibi")
   max_steps = block_mask.kv_steps_bound(spec)
   if num_splits is None:
     num_splits = _default_num_splits(variant, interpret, b * nk, max_steps)

@@ -32,7 +32,7 @@ def _kernel(cache_length_ref, q_offset_ref, shift_ref, q_ref, k_ref, v_ref, *ref
   # `tile_visibility` puts row r at r + q_offset; the per-row shift (r % T) - r moves the folded
   # rows to their query's index.
   row_offset = q_offset + shift_ref[...][:, None]
-  slope = slopes_ref[...][:, None] if spec.has_alibi else None
+  bias_params = (slopes_ref[...][:, None],) if spec.has_alibi else None
   g_hi, lo, hi = block_mask.decode_kv_ranges(spec, q_offset, cache_length)
   start, end = block_mask.split_range(g_hi + hi - lo, num_splits, p)
 
@@ -41,7 +41,7 @@ def _kernel(cache_length_ref, q_offset_ref, shift_ref, q_ref, k_ref, v_ref, *ref
     cols = j * bk + lax.broadcasted_iota(jnp.int32, (q.shape[0], bk), 1)
     return flash_tiles.forward_tile(
         spec, q, k_ref[kv, :], v_ref[kv, :], *carry, q_start=0, kv_start=j * bk,
-        q_offset=row_offset, slope=slope, segment_visible=cols < cache_length)
+        q_offset=row_offset, bias_params=bias_params, segment_visible=cols < cache_length)
 
   carry = (jnp.full((q.shape[0], 1), flash_tiles.MASK_VALUE, jnp.float32),
            jnp.zeros((q.shape[0], 1), jnp.float32), jnp.zeros(q.shape, jnp.float32))

@@ -52,7 +52,7 @@ def _kernel(cache_length_ref, q_offset_ref, shift_ref, q_ref, k_ref, v_ref, *ref
     m, l, acc = flash_tiles.forward_tile(
         spec, q_ref[...], k_ref[...], v_ref[...], m_scr[:, 0:1], l_scr[:, 0:1], acc_scr[...],
         q_start=0, kv_start=kv_start, q_offset=q_offset + shift_ref[:, 0:1],
-        slope=slopes_ref[:, 0:1] if spec.has_alibi else None,
+        bias_params=(slopes_ref[:, 0:1],) if spec.has_alibi else None,
         segment_visible=kv_start + lax.broadcasted_iota(jnp.int32, shape, 1) < cache_length)
     m_scr[...] = jnp.broadcast_to(m, m_scr.shape)
     l_scr[...] = jnp.broadcast_to(l, l_scr.shape)

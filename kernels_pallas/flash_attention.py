@@ -5,6 +5,8 @@ reads KV head n // (N // K), never a repeated copy), evaluates masks and biases 
 kernels from a small static spec (see `block_mask` for the exact semantics), skips KV blocks that
 no query of a block can see (neither copied nor computed), and returns the output and optionally
 the log-sum-exp of each row, which ring attention and decoding need to merge partial results.
+Position-based biases (ALiBi, KERPLE) are computed per tile from per-token positions (or the
+indices) and per-head parameters, with the parameters' gradients summed from per-row shares.
 The backward pass is two Pallas kernels (dq; dk and dv summed over each KV head's query heads)
 that recompute the probabilities from the saved log-sum-exp.
 
@@ -30,8 +32,34 @@ from kernels_pallas import flash_attention_tpu
 _VARIANTS = {"tpu": flash_attention_tpu, "gpu": flash_attention_gpu}
 
 
-def _check_inputs(q, k, v, window, global_tokens, q_segment_ids, kv_segment_ids, alibi_slopes,
-                  logit_soft_cap):
+def _bias_args(n, bias_kind, bias_params, alibi_slopes):
+  """Normalises the bias arguments to (kind or None, tuple of [N] f32 parameter arrays)."""
+  if alibi_slopes is not None:
+    if bias_kind is not None or bias_params is not None:
+      raise ValueError("give alibi_slopes or bias_kind/bias_params, not both")
+    bias_kind, bias_params = "alibi", alibi_slopes
+  if bias_kind is None:
+    if bias_params is not None:
+      raise ValueError("bias_params needs a bias_kind")
+    return None, ()
+  if bias_kind not in block_mask.BIAS_KINDS:
+    raise ValueError(f"bias_kind={bias_kind!r}; valid: {tuple(block_mask.BIAS_KINDS)} or None")
+  num = block_mask.BIAS_KINDS[bias_kind]
+  if bias_params is None:
+    raise ValueError(f"bias_kind={bias_kind!r} needs bias_params")
+  if num == 1 and not isinstance(bias_params, (tuple, list)):
+    bias_params = (bias_params,)
+  if not isinstance(bias_params, (tuple, list)) or len(bias_params) != num:
+    raise ValueError(f"bias_kind={bias_kind!r} takes bias_params = {num} arrays [N={n}]")
+  params = tuple(jnp.asarray(x, jnp.float32) for x in bias_params)
+  for x in params:
+    if x.shape != (n,):
+      raise ValueError(f"bias parameters must have shape [N={n}], got {x.shape}")
+  return bias_kind, params
+
+
+def _check_inputs(q, k, v, window, global_tokens, q_segment_ids, kv_segment_ids, q_positions,
+                  kv_positions, logit_soft_cap):
   b, t, n, h = q.shape
   if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
     raise ValueError(f"k and v must be [B={b}, S, K, H={h}], got {k.shape} and {v.shape}")
@@ -54,8 +82,13 @@ def _check_inputs(q, k, v, window, global_tokens, q_segment_ids, kv_segment_ids,
                               ("kv_segment_ids", kv_segment_ids, k.shape[1])):
       if ids.ndim != 2 or ids.shape[1] != length or ids.shape[0] not in (1, b):
         raise ValueError(f"{name} must have shape [{b} or 1, {length}], got {ids.shape}")
-  if alibi_slopes is not None and jnp.shape(alibi_slopes) != (n,):
-    raise ValueError(f"alibi_slopes must have shape [N={n}], got {jnp.shape(alibi_slopes)}")
+  if (q_positions is None) != (kv_positions is None):
+    raise ValueError("q_positions and kv_positions must be given together")
+  if q_positions is not None:
+    for name, pos, length in (("q_positions", q_positions, t),
+                              ("kv_positions", kv_positions, k.shape[1])):
+      if pos.ndim != 2 or pos.shape[1] != length or pos.shape[0] not in (1, b):
+        raise ValueError(f"{name} must have shape [{b} or 1, {length}], got {pos.shape}")
   if logit_soft_cap is not None and not logit_soft_cap > 0:
     raise ValueError(f"logit_soft_cap must be positive or None, got {logit_soft_cap!r}")
 
@@ -74,19 +107,26 @@ def _check_blocks(variant: str, interpret: bool, block_q: int, block_k: int) -> 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _attention(spec, variant, interpret, q, k, v, q_offset, slopes, q_ids, kv_ids):
-  """Padded head-major attention: q [B, N, Tp, H], k/v [B, K, Sp, H] -> (out, lse [B, N, Tp])."""
-  return _VARIANTS[variant].forward(spec, q, k, v, q_offset, slopes, q_ids, kv_ids,
-                                    interpret=interpret)
+def _attention(spec, variant, interpret, q, k, v, q_offset, params, q_ids, kv_ids, q_pos,
+               kv_pos):
+  """Padded head-major attention: q [B, N, Tp, H], k/v [B, K, Sp, H] -> (out, lse [B, N, Tp]).
+
+  params: [N * P] f32 bias parameters, head-major, or None; q_ids/q_pos [B, Tp] and
+  kv_ids/kv_pos [B, Sp] int32 or None.
+  """
+  return _VARIANTS[variant].forward(spec, q, k, v, q_offset, params, q_ids, kv_ids, q_pos,
+                                    kv_pos, interpret=interpret)
 
 
-def _attention_fwd(spec, variant, interpret, q, k, v, q_offset, slopes, q_ids, kv_ids):
-  out, lse = _attention(spec, variant, interpret, q, k, v, q_offset, slopes, q_ids, kv_ids)
-  return (out, lse), (q, k, v, q_offset, slopes, q_ids, kv_ids, out, lse)
+def _attention_fwd(spec, variant, interpret, q, k, v, q_offset, params, q_ids, kv_ids, q_pos,
+                   kv_pos):
+  out, lse = _attention(spec, variant, interpret, q, k, v, q_offset, params, q_ids, kv_ids,
+                        q_pos, kv_pos)
+  return (out, lse), (q, k, v, q_offset, params, q_ids, kv_ids, q_pos, kv_pos, out, lse)
 
 
 def _attention_bwd(spec, variant, interpret, residuals, cotangents):
-  q, k, v, q_offset, slopes, q_ids, kv_ids, out, lse = residuals
+  q, k, v, q_offset, params, q_ids, kv_ids, q_pos, kv_pos, out, lse = residuals
   dout, dlse = cotangents
   # FlashAttention-2's D = rowsum(dO * O). A cotangent on lse adds p * dlse to d(logits), the
   # same as lowering D by dlse.
@@ -94,12 +134,12 @@ def _attention_bwd(spec, variant, interpret, residuals, cotangents):
   # Rows that saw no key have lse = -inf and no visible logit; any finite value keeps their
   # p = exp(-inf - lse) at 0 instead of NaN.
   lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-  dq, dk, dv, dslope = _VARIANTS[variant].backward(
-      spec, q, k, v, q_offset, slopes, q_ids, kv_ids, dout.astype(q.dtype), lse, delta,
-      interpret=interpret)
-  if dslope is not None:  # per-row shares; padded rows saw no key and hold 0
-    dslope = dslope.sum(axis=(0, 2)).astype(slopes.dtype)
-  return dq, dk, dv, None, dslope, None, None
+  dq, dk, dv, dparams = _VARIANTS[variant].backward(
+      spec, q, k, v, q_offset, params, q_ids, kv_ids, q_pos, kv_pos, dout.astype(q.dtype), lse,
+      delta, interpret=interpret)
+  if dparams is not None:  # per-row shares [B, N, Tp, P]; padded rows saw no key and hold 0
+    dparams = dparams.sum(axis=(0, 2)).reshape(-1).astype(params.dtype)
+  return dq, dk, dv, None, dparams, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -107,15 +147,18 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
                     global_tokens: int = 0, q_offset=0, q_segment_ids=None, kv_segment_ids=None,
-                    alibi_slopes=None, logit_soft_cap: float | None = None,
+                    bias_kind: str | None = None, bias_params=None, q_positions=None,
+                    kv_positions=None, alibi_slopes=None, logit_soft_cap: float | None = None,
                     scale: float | None = None, block_q: int | None = None,
                     block_k: int | None = None, return_lse: bool = False,
                     interpret: bool | None = None, backend: str | None = None):
   """Softmax attention softmax(logits, masked) v with in-kernel masks and biases.
 
-  Logits are scale * q.k, then soft-capped, then ALiBi-biased; query row t sits at absolute
-  index i = t + q_offset and sees key j as described in `block_mask` (causal, window, global
-  tokens, segment ids). Rows that see no key output zeros and lse = -inf, with zero gradients.
+  Logits are scale * q.k, then soft-capped, then biased by a function of the distance
+  d = |p_q - p_k| (positions, or indices when no positions are given); query row t sits at
+  absolute index i = t + q_offset and sees key j as described in `block_mask` (causal, window,
+  global tokens, segment ids: masks always use indices). Rows that see no key output zeros and
+  lse = -inf, with zero gradients.
 
   Args:
     q: [B, T, N, H] queries.
@@ -128,9 +171,17 @@ def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
       number of tokens already in a KV cache when decoding.
     q_segment_ids: [B or 1, T] int ids; only equal ids attend (packed documents).
     kv_segment_ids: [B or 1, S] int ids.
-    alibi_slopes: [N] float: logits -= slopes[n] * |i - j|; differentiable (the dq kernel
-      also sums each row's d(logits) * -|i - j|).
-    logit_soft_cap: c: logits = c * tanh(logits / c) (before the ALiBi bias).
+    bias_kind: None, "alibi" (logits -= slope[n] * d), "kerple_log" (logits -=
+      r1[n] * log(1 + r2[n] * d)) or "kerple_power" (logits -= r1[n] * d ** r2[n], 0 at d = 0),
+      as `longjax.ops.biases.AlibiBias` / `KerpleBias`.
+    bias_params: the bias's per-head parameters: [N] slopes (or a 1-tuple) for "alibi",
+      ([N] r1, [N] r2) for KERPLE (r2 > 0). Differentiable: the dq kernel also sums each row's
+      d(logits) * d(bias)/d(parameter).
+    q_positions: [B or 1, T] int positions of the queries for the bias (e.g. shifted, or
+      restarted per packed document); None (with kv_positions None) means i = t + q_offset.
+    kv_positions: [B or 1, S] int positions of the keys; None means j.
+    alibi_slopes: shorthand for bias_kind="alibi", bias_params=alibi_slopes.
+    logit_soft_cap: c: logits = c * tanh(logits / c) (before the bias).
     scale: multiplies q.k; None means H ** -0.5.
     block_q: query rows per block; None picks `common.default_block_sizes`.
     block_k: keys per block; None as above.
@@ -142,10 +193,12 @@ def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
   Returns:
     out [B, T, N, H] in q.dtype; with `return_lse`, (out, lse) with lse [B, N, T] float32.
   """
-  _check_inputs(q, k, v, window, global_tokens, q_segment_ids, kv_segment_ids, alibi_slopes,
-                logit_soft_cap)
+  _check_inputs(q, k, v, window, global_tokens, q_segment_ids, kv_segment_ids, q_positions,
+                kv_positions, logit_soft_cap)
   b, t, n, h = q.shape
   s = k.shape[1]
+  bias_kind, params = _bias_args(n, bias_kind, bias_params, alibi_slopes)
+  has_positions = bias_kind is not None and q_positions is not None
   variant = common.kernel_variant(backend)
   interpret = common.default_interpret() if interpret is None else bool(interpret)
   default_q, default_k = common.default_block_sizes(variant, t, s)
@@ -156,7 +209,7 @@ def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
       causal=bool(causal), window=window, global_tokens=global_tokens, q_length=t, kv_length=s,
       block_q=block_q, block_k=block_k, scale=h ** -0.5 if scale is None else float(scale),
       soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
-      has_alibi=alibi_slopes is not None, has_segments=q_segment_ids is not None)
+      bias=bias_kind, has_segments=q_segment_ids is not None, has_positions=has_positions)
 
   # Head-major layout: a (block, H) tile of one head is then contiguous in its last two dims,
   # which Mosaic's (8, 128) tiling needs; the transposes are O(T N H) next to O(T S N H).
@@ -169,23 +222,30 @@ def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
     width = max(16, common.next_power_of_2(h))
     qh, kh, vh = (common.pad_to_multiple(x, 3, width) for x in (qh, kh, vh))
   offset = jnp.asarray(q_offset, jnp.int32).reshape(1)
-  slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32)
-  q_ids = kv_ids = None
+  # [N * P], head-major: head n's parameters are params[n * P: (n + 1) * P].
+  params = jnp.stack(params, axis=1).reshape(-1) if params else None
+
+  def per_token(x, length, block):  # [B or 1, L] -> [B, Lp] int32; padding is masked
+    return common.pad_to_multiple(
+        jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b, length)), 1, block)
+
+  q_ids = kv_ids = q_pos = kv_pos = None
   if q_segment_ids is not None:
-    q_ids = common.pad_to_multiple(
-        jnp.broadcast_to(jnp.asarray(q_segment_ids, jnp.int32), (b, t)), 1, block_q)
-    kv_ids = common.pad_to_multiple(
-        jnp.broadcast_to(jnp.asarray(kv_segment_ids, jnp.int32), (b, s)), 1, block_k)
-  out, lse = _attention(spec, variant, interpret, qh, kh, vh, offset, slopes, q_ids, kv_ids)
+    q_ids, kv_ids = per_token(q_segment_ids, t, block_q), per_token(kv_segment_ids, s, block_k)
+  if has_positions:
+    q_pos, kv_pos = per_token(q_positions, t, block_q), per_token(kv_positions, s, block_k)
+  out, lse = _attention(spec, variant, interpret, qh, kh, vh, offset, params, q_ids, kv_ids,
+                        q_pos, kv_pos)
   out = out[:, :, :t, :h].transpose(0, 2, 1, 3)
   return (out, lse[:, :, :t]) if return_lse else out
 
 
 def flash_attention_reference(q, k, v, *, causal: bool = True, window: int | None = None,
                               global_tokens: int = 0, q_offset=0, q_segment_ids=None,
-                              kv_segment_ids=None, alibi_slopes=None,
-                              logit_soft_cap: float | None = None, scale: float | None = None,
-                              return_lse: bool = False):
+                              kv_segment_ids=None, bias_kind: str | None = None,
+                              bias_params=None, q_positions=None, kv_positions=None,
+                              alibi_slopes=None, logit_soft_cap: float | None = None,
+                              scale: float | None = None, return_lse: bool = False):
   """Dense attention with the semantics of `flash_attention`; materialises [B, N, T, S] logits.
 
   Args: as for `flash_attention` (without block sizes, interpreter or variant).
@@ -193,19 +253,33 @@ def flash_attention_reference(q, k, v, *, causal: bool = True, window: int | Non
   Returns:
     out [B, T, N, H] in q.dtype; with `return_lse`, (out, lse [B, N, T] float32).
   """
-  _check_inputs(q, k, v, window, global_tokens, q_segment_ids, kv_segment_ids, alibi_slopes,
-                logit_soft_cap)
+  _check_inputs(q, k, v, window, global_tokens, q_segment_ids, kv_segment_ids, q_positions,
+                kv_positions, logit_soft_cap)
   b, t, n, h = q.shape
   s, nk = k.shape[1], k.shape[2]
+  bias_kind, params = _bias_args(n, bias_kind, bias_params, alibi_slopes)
   scale = h ** -0.5 if scale is None else float(scale)
   logits = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, nk, n // nk, h), k,
                       preferred_element_type=jnp.float32).reshape(b, n, t, s) * scale
   if logit_soft_cap is not None:
     logits = logit_soft_cap * jnp.tanh(logits / logit_soft_cap)
   distance = (jnp.arange(t)[:, None] + jnp.asarray(q_offset, jnp.int32)) - jnp.arange(s)[None]
-  if alibi_slopes is not None:
-    slopes = jnp.asarray(alibi_slopes, jnp.float32)
-    logits = logits - slopes[:, None, None] * jnp.abs(distance).astype(jnp.float32)
+  if bias_kind is not None:
+    if q_positions is None:
+      d = jnp.abs(distance)[None]  # [1, T, S]
+    else:
+      d = jnp.abs(jnp.asarray(q_positions, jnp.int32)[:, :, None]
+                  - jnp.asarray(kv_positions, jnp.int32)[:, None, :])  # [B or 1, T, S]
+    d = d.astype(jnp.float32)[:, None]  # [B or 1, 1, T, S]
+    p1 = params[0][:, None, None]  # [N, 1, 1]
+    if bias_kind == "alibi":
+      bias = -p1 * d
+    elif bias_kind == "kerple_log":
+      bias = -p1 * jnp.log1p(params[1][:, None, None] * d)
+    else:  # kerple_power; d = 0 apart, so that the gradient of 0 ** r2 is not 0 * log(0)
+      log_d = jnp.log(jnp.where(d > 0, d, 1.0))
+      bias = -p1 * jnp.where(d > 0, jnp.exp(params[1][:, None, None] * log_d), 0.0)
+    logits = logits + bias
   visible = jnp.ones((t, s), bool)
   if causal:
     visible &= distance >= 0

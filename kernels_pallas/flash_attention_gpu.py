@@ -12,6 +12,7 @@ memory; the body loads one tile at a time with `pl.ds`.
 """
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,24 +24,52 @@ from kernels_pallas import common
 from kernels_pallas import flash_tiles
 
 
+class _Optional(NamedTuple):
+  """The optional operand refs of a kernel (None where the spec has no use for them)."""
+  params: Any  # [N * P] f32 bias parameters
+  q_ids: Any
+  kv_ids: Any
+  q_pos: Any
+  kv_pos: Any
+
+
 def _unpack(spec, refs, n_out):
-  """Splits the optional operands (slopes, segment ids) from the outputs."""
+  """Splits the optional operands (bias parameters, segment ids, positions) from the outputs."""
   refs = list(refs)
-  slopes = refs.pop(0) if spec.has_alibi else None
+  params = refs.pop(0) if spec.bias is not None else None
   q_ids, kv_ids = (refs.pop(0), refs.pop(0)) if spec.has_segments else (None, None)
-  return slopes, q_ids, kv_ids, refs[:n_out]
+  q_pos, kv_pos = (refs.pop(0), refs.pop(0)) if spec.has_positions else (None, None)
+  return _Optional(params, q_ids, kv_ids, q_pos, kv_pos), refs[:n_out]
 
 
-def _extra(spec, slopes, q_ids, kv_ids, q_ids_spec, kv_ids_spec):
-  """Specs and arrays for the optional operands, in kernel order."""
+def _extra(spec, params, q_side, kv_side, q_spec, kv_spec):
+  """Specs and arrays for the optional operands, in kernel order.
+
+  Args:
+    spec: the static spec.
+    params: [N * P] f32 bias parameters or None.
+    q_side: (segment ids, positions) of the queries, [B, Tp] int32 each or None.
+    kv_side: the same for the keys, [B, Sp].
+    q_spec: block spec of the query-side arrays.
+    kv_spec: block spec of the key-side arrays.
+  """
   specs, args = [], []
-  if spec.has_alibi:
-    specs.append(pl.BlockSpec(slopes.shape, lambda *_: (0,)))  # [N], read as scalars
-    args.append(slopes)
-  if spec.has_segments:
-    specs += [q_ids_spec, kv_ids_spec]
-    args += [q_ids, kv_ids]
+  if spec.bias is not None:
+    specs.append(pl.BlockSpec(params.shape, lambda *_: (0,)))  # read as scalars
+    args.append(params)
+  for used, which in ((spec.has_segments, 0), (spec.has_positions, 1)):
+    if used:
+      specs += [q_spec, kv_spec]
+      args += [q_side[which], kv_side[which]]
   return specs, args
+
+
+def _where(spec, bias_params, q_ids, kv_ids, q_pos, kv_pos):
+  """`flash_tiles.masked_logits` keywords from loaded per-token arrays, already shaped so that
+  q - kv broadcasts to the tile (None where unused)."""
+  return dict(bias_params=bias_params,
+              segment_visible=None if q_ids is None else q_ids == kv_ids,
+              positions=None if q_pos is None else (q_pos, kv_pos))
 
 
 def _kv_loop(spec, q_block, q_offset, body, carry):
@@ -52,21 +81,35 @@ def _kv_loop(spec, q_block, q_offset, body, carry):
   return carry
 
 
+def _head_params(spec, ops, head):
+  return None if spec.bias is None else flash_tiles.head_bias_params(spec, ops.params, head)
+
+
+def _column(ref):
+  """A loaded query block's per-row array as a column [bq, 1], or None."""
+  return None if ref is None else ref[...][:, None]
+
+
+def _row(ref, index):
+  """A slice of a per-token array as a row [1, b], or None."""
+  return None if ref is None else ref[index][None, :]
+
+
 def _fwd_kernel(q_offset_ref, q_ref, k_ref, v_ref, *refs, spec):
-  slopes_ref, q_ids_ref, kv_ids_ref, (o_ref, lse_ref) = _unpack(spec, refs, 2)
+  ops, (o_ref, lse_ref) = _unpack(spec, refs, 2)
   i, n = pl.program_id(0), pl.program_id(2)
   q_offset = q_offset_ref[0]
   bq, bk = spec.block_q, spec.block_k
   q = q_ref[...]
-  slope = slopes_ref[n] if spec.has_alibi else None
-  q_ids = q_ids_ref[...][:, None] if spec.has_segments else None
+  bias_params = _head_params(spec, ops, n)
+  q_ids, q_pos = _column(ops.q_ids), _column(ops.q_pos)
 
   def body(j, carry):
     kv = pl.ds(pl.multiple_of(j * bk, bk), bk)
-    segment_visible = None if q_ids is None else q_ids == kv_ids_ref[kv][None, :]
     return flash_tiles.forward_tile(
         spec, q, k_ref[kv, :], v_ref[kv, :], *carry, q_start=i * bq, kv_start=j * bk,
-        q_offset=q_offset, slope=slope, segment_visible=segment_visible)
+        q_offset=q_offset, **_where(spec, bias_params, q_ids, _row(ops.kv_ids, kv), q_pos,
+                                    _row(ops.kv_pos, kv)))
 
   init = (jnp.full((bq, 1), flash_tiles.MASK_VALUE, jnp.float32),
           jnp.zeros((bq, 1), jnp.float32), jnp.zeros(q.shape, jnp.float32))
@@ -81,8 +124,11 @@ def _whole_kv_spec(sp, h, groups):
                       lambda i, bi, ni: (bi, block_mask.int_div(ni, groups), 0, 0))
 
 
-def forward(spec, q, k, v, q_offset, slopes, q_ids, kv_ids, *, interpret):
-  """Forward pass. Returns out [B, N, Tp, H] in q.dtype and lse [B, N, Tp] f32."""
+def forward(spec, q, k, v, q_offset, params, q_ids, kv_ids, q_pos, kv_pos, *, interpret):
+  """Forward pass. Returns out [B, N, Tp, H] in q.dtype and lse [B, N, Tp] f32.
+
+  Args: as for `flash_attention_tpu.forward`.
+  """
   b, n, tp, h = q.shape
   groups = n // k.shape[1]
   sp = k.shape[2]
@@ -90,7 +136,7 @@ def forward(spec, q, k, v, q_offset, slopes, q_ids, kv_ids, *, interpret):
   q_spec = pl.BlockSpec((None, None, bq, h), lambda i, bi, ni: (bi, ni, i, 0))
   kv_spec = _whole_kv_spec(sp, h, groups)
   extra_specs, extra_args = _extra(
-      spec, slopes, q_ids, kv_ids,
+      spec, params, (q_ids, q_pos), (kv_ids, kv_pos),
       pl.BlockSpec((None, bq), lambda i, bi, ni: (bi, i)),
       pl.BlockSpec((None, sp), lambda i, bi, ni: (bi, 0)))
   return pl.pallas_call(
@@ -108,53 +154,52 @@ def forward(spec, q, k, v, q_offset, slopes, q_ids, kv_ids, *, interpret):
 
 
 def _dq_kernel(q_offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec):
-  # With ALiBi a second output holds each row's share of d(slope).
-  slopes_ref, q_ids_ref, kv_ids_ref, outs = _unpack(spec, refs, 2 if spec.has_alibi else 1)
+  # With a bias, P more outputs hold each row's share of d(parameter p).
+  ops, outs = _unpack(spec, refs, 1 + spec.num_bias_params)
   i, n = pl.program_id(0), pl.program_id(2)
   q_offset = q_offset_ref[0]
   bq, bk = spec.block_q, spec.block_k
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
-  slope = slopes_ref[n] if spec.has_alibi else None
-  q_ids = q_ids_ref[...][:, None] if spec.has_segments else None
+  bias_params = _head_params(spec, ops, n)
+  q_ids, q_pos = _column(ops.q_ids), _column(ops.q_pos)
 
   def body(j, carry):
     kv = pl.ds(pl.multiple_of(j * bk, bk), bk)
-    segment_visible = None if q_ids is None else q_ids == kv_ids_ref[kv][None, :]
-    dq, dslope = flash_tiles.dq_tile(
+    dq, dparams = flash_tiles.dq_tile(
         spec, q, k_ref[kv, :], v_ref[kv, :], do, lse, delta, q_start=i * bq, kv_start=j * bk,
-        q_offset=q_offset, slope=slope, segment_visible=segment_visible)
-    return (carry[0] + dq,) + ((carry[1] + dslope,) if spec.has_alibi else ())
+        q_offset=q_offset, **_where(spec, bias_params, q_ids, _row(ops.kv_ids, kv), q_pos,
+                                    _row(ops.kv_pos, kv)))
+    return (carry[0] + dq,) + tuple(c + d for c, d in zip(carry[1:], dparams or ()))
 
   init = (jnp.zeros(q.shape, jnp.float32),)
-  if spec.has_alibi:
-    init += (jnp.zeros((bq, 1), jnp.float32),)
+  init += (jnp.zeros((bq, 1), jnp.float32),) * spec.num_bias_params
   carry = _kv_loop(spec, i, q_offset, body, init)
   outs[0][...] = carry[0].astype(outs[0].dtype)
-  if spec.has_alibi:
-    outs[1][...] = carry[1][:, 0]
+  for out, share in zip(outs[1:], carry[1:]):
+    out[...] = share[:, 0]
 
 
 def _dkv_kernel(q_offset_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, spec,
                 groups):
-  slopes_ref, q_ids_ref, kv_ids_ref, (dk_ref, dv_ref) = _unpack(spec, refs, 2)
+  ops, (dk_ref, dv_ref) = _unpack(spec, refs, 2)
   j, kh = pl.program_id(0), pl.program_id(2)
   q_offset = q_offset_ref[0]
   bq, bk = spec.block_q, spec.block_k
   k, v = k_ref[...], v_ref[...]
-  kv_ids = kv_ids_ref[...][:, None] if spec.has_segments else None
+  kv_ids, kv_pos = _column(ops.kv_ids), _column(ops.kv_pos)  # keys are the tile's rows
   lo, hi = block_mask.q_block_range(spec, j, q_offset)
 
   def head_body(g, carry):
-    slope = slopes_ref[kh * groups + g] if spec.has_alibi else None
+    bias_params = _head_params(spec, ops, kh * groups + g)
 
     def body(i, carry):
       rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
-      segment_visible = None if kv_ids is None else kv_ids == q_ids_ref[rows][None, :]
       dk, dv = flash_tiles.dkv_tile(
           spec, k, v, q_ref[g, rows, :], do_ref[g, rows, :], lse_ref[g, rows][None, :],
           delta_ref[g, rows][None, :], q_start=i * bq, kv_start=j * bk, q_offset=q_offset,
-          slope=slope, segment_visible=segment_visible)
+          **_where(spec, bias_params, _row(ops.q_ids, rows), kv_ids, _row(ops.q_pos, rows),
+                   kv_pos))
       return carry[0] + dk, carry[1] + dv
 
     return lax.fori_loop(lo, hi, body, carry)
@@ -165,10 +210,12 @@ def _dkv_kernel(q_offset_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(spec, q, k, v, q_offset, slopes, q_ids, kv_ids, do, lse, delta, *, interpret):
-  """Gradients dq [B, N, Tp, H], dk, dv [B, K, Sp, H] and per-row d(slope) [B, N, Tp] or None.
+def backward(spec, q, k, v, q_offset, params, q_ids, kv_ids, q_pos, kv_pos, do, lse, delta, *,
+             interpret):
+  """Gradients dq [B, N, Tp, H], dk, dv [B, K, Sp, H] and per-row d(params) [B, N, Tp, P].
 
-  dk and dv are summed over each KV head's query heads; d(slope) is only computed with ALiBi.
+  dk and dv are summed over each KV head's query heads; d(params) (each row's share of the
+  gradient of its head's bias parameters) is None without a bias.
 
   Args:
     lse: [B, N, Tp] f32 with -inf replaced by a finite value.
@@ -180,27 +227,27 @@ def backward(spec, q, k, v, q_offset, slopes, q_ids, kv_ids, do, lse, delta, *, 
   groups = n // nk
   bq, bk = spec.block_q, spec.block_k
   offset_spec = pl.BlockSpec((1,), lambda *_: (0,))
-  params = common.compiler_params("gpu", dimension_semantics=("parallel",) * 3, head_dim=h)
+  compiler = common.compiler_params("gpu", dimension_semantics=("parallel",) * 3, head_dim=h)
 
   q_spec = pl.BlockSpec((None, None, bq, h), lambda i, bi, ni: (bi, ni, i, 0))
   row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, ni: (bi, ni, i))
   kv_spec = _whole_kv_spec(sp, h, groups)
   extra_specs, extra_args = _extra(
-      spec, slopes, q_ids, kv_ids,
+      spec, params, (q_ids, q_pos), (kv_ids, kv_pos),
       pl.BlockSpec((None, bq), lambda i, bi, ni: (bi, i)),
       pl.BlockSpec((None, sp), lambda i, bi, ni: (bi, 0)))
-  out_specs, out_shape = [q_spec], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-  if spec.has_alibi:  # per-row d(slope)
-    out_specs.append(row_spec)
-    out_shape.append(jax.ShapeDtypeStruct((b, n, tp), jnp.float32))
-  dq, *dslope = pl.pallas_call(
+  # Per-row d(parameter p), one output each.
+  out_specs = [q_spec] + [row_spec] * spec.num_bias_params
+  out_shape = ([jax.ShapeDtypeStruct(q.shape, q.dtype)]
+               + [jax.ShapeDtypeStruct((b, n, tp), jnp.float32)] * spec.num_bias_params)
+  dq, *dparams = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec),
       grid=(tp // bq, b, n),
       in_specs=[offset_spec, q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
                 *extra_specs],
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=params,
+      compiler_params=compiler,
       interpret=interpret,
       name="flash_attention_dq",
   )(q_offset, q, k, v, do, lse, delta, *extra_args)
@@ -211,7 +258,7 @@ def backward(spec, q, k, v, q_offset, slopes, q_ids, kv_ids, do, lse, delta, *, 
   t_q_spec = pl.BlockSpec((None, groups, tp, h), lambda j, bi, ki: (bi, ki, 0, 0))
   t_row_spec = pl.BlockSpec((None, groups, tp), lambda j, bi, ki: (bi, ki, 0))
   extra_specs, extra_args = _extra(
-      spec, slopes, q_ids, kv_ids,
+      spec, params, (q_ids, q_pos), (kv_ids, kv_pos),
       pl.BlockSpec((None, tp), lambda j, bi, ki: (bi, 0)),
       pl.BlockSpec((None, bk), lambda j, bi, ki: (bi, j)))
   dk, dv = pl.pallas_call(
@@ -221,8 +268,8 @@ def backward(spec, q, k, v, q_offset, slopes, q_ids, kv_ids, do, lse, delta, *, 
                 *extra_specs],
       out_specs=[t_kv_spec, t_kv_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params,
+      compiler_params=compiler,
       interpret=interpret,
       name="flash_attention_dkv",
   )(q_offset, k, v, q, do, lse, delta, *extra_args)
-  return dq, dk, dv, dslope[0] if dslope else None
+  return dq, dk, dv, jnp.stack(dparams, axis=-1) if dparams else None

@@ -10,13 +10,15 @@ visible blocks of a query block re-map to its last visible block: the pipeline s
 block index as on the step before and copies nothing, and `pl.when` skips the compute. The
 query offset is a scalar-prefetch operand, so the index maps can read it before any copy.
 
-Vreg tiling: row statistics (running max and sum, lse, d(slope)) are kept replicated over the
-128 lanes, [rows, 128], and segment ids are broadcast to [B, L, 128] (column use) or [B, 8, L]
-(row use), as jax's own TPU kernels do. The forward's lse output is therefore transiently 128x
+Vreg tiling: row statistics (running max and sum, lse) are kept replicated over the 128 lanes,
+[rows, 128] (each row's d(bias parameter) shares sit in lanes 0..P-1 of one such array), and
+segment ids and positions are broadcast to [B, L, 128] (column use) or [B, 8, L] (row use), as
+jax's own TPU kernels do. The forward's lse output is therefore transiently 128x
 its size ([B, N, Tp, 128] f32, 256 MiB at N=8, T=64k) before it is sliced.
 """
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,24 +34,73 @@ _LANES = 128  # vreg lanes: row statistics are kept replicated over them
 _SUBLANES = 8
 
 
+class _Optional(NamedTuple):
+  """The optional operand refs of a kernel (None where the spec has no use for them)."""
+  params: Any  # [N * P] f32 bias parameters in SMEM
+  q_ids: Any
+  kv_ids: Any
+  q_pos: Any
+  kv_pos: Any
+
+
 def _unpack(spec, refs, n_out):
-  """Splits the optional operands (slopes, segment ids) from the outputs and scratch."""
+  """Splits the optional operands (bias parameters, segment ids, positions) from the outputs
+  and scratch."""
   refs = list(refs)
-  slopes = refs.pop(0) if spec.has_alibi else None
+  params = refs.pop(0) if spec.bias is not None else None
   q_ids, kv_ids = (refs.pop(0), refs.pop(0)) if spec.has_segments else (None, None)
-  return slopes, q_ids, kv_ids, refs[:n_out], refs[n_out:]
+  q_pos, kv_pos = (refs.pop(0), refs.pop(0)) if spec.has_positions else (None, None)
+  return _Optional(params, q_ids, kv_ids, q_pos, kv_pos), refs[:n_out], refs[n_out:]
 
 
-def _extra_inputs(spec, slopes, q_ids, kv_ids, q_ids_spec, kv_ids_spec):
-  """Specs and arrays for the optional operands, in kernel order."""
+def _extra_inputs(spec, params, q_side, kv_side, q_spec, kv_spec):
+  """Specs and arrays for the optional operands, in kernel order.
+
+  Args:
+    spec: the static spec.
+    params: [N * P] f32 bias parameters or None.
+    q_side: (segment ids, positions) of the queries, each in the layout `q_spec` blocks.
+    kv_side: the same for the keys, in the layout of `kv_spec`.
+    q_spec: block spec of the query-side arrays.
+    kv_spec: block spec of the key-side arrays.
+  """
   specs, args = [], []
-  if spec.has_alibi:
-    specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))  # [N] slopes, read as scalars
-    args.append(slopes)
-  if spec.has_segments:
-    specs += [q_ids_spec, kv_ids_spec]
-    args += [q_ids, kv_ids]
+  if spec.bias is not None:
+    specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))  # read as scalars
+    args.append(params)
+  for used, which in ((spec.has_segments, 0), (spec.has_positions, 1)):
+    if used:
+      specs += [q_spec, kv_spec]
+      args += [q_side[which], kv_side[which]]
   return specs, args
+
+
+def _where(spec, ops, head, *, transposed=False):
+  """The tile's bias parameters, segment visibility and positions (`flash_tiles.masked_logits`).
+
+  Query-side refs hold [bq, 128] (columns) and key-side refs [8, bk] (rows), or the other way
+  round when `transposed` (dK/dV tiles are keys x queries).
+  """
+  col = lambda ref: ref[:, 0:1]
+  row = lambda ref: ref[0:1, :]
+  q_get, kv_get = (row, col) if transposed else (col, row)
+  where = dict(bias_params=None, segment_visible=None, positions=None)
+  if spec.bias is not None:
+    where["bias_params"] = flash_tiles.head_bias_params(spec, ops.params, head)
+  if spec.has_segments:
+    where["segment_visible"] = q_get(ops.q_ids) == kv_get(ops.kv_ids)
+  if spec.has_positions:
+    where["positions"] = (q_get(ops.q_pos), kv_get(ops.kv_pos))
+  return where
+
+
+def _pack_lanes(shares, shape):
+  """Per-parameter row shares ([rows, 1] each) -> [rows, 128] with share p in lane p."""
+  lane = lax.broadcasted_iota(jnp.int32, shape, 1)
+  packed = jnp.zeros(shape, jnp.float32)
+  for p, share in enumerate(shares):
+    packed = jnp.where(lane == p, share, packed)
+  return packed
 
 
 def _ids_lanes(ids, length):
@@ -62,9 +113,20 @@ def _ids_sublanes(ids, length):
   return lax.broadcast_in_dim(ids, (ids.shape[0], _SUBLANES, length), (0, 2))
 
 
+def _lanes(*arrays_and_length):
+  """`_ids_lanes` of each optional [B, L] array (None stays None)."""
+  *arrays, length = arrays_and_length
+  return tuple(None if x is None else _ids_lanes(x, length) for x in arrays)
+
+
+def _sublanes(*arrays_and_length):
+  """`_ids_sublanes` of each optional [B, L] array (None stays None)."""
+  *arrays, length = arrays_and_length
+  return tuple(None if x is None else _ids_sublanes(x, length) for x in arrays)
+
+
 def _fwd_kernel(q_offset_ref, q_ref, k_ref, v_ref, *refs, spec):
-  slopes_ref, q_ids_ref, kv_ids_ref, (o_ref, lse_ref), (m_scr, l_scr, acc_scr) = _unpack(
-      spec, refs, 2)
+  ops, (o_ref, lse_ref), (m_scr, l_scr, acc_scr) = _unpack(spec, refs, 2)
   n, i, s = pl.program_id(1), pl.program_id(2), pl.program_id(3)
   q_offset = q_offset_ref[0]
   block, valid = block_mask.kv_step_to_block(spec, i, s, q_offset)
@@ -77,13 +139,10 @@ def _fwd_kernel(q_offset_ref, q_ref, k_ref, v_ref, *refs, spec):
 
   @pl.when(valid)
   def _step():
-    segment_visible = None
-    if spec.has_segments:
-      segment_visible = q_ids_ref[:, 0:1] == kv_ids_ref[0:1, :]
     m, l, acc = flash_tiles.forward_tile(
         spec, q_ref[...], k_ref[...], v_ref[...], m_scr[:, 0:1], l_scr[:, 0:1], acc_scr[...],
         q_start=i * spec.block_q, kv_start=block * spec.block_k, q_offset=q_offset,
-        slope=slopes_ref[n] if spec.has_alibi else None, segment_visible=segment_visible)
+        **_where(spec, ops, n))
     m_scr[...] = jnp.broadcast_to(m, m_scr.shape)
     l_scr[...] = jnp.broadcast_to(l, l_scr.shape)
     acc_scr[...] = acc
@@ -95,8 +154,18 @@ def _fwd_kernel(q_offset_ref, q_ref, k_ref, v_ref, *refs, spec):
     lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
 
 
-def forward(spec, q, k, v, q_offset, slopes, q_ids, kv_ids, *, interpret):
-  """Forward pass. Returns out [B, N, Tp, H] in q.dtype and lse [B, N, Tp] f32."""
+def forward(spec, q, k, v, q_offset, params, q_ids, kv_ids, q_pos, kv_pos, *, interpret):
+  """Forward pass. Returns out [B, N, Tp, H] in q.dtype and lse [B, N, Tp] f32.
+
+  Args:
+    spec: the static spec.
+    q: [B, N, Tp, H]; k, v: [B, K, Sp, H] (padded to the blocks).
+    q_offset: [1] int32.
+    params: [N * P] f32 bias parameters (head-major) or None.
+    q_ids, kv_ids: [B, Tp] and [B, Sp] int32 segment ids or None.
+    q_pos, kv_pos: [B, Tp] and [B, Sp] int32 bias positions or None.
+    interpret: run the Pallas interpreter.
+  """
   b, n, tp, h = q.shape
   groups = n // k.shape[1]
   bq, bk = spec.block_q, spec.block_k
@@ -112,9 +181,7 @@ def forward(spec, q, k, v, q_offset, slopes, q_ids, kv_ids, *, interpret):
     return bi, block_mask.int_div(ni, groups), kv_block(qi, si, q_offset_ref), 0
 
   extra_specs, extra_args = _extra_inputs(
-      spec, slopes,
-      None if q_ids is None else _ids_lanes(q_ids, tp),
-      None if kv_ids is None else _ids_sublanes(kv_ids, k.shape[2]),
+      spec, params, _lanes(q_ids, q_pos, tp), _sublanes(kv_ids, kv_pos, k.shape[2]),
       pl.BlockSpec((None, bq, _LANES), lambda bi, ni, qi, si, r: (bi, qi, 0)),
       pl.BlockSpec((None, _SUBLANES, bk),
                    lambda bi, ni, qi, si, r: (bi, 0, kv_block(qi, si, r))))
@@ -143,9 +210,9 @@ def forward(spec, q, k, v, q_offset, slopes, q_ids, kv_ids, *, interpret):
 
 
 def _dq_kernel(q_offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec):
-  # With ALiBi a second output (and accumulator) holds each row's share of d(slope).
-  slopes_ref, q_ids_ref, kv_ids_ref, outs, scratch = _unpack(spec, refs,
-                                                             2 if spec.has_alibi else 1)
+  # With a bias a second output (and accumulator) holds each row's share of d(parameter p) in
+  # lane p.
+  ops, outs, scratch = _unpack(spec, refs, 1 if spec.bias is None else 2)
   n, i, s = pl.program_id(1), pl.program_id(2), pl.program_id(3)
   q_offset = q_offset_ref[0]
   block, valid = block_mask.kv_step_to_block(spec, i, s, q_offset)
@@ -157,17 +224,14 @@ def _dq_kernel(q_offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *r
 
   @pl.when(valid)
   def _step():
-    segment_visible = None
-    if spec.has_segments:
-      segment_visible = q_ids_ref[:, 0:1] == kv_ids_ref[0:1, :]
-    dq, dslope = flash_tiles.dq_tile(
+    dq, dparams = flash_tiles.dq_tile(
         spec, q_ref[...], k_ref[...], v_ref[...], do_ref[...],
         jnp.expand_dims(lse_ref[0], -1), jnp.expand_dims(delta_ref[0], -1),
         q_start=i * spec.block_q, kv_start=block * spec.block_k, q_offset=q_offset,
-        slope=slopes_ref[n] if spec.has_alibi else None, segment_visible=segment_visible)
+        **_where(spec, ops, n))
     scratch[0][...] += dq
-    if spec.has_alibi:
-      scratch[1][...] += jnp.broadcast_to(dslope, scratch[1].shape)
+    if spec.bias is not None:
+      scratch[1][...] += _pack_lanes(dparams, scratch[1].shape)
 
   @pl.when(s == pl.num_programs(3) - 1)
   def _finish():
@@ -177,8 +241,7 @@ def _dq_kernel(q_offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *r
 
 def _dkv_kernel(q_offset_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, spec,
                 groups, q_steps):
-  slopes_ref, q_ids_ref, kv_ids_ref, (dk_ref, dv_ref), (dk_scr, dv_scr) = _unpack(
-      spec, refs, 2)
+  ops, (dk_ref, dv_ref), (dk_scr, dv_scr) = _unpack(spec, refs, 2)
   kh, j, s = pl.program_id(1), pl.program_id(2), pl.program_id(3)
   q_offset = q_offset_ref[0]
   g, qs = lax.div(s, q_steps), lax.rem(s, q_steps)
@@ -191,14 +254,10 @@ def _dkv_kernel(q_offset_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *
 
   @pl.when(valid)
   def _step():
-    segment_visible = None
-    if spec.has_segments:
-      segment_visible = kv_ids_ref[:, 0:1] == q_ids_ref[0:1, :]
     dk, dv = flash_tiles.dkv_tile(
         spec, k_ref[...], v_ref[...], q_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
         q_start=block * spec.block_q, kv_start=j * spec.block_k, q_offset=q_offset,
-        slope=slopes_ref[kh * groups + g] if spec.has_alibi else None,
-        segment_visible=segment_visible)
+        **_where(spec, ops, kh * groups + g, transposed=True))
     dk_scr[...] += dk
     dv_scr[...] += dv
 
@@ -208,10 +267,12 @@ def _dkv_kernel(q_offset_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *
     dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-def backward(spec, q, k, v, q_offset, slopes, q_ids, kv_ids, do, lse, delta, *, interpret):
-  """Gradients dq [B, N, Tp, H], dk, dv [B, K, Sp, H] and per-row d(slope) [B, N, Tp] or None.
+def backward(spec, q, k, v, q_offset, params, q_ids, kv_ids, q_pos, kv_pos, do, lse, delta, *,
+             interpret):
+  """Gradients dq [B, N, Tp, H], dk, dv [B, K, Sp, H] and per-row d(params) [B, N, Tp, P].
 
-  dk and dv are summed over each KV head's query heads; d(slope) is only computed with ALiBi.
+  dk and dv are summed over each KV head's query heads; d(params) (each row's share of the
+  gradient of its head's bias parameters) is None without a bias.
 
   Args:
     lse: [B, N, Tp] f32 with -inf replaced by a finite value.
@@ -224,10 +285,8 @@ def backward(spec, q, k, v, q_offset, slopes, q_ids, kv_ids, do, lse, delta, *, 
   bq, bk = spec.block_q, spec.block_k
   # Row statistics as [B, N, 1, Tp]: a block (1, bq) puts positions on lanes.
   lse, delta = lse[:, :, None, :], delta[:, :, None, :]
-  q_ids_col = None if q_ids is None else _ids_lanes(q_ids, tp)
-  q_ids_row = None if q_ids is None else _ids_sublanes(q_ids, tp)
-  kv_ids_col = None if kv_ids is None else _ids_lanes(kv_ids, sp)
-  kv_ids_row = None if kv_ids is None else _ids_sublanes(kv_ids, sp)
+  q_col, q_row = _lanes(q_ids, q_pos, tp), _sublanes(q_ids, q_pos, tp)
+  kv_col, kv_row = _lanes(kv_ids, kv_pos, sp), _sublanes(kv_ids, kv_pos, sp)
 
   # dq: the forward's grid and block walk.
   def q_map(bi, ni, qi, si, q_offset_ref):
@@ -245,7 +304,7 @@ def backward(spec, q, k, v, q_offset, slopes, q_ids, kv_ids, do, lse, delta, *, 
     return bi, block_mask.int_div(ni, groups), kv_block(qi, si, q_offset_ref), 0
 
   extra_specs, extra_args = _extra_inputs(
-      spec, slopes, q_ids_col, kv_ids_row,
+      spec, params, q_col, kv_row,
       pl.BlockSpec((None, bq, _LANES), lambda bi, ni, qi, si, r: (bi, qi, 0)),
       pl.BlockSpec((None, _SUBLANES, bk),
                    lambda bi, ni, qi, si, r: (bi, 0, kv_block(qi, si, r))))
@@ -254,11 +313,11 @@ def backward(spec, q, k, v, q_offset, slopes, q_ids, kv_ids, do, lse, delta, *, 
   kv_spec = pl.BlockSpec((None, None, bk, h), kv_map)
   out_specs, out_shape = [q_spec], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   scratch_shapes = [pltpu.VMEM((bq, h), jnp.float32)]
-  if spec.has_alibi:  # per-row d(slope), lane-replicated like the forward's lse
+  if spec.bias is not None:  # per-row d(params), parameter p in lane p
     out_specs.append(pl.BlockSpec((None, None, bq, _LANES), q_map))
     out_shape.append(jax.ShapeDtypeStruct((b, n, tp, _LANES), jnp.float32))
     scratch_shapes.append(pltpu.VMEM((bq, _LANES), jnp.float32))
-  dq, *dslope = pl.pallas_call(
+  dq, *dparams = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
@@ -295,7 +354,7 @@ def backward(spec, q, k, v, q_offset, slopes, q_ids, kv_ids, do, lse, delta, *, 
     return bi, ki, kj, 0
 
   extra_specs, extra_args = _extra_inputs(
-      spec, slopes, q_ids_row, kv_ids_col,
+      spec, params, q_row, kv_col,
       pl.BlockSpec((None, _SUBLANES, bq),
                    lambda bi, ki, kj, si, r: (bi, 0, q_block(kj, si, r))),
       pl.BlockSpec((None, bk, _LANES), lambda bi, ki, kj, si, r: (bi, kj, 0)))
@@ -318,4 +377,4 @@ def backward(spec, q, k, v, q_offset, slopes, q_ids, kv_ids, do, lse, delta, *, 
       interpret=interpret,
       name="flash_attention_dkv",
   )(q_offset, k, v, q, do, lse, delta, *extra_args)
-  return dq, dk, dv, dslope[0][..., 0] if dslope else None
+  return dq, dk, dv, dparams[0][..., :spec.num_bias_params] if dparams else None

@@ -34,8 +34,53 @@ def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
   return lax.dot_general(a, b, _NN, preferred_element_type=jnp.float32)
 
 
-def tile_logits(spec: FlashSpec, qk: jax.Array, distance: jax.Array, slope):
+def head_bias_params(spec: FlashSpec, params_ref, head) -> tuple:
+  """One head's bias parameters as f32 scalars, from the head-major [N * P] parameter array."""
+  num = spec.num_bias_params
+  return tuple(params_ref[head * num + p] for p in range(num))
+
+
+def tile_bias(spec: FlashSpec, d: jax.Array, params) -> jax.Array:
+  """The bias of a tile from the distances d = |p_q - p_k| (float32); see `block_mask`.
+
+  Args:
+    spec: the static spec (spec.bias is not None).
+    d: float32 distances, the tile's shape.
+    params: the head's parameters (`head_bias_params`): (slope,) or (r1, r2), scalars or arrays
+      broadcastable to d.
+  """
+  if spec.bias == "alibi":
+    return -params[0] * d
+  r1, r2 = params
+  if spec.bias == "kerple_log":
+    return -r1 * jnp.log1p(r2 * d)
+  # d ** r2 as exp(r2 log d) with d = 0 apart (as `longjax.posenc.relative_bias.kerple_bias`):
+  # 0 ** r2 differentiated by r2 would be 0 * log(0) = NaN.
+  positive = d > 0
+  return -r1 * jnp.where(positive, jnp.exp(r2 * jnp.log(jnp.where(positive, d, 1.0))), 0.0)
+
+
+def tile_bias_grads(spec: FlashSpec, d: jax.Array, params) -> tuple:
+  """d(bias) / d(parameter) of a tile, one array per parameter (arguments as for `tile_bias`)."""
+  if spec.bias == "alibi":
+    return (-d,)
+  r1, r2 = params
+  if spec.bias == "kerple_log":
+    return -jnp.log1p(r2 * d), -r1 * d / (1.0 + r2 * d)
+  positive = d > 0
+  log_d = jnp.log(jnp.where(positive, d, 1.0))  # 0 where d = 0, so both derivatives are 0
+  power = jnp.where(positive, jnp.exp(r2 * log_d), 0.0)
+  return -power, -r1 * power * log_d
+
+
+def tile_logits(spec: FlashSpec, qk: jax.Array, d, bias_params):
   """Scaled, soft-capped, biased logits of a tile from raw q.k (float32), before masking.
+
+  Args:
+    spec: the static spec.
+    qk: raw q.k tile, float32.
+    d: float32 bias distances |p_q - p_k| of the tile (unused without a bias).
+    bias_params: the head's bias parameters (see `tile_bias`) or None.
 
   Returns:
     (logits, capped): `capped` is tanh(scale * qk / cap), which the backward pass needs, or None.
@@ -45,8 +90,8 @@ def tile_logits(spec: FlashSpec, qk: jax.Array, distance: jax.Array, slope):
   if spec.soft_cap is not None:
     capped = jnp.tanh(x * (1.0 / spec.soft_cap))
     x = capped * spec.soft_cap
-  if spec.has_alibi:
-    x = x - slope * jnp.abs(distance).astype(jnp.float32)
+  if spec.bias is not None:
+    x = x + tile_bias(spec, d, bias_params)
   return x, capped
 
 
@@ -57,8 +102,8 @@ def logits_grad(spec: FlashSpec, ds: jax.Array, capped) -> jax.Array:
   return ds * spec.scale if spec.scale != 1.0 else ds
 
 
-def masked_logits(spec: FlashSpec, qk: jax.Array, *, q_start, kv_start, q_offset, slope,
-                  segment_visible, transposed: bool = False):
+def masked_logits(spec: FlashSpec, qk: jax.Array, *, q_start, kv_start, q_offset, bias_params,
+                  segment_visible, positions=None, transposed: bool = False):
   """Logits of a tile with hidden entries at -inf.
 
   Args:
@@ -67,20 +112,28 @@ def masked_logits(spec: FlashSpec, qk: jax.Array, *, q_start, kv_start, q_offset
     q_start: first query row of the tile.
     kv_start: first key of the tile.
     q_offset: absolute index of query row 0.
-    slope: the head's ALiBi slope (f32 scalar) or None.
+    bias_params: the head's bias parameters (`head_bias_params`) or None.
     segment_visible: bool array broadcastable to qk (equal segment ids), or None.
+    positions: (q_pos, kv_pos) int32 arrays whose difference broadcasts to qk ([bq, 1] and
+      [1, bk], or [1, bq] and [bk, 1] when transposed): the bias's positions; None means the
+      indices.
     transposed: the tile is keys x queries.
 
   Returns:
-    (logits, capped, distance): as for `tile_logits`, hidden entries of logits at -inf, and the
-    int32 distances i - j of the tile.
+    (logits, capped, d): as for `tile_logits`, hidden entries of logits at -inf, and the f32
+    bias distances |p_q - p_k| of the tile (None without a bias).
   """
   visible, distance = tile_visibility(spec, q_start, kv_start, q_offset, qk.shape,
                                       transposed=transposed)
   if segment_visible is not None:
     visible = visible & segment_visible
-  x, capped = tile_logits(spec, qk, distance, slope)
-  return jnp.where(visible, x, -jnp.inf), capped, distance
+  d = None
+  if spec.bias is not None:
+    if positions is not None:
+      distance = positions[0] - positions[1]  # int32: exact for any position
+    d = jnp.abs(distance).astype(jnp.float32)
+  x, capped = tile_logits(spec, qk, d, bias_params)
+  return jnp.where(visible, x, -jnp.inf), capped, d
 
 
 def forward_tile(spec: FlashSpec, q, k, v, m_prev, l_prev, acc_prev, **where):
@@ -94,7 +147,8 @@ def forward_tile(spec: FlashSpec, q, k, v, m_prev, l_prev, acc_prev, **where):
     m_prev: [bq, 1] f32 running max (starts at MASK_VALUE).
     l_prev: [bq, 1] f32 running sum of exp(logits - m) (starts at 0).
     acc_prev: [bq, H] f32 running unnormalised output (starts at 0).
-    **where: q_start, kv_start, q_offset, slope, segment_visible (see `masked_logits`).
+    **where: q_start, kv_start, q_offset, bias_params, segment_visible, positions (see
+      `masked_logits`).
 
   Returns:
     (m, l, acc), the updated state.
@@ -127,17 +181,18 @@ def dq_tile(spec: FlashSpec, q, k, v, do, lse, delta, **where):
     **where: as for `forward_tile`.
 
   Returns:
-    (dq, dslope): dq [bq, H] f32; with ALiBi, dslope [bq, 1] f32, each row's contribution to the
-    gradient of its head's slope (else None).
+    (dq, dparams): dq [bq, H] f32; with a bias, dparams is a tuple of [bq, 1] f32, one per bias
+    parameter: each row's contribution to the gradient of its head's parameter (else None).
   """
-  x, capped, distance = masked_logits(spec, dot_nt(q, k), **where)
+  x, capped, d = masked_logits(spec, dot_nt(q, k), **where)
   p = jnp.exp(x - lse)
   dlogits = p * (dot_nt(do, v) - delta)
   dq = dot_nn(logits_grad(spec, dlogits, capped).astype(k.dtype), k)
-  if not spec.has_alibi:
+  if spec.bias is None:
     return dq, None
-  # d(logits) / d(slope) = -|i - j|; hidden entries have p = 0 and add nothing.
-  return dq, -(dlogits * jnp.abs(distance).astype(jnp.float32)).sum(axis=1, keepdims=True)
+  # Hidden entries have p = 0 and add nothing (the derivatives are finite everywhere).
+  return dq, tuple((dlogits * g).sum(axis=1, keepdims=True)
+                   for g in tile_bias_grads(spec, d, where["bias_params"]))
 
 
 def dkv_tile(spec: FlashSpec, k, v, q, do, lse, delta, **where):

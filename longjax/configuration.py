@@ -127,9 +127,11 @@ def validate_model(model) -> None:
       raise ConfigError("model.attention.impl", "pallas", "has no softplus kernel (model."
                         f"attention.normalizer={model.attention.normalizer!r})",
                         ["auto", "reference", "blockwise"])
-    if POSENCS[model.posenc.kind].logit_bias:
-      raise ConfigError("model.attention.impl", "pallas", "computes no position-based logit "
-                        f"bias in-kernel yet (model.posenc.kind={model.posenc.kind!r})",
+    # The flash kernel computes ALiBi and KERPLE in-kernel; T5 and FIRE have no kernel yet.
+    if (POSENCS[model.posenc.kind].logit_bias
+        and model.posenc.kind not in ("alibi", "kerple_log", "kerple_power")):
+      raise ConfigError("model.attention.impl", "pallas", "computes no in-kernel logit bias "
+                        f"for model.posenc.kind={model.posenc.kind!r} yet",
                         ["auto", "reference", "blockwise"])
   if model.attention.learned_sink and (model.attention.normalizer != "softmax"
                                        or model.attention.distance_ceiling):

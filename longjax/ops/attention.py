@@ -42,12 +42,27 @@ def _is_decode(mask: AttentionMask, q_length: int, kv_length: int) -> bool:
 def pallas_unsupported(mask: AttentionMask, bias) -> str | None:
   """Why `kernels_pallas.flash_attention` cannot serve this case, or None if it can."""
   del mask  # every AttentionMask field maps onto the kernel's mask spec
-  if bias is not None:
-    # The kernel's ALiBi is a function of (query index + q_offset - key index); our biases are
-    # functions of explicit positions, which only coincide for unshifted, unrestarted positions.
-    return (f"it has no in-kernel {type(bias).__name__} from explicit positions yet; "
+  if bias is not None and _pallas_bias(bias) is None:
+    # AlibiBias and KerpleBias map onto the kernel's in-kernel biases (from explicit
+    # positions); T5Bias (bucket table) and FireBias (MLP) have no kernel yet.
+    return (f"it has no in-kernel {type(bias).__name__}; "
             "use impl='blockwise' or 'reference'")
   return None
+
+
+def _pallas_bias(bias) -> dict | None:
+  """`flash_attention` keywords of a bias (kind, parameters, positions); None if unsupported."""
+  from longjax.ops import biases  # pylint: disable=g-import-not-at-top
+  if bias is None:
+    return {}
+  if isinstance(bias, biases.AlibiBias):
+    kind, params = "alibi", (bias.slopes,)
+  elif isinstance(bias, biases.KerpleBias) and bias.kind in ("log", "power"):
+    kind, params = f"kerple_{bias.kind}", (bias.r1, bias.r2)
+  else:
+    return None
+  return dict(bias_kind=kind, bias_params=params, q_positions=bias.q_positions,
+              kv_positions=bias.kv_positions)
 
 
 def default_block_size() -> int:
@@ -199,9 +214,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Att
     reason = pallas_unsupported(mask, bias)
     if reason is not None:
       raise ValueError(f"impl='pallas' cannot serve this call: {reason}")
-    if _is_decode(mask, t, s):
+    if _is_decode(mask, t, s) and bias is None:
       # Keys past the last query's index are hidden by causality, so the valid cache is
       # q_offset + T entries; the split-KV kernel skips the rest. Inference only (no VJP).
+      # Biased decode calls go to the flash kernel below (it takes positions, q_offset and
+      # T < S, and skips the same causal tail); the decode kernel's ALiBi is index-based.
       out, lse = kernels_pallas.decode_attention(
           q, k, v, cache_length=mask.q_offset + t, q_offset=mask.q_offset, window=mask.window,
           global_tokens=mask.global_tokens, scale=scale, block_k=requested_block,
@@ -211,7 +228,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Att
         q, k, v, causal=mask.causal, window=mask.window, global_tokens=mask.global_tokens,
         q_offset=mask.q_offset, q_segment_ids=mask.q_segment_ids,
         kv_segment_ids=mask.kv_segment_ids, scale=scale, block_q=requested_block,
-        block_k=requested_block, return_lse=True)
+        block_k=requested_block, return_lse=True, **_pallas_bias(bias))
   elif resolved == "reference":
     out, lse = attention_reference(q, k, v, mask=mask, bias=bias, scale=scale)
   else:

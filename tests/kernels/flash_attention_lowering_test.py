@@ -19,9 +19,11 @@ _MASKS = {
     # Everything at once; q_offset is an argument so that it is traced, as when decoding.
     "all_features": dict(window=128, global_tokens=4, logit_soft_cap=30.0, alibi=True,
                          segments=True),
+    # Position-based biases: per-token positions in, parameter gradients out (dq kernel).
+    "alibi_positions": dict(bias_kind="alibi", positions=True, segments=True),
+    "kerple_log_positions": dict(bias_kind="kerple_log", positions=True, window=128),
+    "kerple_power_positions": dict(bias_kind="kerple_power", positions=True),
 }
-
-
 
 
 class LoweringTest(parameterized.TestCase):
@@ -40,17 +42,26 @@ class LoweringTest(parameterized.TestCase):
     if kwargs.pop("segments", False):
       ids = jnp.repeat(jnp.arange(4, dtype=jnp.int32), t // 4)[None]
       kwargs.update(q_segment_ids=ids, kv_segment_ids=ids)
+    if kwargs.pop("positions", False):  # restarted per document, shifted by a traced offset
+      positions = jnp.tile(jnp.arange(t // 4, dtype=jnp.int32), 4)[None]
+      kwargs.update(q_positions=positions, kv_positions=positions)
+    kind = kwargs.get("bias_kind")
+    params = ()
+    if kind is not None:
+      params = (jnp.linspace(0.5, 0.01, n),) * (1 if kind == "alibi" else 2)
 
-    def forward(q, k, v, q_offset):
+    def forward(q, k, v, q_offset, params):
       return flash_attention(q, k, v, q_offset=q_offset, interpret=False, backend=variant,
-                             **kwargs)
+                             bias_params=params or None, **kwargs)
 
     fn = forward
-    if mode == "bwd":
-      fn = jax.grad(lambda *args: forward(*args).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    if mode == "bwd":  # gradients of q, k, v and the bias parameters
+      fn = jax.grad(lambda *args: forward(*args).astype(jnp.float32).sum(),
+                    argnums=(0, 1, 2, 4) if params else (0, 1, 2))
     q = jax.ShapeDtypeStruct((b, t, n, h), dtype)
     kv = jax.ShapeDtypeStruct((b, t, kh, h), dtype)
-    exported = lowering.export(fn, platform, q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32))
+    exported = lowering.export(fn, platform, q, kv, kv, jax.ShapeDtypeStruct((), jnp.int32),
+                               params)
     text = exported.mlir_module()
     # Forward: one kernel; backward: the forward again, then dq and dk/dv.
     self.assertEqual(text.count(f"stablehlo.custom_call @{custom_call}"),

@@ -45,19 +45,54 @@ def alibi_slopes(num_heads):
   return 2.0 ** -(8.0 * jnp.arange(1, num_heads + 1, dtype=jnp.float32) / num_heads)
 
 
-@functools.partial(jax.jit, static_argnames=("fn",))
-def outputs_and_grads(fn, q, k, v):
-  """(out, lse) and d/d(q, k, v) of a loss that weights every output entry and every lse."""
+def bias_params(kind, num_heads):
+  """Per-head parameters of a bias kind: (slopes,) or (r1, r2), distinct per head."""
+  if kind == "alibi":
+    return (alibi_slopes(num_heads),)
+  if kind == "kerple_log":
+    return jnp.linspace(0.5, 2.0, num_heads), jnp.linspace(0.2, 1.5, num_heads)
+  return jnp.linspace(0.05, 0.5, num_heads), jnp.linspace(0.3, 1.8, num_heads)  # power
 
-  def loss(q, k, v):
-    out, lse = fn(q, k, v)
+
+def make_positions(kind, seed, batch, length, segment_ids=None):
+  """[B, L] int32 bias positions that differ from the indices.
+
+  "shifted": 11 + index; "restarted": index within its segment (needs segment ids); "random":
+  sorted random, non-contiguous (with repeats).
+  """
+  if kind == "shifted":
+    return jnp.broadcast_to(11 + jnp.arange(length, dtype=jnp.int32), (batch, length))
+  if kind == "restarted":
+    ids = np.asarray(segment_ids)
+    positions = np.zeros(ids.shape, np.int32)
+    for i in range(1, length):  # a run of equal ids is one document
+      positions[:, i] = np.where(ids[:, i] == ids[:, i - 1], positions[:, i - 1] + 1, 0)
+    return jnp.asarray(positions)
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(np.sort(rng.integers(0, 3 * length, size=(batch, length)), axis=1),
+                     jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("fn",))
+def outputs_and_grads(fn, q, k, v, params=()):
+  """(out, lse) and d/d(q, k, v[, params]) of a loss that weights every output entry and lse.
+
+  `fn(q, k, v)`, or `fn(q, k, v, params)` when bias parameters are given (their gradients are
+  then appended to those of q, k, v).
+  """
+
+  def loss(q, k, v, *params):
+    out, lse = fn(q, k, v, *params)
     w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
     w_lse = jnp.sin(jnp.arange(lse.size, dtype=jnp.float32)).reshape(lse.shape)
     # Rows that see no key have lse = -inf: leave them out of the loss.
     lse_term = jnp.where(jnp.isfinite(lse), lse * w_lse, 0.0).sum()
     return (out.astype(jnp.float32) * w).sum() + lse_term, (out, lse)
 
-  grads, (out, lse) = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  args = (q, k, v, params) if params else (q, k, v)
+  grads, (out, lse) = jax.grad(loss, argnums=tuple(range(len(args))), has_aux=True)(*args)
+  if params:
+    grads = grads[:3] + tuple(grads[3])
   return out, lse, grads
 
 
@@ -73,8 +108,11 @@ def assert_close(test, actual, expected, tol, name):
 
 
 def naive_attention(q, k, v, *, causal, window, global_tokens, q_offset, q_ids, kv_ids, slopes,
-                    cap, scale):
-  """Loops over (b, n, i, j) in float64: the definition, written as plainly as possible."""
+                    cap, scale, kerple=None, q_pos=None, kv_pos=None):
+  """Loops over (b, n, i, j) in float64: the definition, written as plainly as possible.
+
+  kerple: None or (kind, r1, r2); q_pos/kv_pos: the bias's positions (None: the indices).
+  """
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   b_, t, n_, h = q.shape
   s, kh = k.shape[1], k.shape[2]
@@ -97,8 +135,12 @@ def naive_attention(q, k, v, *, causal, window, global_tokens, q_offset, q_ids, 
           x = scale * float(np.dot(q[b, i, n], k[b, j, n // (n_ // kh)]))
           if cap is not None:
             x = cap * np.tanh(x / cap)
+          d = abs(pos - j) if q_pos is None else abs(int(q_pos[b][i]) - int(kv_pos[b][j]))
           if slopes is not None:
-            x -= slopes[n] * abs(pos - j)
+            x -= slopes[n] * d
+          if kerple is not None:
+            kind, r1, r2 = kerple
+            x -= r1[n] * (np.log(1 + r2[n] * d) if kind == "kerple_log" else float(d) ** r2[n])
           logits.append((j, x))
         if logits:
           m = max(x for _, x in logits)
@@ -138,6 +180,58 @@ class ReferenceTest(parameterized.TestCase):
       self.assertTrue(np.isneginf(want_lse).any())
     assert_close(self, out, want_out, 1e-5, "out")
     assert_close(self, lse, want_lse, 1e-5, "lse")
+
+  @parameterized.parameters("kerple_log", "kerple_power")
+  def test_reference_with_positions_matches_naive_loop(self, kind):
+    b, t, s, n, kh, h = 2, 5, 9, 4, 2, 4
+    q, k, v = random_inputs(0, b, t, s, n, kh, h, jnp.float32)
+    q_pos, kv_pos = make_positions("random", 1, b, t), make_positions("random", 2, b, s)
+    r1, r2 = bias_params(kind, n)
+    out, lse = flash_attention_reference(
+        q, k, v, causal=True, window=6, q_offset=4, bias_kind=kind, bias_params=(r1, r2),
+        q_positions=q_pos, kv_positions=kv_pos, return_lse=True)
+    want_out, want_lse = naive_attention(
+        q, k, v, causal=True, window=6, global_tokens=0, q_offset=4, q_ids=None, kv_ids=None,
+        slopes=None, cap=None, scale=h ** -0.5, kerple=(kind, np.asarray(r1), np.asarray(r2)),
+        q_pos=np.asarray(q_pos), kv_pos=np.asarray(kv_pos))
+    assert_close(self, out, want_out, 1e-5, "out")
+    assert_close(self, lse, want_lse, 1e-5, "lse")
+
+  def test_reference_biases_match_longjax_biases(self):
+    # Positions restarted per packed document: the kernel's biases are those of AlibiBias and
+    # KerpleBias (values and parameter gradients).
+    from longjax.ops import attention  # pylint: disable=g-import-not-at-top
+    from longjax.ops import biases  # pylint: disable=g-import-not-at-top
+    from longjax.ops import masks  # pylint: disable=g-import-not-at-top
+    b, t, n, kh, h = 2, 12, 4, 2, 8
+    q, k, v = random_inputs(7, b, t, t, n, kh, h, jnp.float32)
+    ids = packed_segments(8, b, t)
+    pos = make_positions("restarted", 0, b, t, ids)
+    mask = masks.AttentionMask(causal=True, q_segment_ids=ids, kv_segment_ids=ids)
+    for kind in ("alibi", "kerple_log", "kerple_power"):
+      params = bias_params(kind, n)
+      if kind == "alibi":
+        make_bias = lambda params: biases.AlibiBias(params[0], pos, pos)
+      else:
+        make_bias = lambda params, kind=kind: biases.KerpleBias(
+            r1=params[0], r2=params[1], q_positions=pos, kv_positions=pos, kind=kind[7:])
+
+      def loss_longjax(params, make_bias=make_bias):
+        out, lse = attention.attention_reference(q, k, v, mask=mask, bias=make_bias(params),
+                                                 scale=h ** -0.5)
+        return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+      def loss_kernel_reference(params, kind=kind):
+        out, lse = flash_attention_reference(
+            q, k, v, q_segment_ids=ids, kv_segment_ids=ids, bias_kind=kind, bias_params=params,
+            q_positions=pos, kv_positions=pos, return_lse=True)
+        return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+      want, want_grads = jax.value_and_grad(loss_longjax)(params)
+      got, grads = jax.value_and_grad(loss_kernel_reference)(params)
+      np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=kind)
+      for got_grad, want_grad in zip(grads, want_grads):
+        assert_close(self, got_grad, want_grad, 1e-6, f"{kind} d(params)")
 
   def test_reference_matches_longjax_attention(self):
     # The kernel's semantics are those of the library's AttentionMask and AlibiBias.
@@ -181,6 +275,7 @@ _CASES = (
     ("decode_offset_window", "gpu", jnp.float32, (2, 8, 40, 4, 2, 8), (8, 16),
      dict(q_offset=32, window=12)),
     ("decode_offset", "tpu", jnp.float32, (1, 5, 40, 4, 2, 8), (8, 16), dict(q_offset=35)),
+    # ALiBi from indices (alibi_slopes); d(slopes) is checked with the other gradients.
     ("alibi_soft_cap", "gpu", jnp.float32, _PAD, (16, 16),
      dict(alibi=True, logit_soft_cap=1.0)),
     ("alibi_soft_cap_window", "tpu", jnp.float32, _PAD, (16, 16),
@@ -191,18 +286,57 @@ _CASES = (
           q_offset=0)),
     ("default_blocks_gqa4", "gpu", jnp.float32, (1, 33, 70, 4, 1, 8), (None, None),
      dict(window=20)),
+    # Position-based biases: positions shifted, restarted per segment, or random sorted
+    # (non-contiguous); gradients include the bias parameters.
+    ("alibi_shifted", "gpu", jnp.float32, _PAD, (16, 16), dict(bias="alibi", positions="shifted")),
+    ("alibi_random_window_cap", "tpu", jnp.float32, _PAD, (16, 16),
+     dict(bias="alibi", positions="random", window=10, logit_soft_cap=2.0)),
+    ("kerple_log_restarted", "tpu", jnp.float32, (2, 40, 40, 4, 2, 8), (16, 16),
+     dict(bias="kerple_log", positions="restarted", segments=True)),
+    ("kerple_log_random_gqa4_bidirectional", "gpu", jnp.float32, (1, 24, 40, 4, 1, 8), (8, 16),
+     dict(bias="kerple_log", positions="random", causal=False)),
+    ("kerple_power_random_decode_offset", "gpu", jnp.float32, (2, 8, 40, 4, 2, 8), (8, 16),
+     dict(bias="kerple_power", positions="random", q_offset=32)),
+    ("kerple_power_restarted", "tpu", jnp.float32, (2, 40, 40, 4, 2, 8), (16, 16),
+     dict(bias="kerple_power", positions="restarted", segments=True, window=12)),
+    ("kerple_log_shifted_bf16", "tpu", jnp.bfloat16, _PAD, (16, 16),
+     dict(bias="kerple_log", positions="shifted")),
+    ("kerple_power_random_bf16", "gpu", jnp.bfloat16, _PAD, (16, 16),
+     dict(bias="kerple_power", positions="random")),
 )
 
 
 def _kwargs(case_kwargs, shape):
+  """Kernel keywords of a case, and its bias parameters (a tuple; empty without a bias).
+
+  `alibi=True` cases pass their slopes as `alibi_slopes` (the index-based shorthand), `bias=KIND`
+  cases as `bias_params`; see `_with_params`.
+  """
   b, t, s, n, _, _ = shape
   kwargs = dict(case_kwargs)
   if kwargs.pop("segments", False):
     kwargs["q_segment_ids"] = packed_segments(4, b, t)
     kwargs["kv_segment_ids"] = packed_segments(4, b, s) if t == s else packed_segments(5, b, s)
+  params = ()
   if kwargs.pop("alibi", False):
-    kwargs["alibi_slopes"] = alibi_slopes(n)
-  return kwargs
+    params = (alibi_slopes(n),)
+  if "bias" in kwargs:
+    kwargs["bias_kind"] = kwargs.pop("bias")
+    params = bias_params(kwargs["bias_kind"], n)
+  positions = kwargs.pop("positions", None)
+  if positions is not None:
+    kwargs["q_positions"] = make_positions(positions, 6, b, t, kwargs.get("q_segment_ids"))
+    kwargs["kv_positions"] = make_positions(positions, 7, b, s, kwargs.get("kv_segment_ids"))
+  return kwargs, params
+
+
+def _with_params(kwargs, params):
+  """kwargs plus the (traced) bias parameters under the keyword the case uses."""
+  if not params:
+    return kwargs
+  if "bias_kind" in kwargs:
+    return dict(kwargs, bias_params=params)
+  return dict(kwargs, alibi_slopes=params[0])
 
 
 class FlashAttentionTest(parameterized.TestCase):
@@ -213,23 +347,29 @@ class FlashAttentionTest(parameterized.TestCase):
       for name, variant, dtype, shape, blocks, case_kwargs in _CASES)
   def test_matches_reference(self, variant, dtype, shape, blocks, case_kwargs):
     q, k, v = random_inputs(0, *shape, dtype)
-    kwargs = _kwargs(case_kwargs, shape)
-    kernel = functools.partial(flash_attention, block_q=blocks[0], block_k=blocks[1],
-                               backend=variant, return_lse=True, **kwargs)
+    kwargs, params = _kwargs(case_kwargs, shape)
+    kernel = lambda q, k, v, *params: flash_attention(
+        q, k, v, block_q=blocks[0], block_k=blocks[1], backend=variant, return_lse=True,
+        **_with_params(kwargs, params[0] if params else ()))
     # bf16 kernels are compared with the f32 reference on the same (rounded) inputs.
-    reference = lambda q, k, v: flash_attention_reference(
+    reference = lambda q, k, v, *params: flash_attention_reference(
         q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), return_lse=True,
-        **kwargs)
-    out, lse, grads = outputs_and_grads(kernel, q, k, v)
-    want_out, want_lse, want_grads = outputs_and_grads(reference, q, k, v)
+        **_with_params(kwargs, params[0] if params else ()))
+    out, lse, grads = outputs_and_grads(kernel, q, k, v, params)
+    want_out, want_lse, want_grads = outputs_and_grads(reference, q, k, v, params)
     tol = TOLERANCES[dtype]
     self.assertEqual(out.dtype, dtype)
     self.assertEqual(lse.dtype, jnp.float32)
     assert_close(self, out, want_out, tol, "out")
     assert_close(self, lse, want_lse, tol, "lse")
+    self.assertLen(grads, 3 + len(params))
     for name, grad, want in zip(("dq", "dk", "dv"), grads, want_grads):
       self.assertEqual(grad.dtype, dtype)
       assert_close(self, grad, want, tol, name)
+    for p, (grad, want) in enumerate(zip(grads[3:], want_grads[3:])):
+      self.assertEqual(grad.dtype, jnp.float32)
+      self.assertGreater(float(jnp.abs(want).min()), 1e-3)  # a real signal on every head
+      assert_close(self, grad, want, tol, f"d(bias parameter {p})")
 
   @parameterized.parameters("gpu", "tpu")
   def test_fully_masked_rows_give_zeros_and_finite_grads(self, variant):
@@ -268,22 +408,6 @@ class FlashAttentionTest(parameterized.TestCase):
     np.testing.assert_array_equal(dk[:, :32], 0.0)
     np.testing.assert_array_equal(dv[:, :32], 0.0)
 
-  @parameterized.parameters("gpu", "tpu")
-  def test_alibi_slopes_gradient(self, variant):
-    b, t, s, n, kh, h = 2, 20, 28, 4, 2, 8
-    q, k, v = random_inputs(6, b, t, s, n, kh, h, jnp.float32)
-    w = jnp.cos(jnp.arange(b * t * n * h, dtype=jnp.float32)).reshape(b, t, n, h)
-    kwargs = dict(window=9, q_offset=8, logit_soft_cap=2.0)
-
-    def loss(fn, slopes):
-      return (fn(q, k, v, alibi_slopes=slopes, **kwargs) * w).sum()
-
-    kernel = functools.partial(flash_attention, block_q=8, block_k=16, backend=variant)
-    got = jax.grad(functools.partial(loss, kernel))(alibi_slopes(n))
-    want = jax.grad(functools.partial(loss, flash_attention_reference))(alibi_slopes(n))
-    self.assertGreater(float(jnp.abs(want).min()), 1e-3)  # a real signal on every head
-    assert_close(self, got, want, 2e-5, "dslopes")
-
   def test_traced_q_offset_does_not_recompile(self):
     b, t, s, n, kh, h = 1, 4, 32, 2, 1, 8
     q, k, v = random_inputs(5, b, t, s, n, kh, h, jnp.float32)
@@ -313,6 +437,12 @@ class FlashAttentionTest(parameterized.TestCase):
       flash_attention(q, k, v, block_q=24, block_k=32, backend="gpu", interpret=False)
     with self.assertRaisesRegex(ValueError, "variant"):
       flash_attention(q, k, v, backend="cpu")
+    with self.assertRaisesRegex(ValueError, "takes bias_params = 2 arrays"):
+      flash_attention(q, k, v, bias_kind="kerple_log", bias_params=jnp.ones(2))
+    with self.assertRaisesRegex(ValueError, "bias_kind='t5'"):
+      flash_attention(q, k, v, bias_kind="t5", bias_params=jnp.ones(2))
+    with self.assertRaisesRegex(ValueError, "must be given together"):
+      flash_attention(q, k, v, alibi_slopes=jnp.ones(2), q_positions=jnp.zeros((1, 8), int))
 
 
 class FlashAttentionPropertyTest(absltest.TestCase):

@@ -18,6 +18,7 @@ import kernels_pallas
 from longjax import configuration
 from longjax.models import build_model
 from longjax.ops import AlibiBias, AttentionMask, dot_product_attention
+from longjax.ops import biases
 from tests import testing
 from tests.models.lm_test import TOLERANCE
 from tests.models.lm_test import _forward
@@ -93,25 +94,83 @@ class PallasDispatchTest(parameterized.TestCase):
     q, k, v = _inputs(40, 40, 2)
     dot_product_attention(q, k, v, mask=AttentionMask(causal=True), impl="pallas", block_size=16)
     self.assertEqual((decode.call_count, flash.call_count), (1, 1))
+    # A biased decode call goes to the flash kernel (the decode kernel has no position biases).
+    q, k, v = _inputs(2, 40, 2)
+    pos = jnp.broadcast_to(jnp.arange(40), (2, 40))
+    dot_product_attention(q, k, v, mask=AttentionMask(causal=True, q_offset=30), impl="pallas",
+                          block_size=16, bias=AlibiBias(jnp.ones(4), pos[:, 30:32], pos))
+    self.assertEqual((decode.call_count, flash.call_count), (1, 2))
 
-  def test_a_bias_is_refused_in_one_line(self):
+  def test_t5_bias_is_refused_in_one_line(self):
     q, k, v = _inputs(8, 8, 2)
     pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
     with self.assertRaisesRegex(ValueError, "impl='pallas' cannot serve this call: it has no "
-                                "in-kernel AlibiBias"):
+                                "in-kernel T5Bias"):
       dot_product_attention(q, k, v, mask=AttentionMask(), impl="pallas",
-                            bias=AlibiBias(jnp.ones(4), pos, pos))
+                            bias=biases.T5Bias(table=jnp.zeros((32, 4)), q_positions=pos,
+                                               kv_positions=pos))
+
+  @parameterized.named_parameters(
+      ("alibi_restarted", "alibi", "restarted", 40),
+      ("kerple_power_restarted", "kerple_power", "restarted", 40),
+      ("kerple_log_decode", "kerple_log", "random", 3),  # T < S: the flash kernel, not decode
+  )
+  def test_position_biases_equal_reference(self, kind, positions, t):
+    # Forward, lse and gradients of q, k, v and the bias parameters, with positions that are
+    # restarted per packed document or random (sorted, non-contiguous).
+    s = 40
+    q, k, v = _inputs(t, s, 2)
+    rng = np.random.RandomState(1)
+    if positions == "restarted":
+      pos = jnp.asarray(np.repeat([np.r_[np.arange(15), np.arange(25)]], 2, axis=0), jnp.int32)
+      q_pos, kv_pos = pos[:, s - t:], pos
+      mask = AttentionMask(causal=True, q_segment_ids=_SEGMENTS[:, s - t:],
+                           kv_segment_ids=_SEGMENTS)
+    else:
+      kv_pos = jnp.asarray(np.sort(rng.randint(0, 120, (2, s)), axis=1), jnp.int32)
+      q_pos = kv_pos[:, s - t:]
+      mask = AttentionMask(causal=True, window=12, q_offset=s - t)
+    n = q.shape[2]
+    if kind == "alibi":
+      params = (jnp.linspace(0.5, 0.02, n),)
+      make_bias = lambda params: AlibiBias(params[0], q_pos, kv_pos)
+    else:
+      params = (jnp.linspace(0.5, 1.5, n), jnp.linspace(0.3, 1.2, n))
+      make_bias = lambda params: biases.KerpleBias(r1=params[0], r2=params[1],
+                                                   q_positions=q_pos, kv_positions=kv_pos,
+                                                   kind=kind[len("kerple_"):])
+
+    def loss(q, k, v, params, impl):
+      out, lse = dot_product_attention(q, k, v, mask=mask, bias=make_bias(params), impl=impl,
+                                       block_size=16, return_lse=True)
+      return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse)
+
+    grad_fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+    (_, (out, lse)), grads = grad_fn(q, k, v, params, "pallas")
+    (_, (ref_out, ref_lse)), ref_grads = grad_fn(q, k, v, params, "reference")
+    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(lse, ref_lse, atol=2e-5, rtol=0)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      self.assertGreater(float(jnp.abs(want).max()), 1e-3)
+      np.testing.assert_allclose(got, want, atol=5e-5 * max(1.0, float(jnp.abs(want).max())),
+                                 rtol=0)
 
 
-class PallasModelTest(absltest.TestCase):
+class PallasModelTest(parameterized.TestCase):
 
-  def test_model_prefill_decode_and_gradients_match_blockwise(self):
-    cfg = tiny_model_config(**{"attention.impl": "pallas", "attention.block_size": 16,
-                               "num_kv_heads": 2})
+  # ALiBi and KERPLE are computed in the flash kernel from the model's positions (decode steps
+  # with a bias run the flash kernel too); KERPLE's gradients include its learned r1, r2.
+  # ALiBi has no parameters, and its q/k/v gradients are checked in PallasDispatchTest, so its
+  # model skips the (slow, interpreted) gradient comparison.
+  @parameterized.parameters("default", "alibi", "kerple_log")
+  def test_model_prefill_decode_and_gradients_match_blockwise(self, posenc):
+    overrides = {"num_kv_heads": 2, "attention.block_size": 16}
+    if posenc != "default":
+      overrides["posenc.kind"] = posenc
+    cfg = tiny_model_config(**{"attention.impl": "pallas", **overrides})
     model = build_model(cfg, vocab_size=50, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
-    cfg_xla = tiny_model_config(**{"attention.impl": "blockwise", "attention.block_size": 16,
-                                   "num_kv_heads": 2})
+    cfg_xla = tiny_model_config(**{"attention.impl": "blockwise", **overrides})
     graphdef_xla, _ = nnx.split(build_model(cfg_xla, vocab_size=50, rngs=nnx.Rngs(0)))
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, 50, (2, 21)), jnp.int32)
     full, _ = _forward(graphdef, params, tokens)
@@ -119,6 +178,8 @@ class PallasModelTest(absltest.TestCase):
                                atol=TOLERANCE["float32"], rtol=0)
     decoded, _ = decode_one_by_one(graphdef, params, tokens[:, :6], model.init_cache(2, 32))
     np.testing.assert_allclose(decoded, full[:, :6], atol=TOLERANCE["float32"], rtol=0)
+    if posenc == "alibi":
+      return
 
     def loss(params, graphdef):
       logits, _ = nnx.merge(graphdef, params)(tokens)
@@ -130,11 +191,15 @@ class PallasModelTest(absltest.TestCase):
       np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
 
   def test_config_refuses_bias_encodings_and_softplus(self):
-    for overrides in ({"model.posenc.kind": "alibi"},
+    # T5 and FIRE have no in-kernel bias; ALiBi and KERPLE do.
+    for overrides in ({"model.posenc.kind": "t5"}, {"model.posenc.kind": "fire"},
                       {"model.attention.normalizer": "softplus"}):
       with self.assertRaisesRegex(configuration.ConfigError, "model.attention.impl='pallas'"):
         configuration.validate(
             testing.tiny_config(**{"model.attention.impl": "pallas", **overrides}), 1)
+    for kind in ("alibi", "kerple_log", "kerple_power"):
+      configuration.validate(
+          testing.tiny_config(**{"model.attention.impl": "pallas", "model.posenc.kind": kind}), 1)
 
 
 if __name__ == "__main__":

@@ -97,8 +97,9 @@ class ClexOdeTest(parameterized.TestCase):
       t = 1.0 + s * dt
       alpha = 2 * t - 1
       log_ntk = -(2.0 * i / rotary) * np.log(theta) - 2.0 * i / (rotary - 2) * np.log(alpha)
-      h = (z + log_ntk) @ w1
+      h = (z + log_ntk) / np.log(theta) @ w1
       z = z + dt * ((h / (1 + np.exp(-h))) @ w2 - 2.0 * i / (rotary - 2) * 2.0 / alpha)
+      z = np.clip(z, clex.Z_MIN, 0.0)
     self.assertGreater(np.abs(z - np.log(clex.clex_inv_freq(
         clex.init_params(k1, rotary), t_end, rotary_dim=rotary, theta=theta))).max(), 0.1)
     np.testing.assert_allclose(np.log(got), z, rtol=0, atol=1e-4)  # log frequencies

@@ -117,3 +117,17 @@ def compiler_params(variant: str, *, dimension_semantics: tuple[str, ...], head_
   # 4 warps for head dims up to 64 and 8 above, 2 pipeline stages: the settings of jax's own
   # Triton attention kernel.
   return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+
+
+def check_qkv(q, k, v) -> None:
+  """Raises ValueError unless q [B, T, N, H] and k, v [B, S, K, H] fit attention: N % K == 0,
+  one dtype, T, S >= 1. Shared by the kernels and `longjax.ops.dot_product_attention`."""
+  b, t, n, h = q.shape
+  if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
+    raise ValueError(f"k and v must be [B={b}, S, K, H={h}], got {k.shape} and {v.shape}")
+  if n % k.shape[2]:
+    raise ValueError(f"query heads N={n} must be a multiple of kv heads K={k.shape[2]}")
+  if q.dtype != k.dtype or q.dtype != v.dtype:
+    raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+  if t < 1 or k.shape[1] < 1:
+    raise ValueError(f"empty sequences are not supported: T={t}, S={k.shape[1]}")

@@ -60,15 +60,8 @@ def _bias_args(n, bias_kind, bias_params, alibi_slopes):
 
 def _check_inputs(q, k, v, window, global_tokens, q_segment_ids, kv_segment_ids, q_positions,
                   kv_positions, logit_soft_cap):
+  common.check_qkv(q, k, v)
   b, t, n, h = q.shape
-  if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
-    raise ValueError(f"k and v must be [B={b}, S, K, H={h}], got {k.shape} and {v.shape}")
-  if n % k.shape[2]:
-    raise ValueError(f"query heads N={n} must be a multiple of kv heads K={k.shape[2]}")
-  if q.dtype != k.dtype or q.dtype != v.dtype:
-    raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-  if t < 1 or k.shape[1] < 1:
-    raise ValueError(f"empty sequences are not supported: T={t}, S={k.shape[1]}")
   if window is not None and (not isinstance(window, numbers.Integral) or window < 1):
     raise ValueError(f"window must be a positive int or None, got {window!r}")
   if not isinstance(global_tokens, numbers.Integral) or global_tokens < 0:

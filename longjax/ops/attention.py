@@ -168,16 +168,8 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Atten
 def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> None:
   """Raises ValueError unless q [B, T, N, H], k and v [B, S, K, H] (N % K == 0, one dtype,
   T, S >= 1) and `mask` fit together."""
-  b, t, n, h = q.shape
-  if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
-    raise ValueError(f"k and v must be [B={b}, S, K, H={h}], got {k.shape} and {v.shape}")
-  if n % k.shape[2]:
-    raise ValueError(f"query heads N={n} must be a multiple of kv heads K={k.shape[2]}")
-  if q.dtype != k.dtype or q.dtype != v.dtype:
-    raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-  if t < 1 or k.shape[1] < 1:
-    raise ValueError(f"empty sequences are not supported: T={t}, S={k.shape[1]}")
-  mask.validate(b, t, k.shape[1])
+  common.check_qkv(q, k, v)
+  mask.validate(q.shape[0], q.shape[1], k.shape[1])
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: AttentionMask,

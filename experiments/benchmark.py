@@ -2,6 +2,8 @@
 
   python -m experiments.benchmark --suite=kernels --out=docs/benchmarks/kernels_small.json \
       [--sizes=tiny|small|full] [--plot]
+  python -m experiments.benchmark --suite=train --out=docs/benchmarks/train_small.json \
+      --sizes=small [--plot]
   python -m experiments.benchmark --suite=peak --out=peak.json
 
 Every run first measures the jitted matmul GFLOP/s (f32, bf16): the machine's ceiling, used for
@@ -18,7 +20,7 @@ from absl import flags
 
 from experiments import common
 
-_SUITE = flags.DEFINE_enum("suite", "kernels", ["peak", "kernels"], "Which benchmark suite.")
+_SUITE = flags.DEFINE_enum("suite", "kernels", ["peak", "kernels", "train", "decode", "memory"], "Which benchmark suite.")
 _OUT = flags.DEFINE_string("out", None, "Output JSON path; the markdown goes beside it (.md).")
 _SIZES = flags.DEFINE_enum("sizes", "full", ["tiny", "small", "full"],
                            "Size set: tiny (smoke test, < 1 min), small (minutes), full.")
@@ -45,8 +47,10 @@ def main(argv):
     if unknown:
       common.fail(f"--groups: unknown {sorted(unknown)}; choose from "
                   f"{','.join(benchmarks.kernels.GROUPS)}")
-    kwargs = {"groups": tuple(groups), "memory_budget_gb": _MEMORY.value,
-              "timeout_s": _TIMEOUT.value, "make_plots": _PLOT.value}
+    kwargs = {"groups": tuple(groups)}
+  if _SUITE.value != "peak":
+    kwargs.update(memory_budget_gb=_MEMORY.value, timeout_s=_TIMEOUT.value,
+                  make_plots=_PLOT.value)
   md = benchmarks.SUITES[_SUITE.value](_SIZES.value, _OUT.value, argv=sys.argv, **kwargs)
   print(md)
   print(f"\nwrote {_OUT.value} and its .md", file=sys.stderr)

@@ -83,6 +83,13 @@ def compiled_memory(compiled) -> dict:
           getattr(stats, name, None) for name in fields}
 
 
+def footprint_bytes(memory: dict) -> int:
+  """What a compiled program holds at once: temporaries, arguments and outputs, less the
+  outputs that reuse a donated argument's buffer."""
+  return (sum(memory.get(k) or 0 for k in ("temp_bytes", "argument_bytes", "output_bytes"))
+          - (memory.get("alias_bytes") or 0))
+
+
 def time_jax(fn, args, *, repeats: int, budget_s: float, memory_budget_bytes: int | None) -> dict:
   """Compiles `fn(*args)` ahead of time, checks its footprint, then times it.
 
@@ -102,7 +109,7 @@ def time_jax(fn, args, *, repeats: int, budget_s: float, memory_budget_bytes: in
   compiled = jax.jit(fn).lower(*args).compile()
   compile_s = time.perf_counter() - start
   memory = compiled_memory(compiled)
-  need = sum(memory.get(k) or 0 for k in ("temp_bytes", "argument_bytes", "output_bytes"))
+  need = footprint_bytes(memory)
   if memory_budget_bytes is not None and need > memory_budget_bytes:
     raise OutOfBudget(f"compiled footprint {need / 2**30:.1f} GiB > budget "
                       f"{memory_budget_bytes / 2**30:.1f} GiB", memory)
@@ -121,6 +128,29 @@ def time_callable(fn, *, repeats: int, budget_s: float, sync=lambda x: x) -> dic
   return {**_median_of(fn, first_s, repeats, budget_s, sync), "first_call_s": first_s}
 
 
+def time_with_setup(fn, setup, *, repeats: int, budget_s: float, sync=lambda x: x) -> dict:
+  """Times `fn(*setup())`, with `setup` untimed before every call (one warm-up call first).
+
+  For calls that consume their arguments: a jitted decode loop with a donated cache, or a
+  PyTorch decode loop that grows the cache it is given.
+  """
+  args = setup()
+  start = time.perf_counter()
+  sync(fn(*args))
+  first_s = time.perf_counter() - start
+  times = []
+  for _ in range(_repeats_within(budget_s, first_s, repeats)):
+    args = setup()
+    start = time.perf_counter()
+    sync(fn(*args))
+    times.append(time.perf_counter() - start)
+  if not times:
+    return {"time_s": first_s, "times_s": [first_s], "repeats": 1, "first_call_only": True,
+            "first_call_s": first_s}
+  return {"time_s": statistics.median(times), "times_s": times, "repeats": len(times),
+          "first_call_s": first_s}
+
+
 def peak_rss_mib(pid: int | str = "self") -> float | None:
   """A process's peak resident set size since its exec, in MiB: VmHWM from /proc.
 
@@ -136,6 +166,31 @@ def peak_rss_mib(pid: int | str = "self") -> float | None:
   except (OSError, ValueError):
     pass
   return None
+
+
+def current_rss_mib() -> float | None:
+  """This process's resident set size now (VmRSS), in MiB; None where /proc is unavailable."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1]) / 1024
+  except (OSError, ValueError):
+    pass
+  return None
+
+
+def reset_peak_rss() -> bool:
+  """Resets this process's VmHWM to its current RSS (Linux's clear_refs "5"); False if not.
+
+  So that the peak of one phase (running a step) is not the peak of an earlier one (compiling).
+  """
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +330,56 @@ def run_case(module: str, function: str, kwargs: dict, *, timeout_s: float,
   if result.get("rss_peak_mib") is None:
     result["rss_peak_mib"] = polled_rss
   return result
+
+
+def torch_missing(needs: tuple[str, ...] = ("torch",)) -> str | None:
+  """Why the PyTorch peers cannot run here (the `bench` extra is missing), or None.
+
+  `needs`: the packages the peers import, e.g. ("torch", "transformers") for the HF models.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  for name in needs:
+    if importlib.util.find_spec(name) is None:
+      return f"{name} is not installed; pip install -e '.[bench]'"
+  return None
+
+
+def run_cases(module: str, cases: list[dict], *, desc: str, timeout_s: float,
+              jax_modules: tuple[str, ...] = ("jax",),
+              torch_needs: tuple[str, ...] = ("torch",)) -> list[dict]:
+  """Runs `module.<case["function"]>(**case["kwargs"])` per case, each in a child process.
+
+  A case is a dict with "function", "kwargs", "labels" (copied into its result) and optionally
+  "skip" (a reason: not run) and "torch" (True: a PyTorch peer, skipped with the reason when the
+  `bench` extra is missing, and run with `torch_env`). Shows a progress bar.
+
+  Returns:
+    One result dict per case, in order: its labels, then what `run_case` returned.
+  """
+  no_torch = torch_missing(torch_needs)
+  results = []
+  bar = progress(cases, total=len(cases), desc=desc)
+  for case in bar:
+    if hasattr(bar, "set_postfix_str"):
+      bar.set_postfix_str(" ".join(f"{v}" for v in case["labels"].values()))
+    if "skip" in case:
+      result = {"status": "skipped", "reason": case["skip"]}
+    elif case.get("torch") and no_torch:
+      result = {"status": "skipped", "reason": no_torch}  # no child needed to find that out
+    else:
+      torch = case.get("torch", False)
+      result = run_case(module, case["function"], case["kwargs"], timeout_s=timeout_s,
+                        preload=("torch",) if torch else jax_modules,
+                        env=torch_env() if torch else None)
+    results.append({**case["labels"], **result})
+  return results
+
+
+def memory_budget_bytes(memory_budget_gb: float | None) -> int:
+  """The per-case compiled-footprint budget: the flag, else 75% of the memory available now."""
+  if memory_budget_gb:
+    return int(memory_budget_gb * 2**30)
+  return int(0.75 * (available_memory_bytes() or 2**40))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,6 +564,44 @@ def header_markdown(suite: str, sizes: str, machine: dict, peak: dict,
   lines.append(markdown_table(["matmul", "n", "GFLOP/s", "time (s)", "status"], rows))
   lines.append("\nUtilisation columns are against the jitted JAX f32 matmul's GFLOP/s.\n")
   return "\n".join(lines)
+
+
+def targets_table(targets: list[dict]) -> str:
+  """The issue's targets as a table: target, what this run measured, met (yes / **no** / —)."""
+  return markdown_table(["target", "measured", "met"],
+                        [[t["target"], t["measured"], {True: "yes", False: "**no**", None: "—"}
+                          [t["met"]]] for t in targets])
+
+
+def run_suite_with(suite: str, sizes: str, out: str, *, argv: list[str],
+                   memory_budget_gb: float | None, run, derive, markdown, plot=None) -> str:
+  """The shape every suite shares: machine, budget, peak, cases, derived figures, report.
+
+  Args:
+    suite, sizes, out, argv: as given to the CLI.
+    memory_budget_gb: per-case compiled-footprint budget (`memory_budget_bytes`).
+    run: budget bytes -> result dicts (runs the cases).
+    derive: (results, peak f32 GFLOP/s or None) -> summary dict (adds ratios in place).
+    markdown: (results, summary) -> the suite's tables.
+    plot: (results, path stem) -> PNG paths, or None for no plots.
+
+  Returns:
+    The markdown report (also written beside OUT).
+  """
+  machine = machine_info(argv)
+  budget = memory_budget_bytes(memory_budget_gb)
+  peak = measure_peak(sizes, timeout_s=300, include_torch=torch_missing() is None)
+  ceiling = peak_gflops(peak)
+  results = run(budget)
+  summary = derive(results, ceiling)
+  md = "\n".join([header_markdown(suite, sizes, machine, peak, budget), markdown(results, summary)])
+  report = {"suite": suite, "sizes": sizes, "machine": machine, "memory_budget_bytes": budget,
+            "peak": peak, "peak_f32_gflops_per_s": ceiling, "cases": results, **summary}
+  write_report(out, report, md)  # before plotting: a plotting failure loses nothing
+  if plot is not None:
+    report["plots"] = plot(results, os.path.splitext(out)[0])
+    write_report(out, report, md)
+  return md
 
 
 def run_peak_suite(sizes: str, out: str, *, argv: list[str], **unused) -> str:

@@ -65,3 +65,27 @@ def attention_flops(t: int, s: int, heads: int, head_dim: int, causal: bool, bac
   """
   matmuls = 2 + (5 if backward else 0)
   return 2 * matmuls * batch * heads * head_dim * visible_pairs(t, s, causal)
+
+
+def lm_train_flops(*, matmul_params: int, layers: int, heads: int, head_dim: int, t: int,
+                   batch: int) -> int:
+  """Model FLOPs of one decoder-LM train step (forward + backward), for MFU.
+
+  6 * matmul parameters * tokens (2 per multiply-add forward, twice that backward: the gradients
+  of the activations and of the weights), plus causal attention's two matmuls per head, counted
+  for the visible pairs only, three times (forward, and the two backward products of each).
+  Rematerialisation is not counted: MFU is about the model's FLOPs, not the program's.
+
+  Args:
+    matmul_params: parameters used in a matmul per token (projections, MLP, output head).
+    layers, heads, head_dim: the attention layers' shape.
+    t: sequence length T.
+    batch: B.
+
+  Returns:
+    FLOPs as an int.
+  """
+  dense = 6 * matmul_params * batch * t
+  attention = 3 * layers * attention_flops(t, t, heads, head_dim, causal=True, backward=False,
+                                           batch=batch)
+  return dense + attention

@@ -306,39 +306,20 @@ def plan(sizes: str, groups=GROUPS) -> list[dict]:
   return cases
 
 
-def _torch_missing() -> str | None:
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  if importlib.util.find_spec("torch") is None:
-    return "torch is not installed; pip install -e '.[bench]'"
-  return None
-
-
 def run(sizes: str, *, groups=GROUPS, memory_budget: int | None,
         timeout_s: float | None = None) -> list[dict]:
   """Runs every case in its own child process; returns the result dicts in plan order."""
   cfg = SIZES[sizes]
-  timeout_s = cfg["timeout_s"] if timeout_s is None else timeout_s
-  no_torch = _torch_missing()
-  results = []
-  cases = plan(sizes, groups)
-  bar = common.progress(cases, total=len(cases), desc="kernels")
-  for case in bar:
+  cases = []
+  for case in plan(sizes, groups):
     size = {k: case[k] for k in ("t", "cache", "length", "d_model") if k in case}
-    if hasattr(bar, "set_postfix_str"):
-      bar.set_postfix_str(f"{case['group']} {case['impl']} {size}")
-    if "skip" in case:
-      result = {"status": "skipped", "reason": case["skip"]}
-    elif no_torch and case["impl"].startswith("torch"):
-      result = {"status": "skipped", "reason": no_torch}  # no child needed to find that out
-    else:
-      kwargs = {"impl": case["impl"], **size, "repeats": cfg["repeats"],
-                "budget_s": cfg["budget_s"], "memory_budget": memory_budget}
-      torch = case["impl"].startswith("torch")
-      result = common.run_case(__name__, case["function"], kwargs, timeout_s=timeout_s,
-                               preload=("torch",) if torch else _JAX_MODULES,
-                               env=common.torch_env() if torch else None)
-    results.append({"group": case["group"], "impl": case["impl"], **size, **result})
-  return results
+    cases.append({"function": case["function"], "torch": case["impl"].startswith("torch"),
+                  "labels": {"group": case["group"], "impl": case["impl"], **size},
+                  "kwargs": {"impl": case["impl"], **size, "repeats": cfg["repeats"],
+                             "budget_s": cfg["budget_s"], "memory_budget": memory_budget},
+                  **({"skip": case["skip"]} if "skip" in case else {})})
+  return common.run_cases(__name__, cases, desc="kernels", jax_modules=_JAX_MODULES,
+                          timeout_s=cfg["timeout_s"] if timeout_s is None else timeout_s)
 
 
 def size_of(case: dict) -> int:
@@ -509,10 +490,7 @@ def markdown(results: list[dict], summary: dict) -> str:
         out.append(f"Flatness, {LABELS[impl]}: tokens/s at T={f['t_long']} / at "
                    f"T={f['t_short']} = {f['ratio']:.2f}\n")
   out.append("### Targets (issue 6)\n")
-  met = {True: "yes", False: "**no**", None: "—"}
-  out.append(common.markdown_table(
-      ["target", "measured", "met"],
-      [[t["target"], t["measured"], met[t["met"]]] for t in summary["targets"]]) + "\n")
+  out.append(common.targets_table(summary["targets"]) + "\n")
   out.append("Ratios (× vs X) are X's time / the row's time: above 1 the row is faster. "
              "Peak RSS is the case's whole child process (interpreter, jax or torch, inputs).")
   out.append(_conditions(results))
@@ -584,21 +562,8 @@ def run_suite(sizes: str, out: str, *, argv: list[str], make_plots: bool = False
   Returns:
     The markdown report.
   """
-  machine = common.machine_info(argv)
-  budget = (int(memory_budget_gb * 2**30) if memory_budget_gb
-            else int(0.75 * (common.available_memory_bytes() or 2**40)))
-  peak = common.measure_peak(sizes, timeout_s=SIZES[sizes]["timeout_s"],
-                             include_torch=_torch_missing() is None)
-  peak_gflops = common.peak_gflops(peak)
-  results = run(sizes, groups=groups, memory_budget=budget, timeout_s=timeout_s)
-  summary = derive(results, peak_gflops)
-  md = "\n".join([common.header_markdown("kernels", sizes, machine, peak, budget),
-                  markdown(results, summary)])
-  report = {"suite": "kernels", "sizes": sizes, "machine": machine, "memory_budget_bytes": budget,
-            "peak": peak, "peak_f32_gflops_per_s": peak_gflops, "cases": results, **summary,
-            "impls": IMPLS}
-  common.write_report(out, report, md)  # before plotting: a plotting failure loses nothing
-  if make_plots:
-    report["plots"] = plot(results, os.path.splitext(out)[0])
-    common.write_report(out, report, md)
-  return md
+  return common.run_suite_with(
+      "kernels", sizes, out, argv=argv, memory_budget_gb=memory_budget_gb,
+      run=lambda budget: run(sizes, groups=groups, memory_budget=budget, timeout_s=timeout_s),
+      derive=lambda results, peak: {**derive(results, peak), "impls": IMPLS},
+      markdown=markdown, plot=plot if make_plots else None)

@@ -156,7 +156,7 @@ class PlanTest(absltest.TestCase):
 
   def test_without_torch_peers_are_skipped_with_a_reason(self):
     fake = mock.Mock(return_value={"status": "ok", "time_s": 1.0})
-    with mock.patch.object(kernels, "_torch_missing", return_value="torch is not installed"), \
+    with mock.patch.object(common, "torch_missing", return_value="torch is not installed"), \
          mock.patch.object(common, "run_case", fake):
       results = kernels.run("tiny", memory_budget=None)
     torch_rows = [r for r in results if r["impl"].startswith("torch")]

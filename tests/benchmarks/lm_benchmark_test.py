@@ -1,0 +1,181 @@
+"""The train, decode and memory suites: the HF peer is our model, FLOP counts, bisection, CLI."""
+
+import importlib.util
+import json
+import os
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+
+from longjax.benchmarks import decode
+from longjax.benchmarks import flops
+from longjax.benchmarks import lm
+from longjax.benchmarks import memory
+from longjax.benchmarks import train
+from tests.benchmarks.kernels_benchmark_test import _run_cli
+
+_HF = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
+_NO_HF = "torch and transformers (the bench extra) are not installed"
+
+
+class ModelTest(parameterized.TestCase):
+
+  def test_matmul_params_by_hand(self):
+    # width 128 (2 heads of 64), MLP 320, vocab 259, 2 layers: q, k, v, out 128x128 each;
+    # gate, up 128x320 and down 320x128; head 128x259.
+    shape = lm.LMShape(128, 2, 64, 1)
+    self.assertEqual(shape.mlp_hidden, 320)
+    per_layer = 4 * 128 * 128 + 3 * 128 * 320
+    self.assertEqual(lm.matmul_params(shape), 2 * per_layer + 128 * 259)
+    self.assertEqual(lm.total_params(shape),
+                     lm.matmul_params(shape) + 259 * 128 + 5 * 128)
+
+  def test_counts_match_the_longjax_model(self):
+    shape = lm.LMShape(128, 2, 64, 1)
+    _, params, _ = lm.build_longjax(shape)
+    self.assertEqual(lm.count(params), lm.total_params(shape))
+    lookup_and_norms = params["embed"].size + sum(
+        x.size for x in [params["final_norm"]["scale"], params["groups"][0]["mixer_norm"]["scale"],
+                         params["groups"][0]["mlp_norm"]["scale"]])
+    self.assertEqual(lm.count(params) - lookup_and_norms, lm.matmul_params(shape))
+
+  @absltest.skipUnless(_HF, _NO_HF)
+  def test_hf_llama_is_the_same_model(self):
+    """Same parameter count and, with our weights copied in, the same logits (f32: 1e-4)."""
+    import torch  # pylint: disable=g-import-not-at-top
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    shape = lm.LMShape(128, 2, 48, 2)
+    graphdef, params, _ = lm.build_longjax(shape)
+    hf = lm.build_hf_llama(shape)
+    self.assertEqual(sum(p.numel() for p in hf.parameters()), lm.count(params))
+    lm.copy_to_hf(params, hf)
+    tokens = np.random.default_rng(1).integers(0, shape.vocab, (2, 48), dtype=np.int32)
+    ours, _ = nnx.merge(graphdef, params)(tokens)
+    with torch.no_grad():
+      theirs = hf(torch.from_numpy(tokens).long()).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4)
+
+
+class FlopsTest(absltest.TestCase):
+
+  def test_lm_train_flops_by_hand(self):
+    # 1000 matmul params, B=2, T=4: dense 6 * 1000 * 8; attention: 1 layer, 1 head of 2,
+    # causal pairs 4*5/2 = 10 per sequence, forward 2 matmuls x 2 FLOPs x 2 features = 8 per
+    # pair, x 3 (fwd + bwd) x 2 sequences.
+    got = flops.lm_train_flops(matmul_params=1000, layers=1, heads=1, head_dim=2, t=4, batch=2)
+    self.assertEqual(got, 6 * 1000 * 8 + 3 * 2 * 10 * 8)
+
+  def test_train_model_flops_grow_with_layers_and_length(self):
+    a = train.model_flops(lm.LMShape(256, 4, 512, 1))
+    self.assertGreater(train.model_flops(lm.LMShape(256, 8, 512, 1)), 1.9 * a)
+    self.assertGreater(train.model_flops(lm.LMShape(256, 4, 1024, 1)), 2 * a)
+
+
+class BisectionTest(parameterized.TestCase):
+
+  @parameterized.parameters(0, 1, 2, 3, 5, 8, 13, 31, 32, 33, 64, 100)
+  def test_finds_the_threshold(self, limit_steps):
+    step, max_t = 16, 16 * 64
+    calls = []
+
+    def fits(t):
+      calls.append(t)
+      return t <= limit_steps * step
+    longest, failing = memory.longest_fitting(fits, step, max_t)
+    expected = min(limit_steps, 64) * step or None
+    self.assertEqual(longest, expected)
+    if expected is None:
+      self.assertEqual(failing, step)
+    elif expected == max_t:
+      self.assertIsNone(failing)
+    else:
+      self.assertEqual(failing, expected + step)
+    self.assertTrue(all(t % step == 0 and step <= t <= max_t for t in calls))
+    self.assertLessEqual(len(calls), 14)  # doubling + bisection, not a linear scan
+
+
+class ReportTest(absltest.TestCase):
+
+  def _row(self, impl, t, tokens_per_s, width=512):
+    return {"impl": impl, "width": width, "layers": 8, "t": t, "batch": 1, "status": "ok",
+            "tokens_per_s": tokens_per_s, "gflops_per_s": tokens_per_s / 10}
+
+  def test_train_ratios_and_targets(self):
+    results = [self._row("longjax", 1024, 500), self._row("hf_llama", 1024, 400),
+               self._row("longjax", 8192, 300), self._row("hf_llama", 8192, 400)]
+    summary = train.derive(results, peak_gflops=100.0)
+    self.assertAlmostEqual(results[0]["speedup_vs_hf"], 1.25)
+    self.assertAlmostEqual(results[2]["speedup_vs_hf"], 0.75)
+    self.assertAlmostEqual(results[0]["mfu"], 0.5)
+    met = [t["met"] for t in summary["targets"]]
+    self.assertEqual(met, [True, False, False])
+    self.assertIn("0.75x", summary["targets"][1]["measured"])
+    md = train.markdown(results, summary)
+    self.assertIn("| **no** |", md)
+
+  def test_decode_ratio_and_target(self):
+    results = [{"impl": "longjax", "width": 512, "layers": 8, "t": 4096, "status": "ok",
+                "decode_ms_per_token": 20.0, "prefill_tokens_per_s": 3000.0},
+               {"impl": "hf_llama", "width": 512, "layers": 8, "t": 4096, "status": "ok",
+                "decode_ms_per_token": 30.0, "prefill_tokens_per_s": 1000.0}]
+    summary = decode.derive(results)
+    self.assertAlmostEqual(results[0]["decode_speedup_vs_hf"], 1.5)
+    self.assertAlmostEqual(results[0]["prefill_speedup_vs_hf"], 3.0)
+    self.assertTrue(summary["targets"][0]["met"])
+
+
+class CliTest(absltest.TestCase):
+  """Every suite end to end at tiny sizes (peers skipped, with the reason, without torch)."""
+
+  def _run(self, suite):
+    tmp = self.create_tempdir().full_path  # removed after the test
+    out = os.path.join(tmp, f"{suite}.json")
+    proc = _run_cli(f"--suite={suite}", "--sizes=tiny", f"--out={out}", "--plot")
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    with open(out) as f:
+      report = json.load(f)
+    self.assertTrue(os.path.exists(os.path.join(tmp, f"{suite}.md")))
+    return report, proc.stdout, tmp
+
+  def _check_peer(self, cases):
+    for case in cases:
+      if case["impl"] == "hf_llama":
+        if _HF:
+          self.assertEqual(case["status"], "ok", case)
+        else:
+          self.assertEqual(case["status"], "skipped")
+          self.assertIn("pip install", case["reason"])
+      else:
+        self.assertEqual(case["status"], "ok", case)
+
+  def test_train(self):
+    report, stdout, tmp = self._run("train")
+    self.assertEqual({c["impl"] for c in report["cases"]}, set(train.IMPLS))
+    self._check_peer(report["cases"])
+    ours = [c for c in report["cases"] if c["impl"] == "longjax"][0]
+    self.assertGreater(ours["tokens_per_s"], 0)
+    self.assertEqual(ours["params"], lm.total_params(lm.LMShape(64, 2, 64, 2)))
+    self.assertIn("Train step", stdout)
+    self.assertTrue(os.path.exists(os.path.join(tmp, "train_train.png")))
+
+  def test_decode(self):
+    report, stdout, tmp = self._run("decode")
+    self._check_peer(report["cases"])
+    ours = [c for c in report["cases"] if c["impl"] == "longjax"][0]
+    self.assertGreater(ours["decode_ms_per_token"], 0)
+    self.assertIn("decode ms/token", stdout)
+    self.assertTrue(os.path.exists(os.path.join(tmp, "decode_decode.png")))
+
+  def test_memory(self):
+    report, stdout, _ = self._run("memory")
+    ours = [c for c in report["cases"] if c["impl"] != "hf_llama"]
+    self.assertTrue(ours and all(c["longest_t"] for c in ours), ours)
+    for c in ours:
+      for probe in c["probes"]:
+        self.assertEqual(probe["fits"], probe["footprint_bytes"] <= report["memory_budget_bytes"])
+    self.assertIn("Longest trainable T", stdout)
+
+
+if __name__ == "__main__":
+  absltest.main()

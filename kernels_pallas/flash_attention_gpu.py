@@ -153,9 +153,18 @@ def forward(spec, q, k, v, q_offset, params, q_ids, kv_ids, q_pos, kv_pos, *, in
   )(q_offset, q, k, v, *extra_args)
 
 
+def _pack_columns(shares, width):
+  """Per-parameter row shares ([rows, 1] each) -> [rows, width] with share p in column p."""
+  column = lax.broadcasted_iota(jnp.int32, (shares[0].shape[0], width), 1)
+  packed = jnp.zeros(column.shape, jnp.float32)
+  for p, share in enumerate(shares):
+    packed = jnp.where(column == p, share, packed)
+  return packed
+
+
 def _dq_kernel(q_offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec):
-  # With a bias, P more outputs hold each row's share of d(parameter p).
-  ops, outs = _unpack(spec, refs, 1 + spec.num_bias_params)
+  # With a bias a second output holds each row's share of d(parameter p) in column p.
+  ops, outs = _unpack(spec, refs, 1 if spec.bias is None else 2)
   i, n = pl.program_id(0), pl.program_id(2)
   q_offset = q_offset_ref[0]
   bq, bk = spec.block_q, spec.block_k
@@ -170,14 +179,21 @@ def _dq_kernel(q_offset_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *r
         spec, q, k_ref[kv, :], v_ref[kv, :], do, lse, delta, q_start=i * bq, kv_start=j * bk,
         q_offset=q_offset, **_where(spec, bias_params, q_ids, _row(ops.kv_ids, kv), q_pos,
                                     _row(ops.kv_pos, kv)))
-    return (carry[0] + dq,) + tuple(c + d for c, d in zip(carry[1:], dparams or ()))
+    if dparams is None:
+      return (carry[0] + dq,)
+    return carry[0] + dq, carry[1] + _pack_columns(dparams, carry[1].shape[1])
 
   init = (jnp.zeros(q.shape, jnp.float32),)
-  init += (jnp.zeros((bq, 1), jnp.float32),) * spec.num_bias_params
+  if spec.bias is not None:
+    init += (jnp.zeros((bq, _params_width(spec)), jnp.float32),)
   carry = _kv_loop(spec, i, q_offset, body, init)
-  outs[0][...] = carry[0].astype(outs[0].dtype)
-  for out, share in zip(outs[1:], carry[1:]):
-    out[...] = share[:, 0]
+  for out, acc in zip(outs, carry):
+    out[...] = acc.astype(out.dtype)
+
+
+def _params_width(spec):
+  """Columns of the per-row d(params) block: P rounded up to a power of two (Triton's shapes)."""
+  return max(16, common.next_power_of_2(spec.num_bias_params))
 
 
 def _dkv_kernel(q_offset_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, spec,
@@ -236,10 +252,11 @@ def backward(spec, q, k, v, q_offset, params, q_ids, kv_ids, q_pos, kv_pos, do, 
       spec, params, (q_ids, q_pos), (kv_ids, kv_pos),
       pl.BlockSpec((None, bq), lambda i, bi, ni: (bi, i)),
       pl.BlockSpec((None, sp), lambda i, bi, ni: (bi, 0)))
-  # Per-row d(parameter p), one output each.
-  out_specs = [q_spec] + [row_spec] * spec.num_bias_params
-  out_shape = ([jax.ShapeDtypeStruct(q.shape, q.dtype)]
-               + [jax.ShapeDtypeStruct((b, n, tp), jnp.float32)] * spec.num_bias_params)
+  out_specs, out_shape = [q_spec], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+  if spec.bias is not None:  # per-row d(params), parameter p in column p
+    width = _params_width(spec)
+    out_specs.append(pl.BlockSpec((None, None, bq, width), lambda i, bi, ni: (bi, ni, i, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((b, n, tp, width), jnp.float32))
   dq, *dparams = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec),
       grid=(tp // bq, b, n),
@@ -272,4 +289,4 @@ def backward(spec, q, k, v, q_offset, params, q_ids, kv_ids, q_pos, kv_pos, do, 
       interpret=interpret,
       name="flash_attention_dkv",
   )(q_offset, k, v, q, do, lse, delta, *extra_args)
-  return dq, dk, dv, jnp.stack(dparams, axis=-1) if dparams else None
+  return dq, dk, dv, dparams[0][..., :spec.num_bias_params] if dparams else None

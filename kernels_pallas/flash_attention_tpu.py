@@ -11,7 +11,8 @@ block index as on the step before and copies nothing, and `pl.when` skips the co
 query offset is a scalar-prefetch operand, so the index maps can read it before any copy.
 
 Vreg tiling: row statistics (running max and sum, lse) are kept replicated over the 128 lanes,
-[rows, 128] (each row's d(bias parameter) shares sit in lanes 0..P-1 of one such array), and
+[rows, 128] (each row's d(bias parameter) shares sit in lanes 0..P-1 of one such array, or of
+[rows, 128 k] for P > 128: T5 tables, FIRE MLPs), and
 segment ids and positions are broadcast to [B, L, 128] (column use) or [B, 8, L] (row use), as
 jax's own TPU kernels do. The forward's lse output is therefore transiently 128x
 its size ([B, N, Tp, 128] f32, 256 MiB at N=8, T=64k) before it is sliced.
@@ -95,7 +96,7 @@ def _where(spec, ops, head, *, transposed=False):
 
 
 def _pack_lanes(shares, shape):
-  """Per-parameter row shares ([rows, 1] each) -> [rows, 128] with share p in lane p."""
+  """Per-parameter row shares ([rows, 1] each) -> [rows, width] with share p in lane p."""
   lane = lax.broadcasted_iota(jnp.int32, shape, 1)
   packed = jnp.zeros(shape, jnp.float32)
   for p, share in enumerate(shares):
@@ -313,10 +314,11 @@ def backward(spec, q, k, v, q_offset, params, q_ids, kv_ids, q_pos, kv_pos, do, 
   kv_spec = pl.BlockSpec((None, None, bk, h), kv_map)
   out_specs, out_shape = [q_spec], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   scratch_shapes = [pltpu.VMEM((bq, h), jnp.float32)]
-  if spec.bias is not None:  # per-row d(params), parameter p in lane p
-    out_specs.append(pl.BlockSpec((None, None, bq, _LANES), q_map))
-    out_shape.append(jax.ShapeDtypeStruct((b, n, tp, _LANES), jnp.float32))
-    scratch_shapes.append(pltpu.VMEM((bq, _LANES), jnp.float32))
+  if spec.bias is not None:  # per-row d(params), parameter p in lane p (of 128 or more)
+    width = _LANES * common.cdiv(spec.num_bias_params, _LANES)
+    out_specs.append(pl.BlockSpec((None, None, bq, width), q_map))
+    out_shape.append(jax.ShapeDtypeStruct((b, n, tp, width), jnp.float32))
+    scratch_shapes.append(pltpu.VMEM((bq, width), jnp.float32))
   dq, *dparams = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec),
       grid_spec=pltpu.PrefetchScalarGridSpec(

@@ -9,6 +9,8 @@ Row statistics are columns [rows, 1] here; the TPU variant keeps them lane-repli
 scratch as [rows, 128] and passes the first column.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -34,21 +36,100 @@ def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
   return lax.dot_general(a, b, _NN, preferred_element_type=jnp.float32)
 
 
+# FIRE's normaliser is psi(max(L, i)) + FIRE_EPS, as `longjax.posenc.relative_bias.FIRE_EPS`:
+# it keeps the division finite should c shrink towards 0.
+FIRE_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashKernelSpec(FlashSpec):
+  """`FlashSpec` plus the static layout of the bias parameters (hashable: kernels close over it).
+
+  `block_mask.FlashSpec` knows the distance biases with a fixed parameter count (ALiBi,
+  KERPLE); the bucket and MLP biases need more static facts, kept here.
+
+  Attributes:
+    bias_size: P, bias parameters per head (the kernels' [N * P] head-major parameter array):
+      1 (ALiBi), 2 (KERPLE), num_buckets (T5: head n's table column), 3F + 3 (FIRE: c, L,
+      w1 [F], b1 [F], head n's w2 column [F], b2[n]; the shared ones repeated per head).
+    t5_runs: T5 only: ((first signed distance i - j, bucket), ...) of each run of equal buckets
+      over the clipped distances, in increasing distance; the first run's start is unused (it
+      extends to -inf, as clipping does), the last run extends to +inf.
+    fire_hidden: FIRE only: F, the MLP's hidden width.
+  """
+
+  bias_size: int = 0
+  t5_runs: tuple[tuple[int, int], ...] = ()
+  fire_hidden: int = 0
+
+  @property
+  def num_bias_params(self) -> int:
+    return self.bias_size
+
+
 def head_bias_params(spec: FlashSpec, params_ref, head) -> tuple:
   """One head's bias parameters as f32 scalars, from the head-major [N * P] parameter array."""
   num = spec.num_bias_params
   return tuple(params_ref[head * num + p] for p in range(num))
 
 
-def tile_bias(spec: FlashSpec, d: jax.Array, params) -> jax.Array:
-  """The bias of a tile from the distances d = |p_q - p_k| (float32); see `block_mask`.
+def _fire_unpack(spec, params):
+  """(c, L, w1, b1, w2, b2) of one head: scalars and tuples of F scalars (`FlashKernelSpec`)."""
+  f = spec.fire_hidden
+  return (params[0], params[1], params[2:2 + f], params[2 + f:2 + 2 * f],
+          params[2 + 2 * f:2 + 3 * f], params[2 + 3 * f])
+
+
+def _fire_input(d, q_pos, c, threshold):
+  """FIRE's normalised distance x = log(1 + c d) / (log(1 + c m) + eps), m = max(L, i).
+
+  Args:
+    d: f32 |p_q - p_k| of the tile.
+    q_pos: f32 query positions, a column [rows, 1] (or a row [1, cols] on transposed tiles).
+    c, threshold: scalars.
+
+  Returns:
+    (x, m, normaliser): x like d; m and the normaliser like q_pos (computed once per row).
+  """
+  m = jnp.maximum(threshold, q_pos)
+  normaliser = jnp.log1p(c * m) + FIRE_EPS
+  return jnp.log1p(c * d) / normaliser, m, normaliser
+
+
+def _t5_bias(spec, rel, params):
+  """table[bucket(rel), n] by selects over the runs of equal buckets (no gather, no float
+  arithmetic: the value is exactly the table entry)."""
+  runs = spec.t5_runs
+  bias = jnp.full(rel.shape, params[runs[0][1]], jnp.float32)
+  for start, bucket in runs[1:]:
+    bias = jnp.where(rel >= float(start), params[bucket], bias)
+  return bias
+
+
+def _fire_bias(spec, d, q_pos, params):
+  """f(x) = sum_k w2[k] relu(w1[k] x + b1[k]) + b2, evaluated one hidden unit at a time."""
+  c, threshold, w1, b1, w2, b2 = _fire_unpack(spec, params)
+  x, _, _ = _fire_input(d, q_pos, c, threshold)
+  out = jnp.zeros(x.shape, jnp.float32)
+  for w1_k, b1_k, w2_k in zip(w1, b1, w2):
+    out = out + w2_k * jnp.maximum(w1_k * x + b1_k, 0.0)
+  return out + b2
+
+
+def tile_bias(spec: FlashSpec, d, params) -> jax.Array:
+  """The bias of a tile; see `block_mask` and `flash_attention`.
 
   Args:
     spec: the static spec (spec.bias is not None).
-    d: float32 distances, the tile's shape.
-    params: the head's parameters (`head_bias_params`): (slope,) or (r1, r2), scalars or arrays
-      broadcastable to d.
+    d: the tile's bias inputs (`masked_logits`): float32 distances |p_q - p_k| for ALiBi and
+      KERPLE, the signed p_q - p_k for T5, (|p_q - p_k|, query positions [rows, 1]) for FIRE.
+    params: the head's parameters (`head_bias_params`): (slope,), (r1, r2), the table column,
+      or FIRE's (`FlashKernelSpec`); scalars or arrays broadcastable to the tile.
   """
+  if spec.bias == "t5":
+    return _t5_bias(spec, d, params)
+  if spec.bias == "fire":
+    return _fire_bias(spec, *d, params)
   if spec.bias == "alibi":
     return -params[0] * d
   r1, r2 = params
@@ -61,7 +142,8 @@ def tile_bias(spec: FlashSpec, d: jax.Array, params) -> jax.Array:
 
 
 def tile_bias_grads(spec: FlashSpec, d: jax.Array, params) -> tuple:
-  """d(bias) / d(parameter) of a tile, one array per parameter (arguments as for `tile_bias`)."""
+  """d(bias) / d(parameter) of an ALiBi or KERPLE tile, one array per parameter (arguments as
+  for `tile_bias`)."""
   if spec.bias == "alibi":
     return (-d,)
   r1, r2 = params
@@ -73,13 +155,78 @@ def tile_bias_grads(spec: FlashSpec, d: jax.Array, params) -> tuple:
   return -power, -r1 * power * log_d
 
 
+def _row_sum(x):
+  return x.sum(axis=1, keepdims=True)
+
+
+def _t5_shares(spec, ds, rel):
+  """Each row's sum of d(logits) per bucket: d(table[b, n]), as [rows, 1] per bucket b."""
+  zero = jnp.zeros((ds.shape[0], 1), jnp.float32)
+  shares = [zero] * spec.num_bias_params  # buckets that no distance reaches get 0
+  runs = spec.t5_runs
+  above = None  # rel >= the next run's start
+  for r in range(len(runs) - 1, -1, -1):  # from the last run down: each run is one compare
+    at_least = None if r == 0 else rel >= float(runs[r][0])
+    if at_least is None:
+      member = jnp.ones(rel.shape, jnp.bool_) if above is None else ~above
+    else:
+      member = at_least if above is None else at_least & ~above
+    bucket = runs[r][1]
+    shares[bucket] = shares[bucket] + _row_sum(jnp.where(member, ds, 0.0))
+    above = at_least
+  return tuple(shares)
+
+
+def _fire_shares(spec, ds, d, q_pos, params):
+  """Each row's share of d(c), d(L), d(w1), d(b1), d(w2[:, n]), d(b2[n]) ([rows, 1] each, in
+  the order of `FlashKernelSpec`), from d(logits) `ds` of a (queries x keys) tile."""
+  c, threshold, w1, b1, w2, _ = _fire_unpack(spec, params)
+  x, m, normaliser = _fire_input(d, q_pos, c, threshold)
+  slope = jnp.zeros(x.shape, jnp.float32)  # f'(x) = sum_k w2[k] w1[k] [w1[k] x + b1[k] > 0]
+  d_w1, d_b1, d_w2 = [], [], []
+  for w1_k, b1_k, w2_k in zip(w1, b1, w2):
+    h = w1_k * x + b1_k
+    on = h > 0  # jax.nn.relu's derivative: 0 at h = 0
+    ds_on = jnp.where(on, ds, 0.0)
+    d_b1.append(w2_k * _row_sum(ds_on))
+    d_w1.append(w2_k * _row_sum(ds_on * x))
+    d_w2.append(_row_sum(ds * jnp.maximum(h, 0.0)))
+    slope = jnp.where(on, slope + w2_k * w1_k, slope)
+  dx = ds * slope  # d(loss) / d(x)
+  dx_x = _row_sum(dx * x)
+  # x = log(1 + c d) / normaliser: d(x)/dc = d / (1 + c d) / normaliser - x m / (1 + c m) /
+  # normaliser, d(x)/dL = -x c / (1 + c m) / normaliser * dm/dL, where dm/dL is jnp.maximum's
+  # derivative: 1 where L > i, 0.5 at a tie, 0 below.
+  d_c = (_row_sum(dx * d / (1.0 + c * d)) - dx_x * m / (1.0 + c * m)) / normaliser
+  dm = jnp.where(threshold > q_pos, 1.0, jnp.where(threshold == q_pos, 0.5, 0.0))
+  d_threshold = -dx_x * c / (1.0 + c * m) / normaliser * dm
+  return (d_c, d_threshold, *d_w1, *d_b1, *d_w2, _row_sum(ds))
+
+
+def bias_param_shares(spec: FlashSpec, ds: jax.Array, d, params) -> tuple:
+  """Each row's share of d(loss) / d(bias parameter p) of its head, [rows, 1] per parameter.
+
+  Args:
+    spec: the static spec (spec.bias is not None).
+    ds: d(loss) / d(logits) of a (queries x keys) tile, 0 on hidden entries.
+    d: the tile's bias inputs (as for `tile_bias`).
+    params: the head's parameters.
+  """
+  if spec.bias == "t5":
+    return _t5_shares(spec, ds, d)
+  if spec.bias == "fire":
+    return _fire_shares(spec, ds, *d, params)
+  # Hidden entries have ds = 0 and add nothing (the derivatives are finite everywhere).
+  return tuple(_row_sum(ds * g) for g in tile_bias_grads(spec, d, params))
+
+
 def tile_logits(spec: FlashSpec, qk: jax.Array, d, bias_params):
   """Scaled, soft-capped, biased logits of a tile from raw q.k (float32), before masking.
 
   Args:
     spec: the static spec.
     qk: raw q.k tile, float32.
-    d: float32 bias distances |p_q - p_k| of the tile (unused without a bias).
+    d: the tile's bias inputs (see `tile_bias`; unused without a bias).
     bias_params: the head's bias parameters (see `tile_bias`) or None.
 
   Returns:
@@ -120,8 +267,8 @@ def masked_logits(spec: FlashSpec, qk: jax.Array, *, q_start, kv_start, q_offset
     transposed: the tile is keys x queries.
 
   Returns:
-    (logits, capped, d): as for `tile_logits`, hidden entries of logits at -inf, and the f32
-    bias distances |p_q - p_k| of the tile (None without a bias).
+    (logits, capped, d): as for `tile_logits`, hidden entries of logits at -inf, and the tile's
+    bias inputs (`tile_bias`; None without a bias).
   """
   visible, distance = tile_visibility(spec, q_start, kv_start, q_offset, qk.shape,
                                       transposed=transposed)
@@ -131,7 +278,17 @@ def masked_logits(spec: FlashSpec, qk: jax.Array, *, q_start, kv_start, q_offset
   if spec.bias is not None:
     if positions is not None:
       distance = positions[0] - positions[1]  # int32: exact for any position
-    d = jnp.abs(distance).astype(jnp.float32)
+    if spec.bias == "t5":
+      d = distance.astype(jnp.float32)  # signed; exact up to 2^24, far beyond any bucket bound
+    else:
+      d = jnp.abs(distance).astype(jnp.float32)
+    if spec.bias == "fire":  # FIRE normalises by the query's position, one value per row
+      if positions is not None:
+        q_pos = positions[0]
+      else:
+        shape, axis = ((1, qk.shape[1]), 1) if transposed else ((qk.shape[0], 1), 0)
+        q_pos = q_start + q_offset + lax.broadcasted_iota(jnp.int32, shape, axis)
+      d = (d, q_pos.astype(jnp.float32))
   x, capped = tile_logits(spec, qk, d, bias_params)
   return jnp.where(visible, x, -jnp.inf), capped, d
 
@@ -191,8 +348,7 @@ def dq_tile(spec: FlashSpec, q, k, v, do, lse, delta, **where):
   if spec.bias is None:
     return dq, None
   # Hidden entries have p = 0 and add nothing (the derivatives are finite everywhere).
-  return dq, tuple((dlogits * g).sum(axis=1, keepdims=True)
-                   for g in tile_bias_grads(spec, d, where["bias_params"]))
+  return dq, bias_param_shares(spec, dlogits, d, where["bias_params"])
 
 
 def dkv_tile(spec: FlashSpec, k, v, q, do, lse, delta, **where):

@@ -127,12 +127,7 @@ def validate_model(model) -> None:
       raise ConfigError("model.attention.impl", "pallas", "has no softplus kernel (model."
                         f"attention.normalizer={model.attention.normalizer!r})",
                         ["auto", "reference", "blockwise"])
-    # The flash kernel computes ALiBi and KERPLE in-kernel; T5 and FIRE have no kernel yet.
-    if (POSENCS[model.posenc.kind].logit_bias
-        and model.posenc.kind not in ("alibi", "kerple_log", "kerple_power")):
-      raise ConfigError("model.attention.impl", "pallas", "computes no in-kernel logit bias "
-                        f"for model.posenc.kind={model.posenc.kind!r} yet",
-                        ["auto", "reference", "blockwise"])
+    # Every logit bias (ALiBi, T5, KERPLE, FIRE) is computed in the flash kernel.
   if model.attention.learned_sink and (model.attention.normalizer != "softmax"
                                        or model.attention.distance_ceiling):
     raise ConfigError("model.attention.learned_sink", model.attention.learned_sink,

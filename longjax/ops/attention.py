@@ -43,8 +43,8 @@ def pallas_unsupported(mask: AttentionMask, bias) -> str | None:
   """Why `kernels_pallas.flash_attention` cannot serve this case, or None if it can."""
   del mask  # every AttentionMask field maps onto the kernel's mask spec
   if bias is not None and _pallas_bias(bias) is None:
-    # AlibiBias and KerpleBias map onto the kernel's in-kernel biases (from explicit
-    # positions); T5Bias (bucket table) and FireBias (MLP) have no kernel yet.
+    # AlibiBias, KerpleBias, T5Bias and FireBias map onto the kernel's in-kernel biases (from
+    # explicit positions); any other bias has no kernel.
     return (f"it has no in-kernel {type(bias).__name__}; "
             "use impl='blockwise' or 'reference'")
   return None
@@ -55,14 +55,20 @@ def _pallas_bias(bias) -> dict | None:
   from longjax.ops import biases  # pylint: disable=g-import-not-at-top
   if bias is None:
     return {}
+  options = {}
   if isinstance(bias, biases.AlibiBias):
     kind, params = "alibi", (bias.slopes,)
   elif isinstance(bias, biases.KerpleBias) and bias.kind in ("log", "power"):
     kind, params = f"kerple_{bias.kind}", (bias.r1, bias.r2)
+  elif isinstance(bias, biases.T5Bias):
+    kind, params = "t5", (bias.table,)
+    options = dict(t5_max_distance=bias.max_distance, t5_bidirectional=bias.bidirectional)
+  elif isinstance(bias, biases.FireBias):
+    kind, params = "fire", tuple(bias.params)  # FireParams' order is the kernel's
   else:
     return None
   return dict(bias_kind=kind, bias_params=params, q_positions=bias.q_positions,
-              kv_positions=bias.kv_positions)
+              kv_positions=bias.kv_positions, **options)
 
 
 def default_block_size() -> int:

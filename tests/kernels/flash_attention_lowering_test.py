@@ -23,7 +23,27 @@ _MASKS = {
     "alibi_positions": dict(bias_kind="alibi", positions=True, segments=True),
     "kerple_log_positions": dict(bias_kind="kerple_log", positions=True, window=128),
     "kerple_power_positions": dict(bias_kind="kerple_power", positions=True),
+    # T5's 32 buckets (selects over the bucket runs) and FIRE's MLP (F = 32: P = 99 parameters
+    # per head) from positions; bias-table / MLP gradients out of the dq kernel.
+    "t5_positions": dict(bias_kind="t5", positions=True, segments=True),
+    "t5_bidirectional": dict(bias_kind="t5", t5_bidirectional=True, causal=False, window=128),
+    "fire_positions": dict(bias_kind="fire", positions=True),
+    "fire_indices_wide": dict(bias_kind="fire", fire_hidden=48, window=128),  # P = 147 > 128
 }
+
+
+def _bias_params(kind, n, fire_hidden):
+  """Parameters of a bias kind (`flash_attention`'s `bias_params`) for N = n heads."""
+  if kind == "alibi":
+    return (jnp.linspace(0.5, 0.01, n),)
+  if kind == "t5":
+    return (jnp.linspace(-1.0, 1.0, 32 * n).reshape(32, n),)
+  if kind == "fire":
+    f = fire_hidden
+    return (jnp.float32(0.1), jnp.float32(512.0), jnp.linspace(0.1, 1.0, f),
+            jnp.linspace(-1.0, 0.0, f), jnp.linspace(-1.0, 1.0, f * n).reshape(f, n),
+            jnp.zeros(n))
+  return (jnp.linspace(0.5, 0.01, n),) * 2
 
 
 class LoweringTest(parameterized.TestCase):
@@ -46,9 +66,8 @@ class LoweringTest(parameterized.TestCase):
       positions = jnp.tile(jnp.arange(t // 4, dtype=jnp.int32), 4)[None]
       kwargs.update(q_positions=positions, kv_positions=positions)
     kind = kwargs.get("bias_kind")
-    params = ()
-    if kind is not None:
-      params = (jnp.linspace(0.5, 0.01, n),) * (1 if kind == "alibi" else 2)
+    fire_hidden = kwargs.pop("fire_hidden", 32)
+    params = () if kind is None else _bias_params(kind, n, fire_hidden)
 
     def forward(q, k, v, q_offset, params):
       return flash_attention(q, k, v, q_offset=q_offset, interpret=False, backend=variant,

@@ -439,8 +439,8 @@ class FlashAttentionTest(parameterized.TestCase):
       flash_attention(q, k, v, backend="cpu")
     with self.assertRaisesRegex(ValueError, "takes bias_params = 2 arrays"):
       flash_attention(q, k, v, bias_kind="kerple_log", bias_params=jnp.ones(2))
-    with self.assertRaisesRegex(ValueError, "bias_kind='t5'"):
-      flash_attention(q, k, v, bias_kind="t5", bias_params=jnp.ones(2))
+    with self.assertRaisesRegex(ValueError, "bias_kind='rope'"):
+      flash_attention(q, k, v, bias_kind="rope", bias_params=jnp.ones(2))
     with self.assertRaisesRegex(ValueError, "must be given together"):
       flash_attention(q, k, v, alibi_slopes=jnp.ones(2), q_positions=jnp.zeros((1, 8), int))
 

@@ -19,6 +19,7 @@ from longjax import configuration
 from longjax.models import build_model
 from longjax.ops import AlibiBias, AttentionMask, dot_product_attention
 from longjax.ops import biases
+from longjax.posenc import relative_bias
 from tests import testing
 from tests.models.lm_test import TOLERANCE
 from tests.models.lm_test import _forward
@@ -101,19 +102,34 @@ class PallasDispatchTest(parameterized.TestCase):
                           block_size=16, bias=AlibiBias(jnp.ones(4), pos[:, 30:32], pos))
     self.assertEqual((decode.call_count, flash.call_count), (1, 2))
 
-  def test_t5_bias_is_refused_in_one_line(self):
+  def test_other_biases_are_refused_in_one_line(self):
     q, k, v = _inputs(8, 8, 2)
     pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+
+    class ZeroBias:  # a valid BlockBias with no kernel counterpart
+
+      def block(self, q_start, q_size, kv_start, kv_size):
+        del q_start, kv_start
+        return jnp.zeros((1, 1, q_size, kv_size), jnp.float32)
+
     with self.assertRaisesRegex(ValueError, "impl='pallas' cannot serve this call: it has no "
-                                "in-kernel T5Bias"):
+                                "in-kernel ZeroBias; use impl='blockwise' or 'reference'$"):
+      dot_product_attention(q, k, v, mask=AttentionMask(), impl="pallas", bias=ZeroBias())
+    # KerpleBias kinds other than the kernel's ("log", "power") are refused too.
+    with self.assertRaisesRegex(ValueError, "in-kernel KerpleBias"):
       dot_product_attention(q, k, v, mask=AttentionMask(), impl="pallas",
-                            bias=biases.T5Bias(table=jnp.zeros((32, 4)), q_positions=pos,
-                                               kv_positions=pos))
+                            bias=biases.KerpleBias(r1=jnp.ones(4), r2=jnp.ones(4),
+                                                   q_positions=pos, kv_positions=pos,
+                                                   kind="gaussian"))
 
   @parameterized.named_parameters(
       ("alibi_restarted", "alibi", "restarted", 40),
       ("kerple_power_restarted", "kerple_power", "restarted", 40),
       ("kerple_log_decode", "kerple_log", "random", 3),  # T < S: the flash kernel, not decode
+      ("t5_restarted", "t5", "restarted", 40),
+      ("t5_bidirectional_decode", "t5_bidirectional", "random", 3),
+      ("fire_restarted", "fire", "restarted", 40),
+      ("fire_decode", "fire", "random", 3),
   )
   def test_position_biases_equal_reference(self, kind, positions, t):
     # Forward, lse and gradients of q, k, v and the bias parameters, with positions that are
@@ -134,6 +150,22 @@ class PallasDispatchTest(parameterized.TestCase):
     if kind == "alibi":
       params = (jnp.linspace(0.5, 0.02, n),)
       make_bias = lambda params: AlibiBias(params[0], q_pos, kv_pos)
+    elif kind.startswith("t5"):
+      params = (jnp.asarray(rng.normal(size=(16, n)), jnp.float32),)
+      make_bias = lambda params: biases.T5Bias(
+          table=params[0], q_positions=q_pos, kv_positions=kv_pos, max_distance=24,
+          bidirectional=kind == "t5_bidirectional")
+    elif kind == "fire":
+      hidden = 5
+      w1 = jnp.asarray(np.abs(rng.normal(size=hidden)) + 0.5, jnp.float32)
+      # A threshold at a query's position: max(L, i) ties there, and rows below it see L.
+      params = relative_bias.FireParams(
+          c=jnp.float32(0.2), threshold=jnp.float32(10 if t == s else q_pos[0, 1]),
+          w1=w1, b1=-w1 * jnp.asarray(rng.uniform(size=hidden), jnp.float32),
+          w2=jnp.asarray(rng.normal(size=(hidden, n)), jnp.float32),
+          b2=jnp.asarray(rng.normal(size=n), jnp.float32))
+      make_bias = lambda params: biases.FireBias(params=params, q_positions=q_pos,
+                                                 kv_positions=kv_pos)
     else:
       params = (jnp.linspace(0.5, 1.5, n), jnp.linspace(0.3, 1.2, n))
       make_bias = lambda params: biases.KerpleBias(r1=params[0], r2=params[1],
@@ -158,18 +190,26 @@ class PallasDispatchTest(parameterized.TestCase):
 
 class PallasModelTest(parameterized.TestCase):
 
-  # ALiBi and KERPLE are computed in the flash kernel from the model's positions (decode steps
-  # with a bias run the flash kernel too); KERPLE's gradients include its learned r1, r2.
-  # ALiBi has no parameters, and its q/k/v gradients are checked in PallasDispatchTest, so its
-  # model skips the (slow, interpreted) gradient comparison.
-  @parameterized.parameters("default", "alibi", "kerple_log")
+  # ALiBi, KERPLE, T5 and FIRE are computed in the flash kernel from the model's positions
+  # (decode steps with a bias run the flash kernel too); the gradients include KERPLE's r1, r2,
+  # T5's table and FIRE's MLP, c and threshold scale. ALiBi has no parameters, and its q/k/v
+  # gradients are checked in PallasDispatchTest, so its model skips the (slow, interpreted)
+  # gradient comparison.
+  @parameterized.parameters("default", "alibi", "kerple_log", "t5", "fire")
   def test_model_prefill_decode_and_gradients_match_blockwise(self, posenc):
     overrides = {"num_kv_heads": 2, "attention.block_size": 16}
     if posenc != "default":
       overrides["posenc.kind"] = posenc
+    if posenc == "t5":  # 21 tokens reach the log-spaced buckets
+      overrides.update({"posenc.t5_num_buckets": 8, "posenc.t5_max_distance": 16})
     cfg = tiny_model_config(**{"attention.impl": "pallas", **overrides})
     model = build_model(cfg, vocab_size=50, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
+    if posenc == "t5":  # the table starts at zero (a NoPE model): give each bucket a bias
+      rng = np.random.RandomState(2)
+      params = jax.tree_util.tree_map_with_path(
+          lambda path, x: x + rng.normal(size=x.shape).astype(x.dtype)
+          if "table" in jax.tree_util.keystr(path) else x, params)
     cfg_xla = tiny_model_config(**{"attention.impl": "blockwise", **overrides})
     graphdef_xla, _ = nnx.split(build_model(cfg_xla, vocab_size=50, rngs=nnx.Rngs(0)))
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, 50, (2, 21)), jnp.int32)
@@ -190,14 +230,11 @@ class PallasModelTest(parameterized.TestCase):
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_xla)):
       np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
 
-  def test_config_refuses_bias_encodings_and_softplus(self):
-    # T5 and FIRE have no in-kernel bias; ALiBi and KERPLE do.
-    for overrides in ({"model.posenc.kind": "t5"}, {"model.posenc.kind": "fire"},
-                      {"model.attention.normalizer": "softplus"}):
-      with self.assertRaisesRegex(configuration.ConfigError, "model.attention.impl='pallas'"):
-        configuration.validate(
-            testing.tiny_config(**{"model.attention.impl": "pallas", **overrides}), 1)
-    for kind in ("alibi", "kerple_log", "kerple_power"):
+  def test_config_refuses_softplus_and_accepts_every_bias(self):
+    with self.assertRaisesRegex(configuration.ConfigError, "model.attention.impl='pallas'"):
+      configuration.validate(testing.tiny_config(**{
+          "model.attention.impl": "pallas", "model.attention.normalizer": "softplus"}), 1)
+    for kind in ("alibi", "kerple_log", "kerple_power", "t5", "fire"):
       configuration.validate(
           testing.tiny_config(**{"model.attention.impl": "pallas", "model.posenc.kind": kind}), 1)
 

@@ -2,6 +2,7 @@
 
   python -m experiments.report --workdir=runs/quickstart [--label=NAME]
   python -m experiments.report --workdir=runs/quickstart --compare  # the --compare table
+  python -m experiments.report --benchmarks=docs/benchmarks/train_small.json,...  # benchmarks
 """
 
 import json
@@ -14,7 +15,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A run directory written by expe
 _LABEL = flags.DEFINE_string("label", "", "Which evaluation (eval/perplexity[-LABEL].json).")
 _COMPARE = flags.DEFINE_bool("compare", False, "Print the table of the last "
                              "`experiments.evaluate --compare` run (eval/compare.json) instead.")
-flags.mark_flags_as_required(["workdir"])
+_BENCHMARKS = flags.DEFINE_list("benchmarks", None, "Benchmark JSON files (experiments."
+                                "benchmark --out): print the README's benchmark table instead.")
 
 
 def compare_markdown(workdir: str) -> str:
@@ -57,7 +59,12 @@ def markdown(workdir: str, label: str = "") -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _COMPARE.value:
+  if _BENCHMARKS.value:
+    from longjax.benchmarks import summary  # pylint: disable=g-import-not-at-top
+    print(summary.readme_markdown(_BENCHMARKS.value))
+  elif not _WORKDIR.value:
+    raise app.UsageError("give --workdir=RUN (or --benchmarks=FILE.json,...)")
+  elif _COMPARE.value:
     print(compare_markdown(_WORKDIR.value))
   else:
     print(markdown(_WORKDIR.value, _LABEL.value))

@@ -34,7 +34,7 @@ SIZES = {
               "hf_ts": (512, 1024, 2048), "timeout_s": 900},
     "full": {"width": 1024, "layers": 8, "step": 1024, "max_t": 262144, "impls": IMPLS,
              "remats": REMATS, "budget_gb": None, "hf_ts": (1024, 2048, 4096),
-             "timeout_s": 1800},
+             "timeout_s": 900},
 }
 _JAX_MODULES = ("jax", "flax", "optax", "longjax.models", "longjax.training.step")
 
@@ -152,7 +152,8 @@ def search(impl: str, remat: str, cfg: dict, budget: int, bar=None) -> dict:
   longest, first_fail = longest_fitting(fits, cfg["step"], cfg["max_t"])
   errors = [p for p in probes.values() if p.get("status") not in ("ok", "oom")]
   first = probes[min(probes)]
-  return {"impl": impl, "remat": remat, "longest_t": longest, "first_failing_t": first_fail,
+  return {"impl": impl, "remat": remat, "width": cfg["width"], "layers": cfg["layers"],
+          "longest_t": longest, "first_failing_t": first_fail,
           "footprint_at_longest": probes[longest]["footprint_bytes"] if longest else None,
           "footprint_at_failing": (probes[first_fail].get("footprint_bytes")
                                    if first_fail else None),
@@ -174,7 +175,8 @@ def hf_search(cfg: dict, budget: int) -> dict:
                         preload=("torch", "transformers"), env=common.torch_env())
     runs.append({"t": t, **r})
   ok = [r for r in runs if r.get("status") == "ok" and r.get("rss_peak_mib")]
-  out = {"impl": PEER, "remat": "none", "runs": runs, "status": "ok" if ok else "error"}
+  out = {"impl": PEER, "remat": "none", "width": cfg["width"], "layers": cfg["layers"],
+         "runs": runs, "status": "ok" if ok else "error"}
   over = [r for r in ok if r["rss_peak_mib"] * 2**20 > budget]
   if over:
     out.update(longest_t=max((r["t"] for r in ok if r not in over), default=None),
@@ -242,8 +244,31 @@ def markdown(results: list[dict], summary: dict, cfg: dict, budget: int) -> str:
       "\n### Targets\n", common.targets_table(summary["targets"])])
 
 
+def plot(results: list[dict], stem: str) -> list[str]:
+  """Longest trainable T per attention implementation and remat policy (HF beside them)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = [r for r in results if r.get("longest_t")]
+  labels = [("HF Llama" + (" (extrapolated)" if r.get("extrapolated") else "")
+             if r["impl"] == PEER else f"{r['impl']}, remat {r['remat']}") for r in rows]
+  fig, ax = plt.subplots(figsize=(7, 0.6 + 0.45 * max(1, len(rows))))
+  ax.barh(range(len(rows)), [r["longest_t"] for r in rows],
+          color=["tab:gray" if r["impl"] == PEER else "tab:blue" for r in rows])
+  ax.set_yticks(range(len(rows)), labels)
+  ax.invert_yaxis()
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("longest sequence length of one train step (batch 1)")
+  ax.set_title("Memory ceiling (same budget, same machine)")
+  fig.tight_layout()
+  path = f"{stem}_memory.png"
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return [path]
+
+
 def run_suite(sizes: str, out: str, *, argv: list[str], memory_budget_gb: float | None = None,
-              **unused) -> str:
+              make_plots: bool = False, **unused) -> str:
   """Runs the memory suite (budget: the flag, else the size set's, else 75% of free memory)."""
   del unused
   cfg = SIZES[sizes]
@@ -253,4 +278,5 @@ def run_suite(sizes: str, out: str, *, argv: list[str], memory_budget_gb: float 
   return common.run_suite_with(
       "memory", sizes, out, argv=argv, memory_budget_gb=budget_gb,
       run=lambda _: run(sizes, budget), derive=lambda results, _: derive(results, shape),
-      markdown=lambda results, summary: markdown(results, summary, cfg, budget))
+      markdown=lambda results, summary: markdown(results, summary, cfg, budget),
+      plot=plot if make_plots else None)

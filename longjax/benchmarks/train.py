@@ -193,7 +193,7 @@ def markdown(results: list[dict], summary: dict) -> str:
 
 
 def plot(results: list[dict], stem: str) -> list[str]:
-  """Tokens/s per shape and implementation, as grouped bars."""
+  """Tokens/s relative to the HF model's, per shape and implementation (grouped bars)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -202,7 +202,7 @@ def plot(results: list[dict], stem: str) -> list[str]:
     name = lm.LMShape(**_size(r)).name()
     if name not in shapes:
       shapes.append(name)
-  impls = [i for i in IMPLS if any(r["impl"] == i for r in results)]
+  impls = [i for i in LONGJAX if any(r["impl"] == i for r in results)]
   fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(shapes), 4))
   width = 0.8 / max(1, len(impls))
   for k, impl in enumerate(impls):
@@ -210,12 +210,14 @@ def plot(results: list[dict], stem: str) -> list[str]:
     for name in shapes:
       r = next((r for r in results if r["impl"] == impl
                 and lm.LMShape(**_size(r)).name() == name), None)
-      ys.append(r["tokens_per_s"] if r and r.get("status") == "ok" else 0.0)
-    ax.bar([i + k * width for i in range(len(shapes))], ys, width, label=LABELS[impl])
+      ys.append((r or {}).get("speedup_vs_hf") or 0.0)
+    bars = ax.bar([i + k * width for i in range(len(shapes))], ys, width, label=LABELS[impl])
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+  ax.axhline(1.0, color="tab:green", label=LABELS[PEER] + " = 1")
   ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(shapes))], shapes)
-  ax.set_ylabel("tokens / s (train step)")
+  ax.set_ylabel("train tokens/s relative to HF")
   ax.set_title("LM train step throughput (same run, same machine)")
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=8, loc="lower right")
   fig.tight_layout()
   path = f"{stem}_train.png"
   fig.savefig(path, dpi=120)

@@ -12,6 +12,7 @@ from longjax.benchmarks import decode
 from longjax.benchmarks import flops
 from longjax.benchmarks import lm
 from longjax.benchmarks import memory
+from longjax.benchmarks import summary
 from longjax.benchmarks import train
 from tests.benchmarks.kernels_benchmark_test import _run_cli
 
@@ -125,6 +126,52 @@ class ReportTest(absltest.TestCase):
     self.assertTrue(summary["targets"][0]["met"])
 
 
+class ReadmeTableTest(absltest.TestCase):
+
+  def test_rows_from_reports(self):
+    machine = {"command": "python -m experiments.benchmark --suite=X", "processor": "cpu",
+               "cpu_count": 2, "jax": "0", "torch": None, "time": "now"}
+    size = {"width": 512, "layers": 8, "t": 1024, "batch": 4}
+    train_report = {"suite": "train", "machine": machine, "peak_f32_gflops_per_s": 100.0,
+                    "cases": [{"impl": "longjax", **size, "status": "ok", "tokens_per_s": 500.0,
+                               "mfu": 0.5, "speedup_vs_hf": 1.25},
+                              {"impl": "hf_llama", **size, "status": "ok",
+                               "tokens_per_s": 400.0}]}
+    memory_report = {"suite": "memory", "machine": machine, "memory_budget_bytes": 2**31,
+                     "cases": [{"impl": "blockwise", "remat": "full", "width": 1024,
+                                "layers": 8, "longest_t": 32768},
+                               {"impl": "hf_llama", "longest_t": 8192, "extrapolated": True}]}
+    paths = []
+    for name, report in (("train", train_report), ("memory", memory_report)):
+      paths.append(os.path.join(self.create_tempdir().full_path, f"{name}.json"))
+      with open(paths[-1], "w") as f:
+        json.dump(report, f)
+    md = summary.readme_markdown(paths)
+    self.assertIn("| train step tokens/s, d512 L8 T1024 B4 | 500 (MFU 50%) | HF Llama 400 | "
+                  "1.25 |", md)
+    self.assertIn("| longest train T in 2.0 GiB, d1024 L8 B1 | 32768 (blockwise, remat full) | "
+                  "HF Llama 8192 (extrapolated) | 4 |", md)
+    self.assertIn(machine["command"], md)
+
+
+class ReadmeIsGeneratedTest(absltest.TestCase):
+
+  def test_readme_table_is_the_reports_output(self):
+    """The README's benchmark table is exactly what the script makes of the checked-in JSON."""
+    from tests import testing  # pylint: disable=g-import-not-at-top
+    names = ("train_full", "decode_full", "memory_full")
+    paths = [f"docs/benchmarks/{n}.json" for n in names]
+    cwd = os.getcwd()
+    os.chdir(testing.REPO_ROOT)
+    try:
+      table = summary.readme_markdown(paths)
+      with open("README.md", encoding="utf-8") as f:
+        readme = f.read()
+    finally:
+      os.chdir(cwd)
+    self.assertIn(table.strip(), readme)
+
+
 class CliTest(absltest.TestCase):
   """Every suite end to end at tiny sizes (peers skipped, with the reason, without torch)."""
 
@@ -168,7 +215,8 @@ class CliTest(absltest.TestCase):
     self.assertTrue(os.path.exists(os.path.join(tmp, "decode_decode.png")))
 
   def test_memory(self):
-    report, stdout, _ = self._run("memory")
+    report, stdout, tmp = self._run("memory")
+    self.assertTrue(os.path.exists(os.path.join(tmp, "memory_memory.png")))
     ours = [c for c in report["cases"] if c["impl"] != "hf_llama"]
     self.assertTrue(ours and all(c["longest_t"] for c in ours), ours)
     for c in ours:

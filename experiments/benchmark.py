@@ -2,8 +2,8 @@
 
   python -m experiments.benchmark --suite=kernels --out=docs/benchmarks/kernels_small.json \
       [--sizes=tiny|small|full] [--plot]
-  python -m experiments.benchmark --suite=train --out=docs/benchmarks/train_small.json \
-      --sizes=small [--plot]
+  python -m experiments.benchmark --suite=train|decode|memory --out=docs/benchmarks/X.json \
+      --sizes=full [--plot]      # longjax vs HF LlamaForCausalLM (docs/benchmarks.md)
   python -m experiments.benchmark --suite=peak --out=peak.json
 
 Every run first measures the jitted matmul GFLOP/s (f32, bf16): the machine's ceiling, used for
@@ -20,7 +20,8 @@ from absl import flags
 
 from experiments import common
 
-_SUITE = flags.DEFINE_enum("suite", "kernels", ["peak", "kernels", "train", "decode", "memory"], "Which benchmark suite.")
+_SUITE = flags.DEFINE_enum("suite", "kernels", ["peak", "kernels", "train", "decode", "memory"],
+                           "Which benchmark suite.")
 _OUT = flags.DEFINE_string("out", None, "Output JSON path; the markdown goes beside it (.md).")
 _SIZES = flags.DEFINE_enum("sizes", "full", ["tiny", "small", "full"],
                            "Size set: tiny (smoke test, < 1 min), small (minutes), full.")

@@ -150,7 +150,8 @@ def targets(results: list[dict]) -> list[dict]:
     worst = min(rows, key=lambda r: r["speedup_vs_hf"], default=None)
     out.append({"target": f"longjax train step >= 1.0x HF Llama tokens/s at T={t}",
                 "measured": ("not measured at these sizes" if worst is None else
-                             f"{worst['speedup_vs_hf']:.2f}x ({lm.LMShape(**_size(worst)).name()})"),
+                             f"{worst['speedup_vs_hf']:.2f}x "
+                             f"({lm.LMShape(**_size(worst)).name()})"),
                 "met": None if worst is None else worst["speedup_vs_hf"] >= 1.0})
   rows = [r for r in results if r["impl"] in LONGJAX and r["width"] >= 512
           and r.get("mfu") is not None]

@@ -72,8 +72,8 @@ def _longjax_timing(shape, *, repeats, budget_s, memory_budget) -> dict:
       logits, cache = model(token[:, None], cache=cache)
       nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
       return (cache, nxt), nxt
-    _, tokens = jax.lax.scan(one, (cache, token), None, length=NEW_TOKENS)
-    return tokens
+    (cache, _), tokens = jax.lax.scan(one, (cache, token), None, length=NEW_TOKENS)
+    return tokens, cache  # the cache as an output lets the donated one be updated in place
 
   prefill_timing = common.time_jax(prefill, (params, prompt), repeats=repeats,
                                    budget_s=budget_s, memory_budget_bytes=memory_budget)

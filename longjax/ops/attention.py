@@ -90,16 +90,19 @@ def resolve_impl(impl: str, *, q_length: int, kv_length: int,
   """Resolves `impl` to the implementation that will run; the only place "auto" is decided.
 
   Rule for "auto" (all backends until the Pallas kernels exist): "reference" when all keys fit
-  in one block, kv_length <= block_size, else "blockwise". With one key block the dense logits
+  in one block, kv_length <= block_size, or when decoding (below), else "blockwise". With one
+  key block the dense logits
   are [T, S <= C], the same O(T*C) memory class as blockwise; the plain definition is then the
   simpler program (no padding or loops; ~40% less compile time) at a small run-time cost on the
   CPU (T=S=128, B=1 fwd+bwd: 1.4 ms vs 1.1 ms blockwise). With more keys the dense [T, S]
   logits make its fwd+bwd temp memory quadratic (10 GiB vs 69 MiB at T=S=8192, N=8, H=64) and
-  on the CPU it is also 2-8x slower than blockwise from T = S = 512 up. Decoding (T = 1)
-  follows the same rule on purpose: with a KV cache the causal mask lets blockwise skip the
-  unwritten tail of the cache, which the dense op cannot know statically (q_offset is traced);
-  on a full cache the two were measured alike (T=1, S=1024, B=4: 1.5 ms reference, 1.9 ms
-  blockwise).
+  on the CPU it is also 2-8x slower than blockwise from T = S = 512 up. Decoding (T <=
+  `DECODE_MAX_QUERIES`) is "reference" too: its logits are [T, S], O(S) memory, and one dense
+  pass over the cache beats blockwise's loop, whose fixed cost per key block dominates when a
+  block holds one query (CPU, d512 8-layer model, batch 1, f32: 15.2 vs 18.4 ms/token at a 1k
+  context, 29.4 vs 38.2 ms/token at 4k; docs/benchmarks.md). The dense pass reads the whole
+  cache even where it is not written yet (q_offset is traced, so the mask cannot shrink it);
+  blockwise skips those blocks, which pays only for a cache allocated far beyond its use.
 
   Args:
     impl: "auto", "reference" or "blockwise".
@@ -120,7 +123,6 @@ def resolve_impl(impl: str, *, q_length: int, kv_length: int,
   Raises:
     ValueError: for any other name, saying why it cannot serve.
   """
-  del q_length  # not part of the rule (see above); kept so callers state the whole shape
   if impl == "pallas":
     return impl
   if impl in _NOT_YET:
@@ -130,7 +132,9 @@ def resolve_impl(impl: str, *, q_length: int, kv_length: int,
   if impl != "auto":
     return impl
   block_size = default_block_size() if block_size is None else block_size
-  return "reference" if kv_length <= block_size else "blockwise"
+  if q_length <= DECODE_MAX_QUERIES or kv_length <= block_size:
+    return "reference"
+  return "blockwise"
 
 
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: AttentionMask,

@@ -69,7 +69,7 @@ class DecodeTest(parameterized.TestCase):
     rest, cache = decode_one_by_one(graphdef, params, tokens[:, 7:], cache)
     np.testing.assert_allclose(jnp.concatenate([first, rest], axis=1), full,
                                atol=TOLERANCE[dtype], rtol=0)
-    self.assertEqual(int(cache[0]["end"][0]), 10)
+    self.assertEqual(int(cache[0]["end"]), 10)
 
   def test_sliding_window_prefill_equals_decode_and_limits_context(self):
     cfg = tiny_model_config(**{"attention.window": 4})
@@ -101,7 +101,7 @@ class DecodeTest(parameterized.TestCase):
     tokens = jnp.asarray(np.random.RandomState(6).randint(0, 50, (2, length)), jnp.int32)
 
     cache = streaming.init_cache(2, length)
-    self.assertEqual(cache[0]["k"].shape[2], sinks + window)  # O(sinks + window) memory
+    self.assertEqual(cache[0]["k"].shape[1], sinks + window)  # O(sinks + window) memory
     first, cache = _forward(graphdef, params, tokens[:, :7], None, cache)  # chunked prefill
     steps = [first]
     for t in range(7, length):

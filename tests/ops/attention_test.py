@@ -261,9 +261,10 @@ class BlockwiseTest(AttentionTestCase):
 class DispatchTest(parameterized.TestCase):
 
   def test_auto_rule(self):
-    # Dense while all keys fit one block, else blockwise (also when decoding, T = 1).
+    # Dense while all keys fit one block or when decoding (T <= 16), else blockwise.
     for t, s, expected in ((64, 64, "reference"), (4096, 128, "reference"),
-                           (128, 129, "blockwise"), (1, 4096, "blockwise")):
+                           (128, 129, "blockwise"), (1, 4096, "reference"),
+                           (16, 4096, "reference"), (17, 4096, "blockwise")):
       self.assertEqual(resolve_impl("auto", q_length=t, kv_length=s, block_size=128), expected)
     self.assertEqual(resolve_impl("reference", q_length=1, kv_length=4096), "reference")
 

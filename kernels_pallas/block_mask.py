@@ -17,6 +17,8 @@ kv_positions[b, j] when given, else the indices i and j (`BIAS_KINDS`):
   * "alibi": x -= slope[n] * d;
   * "kerple_log": x -= r1[n] * log(1 + r2[n] * d);
   * "kerple_power": x -= r1[n] * d ** r2[n] (0 at d = 0, with zero gradients there).
+Flash attention adds T5's bucket table and FIRE's MLP of the signed distance (see
+`kernels_pallas.flash_attention`); their static layout is `bias_size`, `t5_runs`, `fire_hidden`.
 The cap is applied before the bias on purpose: capping the ALiBi distance penalty would bound it
 by c and make far keys as visible as near ones. Masks always use indices, never positions.
 
@@ -54,6 +56,14 @@ class FlashSpec:
     bias: None or one of `BIAS_KINDS`: the logit bias of the distance (module docstring).
     has_segments: compare segment ids.
     has_positions: the bias reads per-token positions instead of indices.
+    bias_size: P, bias parameters per head (the kernels' [N * P] head-major parameter array);
+      0 = the fixed count of `BIAS_KINDS`. Flash attention sets it for every bias: 1 (ALiBi),
+      2 (KERPLE), num_buckets (T5: head n's table column), 3F + 3 (FIRE: c, L, w1 [F], b1 [F],
+      head n's w2 column [F], b2[n]; the shared ones repeated per head).
+    t5_runs: T5 only: ((first signed distance i - j, bucket), ...) of each run of equal buckets
+      over the clipped distances, in increasing distance; the first run's start is unused (it
+      extends to -inf, as clipping does), the last run extends to +inf.
+    fire_hidden: FIRE only: F, the MLP's hidden width.
   """
 
   causal: bool
@@ -68,6 +78,9 @@ class FlashSpec:
   bias: str | None = None
   has_segments: bool = False
   has_positions: bool = False
+  bias_size: int = 0
+  t5_runs: tuple[tuple[int, int], ...] = ()
+  fire_hidden: int = 0
 
   @property
   def has_alibi(self) -> bool:
@@ -75,7 +88,9 @@ class FlashSpec:
 
   @property
   def num_bias_params(self) -> int:
-    """Parameters per head of the bias: 0, 1 (ALiBi slope) or 2 (KERPLE r1, r2)."""
+    """P, parameters per head of the bias: `bias_size`, else 0, 1 (ALiBi) or 2 (KERPLE)."""
+    if self.bias_size:
+      return self.bias_size
     return BIAS_KINDS[self.bias] if self.bias is not None else 0
 
   @property

@@ -86,7 +86,7 @@ def _bias_args(n, bias_kind, bias_params, alibi_slopes):
 
 
 def _pack_params(bias_kind, params, n):
-  """The kernels' head-major [N * P] parameter array (`flash_tiles.FlashKernelSpec`).
+  """The kernels' head-major [N * P] parameter array (`block_mask.FlashSpec`).
 
   FIRE's shared parameters are repeated for every head, so each head's P values are contiguous;
   autodiff of this packing sums their per-head gradients.
@@ -301,7 +301,7 @@ def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
   t5_runs = ()
   if bias_kind == "t5":
     t5_runs = _t5_runs(params[0].shape[0], int(t5_max_distance), bool(t5_bidirectional))
-  spec = flash_tiles.FlashKernelSpec(
+  spec = block_mask.FlashSpec(
       causal=bool(causal), window=window, global_tokens=global_tokens, q_length=t, kv_length=s,
       block_q=block_q, block_k=block_k, scale=h ** -0.5 if scale is None else float(scale),
       soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),

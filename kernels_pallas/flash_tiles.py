@@ -9,8 +9,6 @@ Row statistics are columns [rows, 1] here; the TPU variant keeps them lane-repli
 scratch as [rows, 128] and passes the first column.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -41,32 +39,6 @@ def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
 FIRE_EPS = 1e-6
 
 
-@dataclasses.dataclass(frozen=True)
-class FlashKernelSpec(FlashSpec):
-  """`FlashSpec` plus the static layout of the bias parameters (hashable: kernels close over it).
-
-  `block_mask.FlashSpec` knows the distance biases with a fixed parameter count (ALiBi,
-  KERPLE); the bucket and MLP biases need more static facts, kept here.
-
-  Attributes:
-    bias_size: P, bias parameters per head (the kernels' [N * P] head-major parameter array):
-      1 (ALiBi), 2 (KERPLE), num_buckets (T5: head n's table column), 3F + 3 (FIRE: c, L,
-      w1 [F], b1 [F], head n's w2 column [F], b2[n]; the shared ones repeated per head).
-    t5_runs: T5 only: ((first signed distance i - j, bucket), ...) of each run of equal buckets
-      over the clipped distances, in increasing distance; the first run's start is unused (it
-      extends to -inf, as clipping does), the last run extends to +inf.
-    fire_hidden: FIRE only: F, the MLP's hidden width.
-  """
-
-  bias_size: int = 0
-  t5_runs: tuple[tuple[int, int], ...] = ()
-  fire_hidden: int = 0
-
-  @property
-  def num_bias_params(self) -> int:
-    return self.bias_size
-
-
 def head_bias_params(spec: FlashSpec, params_ref, head) -> tuple:
   """One head's bias parameters as f32 scalars, from the head-major [N * P] parameter array."""
   num = spec.num_bias_params
@@ -74,7 +46,7 @@ def head_bias_params(spec: FlashSpec, params_ref, head) -> tuple:
 
 
 def _fire_unpack(spec, params):
-  """(c, L, w1, b1, w2, b2) of one head: scalars and tuples of F scalars (`FlashKernelSpec`)."""
+  """(c, L, w1, b1, w2, b2) of one head: scalars and tuples of F scalars (`FlashSpec`)."""
   f = spec.fire_hidden
   return (params[0], params[1], params[2:2 + f], params[2 + f:2 + 2 * f],
           params[2 + 2 * f:2 + 3 * f], params[2 + 3 * f])
@@ -124,7 +96,7 @@ def tile_bias(spec: FlashSpec, d, params) -> jax.Array:
     d: the tile's bias inputs (`masked_logits`): float32 distances |p_q - p_k| for ALiBi and
       KERPLE, the signed p_q - p_k for T5, (|p_q - p_k|, query positions [rows, 1]) for FIRE.
     params: the head's parameters (`head_bias_params`): (slope,), (r1, r2), the table column,
-      or FIRE's (`FlashKernelSpec`); scalars or arrays broadcastable to the tile.
+      or FIRE's (`FlashSpec`); scalars or arrays broadcastable to the tile.
   """
   if spec.bias == "t5":
     return _t5_bias(spec, d, params)
@@ -179,7 +151,7 @@ def _t5_shares(spec, ds, rel):
 
 def _fire_shares(spec, ds, d, q_pos, params):
   """Each row's share of d(c), d(L), d(w1), d(b1), d(w2[:, n]), d(b2[n]) ([rows, 1] each, in
-  the order of `FlashKernelSpec`), from d(logits) `ds` of a (queries x keys) tile."""
+  the order of `FlashSpec`), from d(logits) `ds` of a (queries x keys) tile."""
   c, threshold, w1, b1, w2, _ = _fire_unpack(spec, params)
   x, m, normaliser = _fire_input(d, q_pos, c, threshold)
   slope = jnp.zeros(x.shape, jnp.float32)  # f'(x) = sum_k w2[k] w1[k] [w1[k] x + b1[k] > 0]

@@ -21,18 +21,17 @@ both run in interpret mode on CPU.
 """
 
 import functools
-import math
 import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kernels_pallas import block_mask
 from kernels_pallas import common
 from kernels_pallas import flash_attention_gpu
 from kernels_pallas import flash_attention_tpu
 from kernels_pallas import flash_tiles
+from kernels_pallas.t5_buckets import t5_bucket_table
 
 _VARIANTS = {"tpu": flash_attention_tpu, "gpu": flash_attention_gpu}
 
@@ -102,42 +101,6 @@ def _pack_params(bias_kind, params, n):
   else:
     per_head = jnp.stack(params, axis=1)  # [N, P]
   return per_head.reshape(-1)
-
-
-def _log_bucket(n: int, num_buckets: int, max_distance: int) -> int:
-  """T5's bucket of a distance n >= 0 among `num_buckets` of one direction (as
-  `longjax.posenc.relative_bias`): num_buckets / 2 exact ones, then logarithmically wider ones
-  up to max_distance, beyond which all share the last."""
-  exact = num_buckets // 2
-  if n < exact:
-    return n
-  wide = exact + int(math.log(n / exact) / math.log(max_distance / exact) * (num_buckets - exact))
-  return min(wide, num_buckets - 1)
-
-
-@functools.lru_cache(maxsize=None)
-def t5_bucket_table(num_buckets: int, max_distance: int, bidirectional: bool) -> np.ndarray:
-  """int32 [2 * max_distance + 1]: the bucket of each distance d = i - j in [-max_distance,
-  max_distance] (entry d + max_distance); farther distances take the bucket of the end.
-
-  Evaluated once on the host in float64, so that every bucket boundary is exactly T5's (and
-  `longjax.posenc.relative_bias.t5_bucket_table`'s). Causal tables put keys after the query
-  (d < 0) in bucket 0; bidirectional tables give them the upper half of the buckets.
-  """
-  exact = num_buckets // (4 if bidirectional else 2)
-  if (num_buckets < (4 if bidirectional else 2) or num_buckets % (2 if bidirectional else 1)
-      or max_distance <= exact):
-    raise ValueError(f"T5 buckets need num_buckets >= 2 (bidirectional: even, >= 4) and "
-                     f"max_distance > {exact}, got num_buckets={num_buckets}, "
-                     f"max_distance={max_distance}, bidirectional={bidirectional}")
-  if bidirectional:
-    half = num_buckets // 2
-    buckets = [(half if d < 0 else 0) + _log_bucket(abs(d), half, max_distance)
-               for d in range(-max_distance, max_distance + 1)]
-  else:
-    buckets = [_log_bucket(max(d, 0), num_buckets, max_distance)
-               for d in range(-max_distance, max_distance + 1)]
-  return np.asarray(buckets, np.int32)
 
 
 def _t5_runs(num_buckets: int, max_distance: int, bidirectional: bool) -> tuple:

@@ -19,13 +19,12 @@ before any conversion, so they are exact at any position.
     range of f instead of leaving it.
 """
 
-import functools
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from kernels_pallas.t5_buckets import t5_bucket_table  # noqa: F401 (re-exported)
 
 
 def _distance(q_positions: jax.Array, kv_positions: jax.Array) -> jax.Array:
@@ -36,47 +35,8 @@ def _distance(q_positions: jax.Array, kv_positions: jax.Array) -> jax.Array:
 
 
 # --- T5 ---------------------------------------------------------------------------------------
-
-
-def _log_bucket(n: int, num_buckets: int, max_distance: int) -> int:
-  """The paper's bucket of a distance n >= 0 among `num_buckets` (one direction).
-
-  Half the buckets hold the distances 0 .. num_buckets/2 - 1 exactly; the other half split
-  [num_buckets/2, max_distance) into logarithmically growing ranges; anything farther shares the
-  last bucket.
-  """
-  exact = num_buckets // 2
-  if n < exact:
-    return n
-  wide = exact + int(math.log(n / exact) / math.log(max_distance / exact) * (num_buckets - exact))
-  return min(wide, num_buckets - 1)
-
-
-@functools.lru_cache(maxsize=None)
-def t5_bucket_table(num_buckets: int, max_distance: int, bidirectional: bool) -> np.ndarray:
-  """Bucket of every query-minus-key distance d = i - j in [-max_distance, max_distance].
-
-  The log formula is evaluated once per configuration in float64 on the host, so every bucket
-  boundary is exactly the paper's (a float32 log on the device can round a boundary distance
-  into the neighbouring bucket); distances beyond +-max_distance have the bucket of the end.
-
-  Args:
-    num_buckets: buckets in all; bidirectional tables give half to keys after the query.
-    max_distance: distances at or beyond it share the last bucket (of their direction).
-    bidirectional: False (causal): keys after the query (d < 0) fall into bucket 0, where the
-      causal mask hides them anyway.
-
-  Returns:
-    int32 [2 * max_distance + 1]; entry d + max_distance is the bucket of d.
-  """
-  if bidirectional:
-    half = num_buckets // 2
-    buckets = [(half if d < 0 else 0) + _log_bucket(abs(d), half, max_distance)
-               for d in range(-max_distance, max_distance + 1)]
-  else:
-    buckets = [_log_bucket(max(d, 0), num_buckets, max_distance)
-               for d in range(-max_distance, max_distance + 1)]
-  return np.asarray(buckets, np.int32)
+# `t5_bucket_table` lives in the kernel package, so that the flash kernel and these biases share
+# one table (kernels_pallas is a leaf package: it cannot import longjax).
 
 
 def t5_buckets(q_positions: jax.Array, kv_positions: jax.Array, *, num_buckets: int,

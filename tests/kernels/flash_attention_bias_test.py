@@ -62,11 +62,15 @@ class T5BucketsTest(parameterized.TestCase):
 
   @parameterized.parameters((32, 128, False), (32, 128, True), (8, 20, False), (16, 40, True),
                             (2, 3, False), (6, 5, True))
-  def test_bucket_table_is_longjax_table(self, num_buckets, max_distance, bidirectional):
-    from longjax.posenc import relative_bias  # pylint: disable=g-import-not-at-top
-    np.testing.assert_array_equal(
-        flash_module.t5_bucket_table(num_buckets, max_distance, bidirectional),
-        relative_bias.t5_bucket_table(num_buckets, max_distance, bidirectional))
+  def test_bucket_table_matches_t5s_formula(self, num_buckets, max_distance, bidirectional):
+    # The one table (kernels_pallas.t5_buckets, also longjax's) against a per-distance
+    # transcription of the paper's bucketing, beyond +-max_distance too.
+    from tests.posenc import reference_biases  # pylint: disable=g-import-not-at-top
+    table = flash_module.t5_bucket_table(num_buckets, max_distance, bidirectional)
+    for d in range(-max_distance - 3, max_distance + 4):
+      self.assertEqual(table[np.clip(d, -max_distance, max_distance) + max_distance],
+                       reference_biases.t5_bucket(d, num_buckets, max_distance, bidirectional),
+                       d)
 
   def test_runs_cover_the_table(self):
     # The kernel's selects over bucket runs give every clipped distance its table bucket.

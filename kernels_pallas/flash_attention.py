@@ -120,20 +120,16 @@ def _check_inputs(q, k, v, window, global_tokens, q_segment_ids, kv_segment_ids,
     raise ValueError(f"global_tokens must be an int >= 0, got {global_tokens!r}")
   if global_tokens and window is None:
     raise ValueError(f"global_tokens={global_tokens} needs a window")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-  if q_segment_ids is not None:
-    for name, ids, length in (("q_segment_ids", q_segment_ids, t),
-                              ("kv_segment_ids", kv_segment_ids, k.shape[1])):
-      if ids.ndim != 2 or ids.shape[1] != length or ids.shape[0] not in (1, b):
-        raise ValueError(f"{name} must have shape [{b} or 1, {length}], got {ids.shape}")
-  if (q_positions is None) != (kv_positions is None):
-    raise ValueError("q_positions and kv_positions must be given together")
-  if q_positions is not None:
-    for name, pos, length in (("q_positions", q_positions, t),
-                              ("kv_positions", kv_positions, k.shape[1])):
-      if pos.ndim != 2 or pos.shape[1] != length or pos.shape[0] not in (1, b):
-        raise ValueError(f"{name} must have shape [{b} or 1, {length}], got {pos.shape}")
+  # Per-token arrays come in (query, key) pairs, each [B or 1, length].
+  for kind, q_side, kv_side in (("segment_ids", q_segment_ids, kv_segment_ids),
+                                ("positions", q_positions, kv_positions)):
+    if (q_side is None) != (kv_side is None):
+      raise ValueError(f"q_{kind} and kv_{kind} must be given together")
+    if q_side is None:
+      continue
+    for name, x, length in ((f"q_{kind}", q_side, t), (f"kv_{kind}", kv_side, k.shape[1])):
+      if x.ndim != 2 or x.shape[1] != length or x.shape[0] not in (1, b):
+        raise ValueError(f"{name} must have shape [{b} or 1, {length}], got {x.shape}")
   if logit_soft_cap is not None and not logit_soft_cap > 0:
     raise ValueError(f"logit_soft_cap must be positive or None, got {logit_soft_cap!r}")
 

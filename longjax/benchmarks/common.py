@@ -151,6 +151,18 @@ def time_with_setup(fn, setup, *, repeats: int, budget_s: float, sync=lambda x: 
           "first_call_s": first_s}
 
 
+def _proc_status_mib(pid: int | str, field: str) -> float | None:
+  """A "<field>: <n> kB" line of /proc/<pid>/status in MiB; None where /proc is unavailable."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) / 1024
+  except (OSError, ValueError):
+    pass
+  return None
+
+
 def peak_rss_mib(pid: int | str = "self") -> float | None:
   """A process's peak resident set size since its exec, in MiB: VmHWM from /proc.
 
@@ -158,26 +170,12 @@ def peak_rss_mib(pid: int | str = "self") -> float | None:
   the parent's size (the benchmark's parent holds jax and the library, ~0.3 GiB); VmHWM belongs
   to the address space, which exec replaces. None where /proc is unavailable.
   """
-  try:
-    with open(f"/proc/{pid}/status") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) / 1024
-  except (OSError, ValueError):
-    pass
-  return None
+  return _proc_status_mib(pid, "VmHWM")
 
 
 def current_rss_mib() -> float | None:
   """This process's resident set size now (VmRSS), in MiB; None where /proc is unavailable."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmRSS:"):
-          return int(line.split()[1]) / 1024
-  except (OSError, ValueError):
-    pass
-  return None
+  return _proc_status_mib("self", "VmRSS")
 
 
 def reset_peak_rss() -> bool:

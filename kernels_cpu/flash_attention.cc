@@ -1,0 +1,567 @@
+// Fused flash attention for the CPU, forward and backward, as XLA FFI custom calls.
+//
+// Why this exists: XLA's CPU backend runs a blockwise attention as one GEMM call per block plus
+// separate elementwise fusions that stream every [C, C] tile through memory (transposed copies,
+// exp, masks, rescaling); that measured 0.5-0.7x PyTorch's fused SDPA kernel (docs/kernels.md).
+// Here each block's logits, softmax and products stay in per-thread scratch that fits the L1/L2
+// caches, as in FlashAttention-2 (Dao 2023), with register-tiled GEMM micro-kernels written with
+// GCC vector extensions (AVX-512 or AVX2 code, whichever the build machine has: -march=native).
+//
+// Layouts are those of `longjax.ops.dot_product_attention`, read in place with strides:
+//   q, out, dout, dq  [B, T, N, H]     k, v, dk, dv  [B, S, K, H]     lse, delta  [B, N, T]
+// All float32; H % 16 == 0. Query head n uses kv head n / (N / K) (GQA without repeating K/V).
+// Query row t has absolute index i = q_offset + t (a runtime scalar, so decoding with a growing
+// cache does not recompile); key j is visible to it when
+//   causal -> j <= i;  window w > 0 -> i - j < w (causal) or |i - j| < w, unless j < global;
+//   segment ids given -> q_seg[b, t] == kv_seg[b, j].
+// Rows that see no key give out = 0, lse = -inf (and zero gradients).
+//
+// Parallelism: forward tasks are (batch, head, query block); backward tasks are (batch, kv head),
+// each owning its dk/dv and the dq rows of its query heads, so no two tasks write the same memory.
+// Tasks run on XLA's intra-op thread pool, the calling thread included.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#ifdef __AVX512F__
+constexpr int kLanes = 16;
+constexpr int kTileRows = 6;  // 6 rows x 4 vectors = 24 of the 32 zmm registers accumulate
+#else
+constexpr int kLanes = 8;
+constexpr int kTileRows = 3;  // 3 x 4 = 12 of the 16 ymm registers
+#endif
+constexpr int kTileVecs = 4;
+constexpr int kTileCols = kTileVecs * kLanes;
+
+typedef float vf __attribute__((vector_size(kLanes * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(kLanes * 4), aligned(4)));
+
+constexpr int kBlockQ = 64;   // query rows per block (kernels_cpu/flash_attention.py: BLOCK_Q)
+constexpr int kBlockK = 128;  // keys per block (a multiple of 16)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline vf Load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline vf Splat(float x) { return vf{} + x; }
+
+inline float ReduceMax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
+}
+inline float ReduceSum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+// exp(x) for x <= 0, relative error < 2e-7; x < -87.3 (and -inf) gives exactly 0.
+inline vf Exp(vf x) {
+  const vf lowest = Splat(-87.3f);
+  const vi underflow = x < lowest;
+  x = x < lowest ? lowest : x;
+  const vf magic = Splat(12582912.f);  // 1.5 * 2^23: adding and subtracting rounds to integer
+  const vf n = (x * 1.44269504f + magic) - magic;
+  vf r = x - n * 0.693145752f;  // ln 2 split in two so that n * hi is exact
+  r = r - n * 1.42860677e-6f;
+  vf p = Splat(1.f / 5040);  // Taylor series to r^7: |r| <= ln(2) / 2 leaves < 1e-8
+  p = p * r + 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  const vi result = (vi)(p * two_n) & ~underflow;
+  vf out;
+  std::memcpy(&out, &result, sizeof(out));
+  return out;
+}
+
+// C[R, V*kLanes] += sum_k A(r, k) * B[k, :] with A(r, k) = a[r * a_row + k * a_col].
+template <int R, int V>
+inline void Tile(int depth, const float* a, int64_t a_row, int64_t a_col, const float* b,
+                 int64_t ldb, float* c, int64_t ldc) {
+  vf acc[R][V];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc[r][v] = Load(c + r * ldc + v * kLanes);
+  for (int k = 0; k < depth; ++k) {
+    vf bk[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) bk[v] = Load(b + k * ldb + v * kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const vf ar = Splat(a[r * a_row + k * a_col]);
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[r][v] += ar * bk[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) Store(c + r * ldc + v * kLanes, acc[r][v]);
+}
+
+// The last rows < kTileRows as one tile of exactly that many rows.
+template <int V, int R>
+inline void TileRemainder(int rows, int depth, const float* a, int64_t a_row, int64_t a_col,
+                          const float* b, int64_t ldb, float* c, int64_t ldc) {
+  if constexpr (R > 0) {
+    if (rows == R) return Tile<R, V>(depth, a, a_row, a_col, b, ldb, c, ldc);
+    TileRemainder<V, R - 1>(rows, depth, a, a_row, a_col, b, ldb, c, ldc);
+  }
+}
+
+// Rows in tiles of kTileRows, then one tile of the rest (row by row would cost a load per
+// multiply-add).
+template <int V>
+inline void TileRows(int rows, int depth, const float* a, int64_t a_row, int64_t a_col,
+                     const float* b, int64_t ldb, float* c, int64_t ldc) {
+  for (; rows >= kTileRows; rows -= kTileRows, a += kTileRows * a_row, c += kTileRows * ldc)
+    Tile<kTileRows, V>(depth, a, a_row, a_col, b, ldb, c, ldc);
+  TileRemainder<V, kTileRows - 1>(rows, depth, a, a_row, a_col, b, ldb, c, ldc);
+}
+
+// C[m, n] += A[m, depth] B[depth, n]; A(r, k) = a[r * a_row + k * a_col] (any strides, so a
+// transposed A costs nothing); rows of B and C contiguous in n, n % kLanes == 0.
+void Gemm(int m, int n, int depth, const float* a, int64_t a_row, int64_t a_col, const float* b,
+          int64_t ldb, float* c, int64_t ldc) {
+  int j = 0;
+  for (; j + kTileCols <= n; j += kTileCols)
+    TileRows<kTileVecs>(m, depth, a, a_row, a_col, b + j, ldb, c + j, ldc);
+  for (; j + 2 * kLanes <= n; j += 2 * kLanes)
+    TileRows<2>(m, depth, a, a_row, a_col, b + j, ldb, c + j, ldc);
+  for (; j < n; j += kLanes) TileRows<1>(m, depth, a, a_row, a_col, b + j, ldb, c + j, ldc);
+}
+
+struct Shape {
+  int64_t B, T, S, N, K, H;
+  int64_t group() const { return N / K; }
+};
+
+struct Mask {
+  bool causal;
+  int64_t window;  // 0: none
+  int64_t global_tokens;
+  int64_t q_offset;
+  const int32_t* q_seg;  // [B or 1, T] or null
+  const int32_t* kv_seg;
+  int64_t q_seg_rows, kv_seg_rows;  // 1 (broadcast over the batch) or B
+
+  bool Visible(int64_t i, int64_t j) const {
+    if (causal && j > i) return false;
+    if (window > 0 && j >= global_tokens) {
+      const int64_t d = causal ? i - j : std::abs(i - j);
+      if (d >= window) return false;
+    }
+    return true;
+  }
+
+  // Keys [lo, hi) that absolute query rows [i0, i1] may see by index, besides [0, global_lo).
+  void KeyRange(int64_t i0, int64_t i1, int64_t S, int64_t* lo, int64_t* hi,
+                int64_t* global_hi) const {
+    *hi = S;
+    if (causal) *hi = std::min(*hi, i1 + 1);
+    else if (window > 0) *hi = std::min(*hi, i1 + window);
+    *lo = window > 0 ? std::max<int64_t>(0, i0 - window + 1) : 0;
+    *global_hi = window > 0 ? std::min(global_tokens, *hi) : 0;
+    *hi = std::max(*hi, int64_t{0});
+  }
+
+  // Whether any key of [k0, k1) is visible to rows [i0, i1] by index.
+  bool BlockVisible(int64_t i0, int64_t i1, int64_t k0, int64_t k1, int64_t S) const {
+    int64_t lo, hi, ghi;
+    KeyRange(i0, i1, S, &lo, &hi, &ghi);
+    return (k0 < hi && k1 > lo) || k0 < ghi;
+  }
+
+  // Whether every key of [k0, k1) is visible to every row of [i0, i1] (no per-entry work).
+  bool BlockFull(int64_t i0, int64_t i1, int64_t k0, int64_t k1) const {
+    if (q_seg != nullptr) return false;
+    if (causal && k1 - 1 > i0) return false;
+    if (window > 0 && k1 > global_tokens) {
+      const int64_t far = causal ? i1 - k0 : std::max(i1 - k0, k1 - 1 - i0);
+      if (far >= window) return false;
+    }
+    return true;
+  }
+
+  // Sets s[r, c] = -inf for hidden (row, key) pairs and for key columns >= valid.
+  void Apply(int64_t b, int64_t t0, int rows, int64_t k0, int valid, int cols, float* s,
+             int64_t lds, bool full) const {
+    for (int r = 0; r < rows; ++r) {
+      float* row = s + r * lds;
+      const int64_t i = q_offset + t0 + r;
+      if (!full) {
+        for (int c = 0; c < valid; ++c) {
+          const int64_t j = k0 + c;
+          bool visible = Visible(i, j);
+          if (visible && q_seg != nullptr) visible = QuerySegment(b, t0 + r) == KeySegment(b, j);
+          if (!visible) row[c] = kNegInf;
+        }
+      }
+      for (int c = valid; c < cols; ++c) row[c] = kNegInf;
+    }
+  }
+
+  int32_t QuerySegment(int64_t b, int64_t t) const {
+    return q_seg[(q_seg_rows == 1 ? 0 : b) * q_len + t];
+  }
+  int32_t KeySegment(int64_t b, int64_t j) const {
+    return kv_seg[(kv_seg_rows == 1 ? 0 : b) * kv_len + j];
+  }
+  int64_t q_len = 0, kv_len = 0;
+};
+
+// Runs body(0..n-1) on the thread pool and the calling thread; returns when all are done.
+// Helpers that start late find no work left and only touch the shared counter state.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, n, &body]() {
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      body(i);
+      if (state->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
+int RoundUp(int x, int m) { return (x + m - 1) / m * m; }
+
+// Kt[h, c] = k[row c, h] for c < valid, zero for valid <= c < kBlockK. Rows are `ld` apart.
+void PackTransposed(const float* k, int64_t ld, int valid, int64_t H, float* kt) {
+  for (int64_t h = 0; h < H; ++h) {
+    float* dst = kt + h * kBlockK;
+    for (int c = 0; c < valid; ++c) dst[c] = k[c * ld + h];
+    for (int c = valid; c < kBlockK; ++c) dst[c] = 0.f;
+  }
+}
+
+// Rows [t0, t0 + kBlockQ) of query head n of batch row b. With several query blocks per head,
+// `kt_all` holds the keys transposed, [B, K, H, S_pad] with S_pad = S rounded up to 16 (zeros
+// past S), transposed once by XLA rather than once per query block here; with one query block
+// (decoding, short prompts) s_pad < S and each key block is transposed here instead, which
+// spares a copy of the whole cache per call.
+// Up to this many query rows (decode steps) compute logits as dot products with the key rows
+// where they lie: a transposed copy of a key block would cost more than the products.
+constexpr int kDotRows = 4;
+
+// s[r, c] = q[r] . key c for c < valid (q rows contiguous, keys `ldk` apart, h % kLanes == 0).
+void KeyDots(int rows, int valid, int h, const float* q, const float* k, int64_t ldk, float* s,
+             int64_t lds) {
+  for (int c = 0; c < valid; ++c) {
+    const float* key = k + c * ldk;
+    for (int r = 0; r < rows; ++r) {
+      vf acc = Splat(0.f);
+      for (int i = 0; i < h; i += kLanes) acc += Load(q + r * h + i) * Load(key + i);
+      s[r * lds + c] = ReduceSum(acc);
+    }
+  }
+}
+
+void ForwardBlock(const Shape& sh, const Mask& mask, float scale, const float* q, const float* k,
+                  const float* kt_all, int64_t s_pad, const float* v, float* out, float* lse,
+                  int64_t b, int64_t n, int64_t t0) {
+  const int64_t H = sh.H, N = sh.N, K = sh.K, kvh = n / sh.group();
+  const int rows = static_cast<int>(std::min<int64_t>(kBlockQ, sh.T - t0));
+  thread_local std::vector<float> scratch;
+  scratch.resize(kBlockQ * H * 2 + H * kBlockK + kBlockQ * kBlockK + 2 * kBlockQ);
+  float* qs = scratch.data();         // [rows, H] scaled queries
+  float* acc = qs + kBlockQ * H;      // [rows, H] output accumulator
+  float* packed = acc + kBlockQ * H;  // [H, kBlockK] keys transposed here (s_pad < S)
+  float* s = packed + H * kBlockK;    // [rows, kBlockK] logits, then probabilities
+  float* m = s + kBlockQ * kBlockK;   // [rows] running max
+  float* l = m + kBlockQ;             // [rows] running normaliser
+
+  const float* q0 = q + ((b * sh.T + t0) * N + n) * H;
+  for (int r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < H; ++h) qs[r * H + h] = q0[r * N * H + h] * scale;
+  std::fill(acc, acc + rows * H, 0.f);
+  std::fill(m, m + rows, kNegInf);
+  std::fill(l, l + rows, 0.f);
+
+  const int64_t i0 = mask.q_offset + t0, i1 = i0 + rows - 1;
+  for (int64_t k0 = 0; k0 < sh.S; k0 += kBlockK) {
+    const int valid = static_cast<int>(std::min<int64_t>(kBlockK, sh.S - k0));
+    if (!mask.BlockVisible(i0, i1, k0, k0 + valid, sh.S)) continue;
+    const int cols = RoundUp(valid, 16);
+    const float* kt = kt_all + (b * K + kvh) * H * s_pad + k0;
+    int64_t ldkt = s_pad;
+    const float* kb = k + ((b * sh.S + k0) * K + kvh) * H;
+    if (rows <= kDotRows) {
+      KeyDots(rows, valid, static_cast<int>(H), qs, kb, K * H, s, kBlockK);
+    } else {
+      if (s_pad < sh.S) {
+        PackTransposed(kb, K * H, valid, H, packed);
+        kt = packed;
+        ldkt = kBlockK;
+      }
+      for (int r = 0; r < rows; ++r) std::fill(s + r * kBlockK, s + r * kBlockK + cols, 0.f);
+      Gemm(rows, cols, static_cast<int>(H), qs, H, 1, kt, ldkt, s, kBlockK);
+    }
+    mask.Apply(b, t0, rows, k0, valid, cols, s, kBlockK,
+               mask.BlockFull(i0, i1, k0, k0 + valid));
+    for (int r = 0; r < rows; ++r) {
+      float* row = s + r * kBlockK;
+      vf vmax = Splat(kNegInf);
+      for (int c = 0; c < cols; c += kLanes) {
+        const vf x = Load(row + c);
+        vmax = x > vmax ? x : vmax;
+      }
+      const float m_new = std::max(m[r], ReduceMax(vmax));
+      if (m_new == kNegInf) {  // nothing visible yet: leave the row's state as it is
+        std::fill(row, row + cols, 0.f);
+        continue;
+      }
+      const float alpha = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first visible block
+      vf vsum = Splat(0.f);
+      const vf shift = Splat(m_new);
+      for (int c = 0; c < cols; c += kLanes) {
+        const vf p = Exp(Load(row + c) - shift);
+        Store(row + c, p);
+        vsum += p;
+      }
+      l[r] = l[r] * alpha + ReduceSum(vsum);
+      m[r] = m_new;
+      if (alpha != 1.f)
+        for (int64_t h = 0; h < H; h += kLanes) Store(acc + r * H + h, Load(acc + r * H + h) * alpha);
+    }
+    const float* vb = v + ((b * sh.S + k0) * K + kvh) * H;
+    Gemm(rows, static_cast<int>(H), valid, s, kBlockK, 1, vb, K * H, acc, H);
+  }
+
+  float* o = out + ((b * sh.T + t0) * N + n) * H;
+  float* lse_row = lse + (b * N + n) * sh.T + t0;
+  for (int r = 0; r < rows; ++r) {
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    for (int64_t h = 0; h < H; ++h) o[r * N * H + h] = acc[r * H + h] * inv;
+    lse_row[r] = l[r] > 0.f ? m[r] + std::log(l[r]) : kNegInf;
+  }
+}
+
+// dq, dk, dv of kv head `kvh` of batch row `b` and of its query heads.
+void BackwardHead(const Shape& sh, const Mask& mask, float scale, const float* q, const float* k,
+                  const float* v, const float* dout, const float* lse, const float* delta,
+                  float* dq, float* dk, float* dv, int64_t b, int64_t kvh) {
+  const int64_t H = sh.H, N = sh.N, K = sh.K, G = sh.group();
+  thread_local std::vector<float> scratch;
+  scratch.resize(2 * H * kBlockK + 2 * kBlockQ * kBlockK + 2 * kBlockK * H);
+  float* kt = scratch.data();          // [H, kBlockK] packed keys
+  float* vt = kt + H * kBlockK;        // [H, kBlockK] packed values
+  float* p = vt + H * kBlockK;         // [rows, kBlockK] probabilities
+  float* ds = p + kBlockQ * kBlockK;   // [rows, kBlockK] dP, then scale * dS
+  float* dk_acc = ds + kBlockQ * kBlockK;  // [kBlockK, H]
+  float* dv_acc = dk_acc + kBlockK * H;    // [kBlockK, H]
+
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t t = 0; t < sh.T; ++t)
+      std::fill_n(dq + ((b * sh.T + t) * N + kvh * G + g) * H, H, 0.f);
+
+  for (int64_t k0 = 0; k0 < sh.S; k0 += kBlockK) {
+    const int valid = static_cast<int>(std::min<int64_t>(kBlockK, sh.S - k0));
+    const int cols = RoundUp(valid, 16);
+    const float* kb = k + ((b * sh.S + k0) * K + kvh) * H;
+    const float* vb = v + ((b * sh.S + k0) * K + kvh) * H;
+    bool packed = false;
+    std::fill_n(dk_acc, valid * H, 0.f);
+    std::fill_n(dv_acc, valid * H, 0.f);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t n = kvh * G + g;
+      for (int64_t t0 = 0; t0 < sh.T; t0 += kBlockQ) {
+        const int rows = static_cast<int>(std::min<int64_t>(kBlockQ, sh.T - t0));
+        const int64_t i0 = mask.q_offset + t0, i1 = i0 + rows - 1;
+        if (!mask.BlockVisible(i0, i1, k0, k0 + valid, sh.S)) continue;
+        if (!packed) {
+          PackTransposed(kb, K * H, valid, H, kt);
+          PackTransposed(vb, K * H, valid, H, vt);
+          packed = true;
+        }
+        const float* qb = q + ((b * sh.T + t0) * N + n) * H;
+        const float* dob = dout + ((b * sh.T + t0) * N + n) * H;
+        float* dqb = dq + ((b * sh.T + t0) * N + n) * H;
+        const float* lse_rows = lse + (b * N + n) * sh.T + t0;
+        const float* delta_rows = delta + (b * N + n) * sh.T + t0;
+
+        for (int r = 0; r < rows; ++r) {
+          std::fill_n(p + r * kBlockK, cols, 0.f);
+          std::fill_n(ds + r * kBlockK, cols, 0.f);
+        }
+        Gemm(rows, cols, static_cast<int>(H), qb, N * H, 1, kt, kBlockK, p, kBlockK);
+        mask.Apply(b, t0, rows, k0, valid, cols, p, kBlockK,
+                   mask.BlockFull(i0, i1, k0, k0 + valid));
+        const vf vscale = Splat(scale);
+        for (int r = 0; r < rows; ++r) {
+          float* row = p + r * kBlockK;
+          if (lse_rows[r] == kNegInf) {
+            std::fill_n(row, cols, 0.f);
+            continue;
+          }
+          const vf shift = Splat(lse_rows[r]);
+          for (int c = 0; c < cols; c += kLanes) Store(row + c, Exp(Load(row + c) * vscale - shift));
+        }
+        // dV += P^T dO
+        Gemm(valid, static_cast<int>(H), rows, p, 1, kBlockK, dob, N * H, dv_acc, H);
+        // dP = dO V^T, then dS = P (dP - delta) scaled
+        Gemm(rows, cols, static_cast<int>(H), dob, N * H, 1, vt, kBlockK, ds, kBlockK);
+        for (int r = 0; r < rows; ++r) {
+          float* dsr = ds + r * kBlockK;
+          const float* pr = p + r * kBlockK;
+          const vf d = Splat(delta_rows[r]);
+          for (int c = 0; c < cols; c += kLanes)
+            Store(dsr + c, Load(pr + c) * (Load(dsr + c) - d) * vscale);
+        }
+        // dQ += dS K; dK += dS^T Q
+        Gemm(rows, static_cast<int>(H), valid, ds, kBlockK, 1, kb, K * H, dqb, N * H);
+        Gemm(valid, static_cast<int>(H), rows, ds, 1, kBlockK, qb, N * H, dk_acc, H);
+      }
+    }
+    for (int c = 0; c < valid; ++c) {
+      std::copy_n(dk_acc + c * H, H, dk + ((b * sh.S + k0 + c) * K + kvh) * H);
+      std::copy_n(dv_acc + c * H, H, dv + ((b * sh.S + k0 + c) * K + kvh) * H);
+    }
+  }
+}
+
+ffi::Error CheckShapes(const Shape& sh) {
+  if (sh.H % 16 != 0)
+    return ffi::Error::InvalidArgument("head dim must be a multiple of 16");
+  if (sh.K <= 0 || sh.N % sh.K != 0)
+    return ffi::Error::InvalidArgument("query heads must be a multiple of kv heads");
+  return ffi::Error::Success();
+}
+
+Shape ShapeOf(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  return Shape{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3]};
+}
+
+Mask MaskOf(const Shape& sh, bool causal, int64_t window, int64_t global_tokens,
+            ffi::Buffer<ffi::S32>& q_offset, ffi::Buffer<ffi::S32>& q_seg,
+            ffi::Buffer<ffi::S32>& kv_seg, bool segments) {
+  Mask mask{causal, window, global_tokens, q_offset.typed_data()[0], nullptr, nullptr, 1, 1};
+  if (segments) {
+    mask.q_seg = q_seg.typed_data();
+    mask.kv_seg = kv_seg.typed_data();
+    mask.q_seg_rows = q_seg.dimensions()[0];
+    mask.kv_seg_rows = kv_seg.dimensions()[0];
+  }
+  mask.q_len = sh.T;
+  mask.kv_len = sh.S;
+  return mask;
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> kt, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_offset,
+                   ffi::Buffer<ffi::S32> q_seg, ffi::Buffer<ffi::S32> kv_seg,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale,
+                   bool causal, int64_t window, int64_t global_tokens, bool segments) {
+  const Shape sh = ShapeOf(q, k);
+  if (auto error = CheckShapes(sh); error.failure()) return error;
+  const Mask mask = MaskOf(sh, causal, window, global_tokens, q_offset, q_seg, kv_seg, segments);
+  const int64_t q_blocks = (sh.T + kBlockQ - 1) / kBlockQ;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *ktp = kt.typed_data();
+  const float* vp = v.typed_data();
+  const int64_t s_pad = kt.dimensions()[3];
+  float *op = out->typed_data(), *lp = lse->typed_data();
+  ParallelFor(pool, sh.B * sh.N * q_blocks, [&](int64_t task) {
+    const int64_t qb = task % q_blocks, bn = task / q_blocks;
+    ForwardBlock(sh, mask, scale, qp, kp, ktp, s_pad, vp, op, lp, bn / sh.N, bn % sh.N,
+                 qb * kBlockQ);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> dout,
+                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> delta,
+                    ffi::Buffer<ffi::S32> q_offset, ffi::Buffer<ffi::S32> q_seg,
+                    ffi::Buffer<ffi::S32> kv_seg, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale,
+                    bool causal, int64_t window, int64_t global_tokens, bool segments) {
+  const Shape sh = ShapeOf(q, k);
+  if (auto error = CheckShapes(sh); error.failure()) return error;
+  const Mask mask = MaskOf(sh, causal, window, global_tokens, q_offset, q_seg, kv_seg, segments);
+  ParallelFor(pool, sh.B * sh.K, [&](int64_t task) {
+    BackwardHead(sh, mask, scale, q.typed_data(), k.typed_data(), v.typed_data(),
+                 dout.typed_data(), lse.typed_data(), delta.typed_data(), dq->typed_data(),
+                 dk->typed_data(), dv->typed_data(), task / sh.K, task % sh.K);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LongjaxFlashForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k transposed or [1,1,1,1]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_offset []
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_segment_ids
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_segment_ids
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("causal")
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("global_tokens")
+                                  .Attr<bool>("segments"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LongjaxFlashBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dout
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // delta
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_offset []
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_segment_ids
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_segment_ids
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dv
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("causal")
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("global_tokens")
+                                  .Attr<bool>("segments"));

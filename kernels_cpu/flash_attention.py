@@ -1,0 +1,129 @@
+"""Fused flash attention on the CPU (C++ via XLA FFI), forward and backward, with log-sum-exp.
+
+`flash_attention` has the semantics of `longjax.ops.dot_product_attention` for the masks it
+takes (causal, window, global tokens, a runtime `q_offset`, segment ids; no bias): float32 maths
+whatever the input dtype (inputs are cast up and results cast back), lse the natural log of each
+row's softmax normaliser, rows with no visible key giving zeros and lse = -inf. The backward is
+FlashAttention-2's: probabilities recomputed from the saved lse, D = rowsum(dO * O) - dlse (so a
+cotangent on lse, as ring attention's merge produces, is exact).
+
+The kernels are in `flash_attention.cc`; `build.py` compiles them on first use.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels_cpu import build
+
+HEAD_DIM_MULTIPLE = 16
+BLOCK_Q = 64  # query rows per block of the forward kernel (kBlockQ)
+
+
+def unsupported(head_dim: int) -> str | None:
+  """Why the kernel cannot serve a head dimension (or the machine), or None if it can."""
+  if head_dim % HEAD_DIM_MULTIPLE:
+    return f"head dim {head_dim} is not a multiple of {HEAD_DIM_MULTIPLE}"
+  return build.unavailable_reason()
+
+
+def _mask_operands(q_offset, q_segment_ids, kv_segment_ids):
+  offset = jnp.asarray(q_offset, jnp.int32).reshape(())
+  if q_segment_ids is None:
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    return offset, dummy, dummy
+  return offset, q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32)
+
+
+def _attrs(static):
+  scale, causal, window, global_tokens, segments = static
+  return dict(scale=np.float32(scale), causal=bool(causal), window=np.int64(window or 0),
+              global_tokens=np.int64(global_tokens), segments=bool(segments))
+
+
+def _forward(static, q, k, v, mask_ops):
+  b, t, n, h = q.shape
+  k = k.astype(jnp.float32)
+  out, lse = jax.ffi.ffi_call(
+      "LongjaxFlashForward",
+      (jax.ShapeDtypeStruct((b, t, n, h), jnp.float32),
+       jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
+  )(q.astype(jnp.float32), k, _keys_transposed(k, t), v.astype(jnp.float32), *mask_ops,
+    **_attrs(static))
+  return out, lse
+
+
+def _keys_transposed(k, q_length):
+  """[B, S, K, H] -> f32 [B, K, H, S_pad], S_pad = S rounded up to 16 (zeros past S).
+
+  Only when the queries span several of the kernel's query blocks: with one block each key
+  block is read once anyway, and the kernel transposes it in cache; a [1, 1, 1, 1] placeholder
+  says so (decode steps then do not copy the whole cache).
+  """
+  if q_length <= BLOCK_Q:
+    return jnp.zeros((1, 1, 1, 1), jnp.float32)
+  pad = -k.shape[1] % 16
+  return jnp.pad(k.astype(jnp.float32).transpose(0, 2, 3, 1), ((0, 0),) * 3 + ((0, pad),))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(static, q, k, v, mask_ops):
+  out, lse = _forward(static, q, k, v, mask_ops)
+  return out.astype(q.dtype), lse
+
+
+def _attention_fwd(static, q, k, v, mask_ops):
+  out, lse = _forward(static, q, k, v, mask_ops)
+  return (out.astype(q.dtype), lse), (q, k, v, mask_ops, out, lse)
+
+
+def _attention_bwd(static, residuals, cotangents):
+  q, k, v, mask_ops, out, lse = residuals
+  dout, dlse = cotangents
+  dout = dout.astype(jnp.float32)
+  delta = jnp.einsum("btnh,btnh->bnt", dout, out) - dlse
+  dq, dk, dv = jax.ffi.ffi_call(
+      "LongjaxFlashBackward",
+      (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
+       jax.ShapeDtypeStruct(v.shape, jnp.float32)),
+  )(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), dout, lse, delta,
+    *mask_ops, **_attrs(static))
+  zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), mask_ops)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zeros
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+                    causal: bool = True, window: int | None = None, global_tokens: int = 0,
+                    q_offset: jax.Array | int = 0, q_segment_ids: jax.Array | None = None,
+                    kv_segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Softmax attention fused on the CPU.
+
+  Args:
+    q: [B, T, N, H] queries (H a multiple of 16).
+    k: [B, S, K, H] keys, N % K == 0; query head n uses kv head n // (N // K).
+    v: [B, S, K, H] values.
+    scale: logit scale.
+    causal: hide keys after the query's absolute index q_offset + t.
+    window: None or a window w >= 1: i - j < w (causal) or |i - j| < w, except keys below
+      `global_tokens`.
+    global_tokens: leading keys exempt from the window.
+    q_offset: int32 scalar, may be traced (no recompilation when it changes).
+    q_segment_ids: None or [B or 1, T] int32; keys are visible only within the same segment.
+    kv_segment_ids: [B or 1, S] int32, given with `q_segment_ids`.
+
+  Returns:
+    out [B, T, N, H] in q.dtype and lse [B, N, T] float32.
+  """
+  build.ensure_loaded()
+  reason = unsupported(q.shape[-1])
+  if reason is not None:
+    raise ValueError(f"kernels_cpu.flash_attention cannot serve this call: {reason}")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+  static = (float(scale), bool(causal), window, int(global_tokens), q_segment_ids is not None)
+  return _attention(static, q, k, v, _mask_operands(q_offset, q_segment_ids, kv_segment_ids))

@@ -6,5 +6,6 @@ CPU backend, these close the gap between XLA's CPU code and PyTorch's fused CPU 
 
 from kernels_cpu.build import unavailable_reason
 from kernels_cpu.flash_attention import flash_attention
+from kernels_cpu.flash_attention import unsupported as flash_attention_unsupported
 
-__all__ = ["flash_attention", "unavailable_reason"]
+__all__ = ["flash_attention", "flash_attention_unsupported", "unavailable_reason"]

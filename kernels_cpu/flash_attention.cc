@@ -187,8 +187,9 @@ struct Mask {
     if (causal) *hi = std::min(*hi, i1 + 1);
     else if (window > 0) *hi = std::min(*hi, i1 + window);
     *lo = window > 0 ? std::max<int64_t>(0, i0 - window + 1) : 0;
-    *global_hi = window > 0 ? std::min(global_tokens, *hi) : 0;
     *hi = std::max(*hi, int64_t{0});
+    // Global keys escape the window, not causality.
+    *global_hi = window > 0 ? std::min(global_tokens, causal ? *hi : S) : 0;
   }
 
   // Whether any key of [k0, k1) is visible to rows [i0, i1] by index.

@@ -50,6 +50,7 @@ def _forward(static, q, k, v, mask_ops):
       "LongjaxFlashForward",
       (jax.ShapeDtypeStruct((b, t, n, h), jnp.float32),
        jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
+      vmap_method="sequential",
   )(q.astype(jnp.float32), k, _keys_transposed(k, t), v.astype(jnp.float32), *mask_ops,
     **_attrs(static))
   return out, lse
@@ -88,6 +89,7 @@ def _attention_bwd(static, residuals, cotangents):
       "LongjaxFlashBackward",
       (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
        jax.ShapeDtypeStruct(v.shape, jnp.float32)),
+      vmap_method="sequential",
   )(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), dout, lse, delta,
     *mask_ops, **_attrs(static))
   zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), mask_ops)

@@ -11,6 +11,8 @@ import os
 
 import ml_collections
 
+import kernels_cpu
+
 from longjax import posenc
 from longjax.layers import attention as attention_layer
 from longjax.layers.positional import POSENCS, rope_scaling_hyperparameters
@@ -128,6 +130,19 @@ def validate_model(model) -> None:
                         f"attention.normalizer={model.attention.normalizer!r})",
                         ["auto", "reference", "blockwise"])
     # Every logit bias (ALiBi, T5, KERPLE, FIRE) is computed in the flash kernel.
+  if model.attention.impl == "cpu":
+    if model.attention.normalizer != "softmax":
+      raise ConfigError("model.attention.impl", "cpu", "has no softplus kernel (model."
+                        f"attention.normalizer={model.attention.normalizer!r})",
+                        ["auto", "reference", "blockwise"])
+    if POSENCS[model.posenc.kind].logit_bias:
+      raise ConfigError("model.attention.impl", "cpu", "adds no position bias to the logits "
+                        f"(model.posenc.kind={model.posenc.kind!r}); 'auto' picks blockwise "
+                        "for such encodings", ["auto", "reference", "blockwise", "pallas"])
+    reason = kernels_cpu.flash_attention_unsupported(registry.head_dim(model))
+    if reason is not None:
+      raise ConfigError("model.attention.impl", "cpu", f"cannot run here: {reason}",
+                        ["auto", "reference", "blockwise"])
   if model.attention.learned_sink and (model.attention.normalizer != "softmax"
                                        or model.attention.distance_ceiling):
     raise ConfigError("model.attention.learned_sink", model.attention.learned_sink,

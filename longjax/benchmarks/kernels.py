@@ -25,13 +25,15 @@ from longjax.benchmarks import flops as flops_lib
 
 GROUPS = ("attention", "decode", "linear", "scan")
 IMPLS = {
-    "attention": ("longjax_auto", "longjax_pallas", "jax_nn", "torch_sdpa"),
+    "attention": ("longjax_auto", "longjax_blockwise", "longjax_pallas", "jax_nn",
+                  "torch_sdpa"),
     "decode": ("pallas_decode", "longjax_auto", "jnp_dense", "torch_sdpa"),
     "linear": ("pallas", "recurrent_scan", "chunked_jnp"),
     "scan": ("pallas", "lax_scan", "torch_loop"),
 }
 LABELS = {
-    "longjax_auto": "longjax auto", "longjax_pallas": "longjax pallas",
+    "longjax_auto": "longjax auto", "longjax_blockwise": "longjax XLA blockwise",
+    "longjax_pallas": "longjax pallas",
     "jax_nn": "jax.nn.dot_product_attention", "torch_sdpa": "torch SDPA",
     "pallas_decode": "pallas decode", "jnp_dense": "plain jnp", "pallas": "pallas",
     "recurrent_scan": "lax.scan recurrence", "chunked_jnp": "longjax chunked jnp",
@@ -123,16 +125,23 @@ def attention_case(impl: str, t: int, **kw) -> dict:
     if impl == "jax_nn":
       attn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
     else:
-      name = {"longjax_auto": "auto", "longjax_pallas": "pallas"}[impl]
+      name = {"longjax_auto": "auto", "longjax_blockwise": "blockwise",
+              "longjax_pallas": "pallas"}[impl]
       mask = ops.AttentionMask(causal=True)
       attn = lambda q, k, v: ops.dot_product_attention(q, k, v, mask=mask, impl=name)  # noqa
-      extra["resolved"] = (ops.resolve_impl(name, q_length=t, kv_length=t)
-                           if name == "auto" else _pallas_label())
+      extra["resolved"] = _pallas_label() if name == "pallas" else _resolved(name, mask, t, t)
     keys = _keys(4)
     args = [_normal(key, (1, t, HEADS, HEAD_DIM)) for key in keys]
     timing = common.time_jax(_fwd_bwd(attn), args, memory_budget_bytes=kw["memory_budget"],
                              **_timing_kwargs(kw))
   return {**timing, **extra, "gflops_per_s": flops / timing["time_s"] / 1e9}
+
+
+def _resolved(name: str, mask, t: int, s: int) -> str:
+  """The implementation `ops.dot_product_attention(impl=name)` runs for this unbiased case."""
+  from longjax import ops  # pylint: disable=g-import-not-at-top
+  cpu_kernel = ops.attention.cpu_unsupported(mask, None, HEAD_DIM) is None
+  return ops.resolve_impl(name, q_length=t, kv_length=s, cpu_kernel=cpu_kernel)
 
 
 def _pallas_label() -> str:
@@ -168,7 +177,7 @@ def decode_case(impl: str, cache: int, **kw) -> dict:
       def fn(q, k, v, n):  # the cache length arrives at run time, as in a decode loop
         mask = ops.AttentionMask(causal=True, q_offset=n - 1)
         return ops.dot_product_attention(q, k, v, mask=mask)
-      extra["resolved"] = ops.resolve_impl("auto", q_length=1, kv_length=cache)
+      extra["resolved"] = _resolved("auto", ops.AttentionMask(causal=True), 1, cache)
     else:
       def fn(q, k, v, n):  # the plain definition a user writes: dense logits, masked softmax
         logits = jnp.einsum("btnh,bsnh->bnts", q, k) * HEAD_DIM ** -0.5

@@ -331,8 +331,8 @@ def softplus_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Attent
   kwargs = dict(mask=mask, bias=bias, scale=scale, length_scale=length_scale,
                 reweight_power=float(reweight_power))
   resolved = resolve_impl(impl, q_length=t, kv_length=s, block_size=block_size)
-  if resolved == "pallas":
-    raise ValueError("impl='pallas' has no softplus kernel; use 'blockwise' or 'reference'")
+  if resolved in ("pallas", "cpu"):
+    raise ValueError(f"impl={resolved!r} has no softplus kernel; use 'blockwise' or 'reference'")
   if resolved == "reference":
     return softplus_attention_reference(q, k, v, **kwargs)
   return softplus_attention_blockwise(q, k, v, block_size=block_size, **kwargs)

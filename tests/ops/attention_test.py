@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import kernels_cpu
 from longjax.ops import AlibiBias
 from longjax.ops import AttentionMask
 from longjax.ops import dot_product_attention
@@ -261,12 +262,38 @@ class BlockwiseTest(AttentionTestCase):
 class DispatchTest(parameterized.TestCase):
 
   def test_auto_rule(self):
-    # Dense while all keys fit one block or when decoding (T <= 16), else blockwise.
+    # Without the fused CPU kernel: dense while all keys fit one block or when decoding
+    # (T <= 16), else blockwise. With it (on the CPU): the kernel at every length.
     for t, s, expected in ((64, 64, "reference"), (4096, 128, "reference"),
                            (128, 129, "blockwise"), (1, 4096, "reference"),
                            (16, 4096, "reference"), (17, 4096, "blockwise")):
       self.assertEqual(resolve_impl("auto", q_length=t, kv_length=s, block_size=128), expected)
+      self.assertEqual(resolve_impl("auto", q_length=t, kv_length=s, block_size=128,
+                                    cpu_kernel=True), "cpu")
     self.assertEqual(resolve_impl("reference", q_length=1, kv_length=4096), "reference")
+    self.assertEqual(resolve_impl("blockwise", q_length=512, kv_length=512, cpu_kernel=True),
+                     "blockwise")
+
+  def test_cpu_kernel_serves_auto_unless_biased(self):
+    # What "auto" runs, told apart by the jaxpr: the kernel is an FFI call; with a bias the
+    # blockwise op's loops run instead; forcing impl="cpu" with a bias says why it cannot.
+    if kernels_cpu.unavailable_reason() is not None:
+      self.skipTest(f"fused CPU kernels unavailable: {kernels_cpu.unavailable_reason()}")
+    q, k, v = random_inputs(0, 1, 300, 300, 4, 2, 32, jnp.float32)
+    mask = AttentionMask(causal=True)
+    bias = AlibiBias(jnp.asarray([0.5, 0.25, 0.125, 0.0625]),
+                     jnp.arange(300)[None], jnp.arange(300)[None])
+    plain = str(jax.make_jaxpr(lambda q: dot_product_attention(q, k, v, mask=mask))(q))
+    biased = str(jax.make_jaxpr(lambda q: dot_product_attention(q, k, v, mask=mask,
+                                                                bias=bias))(q))
+    self.assertIn("LongjaxFlashForward", plain)
+    self.assertNotIn("LongjaxFlashForward", biased)
+    with self.assertRaisesRegex(ValueError, "impl='cpu' cannot serve this call: it has no "
+                                "AlibiBias"):
+      dot_product_attention(q, k, v, mask=mask, bias=bias, impl="cpu")
+    np.testing.assert_allclose(
+        dot_product_attention(q, k, v, mask=mask, impl="cpu"),
+        dot_product_attention(q, k, v, mask=mask, impl="reference"), atol=2e-5)
 
   @parameterized.parameters("splash", "flash", "")
   def test_unknown_impl(self, impl):

@@ -1,0 +1,240 @@
+"""The fused CPU flash attention kernel (C++ via XLA FFI) against the dense reference.
+
+The reference is `longjax.ops.attention_reference`, itself checked against a float64 loop over
+(batch, head, query, key) in tests/ops/attention_test.py. Every case compares the output, the
+log-sum-exp and the gradients of q, k, v under a loss that weights every output entry and every
+finite lse entry (so the lse cotangent path of the backward kernel is exercised too).
+"""
+
+import functools
+import os
+import subprocess
+import sys
+import tempfile
+from unittest import mock
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import hypothesis
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kernels_cpu
+from longjax.ops import AttentionMask
+from longjax.ops.attention import attention_reference
+from tests import testing
+
+# Relative to the largest magnitude of the compared array. f32: the kernel and the reference
+# differ in summation order and in the kernel's polynomial exp (< 2e-7 relative); measured
+# differences are ~1e-6. bf16 inputs: both compute in f32 after casting up, but the reference
+# multiplies probabilities by V in bf16 and the outputs are rounded to bf16 (2^-8 ~ 4e-3).
+TOLERANCES = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+
+
+def random_inputs(seed, batch, t, s, num_heads, num_kv_heads, head_dim, dtype):
+  rng = np.random.default_rng(seed)
+  shapes = ((batch, t, num_heads, head_dim), (batch, s, num_kv_heads, head_dim),
+            (batch, s, num_kv_heads, head_dim))
+  return tuple(jnp.asarray(rng.normal(size=shape), dtype) for shape in shapes)
+
+
+def packed_segments(seed, rows, length, num_docs=3):
+  """Sorted random document ids 1..num_docs with a padding tail of segment 0."""
+  rng = np.random.default_rng(seed)
+  ids = np.sort(rng.integers(1, num_docs + 1, size=(rows, length)), axis=1)
+  ids[:, length - length // 5:] = 0
+  return jnp.asarray(ids, jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("fn",))
+def outputs_and_grads(fn, q, k, v):
+  """(out, lse) and d/d(q, k, v) of sum(out * w) + sum(finite lse * u) with fixed weights."""
+  def loss(q, k, v):
+    out, lse = fn(q, k, v)
+    w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+    u = jnp.sin(jnp.arange(lse.size, dtype=jnp.float32)).reshape(lse.shape)
+    finite = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    return (out.astype(jnp.float32) * w).sum() + (finite * u).sum(), (out, lse)
+  grads, (out, lse) = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  return out, lse, grads
+
+
+def assert_close(actual, expected, dtype, what):
+  actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+  np.testing.assert_array_equal(np.isfinite(actual), np.isfinite(expected), err_msg=what)
+  finite = np.isfinite(expected)
+  scale = max(1.0, float(np.abs(np.where(finite, expected, 0)).max()))
+  np.testing.assert_allclose(np.where(finite, actual, 0), np.where(finite, expected, 0),
+                             atol=TOLERANCES[jnp.dtype(dtype).type] * scale, rtol=0, err_msg=what)
+
+
+def check_against_reference(q, k, v, mask, scale=None):
+  """Asserts kernel == reference for out, lse and the three gradients."""
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+
+  def kernel(q, k, v):
+    return kernels_cpu.flash_attention(
+        q, k, v, scale=scale, causal=mask.causal, window=mask.window,
+        global_tokens=mask.global_tokens, q_offset=mask.q_offset,
+        q_segment_ids=mask.q_segment_ids, kv_segment_ids=mask.kv_segment_ids)
+
+  def reference(q, k, v):
+    return attention_reference(q, k, v, mask=mask, scale=scale)
+
+  got = outputs_and_grads(kernel, q, k, v)
+  want = outputs_and_grads(reference, q, k, v)
+  for name, a, b in zip(("out", "lse", "dq", "dk", "dv"),
+                        (got[0], got[1], *got[2]), (want[0], want[1], *want[2])):
+    assert_close(a, b, q.dtype, name)
+
+
+class CpuFlashAttentionTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    reason = kernels_cpu.unavailable_reason()
+    if reason is not None:  # the machine has no C++ compiler: say so rather than pass quietly
+      raise absltest.SkipTest(f"fused CPU kernels unavailable: {reason}")
+
+  @parameterized.product(
+      lengths=((1, 1), (5, 5), (63, 63), (64, 64), (65, 65), (130, 130), (257, 257),
+               (70, 200), (200, 70)),
+      causal=(True, False),
+      heads=((4, 4), (4, 2), (4, 1)),
+  )
+  def test_lengths_gqa_causal(self, lengths, causal, heads):
+    t, s = lengths
+    q, k, v = random_inputs(t * 7 + s, 2, t, s, *heads, 32, jnp.float32)
+    check_against_reference(q, k, v, AttentionMask(causal=causal))
+
+  @parameterized.parameters(16, 48, 64, 128)
+  def test_head_dims(self, head_dim):
+    q, k, v = random_inputs(head_dim, 1, 150, 150, 2, 1, head_dim, jnp.float32)
+    check_against_reference(q, k, v, AttentionMask(causal=True))
+
+  @parameterized.product(causal=(True, False), window=(1, 17, 128),
+                         global_tokens=(0, 3, 130))
+  def test_window_and_global_tokens(self, causal, window, global_tokens):
+    q, k, v = random_inputs(window + global_tokens, 1, 300, 300, 4, 2, 32, jnp.float32)
+    mask = AttentionMask(causal=causal, window=window, global_tokens=global_tokens)
+    check_against_reference(q, k, v, mask)
+
+  @parameterized.product(rows=(1, 2, 4, 5, 16, 70), offset=(0, 100, 441))
+  def test_queries_at_an_offset(self, rows, offset):
+    # Decode steps and chunked prefill: T queries at q_offset against a cache of S >= T + offset
+    # entries, the tail unwritten (hidden by causality). T <= 4 takes the dot-product path.
+    q, k, v = random_inputs(rows + offset, 2, rows, 512, 4, 2, 64, jnp.float32)
+    for window in (None, 33):
+      check_against_reference(q, k, v, AttentionMask(causal=True, window=window,
+                                                     q_offset=jnp.int32(offset)))
+
+  @parameterized.parameters((2, 2), (2, 1))
+  def test_segment_ids(self, batch, id_rows):
+    q, k, v = random_inputs(batch, batch, 140, 140, 4, 2, 32, jnp.float32)
+    ids = packed_segments(id_rows, id_rows, 140)
+    for causal in (True, False):
+      check_against_reference(q, k, v, AttentionMask(causal=causal, q_segment_ids=ids,
+                                                     kv_segment_ids=ids))
+
+  def test_rows_without_visible_keys(self):
+    # Query segment 9 exists in no key: those rows give zeros, lse = -inf and zero gradients.
+    q, k, v = random_inputs(3, 1, 96, 96, 2, 2, 16, jnp.float32)
+    q_ids = jnp.where(jnp.arange(96) < 40, 1, 9)[None].astype(jnp.int32)
+    kv_ids = jnp.ones((1, 96), jnp.int32)
+    mask = AttentionMask(causal=True, q_segment_ids=q_ids, kv_segment_ids=kv_ids)
+    check_against_reference(q, k, v, mask)
+    out, lse = kernels_cpu.flash_attention(q, k, v, scale=0.25, q_segment_ids=q_ids,
+                                           kv_segment_ids=kv_ids)
+    self.assertTrue(np.all(np.asarray(out)[:, 40:] == 0))
+    self.assertTrue(np.all(np.isneginf(np.asarray(lse)[:, :, 40:])))
+
+  @parameterized.parameters((64, 64), (150, 300), (1, 300))
+  def test_bfloat16(self, t, s):
+    q, k, v = random_inputs(t, 1, t, s, 4, 2, 64, jnp.bfloat16)
+    check_against_reference(q, k, v, AttentionMask(causal=True, q_offset=s - t))
+
+  def test_scale(self):
+    q, k, v = random_inputs(0, 1, 80, 80, 2, 2, 32, jnp.float32)
+    check_against_reference(q, k, v, AttentionMask(causal=True), scale=0.7)
+
+  @hypothesis.settings(max_examples=20, deadline=None)
+  @hypothesis.given(t=st.integers(1, 200), extra=st.integers(0, 150), group=st.sampled_from([1, 3]),
+                    head_dim=st.sampled_from([16, 32]), window=st.sampled_from([None, 1, 40]),
+                    global_tokens=st.integers(0, 20))
+  def test_hypothesis(self, t, extra, group, head_dim, window, global_tokens):
+    s = t + extra
+    q, k, v = random_inputs(t + s, 1, t, s, 2 * group, 2, head_dim, jnp.float32)
+    mask = AttentionMask(causal=True, window=window,
+                         global_tokens=global_tokens if window else 0, q_offset=extra)
+    check_against_reference(q, k, v, mask)
+
+  def test_offset_is_a_runtime_value(self):
+    # One compilation serves every cache length: q_offset is an operand, not an attribute.
+    q, k, v = random_inputs(1, 1, 1, 256, 2, 2, 32, jnp.float32)
+    traces = []
+
+    @jax.jit
+    def step(q, k, v, offset):
+      traces.append(None)
+      return kernels_cpu.flash_attention(q, k, v, scale=0.2, q_offset=offset)[0]
+
+    for offset in (0, 100, 255):
+      mask = AttentionMask(causal=True, q_offset=offset)
+      want = attention_reference(q, k, v, mask=mask, scale=0.2)[0]
+      np.testing.assert_allclose(step(q, k, v, jnp.int32(offset)), want, atol=2e-5)
+    self.assertLen(traces, 1)
+
+  def test_vmap(self):
+    q, k, v = random_inputs(2, 3, 70, 70, 2, 2, 16, jnp.float32)
+    fn = lambda q, k, v: kernels_cpu.flash_attention(q[None], k[None], v[None], scale=0.25)[0][0]
+    mask = AttentionMask(causal=True)
+    want = attention_reference(q, k, v, mask=mask, scale=0.25)[0]
+    np.testing.assert_allclose(jax.vmap(fn)(q, k, v), want, atol=2e-5)
+
+  def test_refuses_what_it_cannot_serve(self):
+    q, k, v = random_inputs(0, 1, 8, 8, 2, 2, 24, jnp.float32)
+    with self.assertRaisesRegex(ValueError, "head dim 24 is not a multiple of 16"):
+      kernels_cpu.flash_attention(q, k, v, scale=1.0)
+    q, k, v = random_inputs(0, 1, 8, 8, 2, 2, 16, jnp.float32)
+    with self.assertRaisesRegex(ValueError, "given together"):
+      kernels_cpu.flash_attention(q, k, v, scale=1.0, q_segment_ids=jnp.zeros((1, 8), jnp.int32))
+
+
+class BuildTest(absltest.TestCase):
+
+  def test_without_a_compiler_says_why_and_auto_falls_back(self):
+    # A fresh process with no compiler and an empty cache: the kernels are unavailable, with the
+    # reason, and impl="auto" runs XLA's blockwise attention instead.
+    code = (
+        "import jax, jax.numpy as jnp, kernels_cpu\n"
+        "from longjax import ops\n"
+        "print(kernels_cpu.unavailable_reason())\n"
+        "print(ops.attention.cpu_unsupported(ops.AttentionMask(), None, 64))\n"
+        "x = jnp.ones((1, 300, 2, 64))\n"
+        "print(float(ops.dot_product_attention(x, x, x, mask=ops.AttentionMask()).sum()))\n")
+    with tempfile.TemporaryDirectory() as cache:
+      env = dict(os.environ, CXX="/nonexistent/g++", LONGJAX_CACHE=cache, JAX_PLATFORMS="cpu")
+      done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, cwd=testing.REPO_ROOT, timeout=300)
+    self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+    lines = done.stdout.splitlines()
+    self.assertIn("no C++ compiler (/nonexistent/g++)", lines[0])
+    self.assertEqual(lines[0], lines[1])
+    self.assertAlmostEqual(float(lines[2]), 300 * 2 * 64, places=2)
+
+  def test_cache_key_changes_with_the_machine(self):
+    # A binary built with -march=native for one CPU must not be loaded on another.
+    from kernels_cpu import build  # pylint: disable=g-import-not-at-top
+    compiler = build._compiler()  # pylint: disable=protected-access
+    if compiler is None:
+      self.skipTest("no C++ compiler on PATH")
+    key = build._build_key(compiler)  # pylint: disable=protected-access
+    self.assertEqual(key, build._build_key(compiler))  # pylint: disable=protected-access
+    with mock.patch.object(build, "_cpu_flags", return_value="flags : fpu sse2"):
+      self.assertNotEqual(key, build._build_key(compiler))  # pylint: disable=protected-access
+
+if __name__ == "__main__":
+  absltest.main()

@@ -14,7 +14,9 @@
 // cache does not recompile); key j is visible to it when
 //   causal -> j <= i;  window w > 0 -> i - j < w (causal) or |i - j| < w, unless j < global;
 //   segment ids given -> q_seg[b, t] == kv_seg[b, j].
-// Rows that see no key give out = 0, lse = -inf (and zero gradients).
+// Rows that see no key give out = 0, lse = -inf (and zero gradients). With ALiBi (Press et al.
+// 2022) the logits get -slope[n] * |q_pos[b, t] - kv_pos[b, j]| from explicit positions, and
+// the backward also returns d(slopes) per batch row.
 //
 // Parallelism: forward tasks are (batch, head, query block); backward tasks are (batch, kv head),
 // each owning its dk/dv and the dq rows of its query heads, so no two tasks write the same memory.
@@ -60,6 +62,11 @@ inline vf Load(const float* p) {
   return v;
 }
 inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline vi LoadInt(const int32_t* p) {
+  vi v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
 inline vf Splat(float x) { return vf{} + x; }
 
 inline float ReduceMax(vf v) {
@@ -73,9 +80,10 @@ inline float ReduceSum(vf v) {
   return s;
 }
 
-// exp(x) for x <= 0, relative error < 2e-7; x < -87.3 (and -inf) gives exactly 0.
+// exp(x) for x <= 0, relative error < 2e-7; x < -87 (and -inf) gives exactly 0, so results are
+// never subnormal (exp(-87) = 1.6e-38 > FLT_MIN; subnormal arithmetic is slow on x86).
 inline vf Exp(vf x) {
-  const vf lowest = Splat(-87.3f);
+  const vf lowest = Splat(-87.f);
   const vi underflow = x < lowest;
   x = x < lowest ? lowest : x;
   const vf magic = Splat(12582912.f);  // 1.5 * 2^23: adding and subtracting rounds to integer
@@ -168,8 +176,9 @@ struct Mask {
   int64_t global_tokens;
   int64_t q_offset;
   const int32_t* q_seg;  // [B or 1, T] or null
-  const int32_t* kv_seg;
+  const int32_t* kv_seg;  // [B or 1, S] or null
   int64_t q_seg_rows, kv_seg_rows;  // 1 (broadcast over the batch) or B
+  int64_t q_len, kv_len;  // T, S
 
   bool Visible(int64_t i, int64_t j) const {
     if (causal && j > i) return false;
@@ -180,7 +189,7 @@ struct Mask {
     return true;
   }
 
-  // Keys [lo, hi) that absolute query rows [i0, i1] may see by index, besides [0, global_lo).
+  // Keys [lo, hi) that absolute query rows [i0, i1] may see by index, besides [0, global_hi).
   void KeyRange(int64_t i0, int64_t i1, int64_t S, int64_t* lo, int64_t* hi,
                 int64_t* global_hi) const {
     *hi = S;
@@ -234,8 +243,44 @@ struct Mask {
   int32_t KeySegment(int64_t b, int64_t j) const {
     return kv_seg[(kv_seg_rows == 1 ? 0 : b) * kv_len + j];
   }
-  int64_t q_len = 0, kv_len = 0;
 };
+
+// ALiBi's explicit positions and per-head slopes; `slopes` null means no bias.
+struct Alibi {
+  const float* slopes;  // [N]
+  const int32_t* q_pos;  // [B or 1, T]
+  const int32_t* kv_pos;  // [B or 1, S]
+  int64_t q_rows, kv_rows, q_len, kv_len;
+
+  bool on() const { return slopes != nullptr; }
+  const int32_t* QueryPositions(int64_t b, int64_t t0) const {
+    return q_pos + (q_rows == 1 ? 0 : b) * q_len + t0;
+  }
+  // The key positions of block [k0, k0 + valid) into `out` [kBlockK], zeros past `valid`.
+  void KeyPositions(int64_t b, int64_t k0, int valid, int32_t* out) const {
+    const int32_t* src = kv_pos + (kv_rows == 1 ? 0 : b) * kv_len + k0;
+    std::copy_n(src, valid, out);
+    std::fill(out + valid, out + kBlockK, 0);
+  }
+};
+
+// |p_q - p_k| as floats for one row against a block of key positions (subtracted in int32,
+// exact for any position, as `longjax.ops.AlibiBias` does).
+inline vf Distance(int32_t q_position, const int32_t* key_positions) {
+  vi d = LoadInt(key_positions) - q_position;
+  d = d < 0 ? -d : d;
+  return __builtin_convertvector(d, vf);
+}
+
+// s[r, c] -= slope * |q_pos[r] - kv_pos[c]| for c < cols.
+void AddAlibi(float slope, const int32_t* q_positions, int rows, const int32_t* key_positions,
+              int cols, float* s, int64_t lds) {
+  for (int r = 0; r < rows; ++r) {
+    float* row = s + r * lds;
+    for (int c = 0; c < cols; c += kLanes)
+      Store(row + c, Load(row + c) - slope * Distance(q_positions[r], key_positions + c));
+  }
+}
 
 // Runs body(0..n-1) on the thread pool and the calling thread; returns when all are done.
 // Helpers that start late find no work left and only touch the shared counter state.
@@ -296,9 +341,9 @@ void KeyDots(int rows, int valid, int h, const float* q, const float* k, int64_t
   }
 }
 
-void ForwardBlock(const Shape& sh, const Mask& mask, float scale, const float* q, const float* k,
-                  const float* kt_all, int64_t s_pad, const float* v, float* out, float* lse,
-                  int64_t b, int64_t n, int64_t t0) {
+void ForwardBlock(const Shape& sh, const Mask& mask, const Alibi& alibi, float scale,
+                  const float* q, const float* k, const float* kt_all, int64_t s_pad,
+                  const float* v, float* out, float* lse, int64_t b, int64_t n, int64_t t0) {
   const int64_t H = sh.H, N = sh.N, K = sh.K, kvh = n / sh.group();
   const int rows = static_cast<int>(std::min<int64_t>(kBlockQ, sh.T - t0));
   thread_local std::vector<float> scratch;
@@ -309,6 +354,7 @@ void ForwardBlock(const Shape& sh, const Mask& mask, float scale, const float* q
   float* s = packed + H * kBlockK;    // [rows, kBlockK] logits, then probabilities
   float* m = s + kBlockQ * kBlockK;   // [rows] running max
   float* l = m + kBlockQ;             // [rows] running normaliser
+  thread_local std::vector<int32_t> key_positions(kBlockK);
 
   const float* q0 = q + ((b * sh.T + t0) * N + n) * H;
   for (int r = 0; r < rows; ++r)
@@ -336,6 +382,11 @@ void ForwardBlock(const Shape& sh, const Mask& mask, float scale, const float* q
       for (int r = 0; r < rows; ++r) std::fill(s + r * kBlockK, s + r * kBlockK + cols, 0.f);
       Gemm(rows, cols, static_cast<int>(H), qs, H, 1, kt, ldkt, s, kBlockK);
     }
+    if (alibi.on()) {
+      alibi.KeyPositions(b, k0, valid, key_positions.data());
+      AddAlibi(alibi.slopes[n], alibi.QueryPositions(b, t0), rows, key_positions.data(), cols, s,
+               kBlockK);
+    }
     mask.Apply(b, t0, rows, k0, valid, cols, s, kBlockK,
                mask.BlockFull(i0, i1, k0, k0 + valid));
     for (int r = 0; r < rows; ++r) {
@@ -361,7 +412,8 @@ void ForwardBlock(const Shape& sh, const Mask& mask, float scale, const float* q
       l[r] = l[r] * alpha + ReduceSum(vsum);
       m[r] = m_new;
       if (alpha != 1.f)
-        for (int64_t h = 0; h < H; h += kLanes) Store(acc + r * H + h, Load(acc + r * H + h) * alpha);
+        for (int64_t h = 0; h < H; h += kLanes)
+          Store(acc + r * H + h, Load(acc + r * H + h) * alpha);
     }
     const float* vb = v + ((b * sh.S + k0) * K + kvh) * H;
     Gemm(rows, static_cast<int>(H), valid, s, kBlockK, 1, vb, K * H, acc, H);
@@ -376,10 +428,12 @@ void ForwardBlock(const Shape& sh, const Mask& mask, float scale, const float* q
   }
 }
 
-// dq, dk, dv of kv head `kvh` of batch row `b` and of its query heads.
-void BackwardHead(const Shape& sh, const Mask& mask, float scale, const float* q, const float* k,
-                  const float* v, const float* dout, const float* lse, const float* delta,
-                  float* dq, float* dk, float* dv, int64_t b, int64_t kvh) {
+// dq, dk, dv of kv head `kvh` of batch row `b` and of its query heads (and, with ALiBi, the
+// row's d(slope) of those heads into dslopes[b, n]).
+void BackwardHead(const Shape& sh, const Mask& mask, const Alibi& alibi, float scale,
+                  const float* q, const float* k, const float* v, const float* dout,
+                  const float* lse, const float* delta, float* dq, float* dk, float* dv,
+                  float* dslopes, int64_t b, int64_t kvh) {
   const int64_t H = sh.H, N = sh.N, K = sh.K, G = sh.group();
   thread_local std::vector<float> scratch;
   scratch.resize(2 * H * kBlockK + 2 * kBlockQ * kBlockK + 2 * kBlockK * H);
@@ -389,10 +443,13 @@ void BackwardHead(const Shape& sh, const Mask& mask, float scale, const float* q
   float* ds = p + kBlockQ * kBlockK;   // [rows, kBlockK] dP, then scale * dS
   float* dk_acc = ds + kBlockQ * kBlockK;  // [kBlockK, H]
   float* dv_acc = dk_acc + kBlockK * H;    // [kBlockK, H]
+  thread_local std::vector<int32_t> key_positions(kBlockK);
 
-  for (int64_t g = 0; g < G; ++g)
+  for (int64_t g = 0; g < G; ++g) {
+    dslopes[b * N + kvh * G + g] = 0.f;
     for (int64_t t = 0; t < sh.T; ++t)
       std::fill_n(dq + ((b * sh.T + t) * N + kvh * G + g) * H, H, 0.f);
+  }
 
   for (int64_t k0 = 0; k0 < sh.S; k0 += kBlockK) {
     const int valid = static_cast<int>(std::min<int64_t>(kBlockK, sh.S - k0));
@@ -402,6 +459,7 @@ void BackwardHead(const Shape& sh, const Mask& mask, float scale, const float* q
     bool packed = false;
     std::fill_n(dk_acc, valid * H, 0.f);
     std::fill_n(dv_acc, valid * H, 0.f);
+    if (alibi.on()) alibi.KeyPositions(b, k0, valid, key_positions.data());
     for (int64_t g = 0; g < G; ++g) {
       const int64_t n = kvh * G + g;
       for (int64_t t0 = 0; t0 < sh.T; t0 += kBlockQ) {
@@ -424,9 +482,15 @@ void BackwardHead(const Shape& sh, const Mask& mask, float scale, const float* q
           std::fill_n(ds + r * kBlockK, cols, 0.f);
         }
         Gemm(rows, cols, static_cast<int>(H), qb, N * H, 1, kt, kBlockK, p, kBlockK);
+        const vf vscale = Splat(scale);
+        for (int r = 0; r < rows; ++r)
+          for (int c = 0; c < cols; c += kLanes)
+            Store(p + r * kBlockK + c, Load(p + r * kBlockK + c) * vscale);
+        const int32_t* q_positions = alibi.on() ? alibi.QueryPositions(b, t0) : nullptr;
+        if (alibi.on())
+          AddAlibi(alibi.slopes[n], q_positions, rows, key_positions.data(), cols, p, kBlockK);
         mask.Apply(b, t0, rows, k0, valid, cols, p, kBlockK,
                    mask.BlockFull(i0, i1, k0, k0 + valid));
-        const vf vscale = Splat(scale);
         for (int r = 0; r < rows; ++r) {
           float* row = p + r * kBlockK;
           if (lse_rows[r] == kNegInf) {
@@ -434,19 +498,26 @@ void BackwardHead(const Shape& sh, const Mask& mask, float scale, const float* q
             continue;
           }
           const vf shift = Splat(lse_rows[r]);
-          for (int c = 0; c < cols; c += kLanes) Store(row + c, Exp(Load(row + c) * vscale - shift));
+          for (int c = 0; c < cols; c += kLanes) Store(row + c, Exp(Load(row + c) - shift));
         }
         // dV += P^T dO
         Gemm(valid, static_cast<int>(H), rows, p, 1, kBlockK, dob, N * H, dv_acc, H);
-        // dP = dO V^T, then dS = P (dP - delta) scaled
+        // dP = dO V^T, then dS = P (dP - delta), the gradient of the biased logits; stored
+        // scaled (for dQ, dK). d(slope) = -sum dS |p_q - p_k|.
         Gemm(rows, cols, static_cast<int>(H), dob, N * H, 1, vt, kBlockK, ds, kBlockK);
+        vf dslope = Splat(0.f);
         for (int r = 0; r < rows; ++r) {
           float* dsr = ds + r * kBlockK;
           const float* pr = p + r * kBlockK;
           const vf d = Splat(delta_rows[r]);
-          for (int c = 0; c < cols; c += kLanes)
-            Store(dsr + c, Load(pr + c) * (Load(dsr + c) - d) * vscale);
+          for (int c = 0; c < cols; c += kLanes) {
+            const vf dlogit = Load(pr + c) * (Load(dsr + c) - d);
+            if (q_positions != nullptr)
+              dslope -= dlogit * Distance(q_positions[r], key_positions.data() + c);
+            Store(dsr + c, dlogit * vscale);
+          }
         }
+        if (q_positions != nullptr) dslopes[b * N + n] += ReduceSum(dslope);
         // dQ += dS K; dK += dS^T Q
         Gemm(rows, static_cast<int>(H), valid, ds, kBlockK, 1, kb, K * H, dqb, N * H);
         Gemm(valid, static_cast<int>(H), rows, ds, 1, kBlockK, qb, N * H, dk_acc, H);
@@ -475,26 +546,36 @@ Shape ShapeOf(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
 Mask MaskOf(const Shape& sh, bool causal, int64_t window, int64_t global_tokens,
             ffi::Buffer<ffi::S32>& q_offset, ffi::Buffer<ffi::S32>& q_seg,
             ffi::Buffer<ffi::S32>& kv_seg, bool segments) {
-  Mask mask{causal, window, global_tokens, q_offset.typed_data()[0], nullptr, nullptr, 1, 1};
+  Mask mask{causal, window, global_tokens, q_offset.typed_data()[0], nullptr, nullptr, 1, 1,
+            sh.T, sh.S};
   if (segments) {
     mask.q_seg = q_seg.typed_data();
     mask.kv_seg = kv_seg.typed_data();
     mask.q_seg_rows = q_seg.dimensions()[0];
     mask.kv_seg_rows = kv_seg.dimensions()[0];
   }
-  mask.q_len = sh.T;
-  mask.kv_len = sh.S;
   return mask;
 }
 
+Alibi AlibiOf(const Shape& sh, ffi::Buffer<ffi::F32>& slopes, ffi::Buffer<ffi::S32>& q_pos,
+              ffi::Buffer<ffi::S32>& kv_pos, bool alibi) {
+  if (!alibi) return Alibi{nullptr, nullptr, nullptr, 1, 1, sh.T, sh.S};
+  return Alibi{slopes.typed_data(), q_pos.typed_data(), kv_pos.typed_data(),
+               q_pos.dimensions()[0], kv_pos.dimensions()[0], sh.T, sh.S};
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                   ffi::Buffer<ffi::F32> kt, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_offset,
-                   ffi::Buffer<ffi::S32> q_seg, ffi::Buffer<ffi::S32> kv_seg,
-                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale,
-                   bool causal, int64_t window, int64_t global_tokens, bool segments) {
+                   ffi::Buffer<ffi::F32> kt, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::S32> q_offset, ffi::Buffer<ffi::S32> q_seg,
+                   ffi::Buffer<ffi::S32> kv_seg, ffi::Buffer<ffi::F32> slopes,
+                   ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_pos,
+                   ffi::ResultBuffer<ffi::F32> out,
+                   ffi::ResultBuffer<ffi::F32> lse, float scale, bool causal, int64_t window,
+                   int64_t global_tokens, bool segments, bool alibi) {
   const Shape sh = ShapeOf(q, k);
   if (auto error = CheckShapes(sh); error.failure()) return error;
   const Mask mask = MaskOf(sh, causal, window, global_tokens, q_offset, q_seg, kv_seg, segments);
+  const Alibi bias = AlibiOf(sh, slopes, q_pos, kv_pos, alibi);
   const int64_t q_blocks = (sh.T + kBlockQ - 1) / kBlockQ;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *ktp = kt.typed_data();
   const float* vp = v.typed_data();
@@ -502,7 +583,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   float *op = out->typed_data(), *lp = lse->typed_data();
   ParallelFor(pool, sh.B * sh.N * q_blocks, [&](int64_t task) {
     const int64_t qb = task % q_blocks, bn = task / q_blocks;
-    ForwardBlock(sh, mask, scale, qp, kp, ktp, s_pad, vp, op, lp, bn / sh.N, bn % sh.N,
+    ForwardBlock(sh, mask, bias, scale, qp, kp, ktp, s_pad, vp, op, lp, bn / sh.N, bn % sh.N,
                  qb * kBlockQ);
   });
   return ffi::Error::Success();
@@ -512,16 +593,21 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> dout,
                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> delta,
                     ffi::Buffer<ffi::S32> q_offset, ffi::Buffer<ffi::S32> q_seg,
-                    ffi::Buffer<ffi::S32> kv_seg, ffi::ResultBuffer<ffi::F32> dq,
-                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale,
-                    bool causal, int64_t window, int64_t global_tokens, bool segments) {
+                    ffi::Buffer<ffi::S32> kv_seg, ffi::Buffer<ffi::F32> slopes,
+                    ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_pos,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> dv, ffi::ResultBuffer<ffi::F32> dslopes,
+                    float scale, bool causal, int64_t window, int64_t global_tokens,
+                    bool segments, bool alibi) {
   const Shape sh = ShapeOf(q, k);
   if (auto error = CheckShapes(sh); error.failure()) return error;
   const Mask mask = MaskOf(sh, causal, window, global_tokens, q_offset, q_seg, kv_seg, segments);
+  const Alibi bias = AlibiOf(sh, slopes, q_pos, kv_pos, alibi);
   ParallelFor(pool, sh.B * sh.K, [&](int64_t task) {
-    BackwardHead(sh, mask, scale, q.typed_data(), k.typed_data(), v.typed_data(),
+    BackwardHead(sh, mask, bias, scale, q.typed_data(), k.typed_data(), v.typed_data(),
                  dout.typed_data(), lse.typed_data(), delta.typed_data(), dq->typed_data(),
-                 dk->typed_data(), dv->typed_data(), task / sh.K, task % sh.K);
+                 dk->typed_data(), dv->typed_data(), dslopes->typed_data(), task / sh.K,
+                 task % sh.K);
   });
   return ffi::Error::Success();
 }
@@ -538,13 +624,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LongjaxFlashForward, Forward,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // q_offset []
                                   .Arg<ffi::Buffer<ffi::S32>>()  // q_segment_ids
                                   .Arg<ffi::Buffer<ffi::S32>>()  // kv_segment_ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // ALiBi slopes [N]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // query positions
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // key positions
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // lse
                                   .Attr<float>("scale")
                                   .Attr<bool>("causal")
                                   .Attr<int64_t>("window")
                                   .Attr<int64_t>("global_tokens")
-                                  .Attr<bool>("segments"));
+                                  .Attr<bool>("segments")
+                                  .Attr<bool>("alibi"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LongjaxFlashBackward, Backward,
                               ffi::Ffi::Bind()
@@ -558,11 +648,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LongjaxFlashBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // q_offset []
                                   .Arg<ffi::Buffer<ffi::S32>>()  // q_segment_ids
                                   .Arg<ffi::Buffer<ffi::S32>>()  // kv_segment_ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // ALiBi slopes [N]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // query positions
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // key positions
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dq
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dk
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dv
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d(slopes) per batch row [B, N]
                                   .Attr<float>("scale")
                                   .Attr<bool>("causal")
                                   .Attr<int64_t>("window")
                                   .Attr<int64_t>("global_tokens")
-                                  .Attr<bool>("segments"));
+                                  .Attr<bool>("segments")
+                                  .Attr<bool>("alibi"));

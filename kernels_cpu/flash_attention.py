@@ -1,7 +1,8 @@
 """Fused flash attention on the CPU (C++ via XLA FFI), forward and backward, with log-sum-exp.
 
 `flash_attention` has the semantics of `longjax.ops.dot_product_attention` for the masks it
-takes (causal, window, global tokens, a runtime `q_offset`, segment ids; no bias): float32 maths
+takes (causal, window, global tokens, a runtime `q_offset`, segment ids) and ALiBi, the one
+position bias it computes in-kernel (slopes differentiable, from explicit positions): float32 maths
 whatever the input dtype (inputs are cast up and results cast back), lse the natural log of each
 row's softmax normaliser, rows with no visible key giving zeros and lse = -inf. The backward is
 FlashAttention-2's: probabilities recomputed from the saved lse, D = rowsum(dO * O) - dlse (so a
@@ -37,13 +38,20 @@ def _mask_operands(q_offset, q_segment_ids, kv_segment_ids):
   return offset, q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32)
 
 
+def _position_operands(q_positions, kv_positions):
+  if q_positions is None:
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    return dummy, dummy
+  return q_positions.astype(jnp.int32), kv_positions.astype(jnp.int32)
+
+
 def _attrs(static):
-  scale, causal, window, global_tokens, segments = static
+  scale, causal, window, global_tokens, segments, alibi = static
   return dict(scale=np.float32(scale), causal=bool(causal), window=np.int64(window or 0),
-              global_tokens=np.int64(global_tokens), segments=bool(segments))
+              global_tokens=np.int64(global_tokens), segments=bool(segments), alibi=bool(alibi))
 
 
-def _forward(static, q, k, v, mask_ops):
+def _forward(static, q, k, v, slopes, mask_ops, position_ops):
   b, t, n, h = q.shape
   k = k.astype(jnp.float32)
   out, lse = jax.ffi.ffi_call(
@@ -52,7 +60,7 @@ def _forward(static, q, k, v, mask_ops):
        jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
       vmap_method="sequential",
   )(q.astype(jnp.float32), k, _keys_transposed(k, t), v.astype(jnp.float32), *mask_ops,
-    **_attrs(static))
+    slopes.astype(jnp.float32), *position_ops, **_attrs(static))
   return out, lse
 
 
@@ -70,30 +78,35 @@ def _keys_transposed(k, q_length):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(static, q, k, v, mask_ops):
-  out, lse = _forward(static, q, k, v, mask_ops)
+def _attention(static, q, k, v, slopes, mask_ops, position_ops):
+  out, lse = _forward(static, q, k, v, slopes, mask_ops, position_ops)
   return out.astype(q.dtype), lse
 
 
-def _attention_fwd(static, q, k, v, mask_ops):
-  out, lse = _forward(static, q, k, v, mask_ops)
-  return (out.astype(q.dtype), lse), (q, k, v, mask_ops, out, lse)
+def _attention_fwd(static, q, k, v, slopes, mask_ops, position_ops):
+  out, lse = _forward(static, q, k, v, slopes, mask_ops, position_ops)
+  return (out.astype(q.dtype), lse), (q, k, v, slopes, mask_ops, position_ops, out, lse)
 
 
 def _attention_bwd(static, residuals, cotangents):
-  q, k, v, mask_ops, out, lse = residuals
+  q, k, v, slopes, mask_ops, position_ops, out, lse = residuals
   dout, dlse = cotangents
   dout = dout.astype(jnp.float32)
   delta = jnp.einsum("btnh,btnh->bnt", dout, out) - dlse
-  dq, dk, dv = jax.ffi.ffi_call(
+  b, n = q.shape[0], q.shape[2]
+  dq, dk, dv, dslopes = jax.ffi.ffi_call(
       "LongjaxFlashBackward",
       (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
-       jax.ShapeDtypeStruct(v.shape, jnp.float32)),
+       jax.ShapeDtypeStruct(v.shape, jnp.float32), jax.ShapeDtypeStruct((b, n), jnp.float32)),
       vmap_method="sequential",
   )(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), dout, lse, delta,
-    *mask_ops, **_attrs(static))
-  zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), mask_ops)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zeros
+    *mask_ops, slopes.astype(jnp.float32), *position_ops, **_attrs(static))
+  # Without ALiBi `slopes` is a [1] placeholder and the kernel's d(slopes) are zeros.
+  dslopes = dslopes.sum(axis=0) if static[-1] else jnp.zeros_like(slopes, jnp.float32)
+  integer_zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0),
+                               (mask_ops, position_ops))
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+          dslopes.astype(slopes.dtype), *integer_zeros)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -102,7 +115,9 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                     causal: bool = True, window: int | None = None, global_tokens: int = 0,
                     q_offset: jax.Array | int = 0, q_segment_ids: jax.Array | None = None,
-                    kv_segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                    kv_segment_ids: jax.Array | None = None, alibi_slopes: jax.Array | None = None,
+                    q_positions: jax.Array | None = None,
+                    kv_positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Softmax attention fused on the CPU.
 
   Args:
@@ -117,6 +132,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
     q_offset: int32 scalar, may be traced (no recompilation when it changes).
     q_segment_ids: None or [B or 1, T] int32; keys are visible only within the same segment.
     kv_segment_ids: [B or 1, S] int32, given with `q_segment_ids`.
+    alibi_slopes: None or [N] float: ALiBi adds -slope[n] * |q_pos - kv_pos| to the logits
+      (after scaling); differentiable.
+    q_positions: [B or 1, T] int32 positions of the queries (with `alibi_slopes`).
+    kv_positions: [B or 1, S] int32 positions of the keys.
 
   Returns:
     out [B, T, N, H] in q.dtype and lse [B, N, T] float32.
@@ -127,5 +146,15 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
     raise ValueError(f"kernels_cpu.flash_attention cannot serve this call: {reason}")
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-  static = (float(scale), bool(causal), window, int(global_tokens), q_segment_ids is not None)
-  return _attention(static, q, k, v, _mask_operands(q_offset, q_segment_ids, kv_segment_ids))
+  alibi = alibi_slopes is not None
+  if alibi and (q_positions is None or kv_positions is None):
+    raise ValueError("alibi_slopes needs q_positions and kv_positions")
+  if alibi and jnp.shape(alibi_slopes) != (q.shape[2],):
+    raise ValueError(f"alibi_slopes must have shape [{q.shape[2]}] (one per query head), "
+                     f"got {jnp.shape(alibi_slopes)}")
+  static = (float(scale), bool(causal), window, int(global_tokens), q_segment_ids is not None,
+            alibi)
+  slopes = jnp.asarray(alibi_slopes) if alibi else jnp.zeros((1,), jnp.float32)
+  return _attention(static, q, k, v, slopes,
+                    _mask_operands(q_offset, q_segment_ids, kv_segment_ids),
+                    _position_operands(q_positions if alibi else None, kv_positions))

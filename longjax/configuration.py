@@ -135,8 +135,8 @@ def validate_model(model) -> None:
       raise ConfigError("model.attention.impl", "cpu", "has no softplus kernel (model."
                         f"attention.normalizer={model.attention.normalizer!r})",
                         ["auto", "reference", "blockwise"])
-    if POSENCS[model.posenc.kind].logit_bias:
-      raise ConfigError("model.attention.impl", "cpu", "adds no position bias to the logits "
+    if POSENCS[model.posenc.kind].logit_bias and model.posenc.kind != "alibi":
+      raise ConfigError("model.attention.impl", "cpu", "computes no position bias but ALiBi "
                         f"(model.posenc.kind={model.posenc.kind!r}); 'auto' picks blockwise "
                         "for such encodings", ["auto", "reference", "blockwise", "pallas"])
     reason = kernels_cpu.flash_attention_unsupported(registry.head_dim(model))

@@ -1,9 +1,10 @@
 """`--suite=memory`: the longest sequence one train step fits in a memory budget.
 
-Per attention implementation (dense XLA "reference", "blockwise", "pallas") and remat policy,
-the longest T (a multiple of the size set's step) whose train step fits the budget, found by
-doubling then bisection; every probe is its own child process, so nothing a probe does can kill
-the benchmark.
+Per attention implementation (dense XLA "reference", "blockwise", "pallas", the fused "cpu"
+kernel) and remat policy, the longest T (a multiple of the size set's step) whose train step
+fits the budget, found by doubling then bisection; every probe is its own child process, so
+nothing a probe does can kill the benchmark. The CPU kernel's own scratch (per-thread block
+buffers, ~100 KiB) is outside XLA's buffer assignment; its inputs, outputs and residuals are in.
 
 longjax probes compile the trainer's step (state donated, as `longjax.training.trainer` does)
 and read XLA's buffer assignment (`memory_analysis()`: temporaries + arguments + outputs - donated
@@ -22,7 +23,7 @@ from longjax.benchmarks import common
 from longjax.benchmarks import lm
 from longjax.benchmarks import train
 
-IMPLS = ("reference", "blockwise", "pallas")
+IMPLS = ("reference", "blockwise", "pallas", "cpu")
 REMATS = ("none", "dots_no_batch", "full")
 PEER = "hf_llama"
 

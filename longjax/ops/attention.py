@@ -53,9 +53,11 @@ def pallas_unsupported(mask: AttentionMask, bias) -> str | None:
 
 def cpu_unsupported(mask: AttentionMask, bias, head_dim: int) -> str | None:
   """Why `kernels_cpu.flash_attention` (the fused CPU kernel) cannot serve this case, or None."""
+  from longjax.ops import biases  # pylint: disable=g-import-not-at-top
   del mask  # every AttentionMask field maps onto the kernel's arguments
-  if bias is not None:
-    return f"it has no {type(bias).__name__} (no position biases); use impl='blockwise'"
+  if bias is not None and not isinstance(bias, biases.AlibiBias):
+    return (f"it has no in-kernel {type(bias).__name__} (ALiBi is its one position bias); "
+            "use impl='blockwise'")
   return kernels_cpu.flash_attention_unsupported(head_dim)
 
 
@@ -99,8 +101,8 @@ def resolve_impl(impl: str, *, q_length: int, kv_length: int,
   """Resolves `impl` to the implementation that will run; the only place "auto" is decided.
 
   Rule for "auto" on the CPU when the caller says the fused CPU kernel can serve the call
-  (`cpu_kernel`: no bias, head dim a multiple of 16, a C++ compiler to build it with; see
-  `cpu_unsupported`): "cpu", at every length. Measured on this 2-core CPU (B=1, N=8, H=64,
+  (`cpu_kernel`: no bias but ALiBi, head dim a multiple of 16, a C++ compiler to build it with;
+  see `cpu_unsupported`): "cpu", at every length. Measured on this 2-core CPU (B=1, N=8, H=64,
   causal, f32, median of 5; docs/kernels.md): fwd+bwd 1.8-2.5x faster than blockwise and
   1.2-1.4x torch SDPA at T = 1k-4k; a decode step against a 1k/4k/16k cache 5.6/6.1/8.8x faster
   than the dense reference (it skips the unwritten cache at run time).
@@ -238,10 +240,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Att
   if resolved == "cpu":
     if cpu_reason is not None:
       raise ValueError(f"impl='cpu' cannot serve this call: {cpu_reason}")
+    alibi = {} if bias is None else dict(alibi_slopes=bias.slopes, q_positions=bias.q_positions,
+                                         kv_positions=bias.kv_positions)
     out, lse = kernels_cpu.flash_attention(
         q, k, v, scale=scale, causal=mask.causal, window=mask.window,
         global_tokens=mask.global_tokens, q_offset=mask.q_offset,
-        q_segment_ids=mask.q_segment_ids, kv_segment_ids=mask.kv_segment_ids)
+        q_segment_ids=mask.q_segment_ids, kv_segment_ids=mask.kv_segment_ids, **alibi)
   elif resolved == "pallas":
     reason = pallas_unsupported(mask, bias)
     if reason is not None:

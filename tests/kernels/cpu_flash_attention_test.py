@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kernels_cpu
+from longjax.ops import AlibiBias
 from longjax.ops import AttentionMask
 from longjax.ops.attention import attention_reference
 from tests import testing
@@ -49,15 +50,15 @@ def packed_segments(seed, rows, length, num_docs=3):
 
 
 @functools.partial(jax.jit, static_argnames=("fn",))
-def outputs_and_grads(fn, q, k, v):
-  """(out, lse) and d/d(q, k, v) of sum(out * w) + sum(finite lse * u) with fixed weights."""
-  def loss(q, k, v):
-    out, lse = fn(q, k, v)
+def outputs_and_grads(fn, q, k, v, slopes):
+  """(out, lse) and d/d(q, k, v, slopes) of sum(out * w) + sum(finite lse * u), fixed w, u."""
+  def loss(q, k, v, slopes):
+    out, lse = fn(q, k, v, slopes)
     w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
     u = jnp.sin(jnp.arange(lse.size, dtype=jnp.float32)).reshape(lse.shape)
     finite = jnp.where(jnp.isfinite(lse), lse, 0.0)
     return (out.astype(jnp.float32) * w).sum() + (finite * u).sum(), (out, lse)
-  grads, (out, lse) = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  grads, (out, lse) = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, slopes)
   return out, lse, grads
 
 
@@ -70,23 +71,32 @@ def assert_close(actual, expected, dtype, what):
                              atol=TOLERANCES[jnp.dtype(dtype).type] * scale, rtol=0, err_msg=what)
 
 
-def check_against_reference(q, k, v, mask, scale=None):
-  """Asserts kernel == reference for out, lse and the three gradients."""
-  scale = q.shape[-1] ** -0.5 if scale is None else scale
+def check_against_reference(q, k, v, mask, scale=None, alibi=None):
+  """Asserts kernel == reference for out, lse and the gradients (and d(slopes) with ALiBi).
 
-  def kernel(q, k, v):
+  `alibi`: None or (slopes [N], q_positions, kv_positions).
+  """
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  slopes = jnp.zeros((1,)) if alibi is None else alibi[0]
+
+  def bias(slopes):
+    return None if alibi is None else AlibiBias(slopes, alibi[1], alibi[2])
+
+  def kernel(q, k, v, slopes):
+    positions = {} if alibi is None else dict(alibi_slopes=slopes, q_positions=alibi[1],
+                                              kv_positions=alibi[2])
     return kernels_cpu.flash_attention(
         q, k, v, scale=scale, causal=mask.causal, window=mask.window,
         global_tokens=mask.global_tokens, q_offset=mask.q_offset,
-        q_segment_ids=mask.q_segment_ids, kv_segment_ids=mask.kv_segment_ids)
+        q_segment_ids=mask.q_segment_ids, kv_segment_ids=mask.kv_segment_ids, **positions)
 
-  def reference(q, k, v):
-    return attention_reference(q, k, v, mask=mask, scale=scale)
+  def reference(q, k, v, slopes):
+    return attention_reference(q, k, v, mask=mask, scale=scale, bias=bias(slopes))
 
-  got = outputs_and_grads(kernel, q, k, v)
-  want = outputs_and_grads(reference, q, k, v)
-  for name, a, b in zip(("out", "lse", "dq", "dk", "dv"),
-                        (got[0], got[1], *got[2]), (want[0], want[1], *want[2])):
+  got = outputs_and_grads(kernel, q, k, v, slopes)
+  want = outputs_and_grads(reference, q, k, v, slopes)
+  names = ("out", "lse", "dq", "dk", "dv") + (() if alibi is None else ("dslopes",))
+  for name, a, b in zip(names, (got[0], got[1], *got[2]), (want[0], want[1], *want[2])):
     assert_close(a, b, q.dtype, name)
 
 
@@ -156,6 +166,33 @@ class CpuFlashAttentionTest(parameterized.TestCase):
     q, k, v = random_inputs(t, 1, t, s, 4, 2, 64, jnp.bfloat16)
     check_against_reference(q, k, v, AttentionMask(causal=True, q_offset=s - t))
 
+  @parameterized.product(positions=("indices", "shifted", "random"), causal=(True, False),
+                         heads=((4, 4), (4, 2)))
+  def test_alibi(self, positions, causal, heads):
+    # ALiBi from explicit positions, its slopes' gradient included (the reference adds
+    # `AlibiBias` to dense logits).
+    t, s = 150, 200
+    q, k, v = random_inputs(t, 2, t, s, *heads, 32, jnp.float32)
+    slopes = 2.0 ** -(8.0 * jnp.arange(1, heads[0] + 1, dtype=jnp.float32) / heads[0])
+    rng = np.random.default_rng(len(positions))
+    if positions == "indices":
+      q_pos, kv_pos = jnp.arange(s - t, s)[None], jnp.arange(s)[None]
+    elif positions == "shifted":
+      q_pos, kv_pos = 11 + jnp.arange(s - t, s)[None], 11 + jnp.arange(s)[None]
+    else:  # per batch row, sorted, with repeats
+      q_pos = jnp.asarray(np.sort(rng.integers(0, 3 * s, size=(2, t)), axis=1))
+      kv_pos = jnp.asarray(np.sort(rng.integers(0, 3 * s, size=(2, s)), axis=1))
+    mask = AttentionMask(causal=causal, q_offset=s - t)
+    check_against_reference(q, k, v, mask, alibi=(slopes, q_pos.astype(jnp.int32),
+                                                  kv_pos.astype(jnp.int32)))
+
+  def test_alibi_decode_window_bfloat16(self):
+    q, k, v = random_inputs(5, 1, 3, 300, 4, 2, 64, jnp.bfloat16)
+    slopes = jnp.asarray([0.5, 0.25, 0.125, 0.0625])
+    positions = jnp.arange(300, dtype=jnp.int32)[None]
+    mask = AttentionMask(causal=True, window=100, global_tokens=4, q_offset=200)
+    check_against_reference(q, k, v, mask, alibi=(slopes, positions[:, 200:203], positions))
+
   def test_scale(self):
     q, k, v = random_inputs(0, 1, 80, 80, 2, 2, 32, jnp.float32)
     check_against_reference(q, k, v, AttentionMask(causal=True), scale=0.7)
@@ -201,6 +238,12 @@ class CpuFlashAttentionTest(parameterized.TestCase):
     q, k, v = random_inputs(0, 1, 8, 8, 2, 2, 16, jnp.float32)
     with self.assertRaisesRegex(ValueError, "given together"):
       kernels_cpu.flash_attention(q, k, v, scale=1.0, q_segment_ids=jnp.zeros((1, 8), jnp.int32))
+    with self.assertRaisesRegex(ValueError, "alibi_slopes needs q_positions"):
+      kernels_cpu.flash_attention(q, k, v, scale=1.0, alibi_slopes=jnp.ones(2))
+    positions = jnp.zeros((1, 8), jnp.int32)
+    with self.assertRaisesRegex(ValueError, r"alibi_slopes must have shape \[2\]"):
+      kernels_cpu.flash_attention(q, k, v, scale=1.0, alibi_slopes=jnp.ones(3),
+                                  q_positions=positions, kv_positions=positions)
 
 
 class BuildTest(absltest.TestCase):

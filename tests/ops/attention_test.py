@@ -16,6 +16,7 @@ import numpy as np
 import kernels_cpu
 from longjax.ops import AlibiBias
 from longjax.ops import AttentionMask
+from longjax.ops import KerpleBias
 from longjax.ops import dot_product_attention
 from longjax.ops import resolve_impl
 
@@ -275,25 +276,32 @@ class DispatchTest(parameterized.TestCase):
                      "blockwise")
 
   def test_cpu_kernel_serves_auto_unless_biased(self):
-    # What "auto" runs, told apart by the jaxpr: the kernel is an FFI call; with a bias the
-    # blockwise op's loops run instead; forcing impl="cpu" with a bias says why it cannot.
+    # What "auto" runs, told apart by the jaxpr: the kernel is an FFI call; with a bias it does
+    # not compute (KERPLE) the blockwise op's loops run instead, and forcing impl="cpu" says
+    # why it cannot; ALiBi it computes in-kernel.
     if kernels_cpu.unavailable_reason() is not None:
       self.skipTest(f"fused CPU kernels unavailable: {kernels_cpu.unavailable_reason()}")
     q, k, v = random_inputs(0, 1, 300, 300, 4, 2, 32, jnp.float32)
     mask = AttentionMask(causal=True)
-    bias = AlibiBias(jnp.asarray([0.5, 0.25, 0.125, 0.0625]),
-                     jnp.arange(300)[None], jnp.arange(300)[None])
-    plain = str(jax.make_jaxpr(lambda q: dot_product_attention(q, k, v, mask=mask))(q))
-    biased = str(jax.make_jaxpr(lambda q: dot_product_attention(q, k, v, mask=mask,
+    positions = jnp.arange(300)[None]
+    alibi = AlibiBias(jnp.asarray([0.5, 0.25, 0.125, 0.0625]), positions, positions)
+    kerple = KerpleBias(r1=jnp.ones(4), r2=jnp.ones(4), q_positions=positions,
+                        kv_positions=positions)
+
+    def jaxpr(bias):
+      return str(jax.make_jaxpr(lambda q: dot_product_attention(q, k, v, mask=mask,
                                                                 bias=bias))(q))
-    self.assertIn("LongjaxFlashForward", plain)
-    self.assertNotIn("LongjaxFlashForward", biased)
+
+    self.assertIn("LongjaxFlashForward", jaxpr(None))
+    self.assertIn("LongjaxFlashForward", jaxpr(alibi))
+    self.assertNotIn("LongjaxFlashForward", jaxpr(kerple))
     with self.assertRaisesRegex(ValueError, "impl='cpu' cannot serve this call: it has no "
-                                "AlibiBias"):
-      dot_product_attention(q, k, v, mask=mask, bias=bias, impl="cpu")
-    np.testing.assert_allclose(
-        dot_product_attention(q, k, v, mask=mask, impl="cpu"),
-        dot_product_attention(q, k, v, mask=mask, impl="reference"), atol=2e-5)
+                                "in-kernel KerpleBias"):
+      dot_product_attention(q, k, v, mask=mask, bias=kerple, impl="cpu")
+    for bias in (None, alibi):
+      np.testing.assert_allclose(
+          dot_product_attention(q, k, v, mask=mask, bias=bias, impl="cpu"),
+          dot_product_attention(q, k, v, mask=mask, bias=bias, impl="reference"), atol=2e-5)
 
   @parameterized.parameters("splash", "flash", "")
   def test_unknown_impl(self, impl):

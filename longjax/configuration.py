@@ -11,8 +11,6 @@ import os
 
 import ml_collections
 
-import kernels_cpu
-
 from longjax import posenc
 from longjax.layers import attention as attention_layer
 from longjax.layers.positional import POSENCS, rope_scaling_hyperparameters
@@ -139,7 +137,7 @@ def validate_model(model) -> None:
       raise ConfigError("model.attention.impl", "cpu", "computes no position bias but ALiBi "
                         f"(model.posenc.kind={model.posenc.kind!r}); 'auto' picks blockwise "
                         "for such encodings", ["auto", "reference", "blockwise", "pallas"])
-    reason = kernels_cpu.flash_attention_unsupported(registry.head_dim(model))
+    reason = attention_ops.cpu_unsupported(None, registry.head_dim(model))
     if reason is not None:
       raise ConfigError("model.attention.impl", "cpu", f"cannot run here: {reason}",
                         ["auto", "reference", "blockwise"])

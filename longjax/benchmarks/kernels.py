@@ -129,7 +129,7 @@ def attention_case(impl: str, t: int, **kw) -> dict:
               "longjax_pallas": "pallas"}[impl]
       mask = ops.AttentionMask(causal=True)
       attn = lambda q, k, v: ops.dot_product_attention(q, k, v, mask=mask, impl=name)  # noqa
-      extra["resolved"] = _pallas_label() if name == "pallas" else _resolved(name, mask, t, t)
+      extra["resolved"] = _pallas_label() if name == "pallas" else _resolved(name, t, t)
     keys = _keys(4)
     args = [_normal(key, (1, t, HEADS, HEAD_DIM)) for key in keys]
     timing = common.time_jax(_fwd_bwd(attn), args, memory_budget_bytes=kw["memory_budget"],
@@ -137,10 +137,10 @@ def attention_case(impl: str, t: int, **kw) -> dict:
   return {**timing, **extra, "gflops_per_s": flops / timing["time_s"] / 1e9}
 
 
-def _resolved(name: str, mask, t: int, s: int) -> str:
+def _resolved(name: str, t: int, s: int) -> str:
   """The implementation `ops.dot_product_attention(impl=name)` runs for this unbiased case."""
   from longjax import ops  # pylint: disable=g-import-not-at-top
-  cpu_kernel = ops.attention.cpu_unsupported(mask, None, HEAD_DIM) is None
+  cpu_kernel = ops.attention.cpu_unsupported(None, HEAD_DIM) is None
   return ops.resolve_impl(name, q_length=t, kv_length=s, cpu_kernel=cpu_kernel)
 
 
@@ -177,7 +177,7 @@ def decode_case(impl: str, cache: int, **kw) -> dict:
       def fn(q, k, v, n):  # the cache length arrives at run time, as in a decode loop
         mask = ops.AttentionMask(causal=True, q_offset=n - 1)
         return ops.dot_product_attention(q, k, v, mask=mask)
-      extra["resolved"] = _resolved("auto", ops.AttentionMask(causal=True), 1, cache)
+      extra["resolved"] = _resolved("auto", 1, cache)
     else:
       def fn(q, k, v, n):  # the plain definition a user writes: dense logits, masked softmax
         logits = jnp.einsum("btnh,bsnh->bnts", q, k) * HEAD_DIM ** -0.5

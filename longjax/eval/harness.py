@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any
 
+from absl import logging
+
 from longjax import configuration
 from longjax.eval import perplexity, plots
 from longjax.training import metrics as metrics_lib
@@ -32,12 +34,15 @@ def perplexity_task(ctx: EvalContext) -> dict:
   """Loss / bits per byte vs context length and vs position (see `longjax.eval.perplexity`)."""
   seq_len = ctx.config.data.seq_len
   lengths = configuration.parse_eval_lengths(ctx.config.eval.lengths, seq_len)
-  sequences = perplexity.sweep_sequences(ctx.corpus.validation, ctx.corpus.tokenizer,
-                                         max_length=max(lengths),
-                                         count=ctx.config.eval.num_sequences)
+  sequences, lengths, skipped = perplexity.fillable_sweep(
+      ctx.corpus.validation, ctx.corpus.tokenizer, lengths=lengths,
+      count=ctx.config.eval.num_sequences)
+  for entry in skipped:
+    logging.warning("eval length %d skipped: %s", entry["length"], entry["reason"])
   result = perplexity.length_sweep(ctx.graphdef, ctx.params, sequences=sequences,
                                    lengths=lengths, batch_size=ctx.config.eval.batch_size,
                                    tokenizer=ctx.corpus.tokenizer, progress=ctx.progress)
+  result["skipped_lengths"] = skipped
   result["train_length"] = seq_len
   result["unigram_loss"] = _unigram(ctx)
   return result

@@ -62,6 +62,31 @@ def sweep_sequences(validation_source, tokenizer, *, max_length: int, count: int
                                  length=max_length + 1, count=count)
 
 
+def fillable_sweep(validation_source, tokenizer, *, lengths: list[int],
+                   count: int) -> tuple[np.ndarray, list[int], list[dict]]:
+  """`sweep_sequences` for the longest of `lengths` that `count` validation documents reach.
+
+  A training run at a long T asks for 16x T by default, which a small validation set may not
+  hold; rather than fail after training, the lengths it cannot fill are left out and said so.
+
+  Returns:
+    (sequences [count, L + 1] for the longest kept length L, the kept lengths in increasing
+    order, the skipped ones as {"length", "reason"}).
+
+  Raises:
+    ValueError: when not even the shortest length can be filled (the reason of that length).
+  """
+  kept, skipped = sorted(lengths), []
+  while True:
+    try:
+      sequences = sweep_sequences(validation_source, tokenizer, max_length=kept[-1], count=count)
+      return sequences, kept, skipped
+    except ValueError as error:
+      if len(kept) == 1:
+        raise
+      skipped.insert(0, {"length": kept.pop(), "reason": str(error)})
+
+
 def unigram_baseline(train_source, validation_source, tokenizer, *, max_docs: int = 5000) -> float:
   """Cross-entropy (nats/token) of validation tokens under training-set token frequencies.
 

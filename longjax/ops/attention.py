@@ -51,10 +51,15 @@ def pallas_unsupported(mask: AttentionMask, bias) -> str | None:
   return None
 
 
-def cpu_unsupported(mask: AttentionMask, bias, head_dim: int) -> str | None:
-  """Why `kernels_cpu.flash_attention` (the fused CPU kernel) cannot serve this case, or None."""
+def cpu_unsupported(bias, head_dim: int) -> str | None:
+  """Why `kernels_cpu.flash_attention` (the fused CPU kernel) cannot serve this case, or None.
+
+  Every `AttentionMask` field maps onto the kernel's arguments, so only the bias, the head dim
+  and the machine (backend, a C++ compiler) matter.
+  """
   from longjax.ops import biases  # pylint: disable=g-import-not-at-top
-  del mask  # every AttentionMask field maps onto the kernel's arguments
+  if common.backend() != "cpu":
+    return f"the default backend is {common.backend()!r}; the kernel runs on the CPU only"
   if bias is not None and not isinstance(bias, biases.AlibiBias):
     return (f"it has no in-kernel {type(bias).__name__} (ALiBi is its one position bias); "
             "use impl='blockwise'")
@@ -103,9 +108,9 @@ def resolve_impl(impl: str, *, q_length: int, kv_length: int,
   Rule for "auto" on the CPU when the caller says the fused CPU kernel can serve the call
   (`cpu_kernel`: no bias but ALiBi, head dim a multiple of 16, a C++ compiler to build it with;
   see `cpu_unsupported`): "cpu", at every length. Measured on this 2-core CPU (B=1, N=8, H=64,
-  causal, f32, median of 5; docs/kernels.md): fwd+bwd 1.8-2.5x faster than blockwise and
-  1.2-1.4x torch SDPA at T = 1k-4k; a decode step against a 1k/4k/16k cache 5.6/6.1/8.8x faster
-  than the dense reference (it skips the unwritten cache at run time).
+  causal, f32; docs/kernels.md): fwd+bwd 2.1-2.5x faster than blockwise and 1.05-1.2x torch
+  SDPA from T = 2k to 32k (2.2x blockwise at 1k); a decode step against a 1k/4k/16k cache
+  5.6/6.1/8.8x faster than the dense reference (it skips the unwritten cache at run time).
 
   Otherwise (other backends, biases, softplus attention): "reference" when all keys fit
   in one block, kv_length <= block_size, or when decoding (below), else "blockwise". With one
@@ -234,7 +239,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Att
   block_size = default_block_size() if block_size is None else int(block_size)
   if block_size < 1:
     raise ValueError(f"block_size must be positive, got {block_size}")
-  cpu_reason = cpu_unsupported(mask, bias, h) if impl in ("auto", "cpu") else "not asked"
+  cpu_reason = cpu_unsupported(bias, h) if impl in ("auto", "cpu") else "not asked"
   resolved = resolve_impl(impl, q_length=t, kv_length=s, block_size=block_size,
                           cpu_kernel=cpu_reason is None)
   if resolved == "cpu":

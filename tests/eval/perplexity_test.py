@@ -34,6 +34,22 @@ class LengthSweepTest(absltest.TestCase):
     self.assertLess(abs(result["loss"][0] - math.log(259)), 1.0)
 
 
+class FillableSweepTest(absltest.TestCase):
+
+  def test_lengths_past_the_documents_are_skipped_with_the_reason(self):
+    # Two documents of 100 and 40 bytes (101 and 41 tokens with BOS): two sequences reach
+    # length 32 (33 tokens), only one reaches 64 or 128.
+    source = [{"text": "a" * 100}, {"text": "b" * 40}]
+    sequences, kept, skipped = perplexity.fillable_sweep(
+        source, ByteTokenizer(), lengths=[128, 16, 32, 64], count=2)
+    self.assertEqual(kept, [16, 32])
+    self.assertEqual([s["length"] for s in skipped], [64, 128])
+    self.assertIn("Only 1 of 2 documents have >= 65 tokens", skipped[0]["reason"])
+    self.assertEqual(sequences.shape, (2, 33))
+    with self.assertRaisesRegex(ValueError, "Only 0 of 2 documents have >= 201 tokens"):
+      perplexity.fillable_sweep(source, ByteTokenizer(), lengths=[200], count=2)
+
+
 class UnigramTest(absltest.TestCase):
 
   def test_matches_brute_force(self):

@@ -26,27 +26,14 @@ from longjax.ops import AlibiBias
 from longjax.ops import AttentionMask
 from longjax.ops.attention import attention_reference
 from tests import testing
+from tests.kernels.flash_attention_test import packed_segments
+from tests.kernels.flash_attention_test import random_inputs
 
 # Relative to the largest magnitude of the compared array. f32: the kernel and the reference
 # differ in summation order and in the kernel's polynomial exp (< 2e-7 relative); measured
 # differences are ~1e-6. bf16 inputs: both compute in f32 after casting up, but the reference
 # multiplies probabilities by V in bf16 and the outputs are rounded to bf16 (2^-8 ~ 4e-3).
 TOLERANCES = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
-
-
-def random_inputs(seed, batch, t, s, num_heads, num_kv_heads, head_dim, dtype):
-  rng = np.random.default_rng(seed)
-  shapes = ((batch, t, num_heads, head_dim), (batch, s, num_kv_heads, head_dim),
-            (batch, s, num_kv_heads, head_dim))
-  return tuple(jnp.asarray(rng.normal(size=shape), dtype) for shape in shapes)
-
-
-def packed_segments(seed, rows, length, num_docs=3):
-  """Sorted random document ids 1..num_docs with a padding tail of segment 0."""
-  rng = np.random.default_rng(seed)
-  ids = np.sort(rng.integers(1, num_docs + 1, size=(rows, length)), axis=1)
-  ids[:, length - length // 5:] = 0
-  return jnp.asarray(ids, jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("fn",))
@@ -255,7 +242,7 @@ class BuildTest(absltest.TestCase):
         "import jax, jax.numpy as jnp, kernels_cpu\n"
         "from longjax import ops\n"
         "print(kernels_cpu.unavailable_reason())\n"
-        "print(ops.attention.cpu_unsupported(ops.AttentionMask(), None, 64))\n"
+        "print(ops.attention.cpu_unsupported(None, 64))\n"
         "x = jnp.ones((1, 300, 2, 64))\n"
         "print(float(ops.dot_product_attention(x, x, x, mask=ops.AttentionMask()).sum()))\n")
     with tempfile.TemporaryDirectory() as cache:

@@ -63,8 +63,8 @@ class LoweringTest(parameterized.TestCase):
     # A (block_k, 64) tile of one head is not a legal Mosaic block of the [B, S, K * H] view,
     # so the wrapper transposes the cache to [B, K, S, H]: it lowers, at the cost of a copy.
     kv = jax.ShapeDtypeStruct((1, 8192, 2, 64), jnp.bfloat16)
-    text = lowering.export(lambda q, k, v, n: decode_attention(q, k, v, cache_length=n, interpret=False,
-                                                       backend="tpu"),
+    text = lowering.export(lambda q, k, v, n: decode_attention(q, k, v, cache_length=n,
+                                                               interpret=False, backend="tpu"),
                    "tpu", jax.ShapeDtypeStruct((1, 1, 8, 64), jnp.bfloat16), kv, kv,
                    jax.ShapeDtypeStruct((), jnp.int32)).mlir_module()
     self.assertEqual(text.count("stablehlo.custom_call @tpu_custom_call"), 1)

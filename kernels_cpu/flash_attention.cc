@@ -368,19 +368,16 @@ void ForwardBlock(const Shape& sh, const Mask& mask, const Alibi& alibi, float s
     const int valid = static_cast<int>(std::min<int64_t>(kBlockK, sh.S - k0));
     if (!mask.BlockVisible(i0, i1, k0, k0 + valid, sh.S)) continue;
     const int cols = RoundUp(valid, 16);
-    const float* kt = kt_all + (b * K + kvh) * H * s_pad + k0;
-    int64_t ldkt = s_pad;
     const float* kb = k + ((b * sh.S + k0) * K + kvh) * H;
     if (rows <= kDotRows) {
       KeyDots(rows, valid, static_cast<int>(H), qs, kb, K * H, s, kBlockK);
     } else {
-      if (s_pad < sh.S) {
-        PackTransposed(kb, K * H, valid, H, packed);
-        kt = packed;
-        ldkt = kBlockK;
-      }
+      // Keys transposed: XLA's copy when it made one (s_pad >= S), else this block's, in cache.
+      const bool given = s_pad >= sh.S;
+      if (!given) PackTransposed(kb, K * H, valid, H, packed);
+      const float* kt = given ? kt_all + (b * K + kvh) * H * s_pad + k0 : packed;
       for (int r = 0; r < rows; ++r) std::fill(s + r * kBlockK, s + r * kBlockK + cols, 0.f);
-      Gemm(rows, cols, static_cast<int>(H), qs, H, 1, kt, ldkt, s, kBlockK);
+      Gemm(rows, cols, static_cast<int>(H), qs, H, 1, kt, given ? s_pad : kBlockK, s, kBlockK);
     }
     if (alibi.on()) {
       alibi.KeyPositions(b, k0, valid, key_positions.data());

@@ -30,19 +30,18 @@ def unsupported(head_dim: int) -> str | None:
   return build.unavailable_reason()
 
 
-def _mask_operands(q_offset, q_segment_ids, kv_segment_ids):
-  offset = jnp.asarray(q_offset, jnp.int32).reshape(())
-  if q_segment_ids is None:
-    dummy = jnp.zeros((1, 1), jnp.int32)
-    return offset, dummy, dummy
-  return offset, q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32)
-
-
-def _position_operands(q_positions, kv_positions):
-  if q_positions is None:
+def _token_pair(q_side, kv_side):
+  """A (query, key) pair of per-token int32 arrays, or [1, 1] placeholders when absent (the
+  kernels take every operand; the `segments` / `alibi` attributes say which are real)."""
+  if q_side is None:
     dummy = jnp.zeros((1, 1), jnp.int32)
     return dummy, dummy
-  return q_positions.astype(jnp.int32), kv_positions.astype(jnp.int32)
+  return q_side.astype(jnp.int32), kv_side.astype(jnp.int32)
+
+
+def _mask_operands(q_offset, q_segment_ids, kv_segment_ids):
+  return (jnp.asarray(q_offset, jnp.int32).reshape(()),
+          *_token_pair(q_segment_ids, kv_segment_ids))
 
 
 def _attrs(static):
@@ -65,7 +64,7 @@ def _forward(static, q, k, v, slopes, mask_ops, position_ops):
 
 
 def _keys_transposed(k, q_length):
-  """[B, S, K, H] -> f32 [B, K, H, S_pad], S_pad = S rounded up to 16 (zeros past S).
+  """f32 [B, S, K, H] -> [B, K, H, S_pad], S_pad = S rounded up to 16 (zeros past S).
 
   Only when the queries span several of the kernel's query blocks: with one block each key
   block is read once anyway, and the kernel transposes it in cache; a [1, 1, 1, 1] placeholder
@@ -74,7 +73,7 @@ def _keys_transposed(k, q_length):
   if q_length <= BLOCK_Q:
     return jnp.zeros((1, 1, 1, 1), jnp.float32)
   pad = -k.shape[1] % 16
-  return jnp.pad(k.astype(jnp.float32).transpose(0, 2, 3, 1), ((0, 0),) * 3 + ((0, pad),))
+  return jnp.pad(k.transpose(0, 2, 3, 1), ((0, 0),) * 3 + ((0, pad),))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -157,4 +156,4 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
   slopes = jnp.asarray(alibi_slopes) if alibi else jnp.zeros((1,), jnp.float32)
   return _attention(static, q, k, v, slopes,
                     _mask_operands(q_offset, q_segment_ids, kv_segment_ids),
-                    _position_operands(q_positions if alibi else None, kv_positions))
+                    _token_pair(q_positions if alibi else None, kv_positions))

@@ -4,7 +4,7 @@ Per attention implementation (dense XLA "reference", "blockwise", "pallas", the 
 kernel) and remat policy, the longest T (a multiple of the size set's step) whose train step
 fits the budget, found by doubling then bisection; every probe is its own child process, so
 nothing a probe does can kill the benchmark. The CPU kernel's own scratch (per-thread block
-buffers, ~100 KiB) is outside XLA's buffer assignment; its inputs, outputs and residuals are in.
+buffers, ~0.1-0.2 MiB) is outside XLA's buffer assignment; its inputs, outputs and residuals are in.
 
 longjax probes compile the trainer's step (state donated, as `longjax.training.trainer` does)
 and read XLA's buffer assignment (`memory_analysis()`: temporaries + arguments + outputs - donated

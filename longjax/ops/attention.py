@@ -132,7 +132,8 @@ def resolve_impl(impl: str, *, q_length: int, kv_length: int,
     q_length: T.
     kv_length: S.
     block_size: the block size the call will use (None: `default_block_size()`).
-    cpu_kernel: whether the fused CPU kernel can serve the call (False: never pick it).
+    cpu_kernel: whether the fused CPU kernel can serve the call, i.e. `cpu_unsupported` found
+      nothing (it checks the backend too); False: never pick it.
 
   "pallas" (the Pallas flash attention kernel, or the split-KV decode kernel for up to
   `DECODE_MAX_QUERIES` causal queries against a longer cache; interpreted on CPU) is only used
@@ -155,7 +156,7 @@ def resolve_impl(impl: str, *, q_length: int, kv_length: int,
     raise ValueError(f"impl={impl!r} is not an attention implementation; valid choices: {IMPLS}")
   if impl != "auto":
     return impl
-  if cpu_kernel and common.backend() == "cpu":
+  if cpu_kernel:
     return "cpu"
   block_size = default_block_size() if block_size is None else block_size
   if q_length <= DECODE_MAX_QUERIES or kv_length <= block_size:

@@ -13,6 +13,8 @@
 // Query row t has absolute index i = q_offset + t (a runtime scalar, so decoding with a growing
 // cache does not recompile); key j is visible to it when
 //   causal -> j <= i;  window w > 0 -> i - j < w (causal) or |i - j| < w, unless j < global;
+//   landmark period L > 0 (with causal) -> keys with (j + 1) % L == 0 are landmarks; i sees the
+//     non-landmark keys of its own block (j / L == i / L) and earlier blocks' landmarks;
 //   segment ids given -> q_seg[b, t] == kv_seg[b, j].
 // Rows that see no key give out = 0, lse = -inf (and zero gradients). With ALiBi (Press et al.
 // 2022) the logits get -slope[n] * |q_pos[b, t] - kv_pos[b, j]| from explicit positions, and
@@ -174,6 +176,7 @@ struct Mask {
   bool causal;
   int64_t window;  // 0: none
   int64_t global_tokens;
+  int64_t landmark;  // 0: none
   int64_t q_offset;
   const int32_t* q_seg;  // [B or 1, T] or null
   const int32_t* kv_seg;  // [B or 1, S] or null
@@ -185,6 +188,10 @@ struct Mask {
     if (window > 0 && j >= global_tokens) {
       const int64_t d = causal ? i - j : std::abs(i - j);
       if (d >= window) return false;
+    }
+    if (landmark > 0) {  // i >= j >= 0 here (landmarks need causal)
+      if ((j + 1) % landmark == 0) return j / landmark < i / landmark;
+      return j / landmark == i / landmark;
     }
     return true;
   }
@@ -210,7 +217,7 @@ struct Mask {
 
   // Whether every key of [k0, k1) is visible to every row of [i0, i1] (no per-entry work).
   bool BlockFull(int64_t i0, int64_t i1, int64_t k0, int64_t k1) const {
-    if (q_seg != nullptr) return false;
+    if (q_seg != nullptr || landmark > 0) return false;
     if (causal && k1 - 1 > i0) return false;
     if (window > 0 && k1 > global_tokens) {
       const int64_t far = causal ? i1 - k0 : std::max(i1 - k0, k1 - 1 - i0);
@@ -541,10 +548,10 @@ Shape ShapeOf(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
 }
 
 Mask MaskOf(const Shape& sh, bool causal, int64_t window, int64_t global_tokens,
-            ffi::Buffer<ffi::S32>& q_offset, ffi::Buffer<ffi::S32>& q_seg,
+            int64_t landmark, ffi::Buffer<ffi::S32>& q_offset, ffi::Buffer<ffi::S32>& q_seg,
             ffi::Buffer<ffi::S32>& kv_seg, bool segments) {
-  Mask mask{causal, window, global_tokens, q_offset.typed_data()[0], nullptr, nullptr, 1, 1,
-            sh.T, sh.S};
+  Mask mask{causal, window, global_tokens, landmark, q_offset.typed_data()[0], nullptr, nullptr,
+            1, 1, sh.T, sh.S};
   if (segments) {
     mask.q_seg = q_seg.typed_data();
     mask.kv_seg = kv_seg.typed_data();
@@ -568,10 +575,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
                    ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_pos,
                    ffi::ResultBuffer<ffi::F32> out,
                    ffi::ResultBuffer<ffi::F32> lse, float scale, bool causal, int64_t window,
-                   int64_t global_tokens, bool segments, bool alibi) {
+                   int64_t global_tokens, int64_t landmark_block, bool segments, bool alibi) {
   const Shape sh = ShapeOf(q, k);
   if (auto error = CheckShapes(sh); error.failure()) return error;
-  const Mask mask = MaskOf(sh, causal, window, global_tokens, q_offset, q_seg, kv_seg, segments);
+  const Mask mask = MaskOf(sh, causal, window, global_tokens, landmark_block, q_offset, q_seg,
+                           kv_seg, segments);
   const Alibi bias = AlibiOf(sh, slopes, q_pos, kv_pos, alibi);
   const int64_t q_blocks = (sh.T + kBlockQ - 1) / kBlockQ;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *ktp = kt.typed_data();
@@ -595,10 +603,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv, ffi::ResultBuffer<ffi::F32> dslopes,
                     float scale, bool causal, int64_t window, int64_t global_tokens,
-                    bool segments, bool alibi) {
+                    int64_t landmark_block, bool segments, bool alibi) {
   const Shape sh = ShapeOf(q, k);
   if (auto error = CheckShapes(sh); error.failure()) return error;
-  const Mask mask = MaskOf(sh, causal, window, global_tokens, q_offset, q_seg, kv_seg, segments);
+  const Mask mask = MaskOf(sh, causal, window, global_tokens, landmark_block, q_offset, q_seg,
+                           kv_seg, segments);
   const Alibi bias = AlibiOf(sh, slopes, q_pos, kv_pos, alibi);
   ParallelFor(pool, sh.B * sh.K, [&](int64_t task) {
     BackwardHead(sh, mask, bias, scale, q.typed_data(), k.typed_data(), v.typed_data(),
@@ -630,6 +639,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LongjaxFlashForward, Forward,
                                   .Attr<bool>("causal")
                                   .Attr<int64_t>("window")
                                   .Attr<int64_t>("global_tokens")
+                                  .Attr<int64_t>("landmark_block")
                                   .Attr<bool>("segments")
                                   .Attr<bool>("alibi"));
 
@@ -656,5 +666,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LongjaxFlashBackward, Backward,
                                   .Attr<bool>("causal")
                                   .Attr<int64_t>("window")
                                   .Attr<int64_t>("global_tokens")
+                                  .Attr<int64_t>("landmark_block")
                                   .Attr<bool>("segments")
                                   .Attr<bool>("alibi"));

@@ -45,9 +45,10 @@ def _mask_operands(q_offset, q_segment_ids, kv_segment_ids):
 
 
 def _attrs(static):
-  scale, causal, window, global_tokens, segments, alibi = static
+  scale, causal, window, global_tokens, landmark_block, segments, alibi = static
   return dict(scale=np.float32(scale), causal=bool(causal), window=np.int64(window or 0),
-              global_tokens=np.int64(global_tokens), segments=bool(segments), alibi=bool(alibi))
+              global_tokens=np.int64(global_tokens), landmark_block=np.int64(landmark_block or 0),
+              segments=bool(segments), alibi=bool(alibi))
 
 
 def _forward(static, q, k, v, slopes, mask_ops, position_ops):
@@ -113,7 +114,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                     causal: bool = True, window: int | None = None, global_tokens: int = 0,
-                    q_offset: jax.Array | int = 0, q_segment_ids: jax.Array | None = None,
+                    landmark_block: int | None = None, q_offset: jax.Array | int = 0,
+                    q_segment_ids: jax.Array | None = None,
                     kv_segment_ids: jax.Array | None = None, alibi_slopes: jax.Array | None = None,
                     q_positions: jax.Array | None = None,
                     kv_positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -128,6 +130,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
     window: None or a window w >= 1: i - j < w (causal) or |i - j| < w, except keys below
       `global_tokens`.
     global_tokens: leading keys exempt from the window.
+    landmark_block: None or L >= 2 (with `causal`): Landmark Attention's main softmax; keys with
+      (j + 1) % L == 0 are landmarks, and query i sees its own block's non-landmark keys and
+      the landmarks of earlier blocks.
     q_offset: int32 scalar, may be traced (no recompilation when it changes).
     q_segment_ids: None or [B or 1, T] int32; keys are visible only within the same segment.
     kv_segment_ids: [B or 1, S] int32, given with `q_segment_ids`.
@@ -151,8 +156,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
   if alibi and jnp.shape(alibi_slopes) != (q.shape[2],):
     raise ValueError(f"alibi_slopes must have shape [{q.shape[2]}] (one per query head), "
                      f"got {jnp.shape(alibi_slopes)}")
-  static = (float(scale), bool(causal), window, int(global_tokens), q_segment_ids is not None,
-            alibi)
+  if landmark_block is not None and (not causal or landmark_block < 2):
+    raise ValueError(f"landmark_block={landmark_block!r} needs causal=True and L >= 2")
+  static = (float(scale), bool(causal), window, int(global_tokens), landmark_block,
+            q_segment_ids is not None, alibi)
   slopes = jnp.asarray(alibi_slopes) if alibi else jnp.zeros((1,), jnp.float32)
   return _attention(static, q, k, v, slopes,
                     _mask_operands(q_offset, q_segment_ids, kv_segment_ids),

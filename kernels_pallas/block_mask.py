@@ -11,6 +11,10 @@ i = t + q_offset, key j is visible when all of
   * window w: i - j < w, and |i - j| < w when not causal;
   * global_tokens g (with a window): keys j < g are exempt from the window only;
   * segment ids: q_segment_ids[b, t] == kv_segment_ids[b, j].
+  * landmark_block L (with causal): keys with (j + 1) % L == 0 are landmarks; query i sees
+    the non-landmark keys of its own block (j // L == i // L) and the landmarks of earlier
+    blocks (Landmark Attention's main softmax). It skips no block beyond causality: a key
+    tile of width >= L always holds a landmark.
 Logits of visible entries: x = scale * q.k; with a soft cap c, x = c * tanh(x / c); then a bias
 of the distance d = |p_q - p_k| is added, where the positions p are q_positions[b, t] and
 kv_positions[b, j] when given, else the indices i and j (`BIAS_KINDS`):
@@ -47,6 +51,7 @@ class FlashSpec:
     causal: hide keys after the query's absolute index.
     window: sliding window size (>= 1) or None.
     global_tokens: leading keys exempt from the window (0: none; needs a window).
+    landmark_block: landmark period L (>= 2, with causal) or None.
     q_length: real query length T (the arrays may be padded past it).
     kv_length: real key length S.
     block_q: query rows per block.
@@ -81,6 +86,7 @@ class FlashSpec:
   bias_size: int = 0
   t5_runs: tuple[tuple[int, int], ...] = ()
   fire_hidden: int = 0
+  landmark_block: int | None = None
 
   @property
   def has_alibi(self) -> bool:
@@ -278,6 +284,13 @@ def tile_visibility(spec: FlashSpec, q_start, kv_start, q_offset, shape, *, tran
     if spec.global_tokens:
       near |= cols < spec.global_tokens
     visible = both(visible, near)
+  if spec.landmark_block is not None:
+    block = jnp.int32(spec.landmark_block)
+    i = rows + q_offset  # absolute indices are >= 0, so truncating division is floor division
+    landmark = lax.rem(cols + 1, block) == 0
+    key_block, query_block = lax.div(cols, block), lax.div(i, block)
+    visible = both(visible, jnp.where(landmark, key_block < query_block,
+                                      key_block == query_block))
   if visible is None:
     visible = jnp.ones(shape, jnp.bool_)
   return visible, distance

@@ -134,6 +134,16 @@ def _check_inputs(q, k, v, window, global_tokens, q_segment_ids, kv_segment_ids,
     raise ValueError(f"logit_soft_cap must be positive or None, got {logit_soft_cap!r}")
 
 
+def _check_landmark(landmark_block, causal) -> None:
+  if landmark_block is None:
+    return
+  if not isinstance(landmark_block, numbers.Integral) or landmark_block < 2:
+    raise ValueError("landmark_block must be an int >= 2 (a regular token and its landmark) or "
+                     f"None, got {landmark_block!r}")
+  if not causal:
+    raise ValueError(f"landmark_block={landmark_block} needs causal=True")
+
+
 def _check_blocks(variant: str, interpret: bool, block_q: int, block_k: int) -> None:
   if block_q < 1 or block_k < 1:
     raise ValueError(f"block sizes must be positive, got {block_q}, {block_k}")
@@ -187,7 +197,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
-                    global_tokens: int = 0, q_offset=0, q_segment_ids=None, kv_segment_ids=None,
+                    global_tokens: int = 0, landmark_block: int | None = None, q_offset=0,
+                    q_segment_ids=None, kv_segment_ids=None,
                     bias_kind: str | None = None, bias_params=None, q_positions=None,
                     kv_positions=None, t5_max_distance: int = 128,
                     t5_bidirectional: bool = False, alibi_slopes=None,
@@ -210,6 +221,10 @@ def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
     causal: hide keys j > i.
     window: sliding window w: keys with i - j >= w are hidden (|i - j| >= w when not causal).
     global_tokens: keys j < global_tokens are exempt from the window (LM-Infinite / sinks).
+    landmark_block: L >= 2 (needs `causal`): Landmark Attention's main softmax; keys j with
+      (j + 1) % L == 0 are landmarks and query i sees only its own block's non-landmark keys and the
+      landmarks of earlier blocks (see `block_mask`). Every key tile of width >= L holds a
+      landmark, so this visits the causal range.
     q_offset: int or int32 scalar (may be traced): absolute index of query row 0, e.g. the
       number of tokens already in a KV cache when decoding.
     q_segment_ids: [B or 1, T] int ids; only equal ids attend (packed documents).
@@ -245,6 +260,7 @@ def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
   """
   _check_inputs(q, k, v, window, global_tokens, q_segment_ids, kv_segment_ids, q_positions,
                 kv_positions, logit_soft_cap)
+  _check_landmark(landmark_block, causal)
   b, t, n, h = q.shape
   s = k.shape[1]
   bias_kind, params = _bias_args(n, bias_kind, bias_params, alibi_slopes)
@@ -261,7 +277,8 @@ def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
   if bias_kind == "t5":
     t5_runs = _t5_runs(params[0].shape[0], int(t5_max_distance), bool(t5_bidirectional))
   spec = block_mask.FlashSpec(
-      causal=bool(causal), window=window, global_tokens=global_tokens, q_length=t, kv_length=s,
+      causal=bool(causal), window=window, global_tokens=global_tokens,
+      landmark_block=landmark_block, q_length=t, kv_length=s,
       block_q=block_q, block_k=block_k, scale=h ** -0.5 if scale is None else float(scale),
       soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
       bias=bias_kind, has_segments=q_segment_ids is not None, has_positions=has_positions,
@@ -327,7 +344,8 @@ def _reference_bias(bias_kind, params, rel, q_pos, t5_max_distance, t5_bidirecti
 
 
 def flash_attention_reference(q, k, v, *, causal: bool = True, window: int | None = None,
-                              global_tokens: int = 0, q_offset=0, q_segment_ids=None,
+                              global_tokens: int = 0, landmark_block: int | None = None,
+                              q_offset=0, q_segment_ids=None,
                               kv_segment_ids=None, bias_kind: str | None = None,
                               bias_params=None, q_positions=None, kv_positions=None,
                               t5_max_distance: int = 128, t5_bidirectional: bool = False,
@@ -342,6 +360,7 @@ def flash_attention_reference(q, k, v, *, causal: bool = True, window: int | Non
   """
   _check_inputs(q, k, v, window, global_tokens, q_segment_ids, kv_segment_ids, q_positions,
                 kv_positions, logit_soft_cap)
+  _check_landmark(landmark_block, causal)
   b, t, n, h = q.shape
   s, nk = k.shape[1], k.shape[2]
   bias_kind, params = _bias_args(n, bias_kind, bias_params, alibi_slopes)
@@ -368,6 +387,12 @@ def flash_attention_reference(q, k, v, *, causal: bool = True, window: int | Non
     if global_tokens:
       near |= jnp.arange(s)[None] < global_tokens
     visible &= near
+  if landmark_block is not None:
+    i = jnp.arange(t)[:, None] + jnp.asarray(q_offset, jnp.int32)
+    j = jnp.arange(s)[None]
+    is_landmark = (j + 1) % landmark_block == 0
+    visible &= jnp.where(is_landmark, j // landmark_block < i // landmark_block,
+                         j // landmark_block == i // landmark_block)
   visible = visible[None, None]
   if q_segment_ids is not None:
     visible = visible & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])

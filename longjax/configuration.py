@@ -122,17 +122,17 @@ def validate_model(model) -> None:
     raise ConfigError("model.attention.block_size", model.attention.block_size,
                       "must be >= 0 (0 = the op's default)")
   _validate_normalizer(model.attention)
-  if model.attention.impl == "pallas":
-    if model.attention.normalizer != "softmax":
-      raise ConfigError("model.attention.impl", "pallas", "has no softplus kernel (model."
-                        f"attention.normalizer={model.attention.normalizer!r})",
-                        ["auto", "reference", "blockwise"])
-    # Every logit bias (ALiBi, T5, KERPLE, FIRE) is computed in the flash kernel.
-  if model.attention.impl == "cpu":
-    if model.attention.normalizer != "softmax":
-      raise ConfigError("model.attention.impl", "cpu", "has no softplus kernel (model."
-                        f"attention.normalizer={model.attention.normalizer!r})",
-                        ["auto", "reference", "blockwise"])
+  impl = model.attention.impl
+  if impl in attention_ops.KERNELS and model.attention.normalizer != "softmax":
+    raise ConfigError("model.attention.impl", impl, "has no softplus kernel (model."
+                      f"attention.normalizer={model.attention.normalizer!r})",
+                      ["auto", "reference", "blockwise"])
+  # The Pallas flash kernel computes every logit bias (ALiBi, T5, KERPLE, FIRE) in-kernel.
+  if impl in ("splash", "cudnn") and POSENCS[model.posenc.kind].logit_bias:
+    raise ConfigError("model.attention.impl", impl, "takes no position bias (model.posenc."
+                      f"kind={model.posenc.kind!r}); 'auto' picks longjax's kernels for it",
+                      ["auto", "pallas", "blockwise", "reference"])
+  if impl == "cpu":
     if POSENCS[model.posenc.kind].logit_bias and model.posenc.kind != "alibi":
       raise ConfigError("model.attention.impl", "cpu", "computes no position bias but ALiBi "
                         f"(model.posenc.kind={model.posenc.kind!r}); 'auto' picks blockwise "

@@ -72,7 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.posenc.pose_chunks = 2    # pose: chunks per document, each shifted by a skip bias
   c.model.posenc.pose_target_length = 2048  # pose: positions stay < this (the target context)
   c.model.attention = ml_collections.ConfigDict()
-  c.model.attention.impl = "auto"   # auto | reference | blockwise | pallas
+  c.model.attention.impl = "auto"   # auto | reference | blockwise | pallas | cpu | splash | cudnn
   c.model.attention.block_size = 0  # blockwise key/query block; 0 = the op's default
   c.model.attention.log_scaling_length = 0  # L > 0: logits x max(1, log_L(position + 1))
   c.model.attention.window = 0      # > 0: sliding-window attention over this many keys

@@ -138,10 +138,14 @@ def attention_case(impl: str, t: int, **kw) -> dict:
 
 
 def _resolved(name: str, t: int, s: int) -> str:
-  """The implementation `ops.dot_product_attention(impl=name)` runs for this unbiased case."""
+  """The implementation `ops.dot_product_attention(impl=name)` runs for this unbiased causal
+  case (decode calls, t < s, have a traced query offset)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from longjax import ops  # pylint: disable=g-import-not-at-top
-  cpu_kernel = ops.attention.cpu_unsupported(None, HEAD_DIM) is None
-  return ops.resolve_impl(name, q_length=t, kv_length=s, cpu_kernel=cpu_kernel)
+  q, k = (jax.ShapeDtypeStruct((1, n, HEADS, HEAD_DIM), jnp.float32) for n in (t, s))
+  mask = ops.AttentionMask(causal=True, q_offset=jnp.int32(s - t) if t < s else 0)
+  return ops.attention.resolve_call(name, q, k, mask)
 
 
 def _pallas_label() -> str:
@@ -312,6 +316,13 @@ def plan(sizes: str, groups=GROUPS) -> list[dict]:
           case["skip"] = (f"the Pallas interpreter is not run above T={cfg['pallas_max_t']} "
                           "at these sizes (a call would take well over a minute)")
         cases.append(case)
+  # Linear attention is compared with causal softmax attention (longjax auto) at the same T:
+  # where the attention group does not run that case (e.g. `--groups=linear`), add it.
+  have = {c["t"] for c in cases if c["group"] == "attention" and c["impl"] == "longjax_auto"}
+  for t in cfg["linear"] if "linear" in groups else ():
+    if t not in have:
+      cases.append({"group": "attention", "impl": "longjax_auto", "function": "attention_case",
+                    "t": t})
   return cases
 
 

@@ -18,15 +18,14 @@ import jax.numpy as jnp
 import kernels_cpu
 import kernels_pallas
 from kernels_pallas import common
+from longjax.ops import attention_bundled
 from longjax.ops.attention_blockwise import blockwise_attention
 from longjax.ops.masks import AttentionMask
 
-IMPLS = ("auto", "reference", "blockwise", "pallas", "cpu")
-
-# Names that will become valid later, with the reason they cannot serve yet.
-_NOT_YET = {
-    "splash": "jax's splash attention is not wired in yet (it needs a TPU)",
-}
+IMPLS = ("auto", "reference", "blockwise", "pallas", "cpu", "splash", "cudnn")
+# The kernels "auto" tries on each backend, in order, before the XLA ops (`resolve_impl`).
+KERNEL_PREFERENCE = {"cpu": ("cpu",), "tpu": ("splash", "pallas"), "gpu": ("cudnn", "pallas")}
+KERNELS = ("pallas", "cpu", "splash", "cudnn")  # each with a `*_unsupported` check
 
 
 # Up to this many queries against a longer causal cache count as decoding (`_is_decode`).
@@ -66,6 +65,22 @@ def cpu_unsupported(bias, head_dim: int) -> str | None:
   return kernels_cpu.flash_attention_unsupported(head_dim)
 
 
+def kernel_unsupported(kernel: str, q: jax.Array, k: jax.Array, mask: AttentionMask, bias,
+                       return_lse: bool = False) -> str | None:
+  """Why the kernel implementation `kernel` (one of `KERNELS`) cannot serve this call, or None."""
+  if kernel == "cpu":
+    return cpu_unsupported(bias, q.shape[3])
+  if kernel == "pallas":
+    return pallas_unsupported(mask, bias)
+  if kernel == "splash":
+    return attention_bundled.splash_unsupported(mask, bias, q_length=q.shape[1],
+                                                kv_length=k.shape[1], return_lse=return_lse)
+  if kernel == "cudnn":
+    return attention_bundled.cudnn_unsupported(q, mask, bias, kv_length=k.shape[1],
+                                               return_lse=return_lse)
+  raise ValueError(f"kernel={kernel!r} is not a kernel implementation; valid choices: {KERNELS}")
+
+
 def _pallas_bias(bias) -> dict | None:
   """`flash_attention` keywords of a bias (kind, parameters, positions); None if unsupported."""
   from longjax.ops import biases  # pylint: disable=g-import-not-at-top
@@ -101,67 +116,93 @@ def default_block_size() -> int:
   return 128 if common.backend() == "cpu" else 512
 
 
-def resolve_impl(impl: str, *, q_length: int, kv_length: int,
-                 block_size: int | None = None, cpu_kernel: bool = False) -> str:
+def resolve_impl(impl: str, *, q_length: int, kv_length: int, block_size: int | None = None,
+                 kernels: tuple[str, ...] = (), backend: str | None = None) -> str:
   """Resolves `impl` to the implementation that will run; the only place "auto" is decided.
 
-  Rule for "auto" on the CPU when the caller says the fused CPU kernel can serve the call
-  (`cpu_kernel`: no bias but ALiBi, head dim a multiple of 16, a C++ compiler to build it with;
-  see `cpu_unsupported`): "cpu", at every length. Measured on this 2-core CPU (B=1, N=8, H=64,
-  causal, f32; docs/kernels.md): fwd+bwd 2.1-2.5x faster than blockwise and 1.05-1.2x torch
-  SDPA from T = 2k to 32k (2.2x blockwise at 1k); a decode step against a 1k/4k/16k cache
-  5.6/6.1/8.8x faster than the dense reference (it skips the unwritten cache at run time).
+  "auto" takes the first of `KERNEL_PREFERENCE[backend]` that is in `kernels` (the kernels
+  that can serve this call: the caller asks each one's `*_unsupported` check), else an XLA op:
+    * CPU: "cpu", the fused C++ kernel (no bias but ALiBi, head dim a multiple of 16, a C++
+      compiler to build it with; `cpu_unsupported`). Measured on this 2-core CPU (B=1, N=8,
+      H=64, causal, f32; docs/kernels.md): fwd+bwd 2.1-2.5x faster than blockwise and
+      1.05-1.2x torch SDPA from T = 2k to 32k (2.2x blockwise at 1k); a decode step against a
+      1k/4k/16k cache 5.6/6.1/8.8x faster than the dense reference (it skips the unwritten
+      cache at run time).
+    * TPU: "splash", jax's splash attention (self-attention without bias, T a multiple of 128;
+      `attention_bundled.splash_unsupported`), else "pallas", longjax's flash kernel (every
+      mask and in-kernel bias; the split-KV decode kernel for decode calls).
+    * GPU: "cudnn", `jax.nn.dot_product_attention`'s cuDNN flash kernel (bf16/f16
+      self-attention without bias or segment ids; `attention_bundled.cudnn_unsupported`), else
+      "pallas".
+    The accelerator rule is the issue's design, not a measurement: no TPU or GPU was available
+    to time these kernels; the Pallas kernels are tested interpreted and lowered for Mosaic TPU
+    and Triton in the test suite (docs/kernels.md). `impl="blockwise"` is the escape hatch.
 
-  Otherwise (other backends, biases, softplus attention): "reference" when all keys fit
-  in one block, kv_length <= block_size, or when decoding (below), else "blockwise". With one
-  key block the dense logits
-  are [T, S <= C], the same O(T*C) memory class as blockwise; the plain definition is then the
-  simpler program (no padding or loops; ~40% less compile time) at a small run-time cost on the
-  CPU (T=S=128, B=1 fwd+bwd: 1.4 ms vs 1.1 ms blockwise). With more keys the dense [T, S]
-  logits make its fwd+bwd temp memory quadratic (10 GiB vs 69 MiB at T=S=8192, N=8, H=64) and
-  on the CPU it is also 2-8x slower than blockwise from T = S = 512 up. Decoding (T <=
-  `DECODE_MAX_QUERIES`) is "reference" too: its logits are [T, S], O(S) memory, and one dense
-  pass over the cache beats blockwise's loop, whose fixed cost per key block dominates when a
-  block holds one query (CPU, d512 8-layer model, batch 1, f32: 15.2 vs 18.4 ms/token at a 1k
-  context, 29.4 vs 38.2 ms/token at 4k; docs/benchmarks.md). The dense pass reads the whole
-  cache even where it is not written yet (q_offset is traced, so the mask cannot shrink it);
-  blockwise skips those blocks, which pays only for a cache allocated far beyond its use.
+  The XLA ops, when no kernel serves (biases without a kernel, softplus attention): "reference"
+  when all keys fit in one block, kv_length <= block_size, or when decoding (below), else
+  "blockwise". With one key block the dense logits are [T, S <= C], the same O(T*C) memory
+  class as blockwise; the plain definition is then the simpler program (no padding or loops;
+  ~40% less compile time) at a small run-time cost on the CPU (T=S=128, B=1 fwd+bwd: 1.4 ms vs
+  1.1 ms blockwise). With more keys the dense [T, S] logits make its fwd+bwd temp memory
+  quadratic (10 GiB vs 69 MiB at T=S=8192, N=8, H=64) and on the CPU it is also 2-8x slower
+  than blockwise from T = S = 512 up. Decoding (T <= `DECODE_MAX_QUERIES`) is "reference" too:
+  its logits are [T, S], O(S) memory, and one dense pass over the cache beats blockwise's loop,
+  whose fixed cost per key block dominates when a block holds one query (CPU, d512 8-layer
+  model, batch 1, f32: 15.2 vs 18.4 ms/token at a 1k context, 29.4 vs 38.2 ms/token at 4k;
+  docs/benchmarks.md). The dense pass reads the whole cache even where it is not written yet
+  (q_offset is traced, so the mask cannot shrink it); blockwise skips those blocks, which pays
+  only for a cache allocated far beyond its use.
+
+  On the CPU "pallas" runs interpreted, far slower than XLA's blockwise op (docs/kernels.md),
+  so "auto" never picks it there.
 
   Args:
-    impl: "auto", "reference", "blockwise", "pallas" or "cpu".
+    impl: one of `IMPLS`.
     q_length: T.
     kv_length: S.
     block_size: the block size the call will use (None: `default_block_size()`).
-    cpu_kernel: whether the fused CPU kernel can serve the call, i.e. `cpu_unsupported` found
-      nothing (it checks the backend too); False: never pick it.
-
-  "pallas" (the Pallas flash attention kernel, or the split-KV decode kernel for up to
-  `DECODE_MAX_QUERIES` causal queries against a longer cache; interpreted on CPU) is only used
-  when asked for:
-  on this 2-core CPU the interpreter is far slower than XLA's blockwise op (T=S=512, causal,
-  fwd+bwd: see docs/kernels.md), and the compiled kernels have not yet been run on a TPU or GPU
-  (none was available), only lowered for them.
+    kernels: the kernel implementations that can serve this call; () picks an XLA op.
+    backend: "cpu", "gpu" or "tpu" (None: the default backend).
 
   Returns:
-    "reference", "blockwise", "pallas" or "cpu".
+    The implementation: "reference", "blockwise", "pallas", "cpu", "splash" or "cudnn".
 
   Raises:
-    ValueError: for any other name, saying why it cannot serve.
+    ValueError: for a name that is not an implementation, listing the valid choices.
   """
-  if impl in ("pallas", "cpu"):
-    return impl
-  if impl in _NOT_YET:
-    raise ValueError(f"impl={impl!r} is unavailable: {_NOT_YET[impl]}; valid choices: {IMPLS}")
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r} is not an attention implementation; valid choices: {IMPLS}")
   if impl != "auto":
     return impl
-  if cpu_kernel:
-    return "cpu"
+  backend = common.backend() if backend is None else backend
+  for kernel in KERNEL_PREFERENCE.get(backend, ()):
+    if kernel in kernels:
+      return kernel
   block_size = default_block_size() if block_size is None else block_size
   if q_length <= DECODE_MAX_QUERIES or kv_length <= block_size:
     return "reference"
   return "blockwise"
+
+
+def resolve_call(impl: str, q, k, mask: AttentionMask, bias=None, *, block_size: int | None = None,
+                 return_lse: bool = False) -> str:
+  """What `dot_product_attention` runs for this call: asks each kernel of the backend whether it
+  can serve, then `resolve_impl`. q and k need only .shape and .dtype (ShapeDtypeStructs do).
+
+  Raises:
+    ValueError: for an unknown impl, or a forced kernel that cannot serve (saying why).
+  """
+  kernels = ()
+  if impl == "auto":
+    kernels = tuple(kernel for kernel in KERNEL_PREFERENCE.get(common.backend(), ())
+                    if kernel_unsupported(kernel, q, k, mask, bias, return_lse) is None)
+  resolved = resolve_impl(impl, q_length=q.shape[1], kv_length=k.shape[1],
+                          block_size=block_size, kernels=kernels)
+  if impl != "auto" and resolved in KERNELS:
+    reason = kernel_unsupported(resolved, q, k, mask, bias, return_lse)
+    if reason is not None:
+      raise ValueError(f"impl={resolved!r} cannot serve this call: {reason}")
+  return resolved
 
 
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: AttentionMask,
@@ -222,8 +263,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Att
     bias: None or a block bias such as `AlibiBias` or `T5Bias`; its floating-point arrays are
       differentiable (wrap them in `stop_gradient` to freeze them), its positions are not.
     scale: Python float multiplying q.k; None means H ** -0.5.
-    impl: "auto", "reference", "blockwise", "pallas" or "cpu" (the fused C++ CPU kernel);
-      see `resolve_impl`.
+    impl: "auto", "reference", "blockwise", "pallas", "cpu" (the fused C++ CPU kernel),
+      "splash" (jax's TPU kernel) or "cudnn" (GPU); see `resolve_impl`. A forced kernel that
+      cannot serve the call raises ValueError saying why.
     block_size: block length C of the blockwise op and of the Pallas kernels (None: their
       defaults); the CPU kernel has fixed blocks sized for the caches.
     return_lse: also return the log-sum-exp of each row's scaled logits.
@@ -240,27 +282,26 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Att
   block_size = default_block_size() if block_size is None else int(block_size)
   if block_size < 1:
     raise ValueError(f"block_size must be positive, got {block_size}")
-  cpu_reason = cpu_unsupported(bias, h) if impl in ("auto", "cpu") else "not asked"
-  resolved = resolve_impl(impl, q_length=t, kv_length=s, block_size=block_size,
-                          cpu_kernel=cpu_reason is None)
+  resolved = resolve_call(impl, q, k, mask, bias, block_size=block_size, return_lse=return_lse)
   if resolved == "cpu":
-    if cpu_reason is not None:
-      raise ValueError(f"impl='cpu' cannot serve this call: {cpu_reason}")
     alibi = {} if bias is None else dict(alibi_slopes=bias.slopes, q_positions=bias.q_positions,
                                          kv_positions=bias.kv_positions)
     out, lse = kernels_cpu.flash_attention(
         q, k, v, scale=scale, causal=mask.causal, window=mask.window,
-        global_tokens=mask.global_tokens, q_offset=mask.q_offset,
-        q_segment_ids=mask.q_segment_ids, kv_segment_ids=mask.kv_segment_ids, **alibi)
+        global_tokens=mask.global_tokens, landmark_block=mask.landmark_block,
+        q_offset=mask.q_offset, q_segment_ids=mask.q_segment_ids,
+        kv_segment_ids=mask.kv_segment_ids, **alibi)
+  elif resolved == "splash":
+    return attention_bundled.splash_attention(q, k, v, mask=mask, scale=scale)
+  elif resolved == "cudnn":
+    return attention_bundled.cudnn_attention(q, k, v, mask=mask, scale=scale)
   elif resolved == "pallas":
-    reason = pallas_unsupported(mask, bias)
-    if reason is not None:
-      raise ValueError(f"impl='pallas' cannot serve this call: {reason}")
-    if _is_decode(mask, t, s) and bias is None:
+    if _is_decode(mask, t, s) and bias is None and mask.landmark_block is None:
       # Keys past the last query's index are hidden by causality, so the valid cache is
       # q_offset + T entries; the split-KV kernel skips the rest. Inference only (no VJP).
       # Biased decode calls go to the flash kernel below (it takes positions, q_offset and
-      # T < S, and skips the same causal tail); the decode kernel's ALiBi is index-based.
+      # T < S, and skips the same causal tail); the decode kernel's ALiBi is index-based. So do
+      # landmark masks (the decode kernel has none).
       out, lse = kernels_pallas.decode_attention(
           q, k, v, cache_length=mask.q_offset + t, q_offset=mask.q_offset, window=mask.window,
           global_tokens=mask.global_tokens, scale=scale, block_k=requested_block,
@@ -268,9 +309,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Att
       return (out, lse) if return_lse else out
     out, lse = kernels_pallas.flash_attention(
         q, k, v, causal=mask.causal, window=mask.window, global_tokens=mask.global_tokens,
-        q_offset=mask.q_offset, q_segment_ids=mask.q_segment_ids,
-        kv_segment_ids=mask.kv_segment_ids, scale=scale, block_q=requested_block,
-        block_k=requested_block, return_lse=True, **_pallas_bias(bias))
+        landmark_block=mask.landmark_block, q_offset=mask.q_offset,
+        q_segment_ids=mask.q_segment_ids, kv_segment_ids=mask.kv_segment_ids, scale=scale,
+        block_q=requested_block, block_k=requested_block, return_lse=True, **_pallas_bias(bias))
   elif resolved == "reference":
     out, lse = attention_reference(q, k, v, mask=mask, bias=bias, scale=scale)
   else:

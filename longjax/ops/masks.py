@@ -17,6 +17,7 @@ import functools
 import numbers
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 # Stand-in for "no bound" on lengths; far above any sequence length, far below int32 overflow
@@ -47,10 +48,18 @@ def take_block(x: jax.Array, start, size: int) -> jax.Array:
   return jnp.take(x, idx, axis=1)
 
 
+def landmark_visible(i, j, block: int):
+  """Landmark Attention's main-softmax visibility of key j to query i (absolute indices >= 0,
+  j <= i assumed): own block's regular keys and earlier blocks' landmarks."""
+  landmark = lax.rem(j + 1, jnp.int32(block)) == 0
+  key_block, query_block = lax.div(j, jnp.int32(block)), lax.div(i, jnp.int32(block))
+  return jnp.where(landmark, key_block < query_block, key_block == query_block)
+
+
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["q_offset", "q_segment_ids", "kv_segment_ids"],
-    meta_fields=["causal", "window", "global_tokens"],
+    meta_fields=["causal", "window", "global_tokens", "landmark_block"],
 )
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AttentionMask:
@@ -68,11 +77,18 @@ class AttentionMask:
       a packed row only the first document has them;
     * segment ids (if set): q_segment_ids[b, t] == kv_segment_ids[b, j] (packed documents; the
       ids are only compared, so a padding segment 0 attends within itself).
+    * landmark_block L (if set; needs `causal`): the main softmax of Landmark Attention
+      (Mohtashami & Jaggi 2023). Keys j with (j + 1) % L == 0 are landmarks, each closing block
+      j // L; query i sees the non-landmark keys of its own block (i // L == j // L) and the
+      landmarks of earlier blocks (j // L < i // L), never its own block's landmark. With
+      `return_lse`, exp(scale q.k_landmark - lse) is then block g's retrieval score, the main
+      probability that `kernels_pallas.landmark_attention` spreads over the block's tokens.
 
   Attributes:
     causal: static; hide keys after the query's absolute index.
     window: static; sliding window size (>= 1) or None.
     global_tokens: static; number of leading keys every query sees despite the window (0: none).
+    landmark_block: static; landmark period L >= 2 (a regular token and its landmark) or None.
     q_offset: int32 scalar (array or Python int); absolute index of query row 0.
     q_segment_ids: [B, T] int32 or None.
     kv_segment_ids: [B, S] int32 or None; given together with `q_segment_ids`.
@@ -81,6 +97,7 @@ class AttentionMask:
   causal: bool = True
   window: int | None = None
   global_tokens: int = 0
+  landmark_block: int | None = None
   q_offset: jax.Array | int = 0
   q_segment_ids: jax.Array | None = None
   kv_segment_ids: jax.Array | None = None
@@ -96,6 +113,13 @@ class AttentionMask:
     if self.global_tokens and self.window is None:
       # Without a window every key is visible already: the setting would do nothing.
       raise ValueError(f"global_tokens={self.global_tokens} needs a window")
+    if self.landmark_block is not None:
+      if not isinstance(self.landmark_block, numbers.Integral) or self.landmark_block < 2:
+        raise ValueError("landmark_block must be an int >= 2 (a regular token and its "
+                         f"landmark) or None, got {self.landmark_block!r}")
+      if not self.causal:
+        raise ValueError(f"landmark_block={self.landmark_block} needs causal=True (landmarks "
+                         "summarise earlier blocks)")
 
   @property
   def has_segments(self) -> bool:
@@ -153,6 +177,8 @@ class AttentionMask:
       if self.global_tokens:
         near |= (kj < self.global_tokens)[None, :]
       visible &= near
+    if self.landmark_block is not None:
+      visible &= landmark_visible(self.q_offset + qi[:, None], kj[None, :], self.landmark_block)
     visible = visible[None, None]
     if self.has_segments:
       q_ids = take_block(self.q_segment_ids, q_start, q_size)

@@ -49,6 +49,7 @@ from jax import lax
 from kernels_pallas import common
 from longjax.ops.attention import default_block_size
 from longjax.ops.attention import check_qkv
+from longjax.ops.attention import KERNELS
 from longjax.ops.attention import resolve_impl
 from longjax.ops.masks import AttentionMask
 
@@ -331,7 +332,7 @@ def softplus_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Attent
   kwargs = dict(mask=mask, bias=bias, scale=scale, length_scale=length_scale,
                 reweight_power=float(reweight_power))
   resolved = resolve_impl(impl, q_length=t, kv_length=s, block_size=block_size)
-  if resolved in ("pallas", "cpu"):
+  if resolved in KERNELS:
     raise ValueError(f"impl={resolved!r} has no softplus kernel; use 'blockwise' or 'reference'")
   if resolved == "reference":
     return softplus_attention_reference(q, k, v, **kwargs)

@@ -154,6 +154,13 @@ class PlanTest(absltest.TestCase):
     self.assertTrue(skipped)
     self.assertTrue(all(c["impl"] == "longjax_pallas" and c["t"] > 8192 for c in skipped))
 
+  def test_linear_alone_brings_its_softmax_comparator(self):
+    cases = kernels.plan("full", groups=("linear",))
+    softmax = sorted(c["t"] for c in cases if c["group"] == "attention")
+    self.assertEqual(softmax, kernels.SIZES["full"]["linear"])
+    self.assertTrue(all(c["impl"] == "longjax_auto" for c in cases if c["group"] == "attention"))
+    self.assertEmpty([c for c in kernels.plan("full", groups=("scan",)) if c["group"] != "scan"])
+
   def test_without_torch_peers_are_skipped_with_a_reason(self):
     fake = mock.Mock(return_value={"status": "ok", "time_s": 1.0})
     with mock.patch.object(common, "torch_missing", return_value="torch is not installed"), \

@@ -74,8 +74,9 @@ def check_against_reference(q, k, v, mask, scale=None, alibi=None):
                                               kv_positions=alibi[2])
     return kernels_cpu.flash_attention(
         q, k, v, scale=scale, causal=mask.causal, window=mask.window,
-        global_tokens=mask.global_tokens, q_offset=mask.q_offset,
-        q_segment_ids=mask.q_segment_ids, kv_segment_ids=mask.kv_segment_ids, **positions)
+        global_tokens=mask.global_tokens, landmark_block=mask.landmark_block,
+        q_offset=mask.q_offset, q_segment_ids=mask.q_segment_ids,
+        kv_segment_ids=mask.kv_segment_ids, **positions)
 
   def reference(q, k, v, slopes):
     return attention_reference(q, k, v, mask=mask, scale=scale, bias=bias(slopes))
@@ -127,6 +128,14 @@ class CpuFlashAttentionTest(parameterized.TestCase):
     for window in (None, 33):
       check_against_reference(q, k, v, AttentionMask(causal=True, window=window,
                                                      q_offset=jnp.int32(offset)))
+
+  @parameterized.product(landmark_block=(2, 7, 64, 100), rows_offset=((300, 0), (3, 250)))
+  def test_landmark_blocks(self, landmark_block, rows_offset):
+    # Periods below, at and above the 64-key tile, off the grid; training and a decode step.
+    rows, offset = rows_offset
+    q, k, v = random_inputs(landmark_block, 1, rows, 300, 4, 2, 32, jnp.float32)
+    check_against_reference(q, k, v, AttentionMask(causal=True, landmark_block=landmark_block,
+                                                   q_offset=jnp.int32(offset)))
 
   @parameterized.parameters((2, 2), (2, 1))
   def test_segment_ids(self, batch, id_rows):

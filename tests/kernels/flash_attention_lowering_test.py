@@ -29,6 +29,8 @@ _MASKS = {
     "t5_bidirectional": dict(bias_kind="t5", t5_bidirectional=True, causal=False, window=128),
     "fire_positions": dict(bias_kind="fire", positions=True),
     "fire_indices_wide": dict(bias_kind="fire", fire_hidden=48, window=128),  # P = 147 > 128
+    # Landmark Attention's main softmax: integer div / rem of the tile's indices in-kernel.
+    "landmarks": dict(landmark_block=50, segments=True),
 }
 
 

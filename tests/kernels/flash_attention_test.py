@@ -108,10 +108,12 @@ def assert_close(test, actual, expected, tol, name):
 
 
 def naive_attention(q, k, v, *, causal, window, global_tokens, q_offset, q_ids, kv_ids, slopes,
-                    cap, scale, kerple=None, q_pos=None, kv_pos=None):
+                    cap, scale, kerple=None, q_pos=None, kv_pos=None, landmark_block=None):
   """Loops over (b, n, i, j) in float64: the definition, written as plainly as possible.
 
   kerple: None or (kind, r1, r2); q_pos/kv_pos: the bias's positions (None: the indices).
+  landmark_block: L: keys at L-1, 2L-1, ... are landmarks, seen only from later blocks; the
+  other keys only from their own block.
   """
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   b_, t, n_, h = q.shape
@@ -128,6 +130,12 @@ def naive_attention(q, k, v, *, causal, window, global_tokens, q_offset, q_ids, 
           if window is not None:
             near = pos - j < window if causal else abs(pos - j) < window
             visible = visible and (near or j < global_tokens)
+          if landmark_block is not None:
+            query_block, key_block = pos // landmark_block, j // landmark_block
+            if (j + 1) % landmark_block == 0:
+              visible = visible and key_block < query_block
+            else:
+              visible = visible and key_block == query_block
           if q_ids is not None:
             visible = visible and q_ids[b][i] == kv_ids[b][j]
           if not visible:
@@ -158,9 +166,11 @@ class ReferenceTest(parameterized.TestCase):
            global_tokens=2, q_offset=4, segments=True, alibi=False, cap=None),
       dict(testcase_name="bidirectional_window_alibi_cap", causal=False, window=4,
            global_tokens=0, q_offset=2, segments=False, alibi=True, cap=1.5),
+      dict(testcase_name="landmarks_offset_window", causal=True, window=6, global_tokens=0,
+           q_offset=3, segments=False, alibi=False, cap=None, landmark_block=3),
   )
   def test_reference_matches_naive_loop(self, causal, window, global_tokens, q_offset, segments,
-                                        alibi, cap):
+                                        alibi, cap, landmark_block=None):
     b, t, s, n, kh, h = 2, 5, 9, 4, 2, 4
     q, k, v = random_inputs(0, b, t, s, n, kh, h, jnp.float32)
     q_ids = jnp.asarray([[1, 1, 2, 2, 2], [1, 2, 3, 3, 3]]) if segments else None
@@ -168,13 +178,14 @@ class ReferenceTest(parameterized.TestCase):
     slopes = alibi_slopes(n) if alibi else None
     kwargs = dict(causal=causal, window=window, global_tokens=global_tokens, q_offset=q_offset,
                   q_segment_ids=q_ids, kv_segment_ids=kv_ids, alibi_slopes=slopes,
-                  logit_soft_cap=cap)
+                  logit_soft_cap=cap, landmark_block=landmark_block)
     out, lse = flash_attention_reference(q, k, v, return_lse=True, **kwargs)
     want_out, want_lse = naive_attention(
         q, k, v, causal=causal, window=window, global_tokens=global_tokens, q_offset=q_offset,
         q_ids=None if q_ids is None else np.asarray(q_ids),
         kv_ids=None if kv_ids is None else np.asarray(kv_ids),
-        slopes=None if slopes is None else np.asarray(slopes), cap=cap, scale=h ** -0.5)
+        slopes=None if slopes is None else np.asarray(slopes), cap=cap, scale=h ** -0.5,
+        landmark_block=landmark_block)
     # Row 1 of batch 1 (segment 2) sees no key with index <= its position: a fully masked row.
     if segments:
       self.assertTrue(np.isneginf(want_lse).any())
@@ -255,6 +266,21 @@ class ReferenceTest(parameterized.TestCase):
     assert_close(self, out, want_out, 1e-6, "out")
     assert_close(self, lse, want_lse, 1e-6, "lse")
 
+  def test_landmark_mask_is_the_landmark_kernels_main_softmax(self):
+    # The same visibility in longjax's mask, and the normaliser of the grouped softmax that
+    # kernels_pallas.landmark computes its own way (per-block statistics, no mask spec).
+    from kernels_pallas import landmark_attention  # pylint: disable=g-import-not-at-top
+    from longjax.ops import attention  # pylint: disable=g-import-not-at-top
+    from longjax.ops import masks  # pylint: disable=g-import-not-at-top
+    q, k, v = random_inputs(3, 2, 40, 40, 4, 2, 8, jnp.float32)
+    out, lse = flash_attention_reference(q, k, v, landmark_block=5, return_lse=True)
+    want_out, want_lse = attention.attention_reference(
+        q, k, v, mask=masks.AttentionMask(causal=True, landmark_block=5), scale=8 ** -0.5)
+    assert_close(self, out, want_out, 1e-6, "out")
+    assert_close(self, lse, want_lse, 1e-6, "lse")
+    _, main_lse = landmark_attention(q, k, v, block_len=5, return_lse=True)
+    assert_close(self, lse, main_lse, 2e-6, "main softmax lse")
+
 
 # (name, variant, dtype, shape (B, T, S, N, K, H), blocks (block_q, block_k), mask kwargs).
 # T = S = 40 with blocks of 16 needs padding on both axes; N/K = 2 is GQA.
@@ -286,6 +312,14 @@ _CASES = (
           q_offset=0)),
     ("default_blocks_gqa4", "gpu", jnp.float32, (1, 33, 70, 4, 1, 8), (None, None),
      dict(window=20)),
+    # Landmark Attention's main softmax: periods shorter and longer than a tile, off the tile
+    # grid, with a decode offset and packed documents.
+    ("landmarks_5", "tpu", jnp.float32, _PAD, (16, 16), dict(landmark_block=5)),
+    ("landmarks_24_gqa2", "gpu", jnp.float32, _PAD, (16, 16), dict(landmark_block=24)),
+    ("landmarks_offset", "gpu", jnp.float32, (2, 8, 40, 4, 2, 8), (8, 16),
+     dict(landmark_block=6, q_offset=30)),
+    ("landmarks_segments_alibi_bf16", "tpu", jnp.bfloat16, (2, 40, 40, 4, 2, 8), (16, 16),
+     dict(landmark_block=7, segments=True, alibi=True)),
     # Position-based biases: positions shifted, restarted per segment, or random sorted
     # (non-contiguous); gradients include the bias parameters.
     ("alibi_shifted", "gpu", jnp.float32, _PAD, (16, 16), dict(bias="alibi", positions="shifted")),

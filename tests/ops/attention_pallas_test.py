@@ -42,6 +42,7 @@ _MASKS = {
     "segments": lambda: AttentionMask(causal=True, q_segment_ids=_SEGMENTS,
                                       kv_segment_ids=_SEGMENTS),
     "bidirectional_window": lambda: AttentionMask(causal=False, window=9),
+    "landmarks": lambda: AttentionMask(causal=True, landmark_block=6),
 }
 
 

@@ -147,7 +147,7 @@ class BlockwiseTest(AttentionTestCase):
     self.assert_matches_reference(q, k, v, mask)
 
   @parameterized.product(dtype=(jnp.float32, jnp.bfloat16),
-                         feature=("window", "lambda", "alibi", "everything"))
+                         feature=("window", "lambda", "alibi", "landmarks", "everything"))
   def test_matches_reference_with(self, dtype, feature):
     batch, length = 2, 100
     q, k, v = random_inputs(3, batch, length, length, 4, 2, 16, dtype)
@@ -160,6 +160,9 @@ class BlockwiseTest(AttentionTestCase):
       mask, bias = AttentionMask(causal=True, window=20, global_tokens=5), None
     elif feature == "alibi":
       mask, bias = AttentionMask(causal=False), alibi(4, batch, length, length)
+    elif feature == "landmarks":  # Landmark Attention's main softmax, blocks of 7 off the grid
+      mask = AttentionMask(causal=True, landmark_block=7, q_segment_ids=seg, kv_segment_ids=seg)
+      bias = alibi(4, batch, length, length)
     else:
       mask = AttentionMask(causal=False, window=33, global_tokens=3, q_segment_ids=seg,
                            kv_segment_ids=seg)
@@ -263,16 +266,18 @@ class BlockwiseTest(AttentionTestCase):
 class DispatchTest(parameterized.TestCase):
 
   def test_auto_rule(self):
-    # Without the fused CPU kernel: dense while all keys fit one block or when decoding
-    # (T <= 16), else blockwise. With it (on the CPU): the kernel at every length.
+    # On the CPU without the fused kernel: dense while all keys fit one block or when decoding
+    # (T <= 16), else blockwise. With it: the kernel at every length. (The accelerators' rule:
+    # tests/ops/attention_bundled_test.py.)
     for t, s, expected in ((64, 64, "reference"), (4096, 128, "reference"),
                            (128, 129, "blockwise"), (1, 4096, "reference"),
                            (16, 4096, "reference"), (17, 4096, "blockwise")):
-      self.assertEqual(resolve_impl("auto", q_length=t, kv_length=s, block_size=128), expected)
       self.assertEqual(resolve_impl("auto", q_length=t, kv_length=s, block_size=128,
-                                    cpu_kernel=True), "cpu")
+                                    backend="cpu"), expected)
+      self.assertEqual(resolve_impl("auto", q_length=t, kv_length=s, block_size=128,
+                                    kernels=("cpu",), backend="cpu"), "cpu")
     self.assertEqual(resolve_impl("reference", q_length=1, kv_length=4096), "reference")
-    self.assertEqual(resolve_impl("blockwise", q_length=512, kv_length=512, cpu_kernel=True),
+    self.assertEqual(resolve_impl("blockwise", q_length=512, kv_length=512, kernels=("cpu",)),
                      "blockwise")
 
   def test_cpu_kernel_serves_auto_unless_biased(self):
@@ -303,7 +308,7 @@ class DispatchTest(parameterized.TestCase):
           dot_product_attention(q, k, v, mask=mask, bias=bias, impl="cpu"),
           dot_product_attention(q, k, v, mask=mask, bias=bias, impl="reference"), atol=2e-5)
 
-  @parameterized.parameters("splash", "flash", "")
+  @parameterized.parameters("Splash", "flash", "")
   def test_unknown_impl(self, impl):
     with self.assertRaisesRegex(ValueError, f"impl={impl!r}.*valid choices"):
       resolve_impl(impl, q_length=8, kv_length=8)

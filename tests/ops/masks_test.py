@@ -11,7 +11,7 @@ import numpy as np
 from longjax.ops.masks import AttentionMask
 
 
-def numpy_mask(causal, window, q_offset, q_seg, kv_seg, t, s, global_tokens=0):
+def numpy_mask(causal, window, q_offset, q_seg, kv_seg, t, s, global_tokens=0, landmark=None):
   """bool [B, T, S] by looping over every (query, key) pair: the definition in words."""
   batch = 1 if q_seg is None else q_seg.shape[0]
   out = np.zeros((batch, t, s), bool)
@@ -28,6 +28,11 @@ def numpy_mask(causal, window, q_offset, q_seg, kv_seg, t, s, global_tokens=0):
           ok = False
         if q_seg is not None and q_seg[b, row] != kv_seg[b, j]:
           ok = False
+        if landmark is not None:  # landmarks close blocks; a block's own landmark is hidden
+          if (j + 1) % landmark == 0:
+            ok = ok and j // landmark < i // landmark
+          else:
+            ok = ok and j // landmark == i // landmark
         out[b, row, j] = ok
   return out
 
@@ -41,7 +46,8 @@ def packed_segments(rng, batch, length, num_docs=3):
   return ids.astype(np.int32)
 
 
-def make_mask(rng, causal, window, q_offset, segments, batch, t, s, global_tokens=0):
+def make_mask(rng, causal, window, q_offset, segments, batch, t, s, global_tokens=0,
+              landmark=None):
   q_seg = kv_seg = None
   if segments:
     # Queries are the last T of the S key positions (as in decoding), so their ids match.
@@ -49,10 +55,11 @@ def make_mask(rng, causal, window, q_offset, segments, batch, t, s, global_token
     q_seg = kv_seg[:, max(s - t, 0):][:, :t]
     q_seg = np.pad(q_seg, ((0, 0), (0, t - q_seg.shape[1])))
   mask = AttentionMask(causal=causal, window=window, q_offset=q_offset,
-                       global_tokens=global_tokens,
+                       global_tokens=global_tokens, landmark_block=landmark,
                        q_segment_ids=None if q_seg is None else jnp.asarray(q_seg),
                        kv_segment_ids=None if kv_seg is None else jnp.asarray(kv_seg))
-  return mask, numpy_mask(causal, window, q_offset, q_seg, kv_seg, t, s, global_tokens)
+  return mask, numpy_mask(causal, window, q_offset, q_seg, kv_seg, t, s, global_tokens,
+                          landmark)
 
 
 def grid(length, block):
@@ -67,33 +74,36 @@ class AttentionMaskTest(parameterized.TestCase):
   def test_blocks_assemble_to_brute_force(self, causal, window_and_global, q_offset, segments):
     window, global_tokens = window_and_global
     t, s, cq, ckv = 30, 45, 8, 16  # lengths are not multiples of the blocks
-    mask, expected = make_mask(np.random.default_rng(0), causal, window, q_offset, segments,
-                               2, t, s, global_tokens)
-    rows = []
-    for q_start in grid(t, cq):
-      blocks = [mask.block(q_start, cq, kv_start, ckv, q_length=t, kv_length=s)
-                for kv_start in grid(s, ckv)]
-      rows.append(jnp.concatenate(blocks, axis=-1))
-    assembled = np.asarray(jnp.concatenate(rows, axis=-2))[:, 0]
-    # Padded rows and keys are invisible.
-    self.assertFalse(assembled[:, t:].any())
-    self.assertFalse(assembled[:, :, s:].any())
-    np.testing.assert_array_equal(np.broadcast_to(assembled[:, :t, :s], expected.shape),
-                                  expected)
-    np.testing.assert_array_equal(
-        np.broadcast_to(np.asarray(mask.dense(t, s))[:, 0], expected.shape), expected)
+    for landmark in (None, 3, 20) if causal else (None,):  # landmark blocks need causal
+      mask, expected = make_mask(np.random.default_rng(0), causal, window, q_offset, segments,
+                                 2, t, s, global_tokens, landmark)
+      rows = []
+      for q_start in grid(t, cq):
+        blocks = [mask.block(q_start, cq, kv_start, ckv, q_length=t, kv_length=s)
+                  for kv_start in grid(s, ckv)]
+        rows.append(jnp.concatenate(blocks, axis=-1))
+      assembled = np.asarray(jnp.concatenate(rows, axis=-2))[:, 0]
+      # Padded rows and keys are invisible.
+      self.assertFalse(assembled[:, t:].any())
+      self.assertFalse(assembled[:, :, s:].any())
+      np.testing.assert_array_equal(np.broadcast_to(assembled[:, :t, :s], expected.shape),
+                                    expected)
+      np.testing.assert_array_equal(
+          np.broadcast_to(np.asarray(mask.dense(t, s))[:, 0], expected.shape), expected)
 
   @hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
   @hypothesis.given(causal=st.booleans(), window=st.sampled_from([None, 1, 3, 9]),
                     global_tokens=st.sampled_from([0, 1, 5, 13]),
                     q_offset=st.integers(0, 20), segments=st.booleans(),
                     t=st.integers(1, 24), s=st.integers(1, 24), cq=st.sampled_from([4, 8]),
-                    ckv=st.sampled_from([4, 8]), seed=st.integers(0, 2**16))
+                    ckv=st.sampled_from([4, 8]), seed=st.integers(0, 2**16),
+                    landmark=st.sampled_from([None, 2, 5]))
   def test_skipping_is_conservative(self, causal, window, global_tokens, q_offset, segments, t,
-                                    s, cq, ckv, seed):
+                                    s, cq, ckv, seed, landmark):
     global_tokens = global_tokens if window is not None else 0
+    landmark = landmark if causal else None
     mask, expected = make_mask(np.random.default_rng(seed), causal, window, q_offset, segments,
-                               2, t, s, global_tokens)
+                               2, t, s, global_tokens, landmark)
     padded = np.zeros((expected.shape[0], len(grid(t, cq)) * cq, len(grid(s, ckv)) * ckv), bool)
     padded[:, :t, :s] = expected
     lengths = dict(q_length=t, kv_length=s)
@@ -174,6 +184,10 @@ class AttentionMaskTest(parameterized.TestCase):
       AttentionMask(global_tokens=2)
     with self.assertRaisesRegex(ValueError, "global_tokens"):
       AttentionMask(window=4, global_tokens=-1)
+    with self.assertRaisesRegex(ValueError, "landmark_block must be an int >= 2 .* got 1"):
+      AttentionMask(landmark_block=1)
+    with self.assertRaisesRegex(ValueError, "landmark_block=4 needs causal=True"):
+      AttentionMask(causal=False, landmark_block=4)
     ids = jnp.zeros((1, 4), jnp.int32)
     with self.assertRaisesRegex(ValueError, "together"):
       AttentionMask(q_segment_ids=ids).validate(1, 4, 4)

@@ -325,6 +325,8 @@ class BlockwiseTest(parameterized.TestCase):
       softplus_attention(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2),
                          mask=AttentionMask())
     with self.assertRaisesRegex(ValueError, "valid choices"):
+      softplus_attention(q, k, v, mask=AttentionMask(), impl="flash")
+    with self.assertRaisesRegex(ValueError, "impl='splash' has no softplus kernel"):
       softplus_attention(q, k, v, mask=AttentionMask(), impl="splash")
     with self.assertRaisesRegex(ValueError, "impl='pallas' has no softplus kernel"):
       softplus_attention(q, k, v, mask=AttentionMask(), impl="pallas")

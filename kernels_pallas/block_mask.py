@@ -247,6 +247,17 @@ def q_step_to_block(spec: FlashSpec, kv_block, step, q_offset):
   return _where(valid, lo + step, _max(hi - 1, 0)), valid
 
 
+def landmark_visible(i, j, block: int):
+  """Landmark Attention's main-softmax visibility of key j to query i (int32 absolute indices
+  >= 0, so truncating division is floor division; j <= i assumed, i.e. causal): the query's own
+  block's regular keys and earlier blocks' landmarks. Integer div/rem lower in Mosaic and Triton
+  alike; `longjax.ops.masks` evaluates the same rule."""
+  block = jnp.int32(block)
+  landmark = lax.rem(j + 1, block) == 0
+  key_block, query_block = lax.div(j, block), lax.div(i, block)
+  return jnp.where(landmark, key_block < query_block, key_block == query_block)
+
+
 def tile_visibility(spec: FlashSpec, q_start, kv_start, q_offset, shape, *, transposed=False):
   """Index-based visibility of one tile (segment ids excluded).
 
@@ -285,12 +296,7 @@ def tile_visibility(spec: FlashSpec, q_start, kv_start, q_offset, shape, *, tran
       near |= cols < spec.global_tokens
     visible = both(visible, near)
   if spec.landmark_block is not None:
-    block = jnp.int32(spec.landmark_block)
-    i = rows + q_offset  # absolute indices are >= 0, so truncating division is floor division
-    landmark = lax.rem(cols + 1, block) == 0
-    key_block, query_block = lax.div(cols, block), lax.div(i, block)
-    visible = both(visible, jnp.where(landmark, key_block < query_block,
-                                      key_block == query_block))
+    visible = both(visible, landmark_visible(rows + q_offset, cols, spec.landmark_block))
   if visible is None:
     visible = jnp.ones(shape, jnp.bool_)
   return visible, distance

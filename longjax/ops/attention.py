@@ -193,9 +193,9 @@ def resolve_call(impl: str, q, k, mask: AttentionMask, bias=None, *, block_size:
     ValueError: for an unknown impl, or a forced kernel that cannot serve (saying why).
   """
   kernels = ()
-  if impl == "auto":
-    kernels = tuple(kernel for kernel in KERNEL_PREFERENCE.get(common.backend(), ())
-                    if kernel_unsupported(kernel, q, k, mask, bias, return_lse) is None)
+  if impl == "auto":  # the first kernel in the backend's order that can serve wins
+    kernels = next(((kernel,) for kernel in KERNEL_PREFERENCE.get(common.backend(), ())
+                    if kernel_unsupported(kernel, q, k, mask, bias, return_lse) is None), ())
   resolved = resolve_impl(impl, q_length=q.shape[1], kv_length=k.shape[1],
                           block_size=block_size, kernels=kernels)
   if impl != "auto" and resolved in KERNELS:

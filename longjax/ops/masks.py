@@ -17,8 +17,9 @@ import functools
 import numbers
 
 import jax
-from jax import lax
 import jax.numpy as jnp
+
+from kernels_pallas.block_mask import landmark_visible
 
 # Stand-in for "no bound" on lengths; far above any sequence length, far below int32 overflow
 # when offsets and windows are added to it.
@@ -46,14 +47,6 @@ def take_block(x: jax.Array, start, size: int) -> jax.Array:
   """
   idx = jnp.clip(_block_indices(start, size), 0, x.shape[1] - 1)
   return jnp.take(x, idx, axis=1)
-
-
-def landmark_visible(i, j, block: int):
-  """Landmark Attention's main-softmax visibility of key j to query i (absolute indices >= 0,
-  j <= i assumed): own block's regular keys and earlier blocks' landmarks."""
-  landmark = lax.rem(j + 1, jnp.int32(block)) == 0
-  key_block, query_block = lax.div(j, jnp.int32(block)), lax.div(i, jnp.int32(block))
-  return jnp.where(landmark, key_block < query_block, key_block == query_block)
 
 
 @functools.partial(

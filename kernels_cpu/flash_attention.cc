@@ -329,7 +329,7 @@ void PackTransposed(const float* k, int64_t ld, int valid, int64_t H, float* kt)
 // Rows [t0, t0 + kBlockQ) of query head n of batch row b. With several query blocks per head,
 // `kt_all` holds the keys transposed, [B, K, H, S_pad] with S_pad = S rounded up to 16 (zeros
 // past S), transposed once by XLA rather than once per query block here; with one query block
-// (decoding, short prompts) s_pad < S and each key block is transposed here instead, which
+// (decoding, short prompts) s_pad is 0 and each key block is transposed here instead, which
 // spares a copy of the whole cache per call.
 // Up to this many query rows (decode steps) compute logits as dot products with the key rows
 // where they lie: a transposed copy of a key block would cost more than the products.
@@ -346,6 +346,15 @@ void KeyDots(int rows, int valid, int h, const float* q, const float* k, int64_t
       s[r * lds + c] = ReduceSum(acc);
     }
   }
+}
+
+// S_pad of the transposed keys when `dims` (of the kernel's third operand) is their shape
+// [B, K, H, S_pad >= S], else 0: the [1, 1, 1, 1] placeholder (never a real shape, H >= 16)
+// that makes ForwardBlock transpose each key block itself. (Reading the placeholder's last
+// dimension as S_pad once made a call with S = 1 read keys past the end of the placeholder.)
+int64_t TransposedRowLength(const Shape& sh, const int64_t* dims) {
+  const bool real = dims[0] == sh.B && dims[1] == sh.K && dims[2] == sh.H && dims[3] >= sh.S;
+  return real ? dims[3] : 0;
 }
 
 void ForwardBlock(const Shape& sh, const Mask& mask, const Alibi& alibi, float scale,
@@ -584,7 +593,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   const int64_t q_blocks = (sh.T + kBlockQ - 1) / kBlockQ;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *ktp = kt.typed_data();
   const float* vp = v.typed_data();
-  const int64_t s_pad = kt.dimensions()[3];
+  const int64_t s_pad = TransposedRowLength(sh, kt.dimensions().begin());
   float *op = out->typed_data(), *lp = lse->typed_data();
   ParallelFor(pool, sh.B * sh.N * q_blocks, [&](int64_t task) {
     const int64_t qb = task % q_blocks, bn = task / q_blocks;

@@ -1,31 +1,44 @@
-"""colab/quickstart.ipynb runs top to bottom on CPU (tiny configuration)."""
+"""colab/quickstart.ipynb runs top to bottom on CPU (tiny configuration).
+
+The notebook runs in a child process: nbclient brings zmq, tornado and an event loop with their
+own threads, which must not outlive this test inside a pytest worker that goes on to run
+JAX tests (a worker that had run it crashed in a later test once).
+"""
 
 import os
+import subprocess
 
 from absl.testing import absltest
-import nbclient
 import nbformat
 
 from tests import testing
+
+# Executes the notebook given as argv[1] and writes the executed copy to argv[2].
+_RUNNER = """
+import sys
+import nbclient, nbformat
+nb = nbformat.read(sys.argv[1], as_version=4)
+nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                        resources={"metadata": {"path": sys.argv[3]}}).execute()
+nbformat.write(nb, sys.argv[2])
+"""
 
 
 class NotebookTest(absltest.TestCase):
 
   def test_quickstart_notebook_runs(self):
     workdir = self.create_tempdir().full_path
-    saved = dict(os.environ)
-    # The kernel inherits this process's environment.
-    os.environ["LONGJAX_NOTEBOOK_WORKDIR"] = os.path.join(workdir, "run")
-    os.environ["LONGJAX_NOTEBOOK_TINY"] = "1"
-    os.environ["PYTHONPATH"] = testing.python_env()["PYTHONPATH"]
-    try:
-      nb = nbformat.read(os.path.join(testing.REPO_ROOT, "colab", "quickstart.ipynb"),
-                         as_version=4)
-      nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                              resources={"metadata": {"path": testing.REPO_ROOT}}).execute()
-    finally:
-      os.environ.clear()
-      os.environ.update(saved)
+    executed = os.path.join(workdir, "executed.ipynb")
+    env = testing.python_env()  # the kernel inherits the runner's environment
+    env["LONGJAX_NOTEBOOK_WORKDIR"] = os.path.join(workdir, "run")
+    env["LONGJAX_NOTEBOOK_TINY"] = "1"
+    done = subprocess.run(
+        [testing.PYTHON, "-c", _RUNNER,
+         os.path.join(testing.REPO_ROOT, "colab", "quickstart.ipynb"), executed,
+         testing.REPO_ROOT],
+        env=env, capture_output=True, text=True, timeout=900)
+    self.assertEqual(done.returncode, 0, done.stderr[-4000:])
+    nb = nbformat.read(executed, as_version=4)
     outputs = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code"
                       for o in cell.get("outputs", []))
     self.assertIn("validation loss", outputs)

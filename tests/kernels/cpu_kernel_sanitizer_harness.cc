@@ -1,0 +1,91 @@
+// Runs the CPU flash attention kernel's forward and backward blocks over random shapes, masks and
+// biases, built with AddressSanitizer and UndefinedBehaviorSanitizer by
+// cpu_kernel_sanitizer_test.py: any read or write outside a buffer aborts with a report.
+// (jaxlib cannot be loaded under ASAN, so the blocks are called here directly, serially.)
+//
+// Usage: harness ITERATIONS SEED; prints "ok" when every case ran clean.
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "flash_attention.cc"
+
+int main(int argc, char** argv) {
+  const int iterations = argc > 1 ? std::atoi(argv[1]) : 500;
+  std::mt19937 rng(argc > 2 ? std::atoi(argv[2]) : 0);
+  auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  auto fill = [&](std::vector<float>& x) {
+    for (float& e : x) e = std::uniform_real_distribution<float>(-1.f, 1.f)(rng);
+  };
+  for (int it = 0; it < iterations; ++it) {
+    Shape sh;
+    sh.B = pick(1, 2);
+    sh.K = pick(1, 2);
+    sh.N = sh.K * pick(1, 3);
+    sh.H = 16 * pick(1, 4);
+    // Decode rows, lengths around the block sizes, or anything; keys as many, a few, or any.
+    const int edges[] = {1, 2, 4, 5, 15, 16, 17, 63, 64, 65, 127, 128, 129};
+    auto length = [&](int most) { return pick(0, 1) ? edges[pick(0, 12)] : pick(1, most); };
+    sh.T = length(200);
+    const int keys = pick(0, 3);
+    sh.S = keys == 0 ? sh.T : keys == 1 ? pick(1, 3) : length(300);
+    const bool causal = pick(0, 3) != 0;
+    const int64_t window = pick(0, 1) ? pick(1, 50) : 0;
+    const int64_t landmark = causal && pick(0, 2) == 0 ? pick(2, 70) : 0;
+    const int64_t q_offset = pick(0, 1) ? std::max<int64_t>(0, sh.S - sh.T) : 0;
+    Mask mask{causal, window, pick(0, 5), landmark, q_offset, nullptr, nullptr, 1, 1,
+              sh.T, sh.S};
+    std::vector<float> q(sh.B * sh.T * sh.N * sh.H), k(sh.B * sh.S * sh.K * sh.H), v(k.size());
+    fill(q);
+    fill(k);
+    fill(v);
+    std::vector<int32_t> q_seg(sh.B * sh.T), kv_seg(sh.B * sh.S);
+    for (int32_t& x : q_seg) x = pick(0, 2);
+    for (int32_t& x : kv_seg) x = pick(0, 2);
+    if (pick(0, 2) == 0) {
+      mask.q_seg = q_seg.data();
+      mask.kv_seg = kv_seg.data();
+      mask.q_seg_rows = mask.kv_seg_rows = sh.B;
+    }
+    std::vector<int32_t> q_pos(sh.B * sh.T), kv_pos(sh.B * sh.S);
+    for (size_t i = 0; i < q_pos.size(); ++i) q_pos[i] = i % sh.T + q_offset;
+    for (size_t i = 0; i < kv_pos.size(); ++i) kv_pos[i] = i % sh.S;
+    std::vector<float> slopes(sh.N, 0.1f);
+    Alibi alibi{nullptr, nullptr, nullptr, 1, 1, sh.T, sh.S};
+    if (pick(0, 2) == 0) alibi = Alibi{slopes.data(), q_pos.data(), kv_pos.data(), sh.B, sh.B,
+                                       sh.T, sh.S};
+    // As kernels_cpu/flash_attention.py: keys transposed by XLA beyond one query block, else a
+    // [1, 1, 1, 1] placeholder.
+    int64_t kt_dims[4] = {1, 1, 1, 1};
+    std::vector<float> kt(1);
+    if (sh.T > kBlockQ) {
+      const int64_t padded = (sh.S + 15) / 16 * 16;
+      kt_dims[0] = sh.B, kt_dims[1] = sh.K, kt_dims[2] = sh.H, kt_dims[3] = padded;
+      kt.assign(sh.B * sh.K * sh.H * padded, 0.f);
+      for (int64_t b = 0; b < sh.B; ++b)
+        for (int64_t j = 0; j < sh.S; ++j)
+          for (int64_t c = 0; c < sh.K * sh.H; ++c)
+            kt[(b * sh.K * sh.H + c) * padded + j] = k[(b * sh.S + j) * sh.K * sh.H + c];
+    }
+    const int64_t s_pad = TransposedRowLength(sh, kt_dims);
+    std::vector<float> out(q.size()), lse(sh.B * sh.N * sh.T);
+    for (int64_t b = 0; b < sh.B; ++b)
+      for (int64_t n = 0; n < sh.N; ++n)
+        for (int64_t t0 = 0; t0 < sh.T; t0 += kBlockQ)
+          ForwardBlock(sh, mask, alibi, 0.25f, q.data(), k.data(), kt.data(), s_pad, v.data(),
+                       out.data(), lse.data(), b, n, t0);
+    std::vector<float> dout(q.size()), delta(lse.size(), 0.1f), dq(q.size()), dk(k.size()),
+        dv(v.size()), dslopes(sh.B * sh.N);
+    fill(dout);
+    for (int64_t b = 0; b < sh.B; ++b)
+      for (int64_t kvh = 0; kvh < sh.K; ++kvh)
+        BackwardHead(sh, mask, alibi, 0.25f, q.data(), k.data(), v.data(), dout.data(),
+                     lse.data(), delta.data(), dq.data(), dk.data(), dv.data(), dslopes.data(),
+                     b, kvh);
+  }
+  std::puts("ok");
+  return 0;
+}

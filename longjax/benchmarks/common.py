@@ -90,7 +90,8 @@ def footprint_bytes(memory: dict) -> int:
           - (memory.get("alias_bytes") or 0))
 
 
-def time_jax(fn, args, *, repeats: int, budget_s: float, memory_budget_bytes: int | None) -> dict:
+def time_jax(fn, args, *, repeats: int, budget_s: float, memory_budget_bytes: int | None,
+             carry: bool = False) -> dict:
   """Compiles `fn(*args)` ahead of time, checks its footprint, then times it.
 
   Args:
@@ -100,23 +101,36 @@ def time_jax(fn, args, *, repeats: int, budget_s: float, memory_budget_bytes: in
     budget_s: seconds the timed runs may take together.
     memory_budget_bytes: refuse (raise `OutOfBudget`) when the compiled temp + argument +
       output memory exceeds it; None: no check.
+    carry: `fn` returns (new first argument, anything), as a train step does: the first
+      argument is donated and each call is fed the previous call's result, so the timed loop
+      updates one state in place the way a training loop does (without it, every call would
+      allocate, and page in, a fresh copy of the parameters and optimizer moments).
 
   Returns:
     time_s (median), times_s, repeats, compile_s, first_call_s and the compiled memory fields.
   """
   import jax  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
+  compiled = jax.jit(fn, donate_argnums=0 if carry else ()).lower(*args).compile()
   compile_s = time.perf_counter() - start
   memory = compiled_memory(compiled)
   need = footprint_bytes(memory)
   if memory_budget_bytes is not None and need > memory_budget_bytes:
     raise OutOfBudget(f"compiled footprint {need / 2**30:.1f} GiB > budget "
                       f"{memory_budget_bytes / 2**30:.1f} GiB", memory)
+  if carry:
+    first, rest = jax.tree.map(lambda x: x.copy(), args[0]), args[1:]  # the caller keeps args[0]
+
+    def call():
+      nonlocal first
+      first, out = compiled(first, *rest)
+      return first, out
+  else:
+    call = lambda: compiled(*args)  # pylint: disable=unnecessary-lambda-assignment
   start = time.perf_counter()
-  _block(compiled(*args))  # warm-up: first-call allocations, thread pool start
+  _block(call())  # warm-up: first-call allocations, thread pool start
   first_s = time.perf_counter() - start
-  result = _median_of(lambda: compiled(*args), first_s, repeats, budget_s, _block)
+  result = _median_of(call, first_s, repeats, budget_s, _block)
   return {**result, "compile_s": compile_s, "first_call_s": first_s, **memory}
 
 

@@ -85,8 +85,9 @@ def _longjax_step_timing(shape, overrides, *, repeats, budget_s, memory_budget) 
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions,
            "segment_ids": None, "weights": jnp.ones((shape.batch, shape.t), jnp.float32)}
   step = functools.partial(step_lib.train_step, graphdef, tx, schedule)
+  # The state is donated and carried from step to step, as the trainer runs it.
   timing = common.time_jax(step, (state, batch), repeats=repeats, budget_s=budget_s,
-                           memory_budget_bytes=memory_budget)
+                           memory_budget_bytes=memory_budget, carry=True)
   return {**timing, "params": lm.count(params)}
 
 

@@ -1,6 +1,9 @@
 """AdamW with linear warmup, cosine decay and global-norm gradient clipping."""
 
+from typing import NamedTuple
+
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -36,13 +39,67 @@ def weight_decay_mask(abstract_params) -> dict:
   return nnx.State(mask).to_pure_dict() if not isinstance(mask, dict) else mask
 
 
+class ClippedAdamWState(NamedTuple):
+  count: jax.Array  # int32 [], steps taken
+  mu: optax.Params  # first moments, like the parameters
+  nu: optax.Params  # second moments
+
+
+def clipped_adamw(learning_rate: optax.ScalarOrSchedule, *, max_norm: float, b1: float,
+                  b2: float, eps: float, weight_decay: float,
+                  decay_mask) -> optax.GradientTransformation:
+  """Global-norm clipping then AdamW, each parameter updated in one elementwise pass.
+
+  The same maths as `optax.chain(optax.clip_by_global_norm(max_norm), optax.adamw(...,
+  mask=decay_mask))` (tests/training/optimizers_test.py checks it step by step), written as one
+  function per parameter so that XLA fuses the clipping scale, both moments, the bias
+  corrections, the decay and the learning rate into a single loop over each array. optax's
+  chain of transformations materialises an intermediate tree at each link: on the CPU it cost
+  0.23-0.34 s per step at 102M parameters where this takes 0.10 s (docs/benchmarks.md).
+
+  Args:
+    learning_rate: a float or an optax schedule of the step count (0 at the first update).
+    max_norm: gradients are scaled by min(1, max_norm / global norm).
+    b1, b2, eps: Adam's moment decays and denominator epsilon (added after the square root).
+    weight_decay: decoupled weight decay, times the learning rate (Loshchilov & Hutter 2019).
+    decay_mask: a pytree of bools like the parameters: which ones are decayed.
+  """
+  def init(params):
+    zeros = lambda p: jnp.zeros_like(p)  # pylint: disable=unnecessary-lambda-assignment
+    return ClippedAdamWState(count=jnp.zeros((), jnp.int32), mu=jax.tree.map(zeros, params),
+                             nu=jax.tree.map(zeros, params))
+
+  def update(grads, state, params):
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    count = optax.safe_increment(state.count)
+    norm = optax.global_norm(grads)
+    # optax.clip_by_global_norm's rule: unchanged below the threshold.
+    clip = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    first = 1 - jnp.asarray(b1, jnp.float32) ** count
+    second = 1 - jnp.asarray(b2, jnp.float32) ** count
+
+    def leaf(g, m, v, p, decayed):
+      g = g * clip.astype(g.dtype)
+      m = b1 * m + (1 - b1) * g
+      v = b2 * v + (1 - b2) * g * g
+      u = (m / first) / (jnp.sqrt(v / second) + eps)
+      if decayed:
+        u = u + weight_decay * p
+      return -lr * u, m, v
+
+    out = jax.tree.map(leaf, grads, state.mu, state.nu, params, decay_mask)
+    pick = lambda i: jax.tree.map(lambda o: o[i], out,  # pylint: disable=unnecessary-lambda-assignment
+                                  is_leaf=lambda o: isinstance(o, tuple))
+    return pick(0), ClippedAdamWState(count=count, mu=pick(1), nu=pick(2))
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(train_cfg, *, decay_mask) -> tuple[optax.GradientTransformation,
                                                         optax.Schedule]:
   """AdamW; `decay_mask` (from `weight_decay_mask`) says which parameters are decayed."""
   schedule = learning_rate_schedule(train_cfg)
-  tx = optax.chain(
-      optax.clip_by_global_norm(train_cfg.grad_clip),
-      optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
-                  weight_decay=train_cfg.weight_decay, mask=decay_mask),
-  )
+  tx = clipped_adamw(schedule, max_norm=train_cfg.grad_clip, b1=train_cfg.b1, b2=train_cfg.b2,
+                     eps=train_cfg.eps, weight_decay=train_cfg.weight_decay,
+                     decay_mask=decay_mask)
   return tx, schedule

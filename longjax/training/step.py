@@ -34,7 +34,7 @@ def train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Sched
     position_seed: seed of the transform's randomness.
 
   Returns:
-    (new state, metrics: loss, grad_norm, update_norm, lr, tokens).
+    (new state, metrics: loss, grad_norm, param_norm, lr, tokens).
   """
   if position_transform is not None:
     # The key is a function of the step alone, so a resumed run draws the same positions as an
@@ -51,10 +51,12 @@ def train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Sched
   (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  # The update's norm catches a step whose loss was finite but whose new parameters are not
-  # (e.g. an overflowing learning rate): such a state must never be checkpointed.
+  # The new parameters' norm catches a step whose loss was finite but whose parameters are not
+  # (e.g. an overflowing learning rate): such a state must never be checkpointed. (The norm of
+  # `updates` would say the same but makes XLA write the updates out instead of fusing them
+  # into the optimizer's single pass: +0.25 s per step at 102M parameters on the CPU.)
   metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-             "update_norm": optax.global_norm(updates), "lr": schedule(state.step),
+             "param_norm": optax.global_norm(params), "lr": schedule(state.step),
              "tokens": count}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

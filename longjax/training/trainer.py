@@ -156,10 +156,10 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
         state, metrics = train_step(state, batch)
         metrics = jax.device_get(metrics)
         loss = float(metrics["loss"])
-        if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm", "update_norm")):
+        if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm", "param_norm")):
           raise NonFiniteLossError(
-              f"loss is {loss} (gradient norm {metrics['grad_norm']}, update norm "
-              f"{metrics['update_norm']}) at step {step}; stopped without saving. "
+              f"loss is {loss} (gradient norm {metrics['grad_norm']}, parameter norm "
+              f"{metrics['param_norm']}) at step {step}; stopped without saving. "
               + (f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}; "
                  if ckpt.latest_step() is not None else "No checkpoint was saved yet; ")
               + "lower train.learning_rate or raise train.warmup_steps, then rerun.")

@@ -8,6 +8,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
+from longjax.benchmarks import common
 from longjax.benchmarks import decode
 from longjax.benchmarks import flops
 from longjax.benchmarks import lm
@@ -18,6 +19,24 @@ from tests.benchmarks.kernels_benchmark_test import _run_cli
 
 _HF = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 _NO_HF = "torch and transformers (the bench extra) are not installed"
+
+
+class TimeJaxTest(absltest.TestCase):
+
+  def test_carry_feeds_each_result_to_the_next_call_and_keeps_the_callers_state(self):
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    def step(state, x):
+      return state + x, state.sum()
+
+    state = jnp.zeros((4,))
+    timing = common.time_jax(step, (state, jnp.ones((4,))), repeats=3, budget_s=60,
+                             memory_budget_bytes=None, carry=True)
+    # Calling again with a donated (deleted) state would raise: each call got the previous
+    # result. The caller's array was copied first, so it is alive and unchanged.
+    self.assertEqual(timing["repeats"], 3)
+    np.testing.assert_array_equal(state, np.zeros(4))
+    self.assertEqual(timing["alias_bytes"], 16)  # the new state reuses the donated buffer
 
 
 class ModelTest(parameterized.TestCase):

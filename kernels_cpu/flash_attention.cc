@@ -326,25 +326,35 @@ void PackTransposed(const float* k, int64_t ld, int valid, int64_t H, float* kt)
   }
 }
 
-// Rows [t0, t0 + kBlockQ) of query head n of batch row b. With several query blocks per head,
-// `kt_all` holds the keys transposed, [B, K, H, S_pad] with S_pad = S rounded up to 16 (zeros
-// past S), transposed once by XLA rather than once per query block here; with one query block
-// (decoding, short prompts) s_pad is 0 and each key block is transposed here instead, which
-// spares a copy of the whole cache per call.
-// Up to this many query rows (decode steps) compute logits as dot products with the key rows
-// where they lie: a transposed copy of a key block would cost more than the products.
-constexpr int kDotRows = 4;
-
-// s[r, c] = q[r] . key c for c < valid (q rows contiguous, keys `ldk` apart, h % kLanes == 0).
-void KeyDots(int rows, int valid, int h, const float* q, const float* k, int64_t ldk, float* s,
-             int64_t lds) {
-  for (int c = 0; c < valid; ++c) {
-    const float* key = k + c * ldk;
-    for (int r = 0; r < rows; ++r) {
-      vf acc = Splat(0.f);
-      for (int i = 0; i < h; i += kLanes) acc += Load(q + r * h + i) * Load(key + i);
-      s[r * lds + c] = ReduceSum(acc);
+// One key block of the online softmax (FlashAttention-2): logits s[r, :cols] become
+// probabilities relative to the updated running max m[r]; the normaliser l[r] and the output
+// accumulator acc[r, :H] are rescaled to it. Rows with nothing visible yet are left alone (and
+// their s zeroed, so that the caller's P V adds nothing).
+void OnlineSoftmax(int rows, int cols, int64_t H, float* s, float* m, float* l, float* acc) {
+  for (int r = 0; r < rows; ++r) {
+    float* row = s + r * kBlockK;
+    vf vmax = Splat(kNegInf);
+    for (int c = 0; c < cols; c += kLanes) {
+      const vf x = Load(row + c);
+      vmax = x > vmax ? x : vmax;
     }
+    const float m_new = std::max(m[r], ReduceMax(vmax));
+    if (m_new == kNegInf) {
+      std::fill(row, row + cols, 0.f);
+      continue;
+    }
+    const float alpha = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first visible block
+    vf vsum = Splat(0.f);
+    const vf shift = Splat(m_new);
+    for (int c = 0; c < cols; c += kLanes) {
+      const vf p = Exp(Load(row + c) - shift);
+      Store(row + c, p);
+      vsum += p;
+    }
+    l[r] = l[r] * alpha + ReduceSum(vsum);
+    m[r] = m_new;
+    if (alpha != 1.f)
+      for (int64_t h = 0; h < H; h += kLanes) Store(acc + r * H + h, Load(acc + r * H + h) * alpha);
   }
 }
 
@@ -357,6 +367,118 @@ int64_t TransposedRowLength(const Shape& sh, const int64_t* dims) {
   return real ? dims[3] : 0;
 }
 
+// Decoding: up to this many query rows take the split-cache path below.
+constexpr int kDecodeRows = 4;
+// Keys per decode task at least (a multiple of kBlockK): enough work to pay for a task.
+constexpr int64_t kMinChunk = 512;
+
+// The decode path splits the visible cache [0, hi) into chunks, a task per (batch row, chunk),
+// as flash-decoding does across GPU thread blocks. Each task reads its chunk of K and V front to
+// back, every kv head at once: a cache row [K, H] is contiguous but one head's keys are K * H
+// floats apart, and the per-head tasks of the blocked path streamed a long cache at about half
+// of the memory bandwidth (docs/kernels.md). Tasks leave per (query head, row) partial softmax
+// state that MergeDecodeChunks combines by log-sum-exp.
+struct DecodePlan {
+  int64_t chunk, chunks;  // keys per chunk, chunks per batch row
+};
+
+DecodePlan PlanDecode(const Shape& sh, const Mask& mask, int64_t threads) {
+  int64_t lo, hi, global_hi;
+  mask.KeyRange(mask.q_offset, mask.q_offset + sh.T - 1, sh.S, &lo, &hi, &global_hi);
+  hi = std::max(hi, global_hi);  // global tokens may lie past a bidirectional window
+  // Four chunks per thread evens out chunks that the mask partly hides.
+  const int64_t wanted = std::max<int64_t>(1, 4 * threads / std::max<int64_t>(sh.B, 1));
+  int64_t chunk = (hi + wanted - 1) / wanted;
+  chunk = std::max(kMinChunk, (chunk + kBlockK - 1) / kBlockK * kBlockK);
+  return {chunk, std::max<int64_t>(1, (hi + chunk - 1) / chunk)};
+}
+
+// Partial softmax of every query head's rows against keys [k0, k1) of batch row b: running max
+// `pm`, normaliser `pl` [N * T] and unnormalised output `pacc` [N * T, H], rows n * T + t.
+void DecodeChunk(const Shape& sh, const Mask& mask, const Alibi& alibi, float scale,
+                 const float* q, const float* k, const float* v, int64_t b, int64_t k0,
+                 int64_t k1, float* pm, float* pl, float* pacc) {
+  const int64_t H = sh.H, N = sh.N, K = sh.K, G = sh.group(), T = sh.T;
+  const int rows = static_cast<int>(T);
+  const int64_t heads_rows = N * T;
+  thread_local std::vector<float> scratch;
+  scratch.resize(heads_rows * H + heads_rows * kBlockK);
+  float* qs = scratch.data();          // [N * T, H] scaled queries
+  float* s = qs + heads_rows * H;      // [N * T, kBlockK] logits, then probabilities
+  thread_local std::vector<int32_t> key_positions(kBlockK);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h)
+        qs[(n * T + t) * H + h] = q[((b * T + t) * N + n) * H + h] * scale;
+  std::fill(pm, pm + heads_rows, kNegInf);
+  std::fill(pl, pl + heads_rows, 0.f);
+  std::fill(pacc, pacc + heads_rows * H, 0.f);
+
+  const int64_t i0 = mask.q_offset, i1 = i0 + T - 1;
+  for (int64_t j0 = k0; j0 < k1; j0 += kBlockK) {
+    const int valid = static_cast<int>(std::min<int64_t>(kBlockK, k1 - j0));
+    if (!mask.BlockVisible(i0, i1, j0, j0 + valid, sh.S)) continue;
+    const int cols = RoundUp(valid, 16);
+    // Logits in the cache's memory order: key row c, then its kv heads, then their query heads.
+    for (int c = 0; c < valid; ++c) {
+      const float* key_row = k + (b * sh.S + j0 + c) * K * H;
+      for (int64_t kvh = 0; kvh < K; ++kvh) {
+        const float* key = key_row + kvh * H;
+        for (int64_t r = kvh * G * T; r < (kvh + 1) * G * T; ++r) {
+          vf acc = Splat(0.f);
+          for (int64_t h = 0; h < H; h += kLanes) acc += Load(qs + r * H + h) * Load(key + h);
+          s[r * kBlockK + c] = ReduceSum(acc);
+        }
+      }
+    }
+    if (alibi.on()) alibi.KeyPositions(b, j0, valid, key_positions.data());
+    const bool full = mask.BlockFull(i0, i1, j0, j0 + valid);
+    for (int64_t n = 0; n < N; ++n) {
+      float* sn = s + n * T * kBlockK;
+      if (alibi.on())
+        AddAlibi(alibi.slopes[n], alibi.QueryPositions(b, 0), rows, key_positions.data(), cols,
+                 sn, kBlockK);
+      mask.Apply(b, 0, rows, j0, valid, cols, sn, kBlockK, full);
+    }
+    OnlineSoftmax(static_cast<int>(heads_rows), cols, H, s, pm, pl, pacc);
+    for (int64_t n = 0; n < N; ++n)
+      Gemm(rows, static_cast<int>(H), valid, s + n * T * kBlockK, kBlockK, 1,
+           v + ((b * sh.S + j0) * K + n / G) * H, K * H, pacc + n * T * H, H);
+  }
+}
+
+// out [B, T, N, H] and lse [B, N, T] from the chunks' partials ([B, chunks, N * T] and
+// [B, chunks, N * T, H]): each chunk's normaliser and output rescaled to the common max.
+void MergeDecodeChunks(const Shape& sh, int64_t chunks, const float* pm, const float* pl,
+                       const float* pacc, float* out, float* lse) {
+  const int64_t H = sh.H, N = sh.N, T = sh.T, heads_rows = N * T;
+  std::vector<float> merged(H);
+  for (int64_t b = 0; b < sh.B; ++b)
+    for (int64_t row = 0; row < heads_rows; ++row) {
+      const int64_t n = row / T, t = row % T;
+      float m = kNegInf;
+      for (int64_t c = 0; c < chunks; ++c) m = std::max(m, pm[(b * chunks + c) * heads_rows + row]);
+      float l = 0.f;
+      std::fill(merged.begin(), merged.end(), 0.f);
+      if (m != kNegInf)
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t at = (b * chunks + c) * heads_rows + row;
+          if (pm[at] == kNegInf) continue;
+          const float w = std::exp(pm[at] - m);
+          l += pl[at] * w;
+          for (int64_t h = 0; h < H; ++h) merged[h] += pacc[at * H + h] * w;
+        }
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      float* o = out + ((b * T + t) * N + n) * H;
+      for (int64_t h = 0; h < H; ++h) o[h] = merged[h] * inv;
+      lse[(b * N + n) * T + t] = l > 0.f ? m + std::log(l) : kNegInf;
+    }
+}
+
+// Rows [t0, t0 + kBlockQ) of query head n of batch row b. With several query blocks per head,
+// `kt_all` holds the keys transposed, [B, K, H, S_pad] with S_pad = S rounded up to 16 (zeros
+// past S), transposed once by XLA rather than once per query block here; with one query block
+// (short prompts) s_pad is 0 and each key block is transposed here instead.
 void ForwardBlock(const Shape& sh, const Mask& mask, const Alibi& alibi, float scale,
                   const float* q, const float* k, const float* kt_all, int64_t s_pad,
                   const float* v, float* out, float* lse, int64_t b, int64_t n, int64_t t0) {
@@ -385,16 +507,12 @@ void ForwardBlock(const Shape& sh, const Mask& mask, const Alibi& alibi, float s
     if (!mask.BlockVisible(i0, i1, k0, k0 + valid, sh.S)) continue;
     const int cols = RoundUp(valid, 16);
     const float* kb = k + ((b * sh.S + k0) * K + kvh) * H;
-    if (rows <= kDotRows) {
-      KeyDots(rows, valid, static_cast<int>(H), qs, kb, K * H, s, kBlockK);
-    } else {
-      // Keys transposed: XLA's copy when it made one (s_pad >= S), else this block's, in cache.
-      const bool given = s_pad >= sh.S;
-      if (!given) PackTransposed(kb, K * H, valid, H, packed);
-      const float* kt = given ? kt_all + (b * K + kvh) * H * s_pad + k0 : packed;
-      for (int r = 0; r < rows; ++r) std::fill(s + r * kBlockK, s + r * kBlockK + cols, 0.f);
-      Gemm(rows, cols, static_cast<int>(H), qs, H, 1, kt, given ? s_pad : kBlockK, s, kBlockK);
-    }
+    // Keys transposed: XLA's copy when it made one (s_pad >= S), else this block's, in cache.
+    const bool given = s_pad >= sh.S;
+    if (!given) PackTransposed(kb, K * H, valid, H, packed);
+    const float* kt = given ? kt_all + (b * K + kvh) * H * s_pad + k0 : packed;
+    for (int r = 0; r < rows; ++r) std::fill(s + r * kBlockK, s + r * kBlockK + cols, 0.f);
+    Gemm(rows, cols, static_cast<int>(H), qs, H, 1, kt, given ? s_pad : kBlockK, s, kBlockK);
     if (alibi.on()) {
       alibi.KeyPositions(b, k0, valid, key_positions.data());
       AddAlibi(alibi.slopes[n], alibi.QueryPositions(b, t0), rows, key_positions.data(), cols, s,
@@ -402,32 +520,7 @@ void ForwardBlock(const Shape& sh, const Mask& mask, const Alibi& alibi, float s
     }
     mask.Apply(b, t0, rows, k0, valid, cols, s, kBlockK,
                mask.BlockFull(i0, i1, k0, k0 + valid));
-    for (int r = 0; r < rows; ++r) {
-      float* row = s + r * kBlockK;
-      vf vmax = Splat(kNegInf);
-      for (int c = 0; c < cols; c += kLanes) {
-        const vf x = Load(row + c);
-        vmax = x > vmax ? x : vmax;
-      }
-      const float m_new = std::max(m[r], ReduceMax(vmax));
-      if (m_new == kNegInf) {  // nothing visible yet: leave the row's state as it is
-        std::fill(row, row + cols, 0.f);
-        continue;
-      }
-      const float alpha = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first visible block
-      vf vsum = Splat(0.f);
-      const vf shift = Splat(m_new);
-      for (int c = 0; c < cols; c += kLanes) {
-        const vf p = Exp(Load(row + c) - shift);
-        Store(row + c, p);
-        vsum += p;
-      }
-      l[r] = l[r] * alpha + ReduceSum(vsum);
-      m[r] = m_new;
-      if (alpha != 1.f)
-        for (int64_t h = 0; h < H; h += kLanes)
-          Store(acc + r * H + h, Load(acc + r * H + h) * alpha);
-    }
+    OnlineSoftmax(rows, cols, H, s, m, l, acc);
     const float* vb = v + ((b * sh.S + k0) * K + kvh) * H;
     Gemm(rows, static_cast<int>(H), valid, s, kBlockK, 1, vb, K * H, acc, H);
   }
@@ -439,6 +532,35 @@ void ForwardBlock(const Shape& sh, const Mask& mask, const Alibi& alibi, float s
     for (int64_t h = 0; h < H; ++h) o[r * N * H + h] = acc[r * H + h] * inv;
     lse_row[r] = l[r] > 0.f ? m[r] + std::log(l[r]) : kNegInf;
   }
+}
+
+// The forward of every (batch row, query head, query block), or the decode path for a few
+// query rows. `parallel(n, body)` runs body(0..n-1), on XLA's thread pool in the FFI handler,
+// serially in tests/kernels/cpu_kernel_sanitizer_harness.cc.
+template <typename Parallel>
+void ForwardAll(const Parallel& parallel, int64_t threads, const Shape& sh, const Mask& mask,
+                const Alibi& alibi, float scale, const float* q, const float* k,
+                const float* kt, int64_t s_pad, const float* v, float* out, float* lse) {
+  if (sh.T <= kDecodeRows) {
+    const DecodePlan plan = PlanDecode(sh, mask, threads);
+    const int64_t heads_rows = sh.N * sh.T, tasks = sh.B * plan.chunks;
+    std::vector<float> pm(tasks * heads_rows), pl(tasks * heads_rows),
+        pacc(tasks * heads_rows * sh.H);
+    parallel(tasks, [&](int64_t task) {
+      const int64_t b = task / plan.chunks, k0 = task % plan.chunks * plan.chunk;
+      DecodeChunk(sh, mask, alibi, scale, q, k, v, b, k0, std::min(sh.S, k0 + plan.chunk),
+                  pm.data() + task * heads_rows, pl.data() + task * heads_rows,
+                  pacc.data() + task * heads_rows * sh.H);
+    });
+    MergeDecodeChunks(sh, plan.chunks, pm.data(), pl.data(), pacc.data(), out, lse);
+    return;
+  }
+  const int64_t q_blocks = (sh.T + kBlockQ - 1) / kBlockQ;
+  parallel(sh.B * sh.N * q_blocks, [&](int64_t task) {
+    const int64_t qb = task % q_blocks, bn = task / q_blocks;
+    ForwardBlock(sh, mask, alibi, scale, q, k, kt, s_pad, v, out, lse, bn / sh.N, bn % sh.N,
+                 qb * kBlockQ);
+  });
 }
 
 // dq, dk, dv of kv head `kvh` of batch row `b` and of its query heads (and, with ALiBi, the
@@ -590,16 +712,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   const Mask mask = MaskOf(sh, causal, window, global_tokens, landmark_block, q_offset, q_seg,
                            kv_seg, segments);
   const Alibi bias = AlibiOf(sh, slopes, q_pos, kv_pos, alibi);
-  const int64_t q_blocks = (sh.T + kBlockQ - 1) / kBlockQ;
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *ktp = kt.typed_data();
-  const float* vp = v.typed_data();
-  const int64_t s_pad = TransposedRowLength(sh, kt.dimensions().begin());
-  float *op = out->typed_data(), *lp = lse->typed_data();
-  ParallelFor(pool, sh.B * sh.N * q_blocks, [&](int64_t task) {
-    const int64_t qb = task % q_blocks, bn = task / q_blocks;
-    ForwardBlock(sh, mask, bias, scale, qp, kp, ktp, s_pad, vp, op, lp, bn / sh.N, bn % sh.N,
-                 qb * kBlockQ);
-  });
+  ForwardAll([&pool](int64_t n, const auto& body) { ParallelFor(pool, n, body); },
+             pool.num_threads(), sh, mask, bias, scale, q.typed_data(), k.typed_data(),
+             kt.typed_data(), TransposedRowLength(sh, kt.dimensions().begin()), v.typed_data(),
+             out->typed_data(), lse->typed_data());
   return ffi::Error::Success();
 }
 

@@ -123,11 +123,37 @@ class CpuFlashAttentionTest(parameterized.TestCase):
   @parameterized.product(rows=(1, 2, 4, 5, 16, 70), offset=(0, 100, 441))
   def test_queries_at_an_offset(self, rows, offset):
     # Decode steps and chunked prefill: T queries at q_offset against a cache of S >= T + offset
-    # entries, the tail unwritten (hidden by causality). T <= 4 takes the dot-product path.
+    # entries, the tail unwritten (hidden by causality). T <= 4 takes the split-cache path.
     q, k, v = random_inputs(rows + offset, 2, rows, 512, 4, 2, 64, jnp.float32)
     for window in (None, 33):
       check_against_reference(q, k, v, AttentionMask(causal=True, window=window,
                                                      q_offset=jnp.int32(offset)))
+
+  @parameterized.product(rows=(1, 3), mask_kind=("causal", "window", "landmark", "segments",
+                                                  "alibi", "bidirectional_window"))
+  def test_decode_splits_a_long_cache(self, rows, mask_kind):
+    # T <= 4 rows split the visible cache into chunks of >= 512 keys (several here, 2000 + rows
+    # visible of 2600) merged by log-sum-exp; every mask and ALiBi inside the chunks.
+    s, offset = 2600, 2000
+    q, k, v = random_inputs(rows * 11, 2, rows, s, 4, 1, 32, jnp.float32)
+    ids = jnp.asarray(np.arange(s)[None] // 700, jnp.int32)
+    masks = {
+        "causal": AttentionMask(causal=True, q_offset=offset),
+        "window": AttentionMask(causal=True, window=900, global_tokens=3, q_offset=offset),
+        "landmark": AttentionMask(causal=True, landmark_block=64, q_offset=offset),
+        "segments": AttentionMask(causal=True, q_offset=offset, kv_segment_ids=ids,
+                                  q_segment_ids=ids[:, offset:offset + rows]),
+        "alibi": AttentionMask(causal=True, q_offset=offset),
+        # Global tokens past the window's reach from either side.
+        "bidirectional_window": AttentionMask(causal=False, window=300, global_tokens=1500,
+                                              q_offset=100),
+    }
+    alibi = None
+    if mask_kind == "alibi":
+      positions = jnp.arange(s, dtype=jnp.int32)[None]
+      alibi = (jnp.asarray([0.5, 0.1, 0.02, 0.004]), positions[:, offset:offset + rows],
+               positions)
+    check_against_reference(q, k, v, masks[mask_kind], alibi=alibi)
 
   @parameterized.product(landmark_block=(2, 7, 64, 100), rows_offset=((300, 0), (3, 250)))
   def test_landmark_blocks(self, landmark_block, rows_offset):

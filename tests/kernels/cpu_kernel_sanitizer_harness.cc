@@ -1,7 +1,8 @@
-// Runs the CPU flash attention kernel's forward and backward blocks over random shapes, masks and
-// biases, built with AddressSanitizer and UndefinedBehaviorSanitizer by
-// cpu_kernel_sanitizer_test.py: any read or write outside a buffer aborts with a report.
-// (jaxlib cannot be loaded under ASAN, so the blocks are called here directly, serially.)
+// Runs the CPU flash attention kernel's forward (blocked and split-cache decode paths) and
+// backward over random shapes, masks and biases, built with AddressSanitizer and
+// UndefinedBehaviorSanitizer by cpu_kernel_sanitizer_test.py: any read or write outside a buffer
+// aborts with a report. (jaxlib cannot be loaded under ASAN, so the kernel's functions are
+// called here directly, serially.)
 //
 // Usage: harness ITERATIONS SEED; prints "ok" when every case ran clean.
 
@@ -30,8 +31,8 @@ int main(int argc, char** argv) {
     const int edges[] = {1, 2, 4, 5, 15, 16, 17, 63, 64, 65, 127, 128, 129};
     auto length = [&](int most) { return pick(0, 1) ? edges[pick(0, 12)] : pick(1, most); };
     sh.T = length(200);
-    const int keys = pick(0, 3);
-    sh.S = keys == 0 ? sh.T : keys == 1 ? pick(1, 3) : length(300);
+    const int keys = pick(0, 4);
+    sh.S = keys == 0 ? sh.T : keys == 1 ? pick(1, 3) : keys == 2 ? pick(500, 3000) : length(300);
     const bool causal = pick(0, 3) != 0;
     const int64_t window = pick(0, 1) ? pick(1, 50) : 0;
     const int64_t landmark = causal && pick(0, 2) == 0 ? pick(2, 70) : 0;
@@ -72,11 +73,11 @@ int main(int argc, char** argv) {
     }
     const int64_t s_pad = TransposedRowLength(sh, kt_dims);
     std::vector<float> out(q.size()), lse(sh.B * sh.N * sh.T);
-    for (int64_t b = 0; b < sh.B; ++b)
-      for (int64_t n = 0; n < sh.N; ++n)
-        for (int64_t t0 = 0; t0 < sh.T; t0 += kBlockQ)
-          ForwardBlock(sh, mask, alibi, 0.25f, q.data(), k.data(), kt.data(), s_pad, v.data(),
-                       out.data(), lse.data(), b, n, t0);
+    auto serial = [](int64_t n, const auto& body) {
+      for (int64_t i = 0; i < n; ++i) body(i);
+    };
+    ForwardAll(serial, pick(1, 16), sh, mask, alibi, 0.25f, q.data(), k.data(), kt.data(), s_pad,
+               v.data(), out.data(), lse.data());
     std::vector<float> dout(q.size()), delta(lse.size(), 0.1f), dq(q.size()), dk(k.size()),
         dv(v.size()), dslopes(sh.B * sh.N);
     fill(dout);

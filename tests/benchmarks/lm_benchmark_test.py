@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -37,6 +38,33 @@ class TimeJaxTest(absltest.TestCase):
     self.assertEqual(timing["repeats"], 3)
     np.testing.assert_array_equal(state, np.zeros(4))
     self.assertEqual(timing["alias_bytes"], 16)  # the new state reuses the donated buffer
+
+
+class RoundsTest(absltest.TestCase):
+
+  def test_each_case_keeps_its_fastest_round_in_the_first_rounds_order(self):
+    shapes = [lm.LMShape(64, 2, 64, 2), lm.LMShape(128, 2, 64, 1)]
+    times = {  # (impl, width) -> time_s in round 1, round 2
+        ("longjax", 64): (2.0, 1.5), ("hf_llama", 64): (1.0, 3.0),
+        ("longjax", 128): (4.0, 5.0), ("hf_llama", 128): (6.0, 6.5)}
+    orders = []
+
+    def fake_run_cases(module, function, cfg, impls, **unused):
+      del module, function, unused
+      orders.append(impls)
+      round_index = len(orders) - 1
+      return [{"impl": impl, "width": s.width, "layers": s.layers, "t": s.t, "batch": s.batch,
+               "status": "ok", "time_s": times[impl, s.width][round_index]}
+              for s in cfg["shapes"] for impl in impls]
+
+    sizes = {"rounds_test": {"shapes": shapes, "repeats": 1, "budget_s": 1, "timeout_s": 1,
+                             "rounds": 2}}
+    with mock.patch.dict(train.SIZES, sizes), mock.patch.object(lm, "run_cases", fake_run_cases):
+      rows = train.run("rounds_test", impls=("longjax", "hf_llama"), memory_budget=None)
+    self.assertEqual(orders, [("longjax", "hf_llama"), ("hf_llama", "longjax")])
+    self.assertEqual([(r["impl"], r["width"], r["time_s"], r["round_times_s"]) for r in rows],
+                     [("longjax", 64, 1.5, [2.0, 1.5]), ("hf_llama", 64, 1.0, [1.0, 3.0]),
+                      ("longjax", 128, 4.0, [4.0, 5.0]), ("hf_llama", 128, 6.0, [6.0, 6.5])])
 
 
 class ModelTest(parameterized.TestCase):

@@ -131,22 +131,21 @@ def run(sizes: str, *, impls=IMPLS, memory_budget: int | None,
   land on one side of a ratio.
   """
   cfg = SIZES[sizes]
-  size_of = lambda r: tuple(r[k] for k in ("width", "layers", "t", "batch"))  # noqa: E731
   best = {}
   for round_index in range(cfg.get("rounds", 1)):
     order = tuple(impls) if round_index % 2 == 0 else tuple(reversed(impls))
     for row in lm.run_cases(__name__, "train_case", cfg, order, peer=PEER,
                             memory_budget=memory_budget, timeout_s=timeout_s,
                             jax_modules=_JAX_MODULES):
-      key = (row["impl"], size_of(row))
+      key = (row["impl"], tuple(_size(row).values()))
       kept = best.setdefault(key, dict(row, round_times_s=[]))
       if row.get("status") == "ok":
         kept["round_times_s"].append(row["time_s"])
         if kept.get("status") != "ok" or row["time_s"] < kept["time_s"]:
           best[key] = dict(row, round_times_s=kept["round_times_s"])
   shapes = [(s.width, s.layers, s.t, s.batch) for s in cfg["shapes"]]
-  return sorted(best.values(),
-                key=lambda r: (shapes.index(size_of(r)), list(impls).index(r["impl"])))
+  return sorted(best.values(), key=lambda r: (shapes.index(tuple(_size(r).values())),
+                                              list(impls).index(r["impl"])))
 
 
 def _same_shape(a: dict, b: dict) -> bool:

@@ -65,9 +65,9 @@ def clipped_adamw(learning_rate: optax.ScalarOrSchedule, *, max_norm: float, b1:
     decay_mask: a pytree of bools like the parameters: which ones are decayed.
   """
   def init(params):
-    zeros = lambda p: jnp.zeros_like(p)  # pylint: disable=unnecessary-lambda-assignment
-    return ClippedAdamWState(count=jnp.zeros((), jnp.int32), mu=jax.tree.map(zeros, params),
-                             nu=jax.tree.map(zeros, params))
+    return ClippedAdamWState(count=jnp.zeros((), jnp.int32),
+                             mu=jax.tree.map(jnp.zeros_like, params),
+                             nu=jax.tree.map(jnp.zeros_like, params))
 
   def update(grads, state, params):
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
@@ -88,9 +88,10 @@ def clipped_adamw(learning_rate: optax.ScalarOrSchedule, *, max_norm: float, b1:
       return -lr * u, m, v
 
     out = jax.tree.map(leaf, grads, state.mu, state.nu, params, decay_mask)
-    pick = lambda i: jax.tree.map(lambda o: o[i], out,  # pylint: disable=unnecessary-lambda-assignment
-                                  is_leaf=lambda o: isinstance(o, tuple))
-    return pick(0), ClippedAdamWState(count=count, mu=pick(1), nu=pick(2))
+    # A tree of (update, mu, nu) triples -> three trees (tuples inside the parameters stay).
+    updates, mu, nu = jax.tree.transpose(jax.tree.structure(grads),
+                                         jax.tree.structure((0, 0, 0)), out)
+    return updates, ClippedAdamWState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init, update)
 

@@ -290,9 +290,11 @@ void AddAlibi(float slope, const int32_t* q_positions, int rows, const int32_t* 
 }
 
 // Runs body(0..n-1) on the thread pool and the calling thread; returns when all are done.
-// Helpers that start late find no work left and only touch the shared counter state.
-template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
+// Helpers that start late find no work left and only touch the shared counter state. `Pool` is
+// ffi::ThreadPool here and a std::thread pool in the sanitizer harness, which runs this under
+// ThreadSanitizer and AddressSanitizer.
+template <typename Pool, typename Body>
+void ParallelFor(Pool& pool, int64_t n, const Body& body) {
   struct State {
     std::atomic<int64_t> next{0}, done{0};
     std::mutex mu;
@@ -535,18 +537,17 @@ void ForwardBlock(const Shape& sh, const Mask& mask, const Alibi& alibi, float s
 }
 
 // The forward of every (batch row, query head, query block), or the decode path for a few
-// query rows. `parallel(n, body)` runs body(0..n-1), on XLA's thread pool in the FFI handler,
-// serially in tests/kernels/cpu_kernel_sanitizer_harness.cc.
-template <typename Parallel>
-void ForwardAll(const Parallel& parallel, int64_t threads, const Shape& sh, const Mask& mask,
-                const Alibi& alibi, float scale, const float* q, const float* k,
-                const float* kt, int64_t s_pad, const float* v, float* out, float* lse) {
+// query rows, as tasks on `pool` (see ParallelFor).
+template <typename Pool>
+void ForwardAll(Pool& pool, const Shape& sh, const Mask& mask, const Alibi& alibi, float scale,
+                const float* q, const float* k, const float* kt, int64_t s_pad, const float* v,
+                float* out, float* lse) {
   if (sh.T <= kDecodeRows) {
-    const DecodePlan plan = PlanDecode(sh, mask, threads);
+    const DecodePlan plan = PlanDecode(sh, mask, pool.num_threads());
     const int64_t heads_rows = sh.N * sh.T, tasks = sh.B * plan.chunks;
     std::vector<float> pm(tasks * heads_rows), pl(tasks * heads_rows),
         pacc(tasks * heads_rows * sh.H);
-    parallel(tasks, [&](int64_t task) {
+    ParallelFor(pool, tasks, [&](int64_t task) {
       const int64_t b = task / plan.chunks, k0 = task % plan.chunks * plan.chunk;
       DecodeChunk(sh, mask, alibi, scale, q, k, v, b, k0, std::min(sh.S, k0 + plan.chunk),
                   pm.data() + task * heads_rows, pl.data() + task * heads_rows,
@@ -556,7 +557,7 @@ void ForwardAll(const Parallel& parallel, int64_t threads, const Shape& sh, cons
     return;
   }
   const int64_t q_blocks = (sh.T + kBlockQ - 1) / kBlockQ;
-  parallel(sh.B * sh.N * q_blocks, [&](int64_t task) {
+  ParallelFor(pool, sh.B * sh.N * q_blocks, [&](int64_t task) {
     const int64_t qb = task % q_blocks, bn = task / q_blocks;
     ForwardBlock(sh, mask, alibi, scale, q, k, kt, s_pad, v, out, lse, bn / sh.N, bn % sh.N,
                  qb * kBlockQ);
@@ -665,6 +666,18 @@ void BackwardHead(const Shape& sh, const Mask& mask, const Alibi& alibi, float s
   }
 }
 
+// The backward of every (batch row, kv head), as tasks on `pool`.
+template <typename Pool>
+void BackwardAll(Pool& pool, const Shape& sh, const Mask& mask, const Alibi& alibi, float scale,
+                 const float* q, const float* k, const float* v, const float* dout,
+                 const float* lse, const float* delta, float* dq, float* dk, float* dv,
+                 float* dslopes) {
+  ParallelFor(pool, sh.B * sh.K, [&](int64_t task) {
+    BackwardHead(sh, mask, alibi, scale, q, k, v, dout, lse, delta, dq, dk, dv, dslopes,
+                 task / sh.K, task % sh.K);
+  });
+}
+
 ffi::Error CheckShapes(const Shape& sh) {
   if (sh.H % 16 != 0)
     return ffi::Error::InvalidArgument("head dim must be a multiple of 16");
@@ -712,10 +725,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   const Mask mask = MaskOf(sh, causal, window, global_tokens, landmark_block, q_offset, q_seg,
                            kv_seg, segments);
   const Alibi bias = AlibiOf(sh, slopes, q_pos, kv_pos, alibi);
-  ForwardAll([&pool](int64_t n, const auto& body) { ParallelFor(pool, n, body); },
-             pool.num_threads(), sh, mask, bias, scale, q.typed_data(), k.typed_data(),
-             kt.typed_data(), TransposedRowLength(sh, kt.dimensions().begin()), v.typed_data(),
-             out->typed_data(), lse->typed_data());
+  ForwardAll(pool, sh, mask, bias, scale, q.typed_data(), k.typed_data(), kt.typed_data(),
+             TransposedRowLength(sh, kt.dimensions().begin()), v.typed_data(), out->typed_data(),
+             lse->typed_data());
   return ffi::Error::Success();
 }
 
@@ -734,12 +746,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   const Mask mask = MaskOf(sh, causal, window, global_tokens, landmark_block, q_offset, q_seg,
                            kv_seg, segments);
   const Alibi bias = AlibiOf(sh, slopes, q_pos, kv_pos, alibi);
-  ParallelFor(pool, sh.B * sh.K, [&](int64_t task) {
-    BackwardHead(sh, mask, bias, scale, q.typed_data(), k.typed_data(), v.typed_data(),
-                 dout.typed_data(), lse.typed_data(), delta.typed_data(), dq->typed_data(),
-                 dk->typed_data(), dv->typed_data(), dslopes->typed_data(), task / sh.K,
-                 task % sh.K);
-  });
+  BackwardAll(pool, sh, mask, bias, scale, q.typed_data(), k.typed_data(), v.typed_data(),
+              dout.typed_data(), lse.typed_data(), delta.typed_data(), dq->typed_data(),
+              dk->typed_data(), dv->typed_data(), dslopes->typed_data());
   return ffi::Error::Success();
 }
 

@@ -1,18 +1,69 @@
 // Runs the CPU flash attention kernel's forward (blocked and split-cache decode paths) and
-// backward over random shapes, masks and biases, built with AddressSanitizer and
-// UndefinedBehaviorSanitizer by cpu_kernel_sanitizer_test.py: any read or write outside a buffer
-// aborts with a report. (jaxlib cannot be loaded under ASAN, so the kernel's functions are
-// called here directly, serially.)
+// backward over random shapes, masks and biases, on a small std::thread pool that stands in for
+// XLA's. cpu_kernel_sanitizer_test.py builds it twice: with AddressSanitizer and
+// UndefinedBehaviorSanitizer (any read or write outside a buffer aborts with a report) and with
+// ThreadSanitizer (a data race between tasks, or in ParallelFor's hand-off, aborts). jaxlib
+// cannot be loaded under the sanitizers, so the kernel's drivers are called here directly.
 //
 // Usage: harness ITERATIONS SEED; prints "ok" when every case ran clean.
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
+#include <functional>
+#include <mutex>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "flash_attention.cc"
+
+// The two members of ffi::ThreadPool that ParallelFor uses, on `threads` worker threads.
+class TestPool {
+ public:
+  explicit TestPool(int threads) {
+    for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { Work(); });
+  }
+  ~TestPool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (std::thread& t : workers_) t.join();
+  }
+  int64_t num_threads() const { return static_cast<int64_t>(workers_.size()); }
+  template <typename F>
+  void Schedule(F&& f) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      tasks_.emplace_back(std::forward<F>(f));
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  void Work() {
+    for (;;) {
+      std::function<void()> task;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [this] { return stop_ || !tasks_.empty(); });
+        if (tasks_.empty()) return;
+        task = std::move(tasks_.front());
+        tasks_.pop_front();
+      }
+      task();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> tasks_;
+  std::vector<std::thread> workers_;
+  bool stop_ = false;
+};
 
 int main(int argc, char** argv) {
   const int iterations = argc > 1 ? std::atoi(argv[1]) : 500;
@@ -73,19 +124,15 @@ int main(int argc, char** argv) {
     }
     const int64_t s_pad = TransposedRowLength(sh, kt_dims);
     std::vector<float> out(q.size()), lse(sh.B * sh.N * sh.T);
-    auto serial = [](int64_t n, const auto& body) {
-      for (int64_t i = 0; i < n; ++i) body(i);
-    };
-    ForwardAll(serial, pick(1, 16), sh, mask, alibi, 0.25f, q.data(), k.data(), kt.data(), s_pad,
-               v.data(), out.data(), lse.data());
+    // Zero workers: the calling thread runs every task; more: chunk plans of other sizes.
+    TestPool pool(pick(0, 4));
+    ForwardAll(pool, sh, mask, alibi, 0.25f, q.data(), k.data(), kt.data(), s_pad, v.data(),
+               out.data(), lse.data());
     std::vector<float> dout(q.size()), delta(lse.size(), 0.1f), dq(q.size()), dk(k.size()),
         dv(v.size()), dslopes(sh.B * sh.N);
     fill(dout);
-    for (int64_t b = 0; b < sh.B; ++b)
-      for (int64_t kvh = 0; kvh < sh.K; ++kvh)
-        BackwardHead(sh, mask, alibi, 0.25f, q.data(), k.data(), v.data(), dout.data(),
-                     lse.data(), delta.data(), dq.data(), dk.data(), dv.data(), dslopes.data(),
-                     b, kvh);
+    BackwardAll(pool, sh, mask, alibi, 0.25f, q.data(), k.data(), v.data(), dout.data(),
+                lse.data(), delta.data(), dq.data(), dk.data(), dv.data(), dslopes.data());
   }
   std::puts("ok");
   return 0;

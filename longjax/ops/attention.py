@@ -12,6 +12,8 @@ resolved in `resolve_impl` only. Implementations share one set of semantics:
     its integer arrays (positions) none.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -37,6 +39,37 @@ def _is_decode(mask: AttentionMask, q_length: int, kv_length: int) -> bool:
   sequence per row against a longer KV cache (training calls have T == S)."""
   return (mask.causal and mask.q_segment_ids is None and q_length < kv_length
           and q_length <= DECODE_MAX_QUERIES)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _pallas_decode(q, k, v, q_offset, window, global_tokens, scale, block):
+  """A decode call under impl="pallas": (out, lse) from the split-KV decode kernel.
+
+  Keys past the last query's index are hidden by causality, so the valid cache is q_offset + T
+  entries and the kernel skips the rest. The decode kernel has no derivative; the backward is the
+  flash kernel's, which serves the same call (T < S, run-time q_offset), recomputing its
+  forward, which costs little next to the backward for T <= DECODE_MAX_QUERIES.
+  """
+  return kernels_pallas.decode_attention(
+      q, k, v, cache_length=q_offset + q.shape[1], q_offset=q_offset, window=window,
+      global_tokens=global_tokens, scale=scale, block_k=block, return_lse=True)
+
+
+def _pallas_decode_fwd(q, k, v, q_offset, window, global_tokens, scale, block):
+  out = _pallas_decode(q, k, v, q_offset, window, global_tokens, scale, block)
+  return out, (q, k, v, q_offset)
+
+
+def _pallas_decode_bwd(window, global_tokens, scale, block, residuals, cotangents):
+  q, k, v, q_offset = residuals
+  flash = functools.partial(
+      kernels_pallas.flash_attention, causal=True, window=window, global_tokens=global_tokens,
+      q_offset=q_offset, scale=scale, block_q=block, block_k=block, return_lse=True)
+  _, vjp = jax.vjp(flash, q, k, v)
+  return (*vjp(cotangents), None)
+
+
+_pallas_decode.defvjp(_pallas_decode_fwd, _pallas_decode_bwd)
 
 
 def pallas_unsupported(mask: AttentionMask, bias) -> str | None:
@@ -297,15 +330,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Att
     return attention_bundled.cudnn_attention(q, k, v, mask=mask, scale=scale)
   elif resolved == "pallas":
     if _is_decode(mask, t, s) and bias is None and mask.landmark_block is None:
-      # Keys past the last query's index are hidden by causality, so the valid cache is
-      # q_offset + T entries; the split-KV kernel skips the rest. Inference only (no VJP).
       # Biased decode calls go to the flash kernel below (it takes positions, q_offset and
       # T < S, and skips the same causal tail); the decode kernel's ALiBi is index-based. So do
       # landmark masks (the decode kernel has none).
-      out, lse = kernels_pallas.decode_attention(
-          q, k, v, cache_length=mask.q_offset + t, q_offset=mask.q_offset, window=mask.window,
-          global_tokens=mask.global_tokens, scale=scale, block_k=requested_block,
-          return_lse=True)
+      out, lse = _pallas_decode(q, k, v, mask.q_offset, mask.window, mask.global_tokens, scale,
+                                requested_block)
       return (out, lse) if return_lse else out
     out, lse = kernels_pallas.flash_attention(
         q, k, v, causal=mask.causal, window=mask.window, global_tokens=mask.global_tokens,

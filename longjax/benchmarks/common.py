@@ -26,6 +26,8 @@ import tempfile
 import time
 import traceback
 
+from longjax import host_memory
+
 _MIB = 2**20
 
 
@@ -225,6 +227,9 @@ def _classify(exc: BaseException) -> tuple[str, str]:
 
 def child_main(argv: list[str]) -> None:
   """Child side of `run_case`: argv = [request.json, result.json]."""
+  # As the entry points do, for every case and both sides of a comparison (the HF peer's step
+  # is ~5% faster with it, longjax's up to ~25%: docs/benchmarks.md).
+  host_memory.reuse_freed_memory()
   with open(argv[0]) as f:
     request = json.load(f)
   result = {"rss_base_mib": None, "load_average_start": os.getloadavg()[0]}

@@ -7,10 +7,11 @@ Every case runs in its own child process (`run_case`), so that
   * a case that runs past its time limit is killed and recorded as a timeout.
 
 A case is a function `f(**kwargs) -> dict` in an importable module; the child imports it, calls
-it and writes the dict as JSON. Timings are the median of several runs after compilation and one
-warm-up call (`time_jax`, `time_callable`). JAX cases compile ahead of time, read the compiled
-footprint from `memory_analysis()` and refuse to run when it exceeds the memory budget
-(`OutOfBudget`), so that a case that cannot fit is reported rather than swapping or being killed.
+it and writes the dict as JSON. Timings are the median of several runs after compilation and
+warm-up calls (one unless the suite asks for more: `time_jax`, `time_callable`). JAX cases
+compile ahead of time, read the compiled footprint from `memory_analysis()` and refuse to run
+when it exceeds the memory budget (`OutOfBudget`), so that a case that cannot fit is reported
+rather than swapping or being killed.
 """
 
 import importlib.metadata
@@ -93,7 +94,7 @@ def footprint_bytes(memory: dict) -> int:
 
 
 def time_jax(fn, args, *, repeats: int, budget_s: float, memory_budget_bytes: int | None,
-             carry: bool = False) -> dict:
+             carry: bool = False, warmup: int = 1) -> dict:
   """Compiles `fn(*args)` ahead of time, checks its footprint, then times it.
 
   Args:
@@ -107,6 +108,7 @@ def time_jax(fn, args, *, repeats: int, budget_s: float, memory_budget_bytes: in
       argument is donated and each call is fed the previous call's result, so the timed loop
       updates one state in place the way a training loop does (without it, every call would
       allocate, and page in, a fresh copy of the parameters and optimizer moments).
+    warmup: untimed calls before the timed ones (at least 1).
 
   Returns:
     time_s (median), times_s, repeats, compile_s, first_call_s and the compiled memory fields.
@@ -129,18 +131,25 @@ def time_jax(fn, args, *, repeats: int, budget_s: float, memory_budget_bytes: in
       return first, out
   else:
     call = lambda: compiled(*args)  # pylint: disable=unnecessary-lambda-assignment
-  start = time.perf_counter()
-  _block(call())  # warm-up: first-call allocations, thread pool start
-  first_s = time.perf_counter() - start
+  first_s = _warm_up(call, warmup, _block)  # first-call allocations, thread pool start
   result = _median_of(call, first_s, repeats, budget_s, _block)
   return {**result, "compile_s": compile_s, "first_call_s": first_s, **memory}
 
 
-def time_callable(fn, *, repeats: int, budget_s: float, sync=lambda x: x) -> dict:
-  """Times an eager callable (a PyTorch step): one warm-up call, then the median of runs."""
+def _warm_up(fn, calls: int, sync) -> float:
+  """Calls fn `calls` times (at least once) untimed; returns the first call's seconds."""
   start = time.perf_counter()
   sync(fn())
   first_s = time.perf_counter() - start
+  for _ in range(calls - 1):
+    sync(fn())
+  return first_s
+
+
+def time_callable(fn, *, repeats: int, budget_s: float, sync=lambda x: x,
+                  warmup: int = 1) -> dict:
+  """Times an eager callable (a PyTorch step): `warmup` untimed calls, then the median of runs."""
+  first_s = _warm_up(fn, warmup, sync)
   return {**_median_of(fn, first_s, repeats, budget_s, sync), "first_call_s": first_s}
 
 
@@ -227,11 +236,12 @@ def _classify(exc: BaseException) -> tuple[str, str]:
 
 def child_main(argv: list[str]) -> None:
   """Child side of `run_case`: argv = [request.json, result.json]."""
-  # As the entry points do, for every case and both sides of a comparison (the HF peer's step
-  # is ~5% faster with it, longjax's up to ~25%: docs/benchmarks.md).
-  host_memory.reuse_freed_memory()
   with open(argv[0]) as f:
     request = json.load(f)
+  # As the entry points do, for both sides of a comparison (the HF peer's step is ~5% faster
+  # with it, longjax's up to ~25%: docs/benchmarks.md).
+  if request.get("reuse_freed_memory", True):
+    host_memory.reuse_freed_memory()
   result = {"rss_base_mib": None, "load_average_start": os.getloadavg()[0]}
   try:
     for name in request.get("preload", ()):
@@ -283,11 +293,14 @@ def torch_env() -> dict:
 
 
 def run_case(module: str, function: str, kwargs: dict, *, timeout_s: float,
-             preload: tuple[str, ...] = (), env: dict | None = None) -> dict:
+             preload: tuple[str, ...] = (), env: dict | None = None,
+             reuse_freed_memory: bool = True) -> dict:
   """Runs `module.function(**kwargs)` in a child process and returns its result dict.
 
   `preload` names modules the child imports before it notes its base RSS ("rss_base_mib"), e.g.
   the framework the case runs on; `env` adds environment variables for the child.
+  `reuse_freed_memory`: the child calls `host_memory.reuse_freed_memory()` first, as the entry
+  points do. Cases that measure memory turn it off: keeping freed memory raises the peak RSS.
 
   The dict always has "status" ("ok", "skipped", "oom", "timeout", "killed" or "error"), a
   "reason" unless ok, "wall_s" (the whole child, imports and compilation included) and
@@ -298,7 +311,7 @@ def run_case(module: str, function: str, kwargs: dict, *, timeout_s: float,
     request, output, log = (os.path.join(tmp, n) for n in ("request.json", "result.json", "log"))
     with open(request, "w") as f:
       json.dump({"module": module, "function": function, "kwargs": kwargs,
-                 "preload": list(preload)}, f)
+                 "preload": list(preload), "reuse_freed_memory": reuse_freed_memory}, f)
     start = time.perf_counter()
     env = {**os.environ, **(env or {})}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_REPO_ROOT, env.get("PYTHONPATH")]))

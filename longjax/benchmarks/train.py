@@ -35,6 +35,10 @@ SIZES = {
              "repeats": 4, "budget_s": 120, "timeout_s": 1800, "rounds": 2},
 }
 _JAX_MODULES = ("jax", "flax", "optax", "longjax.models", "longjax.training.step")
+# Untimed steps before the timed ones, on both sides: a training process's steady state. The
+# first steps are slower while the allocator grows its heap to the step's high-water mark
+# (host_memory): one warm-up left a 7.9 s step among 4.9-5.1 s ones at d512.
+WARMUP_STEPS = 3
 
 
 def _shape(kw) -> lm.LMShape:
@@ -89,7 +93,7 @@ def _longjax_step_timing(shape, overrides, *, repeats, budget_s, memory_budget) 
   step = functools.partial(step_lib.train_step, graphdef, tx, schedule)
   # The state is donated and carried from step to step, as the trainer runs it.
   timing = common.time_jax(step, (state, batch), repeats=repeats, budget_s=budget_s,
-                           memory_budget_bytes=memory_budget, carry=True)
+                           memory_budget_bytes=memory_budget, carry=True, warmup=WARMUP_STEPS)
   return {**timing, "params": lm.count(params)}
 
 
@@ -112,7 +116,7 @@ def _hf_step_timing(shape, *, repeats, budget_s) -> dict:
     opt.zero_grad(set_to_none=True)
     return loss
 
-  timing = common.time_callable(step, repeats=repeats, budget_s=budget_s)
+  timing = common.time_callable(step, repeats=repeats, budget_s=budget_s, warmup=WARMUP_STEPS)
   return {**timing, "params": sum(p.numel() for p in model.parameters()),
           "torch_threads": torch.get_num_threads()}
 

@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import signal
 import subprocess
 import time
@@ -37,6 +38,22 @@ def _allocate(mib: int) -> dict:
   for i in range(0, len(block), 4096):  # touch every page so it is resident
     block[i] = 1
   return {"allocated_mib": mib}
+
+
+def _refault_mib(mib: int) -> dict:
+  """Minor page faults of writing a malloc'd block the second time (0 when memory is reused)."""
+  import ctypes, ctypes.util, resource  # pylint: disable=g-import-not-at-top,multiple-imports
+  libc = ctypes.CDLL(ctypes.util.find_library("c"))
+  libc.malloc.restype = ctypes.c_void_p
+  libc.free.argtypes = [ctypes.c_void_p]
+  faults = []
+  for _ in range(2):
+    p = libc.malloc(mib * 2**20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ctypes.memset(p, 1, mib * 2**20)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    libc.free(p)
+  return {"refaults": faults[1]}
 
 
 def _raise_memory_error() -> dict:
@@ -121,6 +138,15 @@ class ChildProcessTest(absltest.TestCase):
     self.assertEqual(big["status"], "ok")
     self.assertGreater(big["rss_peak_mib"] - small["rss_peak_mib"], 150)
     self.assertLess(small["rss_peak_mib"], big["rss_peak_mib"])
+
+  def test_children_reuse_freed_memory_unless_told_not_to(self):
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+      self.skipTest("the setting is for glibc")
+    reused = common.run_case(_THIS, "_refault_mib", {"mib": 128}, timeout_s=60)
+    default = common.run_case(_THIS, "_refault_mib", {"mib": 128}, timeout_s=60,
+                              reuse_freed_memory=False)
+    self.assertLess(reused["refaults"], 64)
+    self.assertGreater(default["refaults"], 128 * 256 // 600)  # ~1 per 4 KiB page (fewer: THP)
 
   def test_memory_error_is_recorded_as_oom(self):
     result = self._case("_raise_memory_error")

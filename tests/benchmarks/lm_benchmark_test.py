@@ -40,6 +40,20 @@ class TimeJaxTest(absltest.TestCase):
     self.assertEqual(timing["alias_bytes"], 16)  # the new state reuses the donated buffer
 
 
+  def test_warmup_calls_are_untimed_and_the_first_is_reported(self):
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    def step(state, x):
+      return state + x, state.sum()
+
+    timing = common.time_jax(step, (jnp.zeros(()), jnp.ones(())), repeats=2, budget_s=60,
+                             memory_budget_bytes=None, carry=True, warmup=3)
+    self.assertEqual((timing["repeats"], len(timing["times_s"])), (2, 2))
+    calls = []  # 3 warm-up calls, then 4 timed
+    eager = common.time_callable(lambda: calls.append(1), repeats=4, budget_s=60, warmup=3)
+    self.assertEqual((len(calls), eager["repeats"], len(eager["times_s"])), (7, 4, 4))
+    self.assertGreater(eager["first_call_s"], 0)
+
 class RoundsTest(absltest.TestCase):
 
   def test_each_case_keeps_its_fastest_round_in_the_first_rounds_order(self):

@@ -36,6 +36,14 @@ def fail(message: str, code: int = 2):
   sys.exit(code)
 
 
+def start():
+  """First thing in train, evaluate and sample: quiet logs, and keep freed host memory for reuse
+  (`longjax.host_memory`; before JAX starts its threads, which is why it is here)."""
+  quiet_logs()
+  from longjax import host_memory  # pylint: disable=g-import-not-at-top (fast --help)
+  host_memory.reuse_freed_memory()
+
+
 def quiet_logs():
   """Orbax and JAX log every checkpoint step at INFO; show warnings only unless -v is given."""
   if not flags.FLAGS["verbosity"].present:

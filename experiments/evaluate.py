@@ -34,9 +34,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.quiet_logs()
-  from longjax import host_memory  # pylint: disable=g-import-not-at-top (fast --help)
-  host_memory.reuse_freed_memory()  # before JAX starts its threads
+  common.start()
   from longjax import configuration, runs  # pylint: disable=g-import-not-at-top (fast --help)
   from longjax.eval import harness  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value

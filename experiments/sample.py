@@ -28,9 +28,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.quiet_logs()
-  from longjax import host_memory  # pylint: disable=g-import-not-at-top (fast --help)
-  host_memory.reuse_freed_memory()  # before JAX starts its threads
+  common.start()
   if _MAX_NEW.value < 1 or _TEMPERATURE.value < 0 or _TOP_K.value < 0 or _NUM.value < 1:
     common.fail("need --max_new_tokens >= 1, --temperature >= 0, --top_k >= 0, "
                 "--num_samples >= 1")

@@ -22,9 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  common.quiet_logs()
-  from longjax import host_memory  # pylint: disable=g-import-not-at-top (fast --help)
-  host_memory.reuse_freed_memory()  # before JAX starts its threads
+  common.start()
   from longjax import configuration  # pylint: disable=g-import-not-at-top (fast --help)
   from longjax.training import trainer  # pylint: disable=g-import-not-at-top
   try:

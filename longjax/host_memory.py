@@ -11,7 +11,8 @@ mark (what a training process holds anyway).
 
 Call it first thing in a process, before JAX starts its thread pool: the arena limit applies only
 to threads that have not allocated yet. The entry points (`experiments.train`, `.evaluate`,
-`.sample`, every benchmark case's child process, the HF peer's included) do.
+`.sample`) and the benchmark cases' child processes (the HF peer's included; not the memory
+suite's, whose peak RSS it would raise) do.
 """
 
 import ctypes
@@ -25,12 +26,17 @@ _M_ARENA_MAX = -8
 _NEVER_TRIM = -1  # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely"
 
 
+def supported() -> bool:
+  """Whether this process's C library is glibc, whose malloc the setting is for."""
+  return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def reuse_freed_memory() -> bool:
   """Configures glibc malloc to keep and reuse freed memory; returns whether it applied.
 
   False where the C library is not glibc (macOS, musl): those keep their defaults.
   """
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+  if not supported():
     return False
   libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))

@@ -2,45 +2,37 @@
 
 Runs in child processes (the setting is process-wide and permanent): each one mallocs 256 MiB,
 writes it, frees it, mallocs and writes it again, and counts the minor page faults of the second
-write (fresh pages fault; pages the process kept do not).
+write (`testing.second_write_page_faults`: fresh pages fault; pages the process kept do not).
 """
 
-import platform
 import subprocess
 import sys
 
 from absl.testing import absltest
 
-_SECOND_WRITE_FAULTS = """
-import ctypes, ctypes.util, resource, sys
 from longjax import host_memory
+from tests import testing
+
+_SECOND_WRITE_FAULTS = """
+import sys
+from longjax import host_memory
+from tests import testing
 if sys.argv[1] == "reuse":
   assert host_memory.reuse_freed_memory()
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-size = 256 * 2**20
-faults = []
-for _ in range(2):
-  p = libc.malloc(size)
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  ctypes.memset(p, 1, size)
-  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-  libc.free(p)
-print(faults[1])
+print(testing.second_write_page_faults(256))
 """
 
 
 def _second_write_faults(mode: str) -> int:
   run = subprocess.run([sys.executable, "-c", _SECOND_WRITE_FAULTS, mode], capture_output=True,
-                       text=True, check=True)
+                       text=True, check=True, cwd=testing.REPO_ROOT)
   return int(run.stdout.split()[-1])
 
 
 class ReuseFreedMemoryTest(absltest.TestCase):
 
   def test_second_allocation_does_not_fault(self):
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not host_memory.supported():
       self.skipTest("the setting is for glibc; other C libraries keep their defaults")
     pages = 256 * 2**20 // 4096
     # By default glibc maps a 256 MiB request freshly each time (nearly a fault per 4 KiB page;

@@ -4,7 +4,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import signal
 import subprocess
 import time
@@ -13,6 +12,7 @@ from unittest import mock
 from absl.testing import absltest
 from absl.testing import parameterized
 
+from longjax import host_memory
 from longjax.benchmarks import common
 from longjax.benchmarks import flops
 from longjax.benchmarks import kernels
@@ -41,19 +41,7 @@ def _allocate(mib: int) -> dict:
 
 
 def _refault_mib(mib: int) -> dict:
-  """Minor page faults of writing a malloc'd block the second time (0 when memory is reused)."""
-  import ctypes, ctypes.util, resource  # pylint: disable=g-import-not-at-top,multiple-imports
-  libc = ctypes.CDLL(ctypes.util.find_library("c"))
-  libc.malloc.restype = ctypes.c_void_p
-  libc.free.argtypes = [ctypes.c_void_p]
-  faults = []
-  for _ in range(2):
-    p = libc.malloc(mib * 2**20)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    ctypes.memset(p, 1, mib * 2**20)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    libc.free(p)
-  return {"refaults": faults[1]}
+  return {"refaults": testing.second_write_page_faults(mib)}
 
 
 def _raise_memory_error() -> dict:
@@ -140,7 +128,7 @@ class ChildProcessTest(absltest.TestCase):
     self.assertLess(small["rss_peak_mib"], big["rss_peak_mib"])
 
   def test_children_reuse_freed_memory_unless_told_not_to(self):
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not host_memory.supported():
       self.skipTest("the setting is for glibc")
     reused = common.run_case(_THIS, "_refault_mib", {"mib": 128}, timeout_s=60)
     default = common.run_case(_THIS, "_refault_mib", {"mib": 128}, timeout_s=60,

@@ -3,8 +3,10 @@
 The shared library is built with the machine's C++ compiler (`CXX`, default g++) for the CPU it
 runs on (-march=native) against the XLA FFI headers that ship with jaxlib, and cached under
 `$LONGJAX_CACHE` (default ~/.cache/longjax)/cpu_kernels, keyed by a hash of the source, the
-jaxlib version, the compiler's version and the CPU's feature flags, so a changed source, jaxlib,
-compiler or machine rebuilds instead of loading a stale or illegal binary. Concurrent first uses
+jaxlib version, the compiler's version and flags and the CPU's feature flags, so a changed source,
+jaxlib, compiler or machine rebuilds instead of loading a stale or illegal binary. `CXXFLAGS` is
+appended to the compiler's flags (e.g. `-mno-avx512f` builds the AVX2 code path on an AVX-512
+machine; the tests do that to check it). Concurrent first uses
 (pytest workers) serialise on a file lock. Without a compiler, `unavailable_reason()` says why
 and `longjax.ops` falls back to its XLA blockwise attention.
 """
@@ -15,6 +17,7 @@ import functools
 import hashlib
 import os
 import pathlib
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -46,6 +49,10 @@ def _compiler() -> str | None:
   return shutil.which(os.environ.get("CXX", "g++"))
 
 
+def _extra_flags() -> list[str]:
+  return shlex.split(os.environ.get("CXXFLAGS", ""))
+
+
 def _build_key(compiler: str) -> str:
   digest = hashlib.sha256()
   here = pathlib.Path(__file__).parent
@@ -53,7 +60,7 @@ def _build_key(compiler: str) -> str:
     digest.update((here / name).read_bytes())
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
   import jaxlib  # pylint: disable=g-import-not-at-top
-  for part in (jaxlib.__version__, version, _cpu_flags()):
+  for part in (jaxlib.__version__, version, " ".join(_extra_flags()), _cpu_flags()):
     digest.update(part.encode())
   return digest.hexdigest()[:16]
 
@@ -63,7 +70,8 @@ def _compile(compiler: str, target: pathlib.Path) -> None:
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     out = pathlib.Path(tmp) / target.name
     cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-           f"-I{jax.ffi.include_dir()}", *(str(here / s) for s in _SOURCES), "-o", str(out)]
+           *_extra_flags(), f"-I{jax.ffi.include_dir()}", *(str(here / s) for s in _SOURCES),
+           "-o", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
       raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")

@@ -86,19 +86,24 @@ ROWS = {"train": _train_rows, "decode": _decode_rows, "memory": _memory_rows,
 
 
 def readme_markdown(paths: list[str]) -> str:
-  """The table of every report's headline rows, then where and how each report was made."""
-  reports = []
+  """The table of every report's headline rows, then where and how each report was made; one
+  table per machine (processor) when the reports come from several, headed by its name."""
+  machines: dict[str, list[tuple[str, dict]]] = {}
   for path in paths:
     with open(path, encoding="utf-8") as f:
-      reports.append((path, json.load(f)))
-  rows = []
-  for _, report in reports:
-    rows += ROWS[report["suite"]](report)
-  lines = [common.markdown_table(["measurement", "longjax", "peer", "ratio (> 1: longjax "
-                                  "better)"], rows), ""]
-  for path, report in reports:
-    m = report["machine"]
-    lines.append(f"- `{path}`: `{m['command']}` on {m['processor']} ({m['cpu_count']} CPUs, "
-                 f"jax {m['jax']}, torch {m.get('torch') or '—'}), {m['time']}; f32 matmul peak "
-                 f"{common.fmt(report.get('peak_f32_gflops_per_s'))} GFLOP/s.")
-  return "\n".join(lines)
+      report = json.load(f)
+    machines.setdefault(report["machine"]["processor"], []).append((path, report))
+  lines = []
+  for processor, reports in machines.items():
+    if len(machines) > 1:
+      lines += [f"**{processor}**", ""]
+    rows = [row for _, report in reports for row in ROWS[report["suite"]](report)]
+    lines += [common.markdown_table(["measurement", "longjax", "peer", "ratio (> 1: longjax "
+                                     "better)"], rows), ""]
+    for path, report in reports:
+      m = report["machine"]
+      lines.append(f"- `{path}`: `{m['command']}` on {m['processor']} ({m['cpu_count']} CPUs, "
+                   f"jax {m['jax']}, torch {m.get('torch') or '—'}), {m['time']}; f32 matmul "
+                   f"peak {common.fmt(report.get('peak_f32_gflops_per_s'))} GFLOP/s.")
+    lines.append("")
+  return "\n".join(lines).strip()

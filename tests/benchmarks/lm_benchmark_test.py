@@ -213,6 +213,27 @@ class ReadmeTableTest(absltest.TestCase):
     self.assertIn("| longest train T in 2.0 GiB, d1024 L8 B1 | 32768 (blockwise, remat full) | "
                   "HF Llama 8192 (extrapolated) | 4 |", md)
     self.assertIn(machine["command"], md)
+    self.assertNotIn("**cpu**", md)  # one machine: one table, no heading
+
+  def test_one_table_per_machine(self):
+    paths = []
+    for processor in ("AMD EPYC", "Intel Xeon"):
+      machine = {"command": f"run on {processor}", "processor": processor, "cpu_count": 2,
+                 "jax": "0", "torch": None, "time": "now"}
+      report = {"suite": "train", "machine": machine, "peak_f32_gflops_per_s": 100.0,
+                "cases": [{"impl": "longjax", "width": 256, "layers": 4, "t": 512, "batch": 8,
+                           "status": "ok", "tokens_per_s": 500.0, "mfu": 0.5,
+                           "speedup_vs_hf": 1.0 if processor == "AMD EPYC" else 0.8}]}
+      paths.append(os.path.join(self.create_tempdir().full_path, "train.json"))
+      with open(paths[-1], "w") as f:
+        json.dump(report, f)
+    md = summary.readme_markdown(paths)
+    amd, intel = md.split("**Intel Xeon**")
+    self.assertTrue(amd.startswith("**AMD EPYC**"))
+    self.assertIn("| 1 |", amd)
+    self.assertIn("run on AMD EPYC", amd)
+    self.assertIn("| 0.8 |", intel)
+    self.assertIn("run on Intel Xeon", intel)
 
 
 class ReadmeIsGeneratedTest(absltest.TestCase):
@@ -220,7 +241,7 @@ class ReadmeIsGeneratedTest(absltest.TestCase):
   def test_readme_table_is_the_reports_output(self):
     """The README's benchmark table is exactly what the script makes of the checked-in JSON."""
     from tests import testing  # pylint: disable=g-import-not-at-top
-    names = ("train_full", "decode_full", "memory_full")
+    names = ("train_full", "decode_full", "memory_full", "train_full_xeon", "decode_full_xeon")
     paths = [f"docs/benchmarks/{n}.json" for n in names]
     cwd = os.getcwd()
     os.chdir(testing.REPO_ROOT)

@@ -11,6 +11,7 @@ calls with `past_key_values`, the loop `generate` runs without its logits proces
 
 from longjax.benchmarks import common
 from longjax.benchmarks import lm
+from longjax.benchmarks import timing
 
 NEW_TOKENS = 32
 IMPLS = ("longjax", "hf_llama")
@@ -75,18 +76,18 @@ def _longjax_timing(shape, *, repeats, budget_s, memory_budget) -> dict:
     (cache, _), tokens = jax.lax.scan(one, (cache, token), None, length=NEW_TOKENS)
     return tokens, cache  # the cache as an output lets the donated one be updated in place
 
-  prefill_timing = common.time_jax(prefill, (params, prompt), repeats=repeats,
+  prefill_timing = timing.time_jax(prefill, (params, prompt), repeats=repeats,
                                    budget_s=budget_s, memory_budget_bytes=memory_budget)
   prefill_fn = jax.jit(prefill)
   decode_fn = jax.jit(decode, donate_argnums=1)  # the cache is updated in place
   first, cache = prefill_fn(params, prompt)
   decode_compiled = decode_fn.lower(params, cache, first).compile()
-  memory = common.compiled_memory(decode_compiled)
+  memory = timing.compiled_memory(decode_compiled)
 
   def fresh_args():  # the donated cache is consumed by each call: prefill again, untimed
     token, cache = prefill_fn(params, prompt)
     return jax.block_until_ready((params, cache, token))
-  decode_timing = common.time_with_setup(decode_compiled, fresh_args, repeats=repeats,
+  decode_timing = timing.time_with_setup(decode_compiled, fresh_args, repeats=repeats,
                                          budget_s=budget_s, sync=jax.block_until_ready)
   return {"prefill": prefill_timing, "decode": {**decode_timing, **memory},
           "temp_bytes": prefill_timing.get("temp_bytes"), "params": lm.count(params)}
@@ -112,8 +113,8 @@ def _hf_timing(shape, *, repeats, budget_s) -> dict:
     return torch.cat(tokens, dim=1)
 
   with torch.inference_mode():
-    prefill_timing = common.time_callable(prefill, repeats=repeats, budget_s=budget_s)
-    decode_timing = common.time_with_setup(decode, prefill, repeats=repeats, budget_s=budget_s)
+    prefill_timing = timing.time_callable(prefill, repeats=repeats, budget_s=budget_s)
+    decode_timing = timing.time_with_setup(decode, prefill, repeats=repeats, budget_s=budget_s)
   return {"prefill": prefill_timing, "decode": decode_timing,
           "params": sum(p.numel() for p in model.parameters()),
           "torch_threads": torch.get_num_threads()}

@@ -22,6 +22,7 @@ import os
 
 from longjax.benchmarks import common
 from longjax.benchmarks import flops as flops_lib
+from longjax.benchmarks import timing
 
 GROUPS = ("attention", "decode", "linear", "scan")
 IMPLS = {
@@ -117,7 +118,7 @@ def attention_case(impl: str, t: int, **kw) -> dict:
       q.grad = k.grad = v.grad = None
       torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
       return q.grad
-    timing = common.time_callable(step, sync=_torch_sync(torch, device), **_timing_kwargs(kw))
+    measured = timing.time_callable(step, sync=_torch_sync(torch, device), **_timing_kwargs(kw))
     extra["torch_device"] = device
   else:
     import jax  # pylint: disable=g-import-not-at-top
@@ -132,9 +133,9 @@ def attention_case(impl: str, t: int, **kw) -> dict:
       extra["resolved"] = _pallas_label() if name == "pallas" else _resolved(name, t, t)
     keys = _keys(4)
     args = [_normal(key, (1, t, HEADS, HEAD_DIM)) for key in keys]
-    timing = common.time_jax(_fwd_bwd(attn), args, memory_budget_bytes=kw["memory_budget"],
-                             **_timing_kwargs(kw))
-  return {**timing, **extra, "gflops_per_s": flops / timing["time_s"] / 1e9}
+    measured = timing.time_jax(_fwd_bwd(attn), args, memory_budget_bytes=kw["memory_budget"],
+                               **_timing_kwargs(kw))
+  return {**measured, **extra, "gflops_per_s": flops / measured["time_s"] / 1e9}
 
 
 def _resolved(name: str, t: int, s: int) -> str:
@@ -168,7 +169,7 @@ def decode_case(impl: str, cache: int, **kw) -> dict:
     def step():
       with torch.inference_mode():  # a full cache: every key is visible, no mask needed
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    timing = common.time_callable(step, sync=_torch_sync(torch, device), **_timing_kwargs(kw))
+    measured = timing.time_callable(step, sync=_torch_sync(torch, device), **_timing_kwargs(kw))
   else:
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -191,10 +192,10 @@ def decode_case(impl: str, cache: int, **kw) -> dict:
     args = [_normal(keys[0], (1, 1, HEADS, HEAD_DIM))]
     args += [_normal(key, (1, cache, HEADS, HEAD_DIM)) for key in keys[1:]]
     args.append(jnp.int32(cache))
-    timing = common.time_jax(fn, args, memory_budget_bytes=kw["memory_budget"],
-                             **_timing_kwargs(kw))
-  return {**timing, **extra, "ms_per_token": 1e3 * timing["time_s"],
-          "cache_gb_per_s": bytes_read / timing["time_s"] / 1e9}
+    measured = timing.time_jax(fn, args, memory_budget_bytes=kw["memory_budget"],
+                               **_timing_kwargs(kw))
+  return {**measured, **extra, "ms_per_token": 1e3 * measured["time_s"],
+          "cache_gb_per_s": bytes_read / measured["time_s"] / 1e9}
 
 
 def linear_case(impl: str, t: int, **kw) -> dict:
@@ -212,9 +213,9 @@ def linear_case(impl: str, t: int, **kw) -> dict:
     return fn(q, k, v, scale=HEAD_DIM ** -0.5, return_final_state=False)
   keys = _keys(4)
   args = [_normal(key, (1, t, HEADS, HEAD_DIM)) for key in keys]
-  timing = common.time_jax(_fwd_bwd(attn), args, memory_budget_bytes=kw["memory_budget"],
-                           **_timing_kwargs(kw))
-  return {**timing, **extra, "tokens_per_s": t / timing["time_s"]}
+  measured = timing.time_jax(_fwd_bwd(attn), args, memory_budget_bytes=kw["memory_budget"],
+                             **_timing_kwargs(kw))
+  return {**measured, **extra, "tokens_per_s": t / measured["time_s"]}
 
 
 def _longjax_chunked_linear_attention():
@@ -243,7 +244,7 @@ def _scan_inputs(length, d_model):
 def scan_case(impl: str, length: int, d_model: int, **kw) -> dict:
   """Selective scan fwd+bwd over L = length steps of D = d_model channels, P = 16."""
   if impl == "torch_loop":
-    timing = _torch_scan_timing(length, d_model, kw)
+    measured = _torch_scan_timing(length, d_model, kw)
   else:
     import kernels_pallas  # pylint: disable=g-import-not-at-top
     u, delta, a, b, c, d, bias, key = _scan_inputs(length, d_model)
@@ -253,11 +254,11 @@ def scan_case(impl: str, length: int, d_model: int, **kw) -> dict:
     def scan(u, delta, a, b, c, d):
       return fn(u, delta, a, b, c, d, delta_bias=bias, return_final_state=False)
     args = [u, delta, a, b, c, d, _normal(key, u.shape)]
-    timing = common.time_jax(_fwd_bwd(scan), args, memory_budget_bytes=kw["memory_budget"],
-                             **_timing_kwargs(kw))
+    measured = timing.time_jax(_fwd_bwd(scan), args, memory_budget_bytes=kw["memory_budget"],
+                               **_timing_kwargs(kw))
     if impl == "pallas":
-      timing["resolved"] = _pallas_label()
-  return {**timing, "tokens_per_s": length / timing["time_s"]}
+      measured["resolved"] = _pallas_label()
+  return {**measured, "tokens_per_s": length / measured["time_s"]}
 
 
 def _torch_scan_timing(length, d_model, kw):
@@ -291,7 +292,7 @@ def _torch_scan_timing(length, d_model, kw):
     y = torch.stack(outputs, dim=-1) + u * d_skip[None, :, None]
     y.backward(dy)
     return u.grad
-  return common.time_callable(step, sync=_torch_sync(torch, device), **_timing_kwargs(kw))
+  return timing.time_callable(step, sync=_torch_sync(torch, device), **_timing_kwargs(kw))
 
 
 # ---------------------------------------------------------------------------------------------

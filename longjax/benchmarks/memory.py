@@ -25,6 +25,7 @@ entry points' setting keeps freed memory for speed, which raised HF's measured p
 
 from longjax.benchmarks import common
 from longjax.benchmarks import lm
+from longjax.benchmarks import timing
 from longjax.benchmarks import train
 
 IMPLS = ("reference", "blockwise", "pallas", "cpu")
@@ -68,8 +69,8 @@ def probe_case(impl: str, remat: str, width: int, layers: int, t: int, *,
                  donate_argnums=0)
   start = time.perf_counter()
   compiled = step.lower(abstract_state, batch).compile()
-  memory = common.compiled_memory(compiled)
-  result = {**memory, "footprint_bytes": common.footprint_bytes(memory),
+  memory = timing.compiled_memory(compiled)
+  result = {**memory, "footprint_bytes": timing.footprint_bytes(memory),
             "compile_s": time.perf_counter() - start}
   if run_step:
     _, params, _ = lm.build_longjax(shape, remat=remat, impl=impl)

@@ -15,6 +15,7 @@ recomputation: `flops.lm_train_flops`).
 from longjax.benchmarks import common
 from longjax.benchmarks import flops as flops_lib
 from longjax.benchmarks import lm
+from longjax.benchmarks import timing
 
 # Implementation name -> longjax config overrides; "hf_llama" is the PyTorch peer.
 LONGJAX = {"longjax": {}, "longjax_bf16": {"dtype": "bfloat16"}}
@@ -92,9 +93,9 @@ def _longjax_step_timing(shape, overrides, *, repeats, budget_s, memory_budget) 
            "segment_ids": None, "weights": jnp.ones((shape.batch, shape.t), jnp.float32)}
   step = functools.partial(step_lib.train_step, graphdef, tx, schedule)
   # The state is donated and carried from step to step, as the trainer runs it.
-  timing = common.time_jax(step, (state, batch), repeats=repeats, budget_s=budget_s,
-                           memory_budget_bytes=memory_budget, carry=True, warmup=WARMUP_STEPS)
-  return {**timing, "params": lm.count(params)}
+  measured = timing.time_jax(step, (state, batch), repeats=repeats, budget_s=budget_s,
+                             memory_budget_bytes=memory_budget, carry=True, warmup=WARMUP_STEPS)
+  return {**measured, "params": lm.count(params)}
 
 
 def _hf_step_timing(shape, *, repeats, budget_s) -> dict:
@@ -116,8 +117,8 @@ def _hf_step_timing(shape, *, repeats, budget_s) -> dict:
     opt.zero_grad(set_to_none=True)
     return loss
 
-  timing = common.time_callable(step, repeats=repeats, budget_s=budget_s, warmup=WARMUP_STEPS)
-  return {**timing, "params": sum(p.numel() for p in model.parameters()),
+  measured = timing.time_callable(step, repeats=repeats, budget_s=budget_s, warmup=WARMUP_STEPS)
+  return {**measured, "params": sum(p.numel() for p in model.parameters()),
           "torch_threads": torch.get_num_threads()}
 
 

@@ -9,12 +9,12 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from longjax.benchmarks import common
 from longjax.benchmarks import decode
 from longjax.benchmarks import flops
 from longjax.benchmarks import lm
 from longjax.benchmarks import memory
 from longjax.benchmarks import summary
+from longjax.benchmarks import timing
 from longjax.benchmarks import train
 from tests.benchmarks.kernels_benchmark_test import _run_cli
 
@@ -31,13 +31,13 @@ class TimeJaxTest(absltest.TestCase):
       return state + x, state.sum()
 
     state = jnp.zeros((4,))
-    timing = common.time_jax(step, (state, jnp.ones((4,))), repeats=3, budget_s=60,
-                             memory_budget_bytes=None, carry=True)
+    measured = timing.time_jax(step, (state, jnp.ones((4,))), repeats=3, budget_s=60,
+                               memory_budget_bytes=None, carry=True)
     # Calling again with a donated (deleted) state would raise: each call got the previous
     # result. The caller's array was copied first, so it is alive and unchanged.
-    self.assertEqual(timing["repeats"], 3)
+    self.assertEqual(measured["repeats"], 3)
     np.testing.assert_array_equal(state, np.zeros(4))
-    self.assertEqual(timing["alias_bytes"], 16)  # the new state reuses the donated buffer
+    self.assertEqual(measured["alias_bytes"], 16)  # the new state reuses the donated buffer
 
 
   def test_warmup_calls_are_untimed_and_the_first_is_reported(self):
@@ -46,11 +46,11 @@ class TimeJaxTest(absltest.TestCase):
     def step(state, x):
       return state + x, state.sum()
 
-    timing = common.time_jax(step, (jnp.zeros(()), jnp.ones(())), repeats=2, budget_s=60,
-                             memory_budget_bytes=None, carry=True, warmup=3)
-    self.assertEqual((timing["repeats"], len(timing["times_s"])), (2, 2))
+    measured = timing.time_jax(step, (jnp.zeros(()), jnp.ones(())), repeats=2, budget_s=60,
+                               memory_budget_bytes=None, carry=True, warmup=3)
+    self.assertEqual((measured["repeats"], len(measured["times_s"])), (2, 2))
     calls = []  # 3 warm-up calls, then 4 timed
-    eager = common.time_callable(lambda: calls.append(1), repeats=4, budget_s=60, warmup=3)
+    eager = timing.time_callable(lambda: calls.append(1), repeats=4, budget_s=60, warmup=3)
     self.assertEqual((len(calls), eager["repeats"], len(eager["times_s"])), (7, 4, 4))
     self.assertGreater(eager["first_call_s"], 0)
 

@@ -69,15 +69,30 @@ inline vi LoadInt(const int32_t* p) { return *reinterpret_cast<const vi*>(p); }
 // cost a scalar add and a register broadcast per use, on the FMA ports of Intel cores.
 inline vf Splat(float x) { return x - vf{}; }
 
+// Lane i + W (mod kLanes) of v in lane i: with W = kLanes / 2, 4, 2, 1, log2(kLanes) combining
+// steps leave every lane holding the whole reduction. (A loop over the lanes is a serial chain
+// of kLanes - 1 operations: GCC may not reassociate float adds.)
+template <int W, int... I>
+inline vf Rotate(vf v, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(v, v, ((I + W) % kLanes)...);
+}
+template <int W>
+inline vf Rotate(vf v) {
+  return Rotate<W>(v, std::make_integer_sequence<int, kLanes>());
+}
 inline float ReduceMax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
-  return m;
+  v = v > Rotate<kLanes / 2>(v) ? v : Rotate<kLanes / 2>(v);
+  v = v > Rotate<kLanes / 4>(v) ? v : Rotate<kLanes / 4>(v);
+  v = v > Rotate<kLanes / 8>(v) ? v : Rotate<kLanes / 8>(v);
+  if constexpr (kLanes == 16) v = v > Rotate<1>(v) ? v : Rotate<1>(v);
+  return v[0];
 }
 inline float ReduceSum(vf v) {
-  float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
+  v += Rotate<kLanes / 2>(v);
+  v += Rotate<kLanes / 4>(v);
+  v += Rotate<kLanes / 8>(v);
+  if constexpr (kLanes == 16) v += Rotate<1>(v);
+  return v[0];
 }
 
 // Many dot products at once: lane i of ReduceSums(a) is the sum of a[i]'s lanes, for kLanes

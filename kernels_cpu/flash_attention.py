@@ -21,6 +21,7 @@ from kernels_cpu import build
 
 HEAD_DIM_MULTIPLE = 16
 BLOCK_Q = 64  # query rows per block of the forward kernel (kBlockQ)
+BLOCK_K = 128  # keys per block (kBlockK)
 
 
 def unsupported(head_dim: int) -> str | None:
@@ -65,7 +66,8 @@ def _forward(static, q, k, v, slopes, mask_ops, position_ops):
 
 
 def _keys_transposed(k, q_length):
-  """f32 [B, S, K, H] -> [B, K, H, S_pad], S_pad = S rounded up to 16 (zeros past S).
+  """f32 [B, S, K, H] -> [B, K, S_blocks, H, BLOCK_K]: each key block transposed on its own
+  (zeros past S), so that a block's rows of keys lie BLOCK_K floats apart (kernel: ForwardBlock).
 
   Only when the queries span several of the kernel's query blocks: with one block each key
   block is read once anyway, and the kernel transposes it in cache; a [1, 1, 1, 1] placeholder
@@ -73,8 +75,10 @@ def _keys_transposed(k, q_length):
   """
   if q_length <= BLOCK_Q:
     return jnp.zeros((1, 1, 1, 1), jnp.float32)
-  pad = -k.shape[1] % 16
-  return jnp.pad(k.transpose(0, 2, 3, 1), ((0, 0),) * 3 + ((0, pad),))
+  b, s, kv_heads, h = k.shape
+  blocks = -(-s // BLOCK_K)
+  k = jnp.pad(k, ((0, 0), (0, blocks * BLOCK_K - s), (0, 0), (0, 0)))
+  return k.reshape(b, blocks, BLOCK_K, kv_heads, h).transpose(0, 3, 1, 4, 2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -109,25 +109,27 @@ int main(int argc, char** argv) {
     Alibi alibi{nullptr, nullptr, nullptr, 1, 1, sh.T, sh.S};
     if (pick(0, 2) == 0) alibi = Alibi{slopes.data(), q_pos.data(), kv_pos.data(), sh.B, sh.B,
                                        sh.T, sh.S};
-    // As kernels_cpu/flash_attention.py: keys transposed by XLA beyond one query block, else a
-    // [1, 1, 1, 1] placeholder.
-    int64_t kt_dims[4] = {1, 1, 1, 1};
+    // As kernels_cpu/flash_attention.py: keys transposed block by block by XLA beyond one query
+    // block ([B, K, S_blocks, H, kBlockK], zeros past S), else a [1, 1, 1, 1] placeholder.
+    std::vector<int64_t> kt_dims = {1, 1, 1, 1};
     std::vector<float> kt(1);
     if (sh.T > kBlockQ) {
-      const int64_t padded = (sh.S + 15) / 16 * 16;
-      kt_dims[0] = sh.B, kt_dims[1] = sh.K, kt_dims[2] = sh.H, kt_dims[3] = padded;
-      kt.assign(sh.B * sh.K * sh.H * padded, 0.f);
+      const int64_t blocks = (sh.S + kBlockK - 1) / kBlockK;
+      kt_dims = {sh.B, sh.K, blocks, sh.H, kBlockK};
+      kt.assign(sh.B * sh.K * blocks * sh.H * kBlockK, 0.f);
       for (int64_t b = 0; b < sh.B; ++b)
         for (int64_t j = 0; j < sh.S; ++j)
-          for (int64_t c = 0; c < sh.K * sh.H; ++c)
-            kt[(b * sh.K * sh.H + c) * padded + j] = k[(b * sh.S + j) * sh.K * sh.H + c];
+          for (int64_t kvh = 0; kvh < sh.K; ++kvh)
+            for (int64_t h = 0; h < sh.H; ++h)
+              kt[(((b * sh.K + kvh) * blocks + j / kBlockK) * sh.H + h) * kBlockK + j % kBlockK] =
+                  k[((b * sh.S + j) * sh.K + kvh) * sh.H + h];
     }
-    const int64_t s_pad = TransposedRowLength(sh, kt_dims);
+    const int64_t kt_blocks = TransposedKeyBlocks(sh, kt_dims.data(), kt_dims.size());
     std::vector<float> out(q.size()), lse(sh.B * sh.N * sh.T);
     // Zero workers: the calling thread runs every task; more: chunk plans of other sizes.
     TestPool pool(pick(0, 4));
-    ForwardAll(pool, sh, mask, alibi, 0.25f, q.data(), k.data(), kt.data(), s_pad, v.data(),
-               out.data(), lse.data());
+    ForwardAll(pool, sh, mask, alibi, 0.25f, q.data(), k.data(), kt.data(), kt_blocks,
+               v.data(), out.data(), lse.data());
     std::vector<float> dout(q.size()), delta(lse.size(), 0.1f), dq(q.size()), dk(k.size()),
         dv(v.size()), dslopes(sh.B * sh.N);
     fill(dout);

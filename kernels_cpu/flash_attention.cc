@@ -69,12 +69,20 @@ inline vi LoadInt(const int32_t* p) { return *reinterpret_cast<const vi*>(p); }
 // cost a scalar add and a register broadcast per use, on the FMA ports of Intel cores.
 inline vf Splat(float x) { return x - vf{}; }
 
+// Shuffles with constant lane indices: __builtin_shufflevector (clang, GCC >= 12), or on older
+// GCC __builtin_shuffle with the indices as a constant vector (it folds them the same way).
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
+#else
+#define SHUFFLE(x, y, ...) __builtin_shuffle(x, y, vi{__VA_ARGS__})
+#endif
+
 // Lane i + W (mod kLanes) of v in lane i: with W = kLanes / 2, 4, 2, 1, log2(kLanes) combining
 // steps leave every lane holding the whole reduction. (A loop over the lanes is a serial chain
 // of kLanes - 1 operations: GCC may not reassociate float adds.)
 template <int W, int... I>
 inline vf Rotate(vf v, std::integer_sequence<int, I...>) {
-  return __builtin_shufflevector(v, v, ((I + W) % kLanes)...);
+  return SHUFFLE(v, v, ((I + W) % kLanes)...);
 }
 template <int W>
 inline vf Rotate(vf v) {
@@ -107,8 +115,7 @@ constexpr int FoldLane(int W, int i, bool high) {
 }
 template <int W, int... I>
 inline vf Fold(vf x, vf y, std::integer_sequence<int, I...>) {
-  return __builtin_shufflevector(x, y, FoldLane(W, I, false)...) +
-         __builtin_shufflevector(x, y, FoldLane(W, I, true)...);
+  return SHUFFLE(x, y, FoldLane(W, I, false)...) + SHUFFLE(x, y, FoldLane(W, I, true)...);
 }
 template <int W = kLanes>  // W vectors of kLanes / W items, W lanes each
 inline vf ReduceSums(vf* a) {

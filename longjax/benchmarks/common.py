@@ -1,4 +1,4 @@
-"""Benchmark plumbing: one child process per case, the matmul peak, reports.
+"""Benchmark plumbing: one child process per case, the matmul peak, running a suite.
 
 Every case runs in its own child process (`run_case`), so that
   * an out-of-memory kill or a crash ends that case only, and is recorded as such;
@@ -9,12 +9,12 @@ Every case runs in its own child process (`run_case`), so that
 A case is a function `f(**kwargs) -> dict` in an importable module; the child imports it, calls
 it and writes the dict as JSON. Inside a case, `longjax.benchmarks.timing` times it and refuses
 (`timing.OutOfBudget`) a JAX case whose compiled footprint exceeds the memory budget, which the
-child reports as such instead of swapping or being killed.
+child reports as such instead of swapping or being killed; `longjax.benchmarks.reports` writes
+the tables.
 """
 
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import signal
@@ -25,9 +25,8 @@ import time
 import traceback
 
 from longjax import host_memory
+from longjax.benchmarks import reports
 from longjax.benchmarks import timing
-
-_MIB = 2**20
 
 
 class Skip(Exception):
@@ -391,76 +390,6 @@ def _plain_progress(iterable, total, desc):
     yield item
 
 
-def fmt(x, digits: int = 3) -> str:
-  """A number for a table: 3 significant digits, '—' for missing values."""
-  if x is None or (isinstance(x, float) and not math.isfinite(x)):
-    return "—"
-  if isinstance(x, int):
-    return str(x)
-  return f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:.0f}"
-
-
-def markdown_table(headers: list[str], rows: list[list]) -> str:
-  """A GitHub markdown table; numbers right-aligned."""
-  def cell(x):
-    return fmt(x) if isinstance(x, (int, float)) or x is None else str(x)
-  align = ["---:" if rows and isinstance(rows[0][i], (int, float)) else "---"
-           for i in range(len(headers))]
-  lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
-  lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
-  return "\n".join(lines)
-
-
-def write_report(path: str, report: dict, markdown: str) -> str:
-  """Writes the JSON to `path` and the markdown beside it (same name, .md); returns that path."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(report, f, indent=1, default=_json_default)
-    f.write("\n")
-  md_path = os.path.splitext(path)[0] + ".md"
-  with open(md_path, "w") as f:
-    f.write(markdown + "\n")
-  return md_path
-
-
-def _json_default(x):
-  if hasattr(x, "tolist"):
-    return x.tolist()
-  return str(x)
-
-
-def mib(x) -> float | None:
-  return None if x is None else x / _MIB
-
-
-def header_markdown(suite: str, sizes: str, machine: dict, peak: dict,
-                    memory_budget: int | None = None) -> str:
-  """The report's opening: command, machine, versions and the measured matmul peak."""
-  lines = [f"## Benchmark `{suite}` ({sizes} sizes)\n",
-           f"Command: `{machine['command']}`  ",
-           f"Machine: {machine['processor']}, {machine['cpu_count']} CPUs, "
-           f"{machine.get('mem_total_gib', 0):.0f} GiB, jax {machine['jax']} "
-           f"({machine['jax_backend']}), torch {machine.get('torch') or 'not installed'}, "
-           f"load average at start {machine['load_average_at_start'][0]:.1f}, "
-           f"{machine['time']}  "]
-  if memory_budget:
-    lines.append(f"Memory budget per case (compiled footprint): {memory_budget / 2**30:.1f} GiB")
-  lines.append("\n### Matmul peak (jitted, median)\n")
-  rows = [[name, r.get("n"), r.get("gflops_per_s"), r.get("time_s"),
-           "ok" if r.get("status") == "ok" else f"{r.get('status')}: {r.get('reason', '')}"]
-          for name, r in peak.items()]
-  lines.append(markdown_table(["matmul", "n", "GFLOP/s", "time (s)", "status"], rows))
-  lines.append("\nUtilisation columns are against the jitted JAX f32 matmul's GFLOP/s.\n")
-  return "\n".join(lines)
-
-
-def targets_table(targets: list[dict]) -> str:
-  """The issue's targets as a table: target, what this run measured, met (yes / **no** / —)."""
-  return markdown_table(["target", "measured", "met"],
-                        [[t["target"], t["measured"], {True: "yes", False: "**no**", None: "—"}
-                          [t["met"]]] for t in targets])
-
-
 def run_suite_with(suite: str, sizes: str, out: str, *, argv: list[str],
                    memory_budget_gb: float | None, run, derive, markdown, plot=None) -> str:
   """The shape every suite shares: machine, budget, peak, cases, derived figures, report.
@@ -482,13 +411,14 @@ def run_suite_with(suite: str, sizes: str, out: str, *, argv: list[str],
   ceiling = peak_gflops(peak)
   results = run(budget)
   summary = derive(results, ceiling)
-  md = "\n".join([header_markdown(suite, sizes, machine, peak, budget), markdown(results, summary)])
+  md = "\n".join([reports.header_markdown(suite, sizes, machine, peak, budget),
+                  markdown(results, summary)])
   report = {"suite": suite, "sizes": sizes, "machine": machine, "memory_budget_bytes": budget,
             "peak": peak, "peak_f32_gflops_per_s": ceiling, "cases": results, **summary}
-  write_report(out, report, md)  # before plotting: a plotting failure loses nothing
+  reports.write_report(out, report, md)  # before plotting: a plotting failure loses nothing
   if plot is not None:
     report["plots"] = plot(results, os.path.splitext(out)[0])
-    write_report(out, report, md)
+    reports.write_report(out, report, md)
   return md
 
 
@@ -499,7 +429,7 @@ def run_peak_suite(sizes: str, out: str, *, argv: list[str], **unused) -> str:
   machine = machine_info(argv)
   peak = measure_peak(sizes, timeout_s=300,
                       include_torch=importlib.util.find_spec("torch") is not None)
-  md = header_markdown("peak", sizes, machine, peak)
-  write_report(out, {"suite": "peak", "sizes": sizes, "machine": machine, "peak": peak,
+  md = reports.header_markdown("peak", sizes, machine, peak)
+  reports.write_report(out, {"suite": "peak", "sizes": sizes, "machine": machine, "peak": peak,
                      "peak_f32_gflops_per_s": peak_gflops(peak)}, md)
   return md

@@ -11,6 +11,7 @@ calls with `past_key_values`, the loop `generate` runs without its logits proces
 
 from longjax.benchmarks import common
 from longjax.benchmarks import lm
+from longjax.benchmarks import reports
 from longjax.benchmarks import timing
 
 NEW_TOKENS = 32
@@ -165,10 +166,10 @@ def markdown(results: list[dict], summary: dict) -> str:
   return "\n".join([
       f"### Prefill and decode (batch 1, greedy, {NEW_TOKENS} new tokens)\n",
       "Ratios: HF time over longjax time in the same run (> 1: longjax faster).\n",
-      common.markdown_table(["model", "context", "implementation", "prefill tokens/s", "x HF",
+      reports.markdown_table(["model", "context", "implementation", "prefill tokens/s", "x HF",
                              "decode ms/token", "x HF", "peak RSS (MiB)", "status"], rows),
       "\n### Targets\n",
-      common.targets_table(summary["targets"])])
+      reports.targets_table(summary["targets"])])
 
 
 def plot(results: list[dict], stem: str) -> list[str]:

@@ -22,6 +22,7 @@ import os
 
 from longjax.benchmarks import common
 from longjax.benchmarks import flops as flops_lib
+from longjax.benchmarks import reports
 from longjax.benchmarks import timing
 
 GROUPS = ("attention", "decode", "linear", "scan")
@@ -466,7 +467,7 @@ def _status(r):
 
 def markdown(results: list[dict], summary: dict) -> str:
   """The suite's tables, one per group; ratios are peer time / row time (> 1: row faster)."""
-  m = common.mib
+  m = reports.mib
   out = []
   groups = [g for g in GROUPS if any(r["group"] == g for r in results)]
   for group in groups:
@@ -505,13 +506,13 @@ def markdown(results: list[dict], summary: dict) -> str:
       body = [[r["length"], r["d_model"], _label(r), r.get("time_s"), r.get("tokens_per_s"),
                m(_shown(r, "temp_bytes")), _shown(r, "rss_peak_mib"), *ratio_cells(r), _status(r)]
               for r in rows]
-    out.append(common.markdown_table(heads, body) + "\n")
+    out.append(reports.markdown_table(heads, body) + "\n")
     if group == "linear":
       for impl, f in summary["linear_flatness"].items():
         out.append(f"Flatness, {LABELS[impl]}: tokens/s at T={f['t_long']} / at "
                    f"T={f['t_short']} = {f['ratio']:.2f}\n")
   out.append("### Targets (issue 6)\n")
-  out.append(common.targets_table(summary["targets"]) + "\n")
+  out.append(reports.targets_table(summary["targets"]) + "\n")
   out.append("Ratios (× vs X) are X's time / the row's time: above 1 the row is faster. "
              "Peak RSS is the case's whole child process (interpreter, jax or torch, inputs).")
   out.append(_conditions(results))

@@ -25,6 +25,7 @@ entry points' setting keeps freed memory for speed, which raised HF's measured p
 
 from longjax.benchmarks import common
 from longjax.benchmarks import lm
+from longjax.benchmarks import reports
 from longjax.benchmarks import timing
 from longjax.benchmarks import train
 
@@ -246,9 +247,9 @@ def markdown(results: list[dict], summary: dict, cfg: dict, budget: int) -> str:
       f"{budget / 2**30:.2f} GiB)\n",
       "T in multiples of " f"{cfg['step']} up to {cfg['max_t']}; footprint = XLA's buffer "
       "assignment of the donated train step.\n",
-      common.markdown_table(["attention", "remat", "longest T", "how", "footprint (GiB)",
+      reports.markdown_table(["attention", "remat", "longest T", "how", "footprint (GiB)",
                              "first T that does not fit", "check"], rows),
-      "\n### Targets\n", common.targets_table(summary["targets"])])
+      "\n### Targets\n", reports.targets_table(summary["targets"])])
 
 
 def plot(results: list[dict], stem: str) -> list[str]:

@@ -8,8 +8,8 @@ One row per headline measurement: what was measured, longjax's number, the peer'
 
 import json
 
-from longjax.benchmarks import common
 from longjax.benchmarks import lm
+from longjax.benchmarks import reports
 
 
 def _ok(r: dict) -> bool:
@@ -26,8 +26,8 @@ def _train_rows(report: dict) -> list[list]:
     shape = lm.LMShape(r["width"], r["layers"], r["t"], r["batch"]).name()
     mfu = f" (MFU {100 * r['mfu']:.0f}%)" if r.get("mfu") else ""
     rows.append([f"train step tokens/s, {shape}",
-                 f"{common.fmt(r.get('tokens_per_s'))}{mfu}" if _ok(r) else r["status"],
-                 "HF Llama " + (common.fmt(peer.get("tokens_per_s")) if peer and _ok(peer)
+                 f"{reports.fmt(r.get('tokens_per_s'))}{mfu}" if _ok(r) else r["status"],
+                 "HF Llama " + (reports.fmt(peer.get("tokens_per_s")) if peer and _ok(peer)
                                 else "not run"),
                  r.get("speedup_vs_hf")])
   return rows
@@ -43,13 +43,13 @@ def _decode_rows(report: dict) -> list[list]:
     peer_ok = peer is not None and _ok(peer)
     model = f"d{r['width']} L{r['layers']}"
     rows.append([f"decode ms/token, {model}, context {r['t']}",
-                 common.fmt(r.get("decode_ms_per_token")) if _ok(r) else r["status"],
-                 "HF Llama " + (common.fmt(peer["decode_ms_per_token"]) if peer_ok
+                 reports.fmt(r.get("decode_ms_per_token")) if _ok(r) else r["status"],
+                 "HF Llama " + (reports.fmt(peer["decode_ms_per_token"]) if peer_ok
                                 else "not run"),
                  r.get("decode_speedup_vs_hf")])
     rows.append([f"prefill tokens/s, {model}, context {r['t']}",
-                 common.fmt(r.get("prefill_tokens_per_s")) if _ok(r) else r["status"],
-                 "HF Llama " + (common.fmt(peer["prefill_tokens_per_s"]) if peer_ok
+                 reports.fmt(r.get("prefill_tokens_per_s")) if _ok(r) else r["status"],
+                 "HF Llama " + (reports.fmt(peer["prefill_tokens_per_s"]) if peer_ok
                                 else "not run"),
                  r.get("prefill_speedup_vs_hf")])
   return rows
@@ -74,8 +74,8 @@ def _kernels_rows(report: dict) -> list[list]:
   rows = []
   for r in report["cases"]:
     if r["group"] == "attention" and r["impl"] == "longjax_auto" and _ok(r):
-      rows.append([f"causal attention fwd+bwd s, T={r['t']}", common.fmt(r["time_s"]),
-                   "torch SDPA " + common.fmt(r["time_s"] * (r.get("speedup_vs_torch_sdpa")
+      rows.append([f"causal attention fwd+bwd s, T={r['t']}", reports.fmt(r["time_s"]),
+                   "torch SDPA " + reports.fmt(r["time_s"] * (r.get("speedup_vs_torch_sdpa")
                                                              or float("nan"))),
                    r.get("speedup_vs_torch_sdpa")])
   return rows
@@ -94,16 +94,16 @@ def readme_markdown(paths: list[str]) -> str:
       report = json.load(f)
     machines.setdefault(report["machine"]["processor"], []).append((path, report))
   lines = []
-  for processor, reports in machines.items():
+  for processor, in_machine in machines.items():
     if len(machines) > 1:
       lines += [f"**{processor}**", ""]
-    rows = [row for _, report in reports for row in ROWS[report["suite"]](report)]
-    lines += [common.markdown_table(["measurement", "longjax", "peer", "ratio (> 1: longjax "
+    rows = [row for _, report in in_machine for row in ROWS[report["suite"]](report)]
+    lines += [reports.markdown_table(["measurement", "longjax", "peer", "ratio (> 1: longjax "
                                      "better)"], rows), ""]
-    for path, report in reports:
+    for path, report in in_machine:
       m = report["machine"]
       lines.append(f"- `{path}`: `{m['command']}` on {m['processor']} ({m['cpu_count']} CPUs, "
                    f"jax {m['jax']}, torch {m.get('torch') or '—'}), {m['time']}; f32 matmul "
-                   f"peak {common.fmt(report.get('peak_f32_gflops_per_s'))} GFLOP/s.")
+                   f"peak {reports.fmt(report.get('peak_f32_gflops_per_s'))} GFLOP/s.")
     lines.append("")
   return "\n".join(lines).strip()

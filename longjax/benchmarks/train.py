@@ -15,6 +15,7 @@ recomputation: `flops.lm_train_flops`).
 from longjax.benchmarks import common
 from longjax.benchmarks import flops as flops_lib
 from longjax.benchmarks import lm
+from longjax.benchmarks import reports
 from longjax.benchmarks import timing
 
 # Implementation name -> longjax config overrides; "hf_llama" is the PyTorch peer.
@@ -198,7 +199,7 @@ def _size(r: dict) -> dict:
 
 
 def markdown(results: list[dict], summary: dict) -> str:
-  m = common.mib
+  m = reports.mib
   rows = []
   for r in results:
     shown = r.get("status") == "ok"
@@ -213,12 +214,12 @@ def markdown(results: list[dict], summary: dict) -> str:
            "Ratios are tokens/s over the HF model's in the same run (> 1: longjax faster); "
            "with several rounds, each case's fastest. MFU: model FLOPs (6 x matmul params x "
            "tokens + causal attention fwd+bwd) / time / the f32 matmul peak above.\n",
-           common.markdown_table(
+           reports.markdown_table(
                ["shape", "implementation", "tokens/s", "x HF", "GFLOP/s", "MFU %",
                 "step time per round (s)", "compiled temp (MiB)", "peak RSS (MiB)", "params",
                 "status"], rows),
            "\n### Targets\n",
-           common.targets_table(summary["targets"])]
+           reports.targets_table(summary["targets"])]
   return "\n".join(lines)
 
 

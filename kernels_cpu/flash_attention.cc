@@ -77,9 +77,9 @@ inline vf Splat(float x) { return x - vf{}; }
 #define SHUFFLE(x, y, ...) __builtin_shuffle(x, y, vi{__VA_ARGS__})
 #endif
 
-// Lane i + W (mod kLanes) of v in lane i: with W = kLanes / 2, 4, 2, 1, log2(kLanes) combining
-// steps leave every lane holding the whole reduction. (A loop over the lanes is a serial chain
-// of kLanes - 1 operations: GCC may not reassociate float adds.)
+// Lane i + W (mod kLanes) of v in lane i. Butterfly combines v with it for W = kLanes / 2, ...,
+// 2, 1: log2(kLanes) steps leave every lane holding the whole reduction. (A loop over the lanes
+// is a serial chain of kLanes - 1 operations: GCC may not reassociate float adds.)
 template <int W, int... I>
 inline vf Rotate(vf v, std::integer_sequence<int, I...>) {
   return SHUFFLE(v, v, ((I + W) % kLanes)...);
@@ -88,19 +88,20 @@ template <int W>
 inline vf Rotate(vf v) {
   return Rotate<W>(v, std::make_integer_sequence<int, kLanes>());
 }
+template <int W = kLanes / 2, typename Combine>
+inline vf Butterfly(vf v, Combine combine) {
+  v = combine(v, Rotate<W>(v));
+  if constexpr (W > 1) {
+    return Butterfly<W / 2>(v, combine);
+  } else {
+    return v;
+  }
+}
 inline float ReduceMax(vf v) {
-  v = v > Rotate<kLanes / 2>(v) ? v : Rotate<kLanes / 2>(v);
-  v = v > Rotate<kLanes / 4>(v) ? v : Rotate<kLanes / 4>(v);
-  v = v > Rotate<kLanes / 8>(v) ? v : Rotate<kLanes / 8>(v);
-  if constexpr (kLanes == 16) v = v > Rotate<1>(v) ? v : Rotate<1>(v);
-  return v[0];
+  return Butterfly(v, [](vf a, vf b) { return a > b ? a : b; })[0];
 }
 inline float ReduceSum(vf v) {
-  v += Rotate<kLanes / 2>(v);
-  v += Rotate<kLanes / 4>(v);
-  v += Rotate<kLanes / 8>(v);
-  if constexpr (kLanes == 16) v += Rotate<1>(v);
-  return v[0];
+  return Butterfly(v, [](vf a, vf b) { return a + b; })[0];
 }
 
 // Many dot products at once: lane i of ReduceSums(a) is the sum of a[i]'s lanes, for kLanes

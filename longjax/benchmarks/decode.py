@@ -167,7 +167,7 @@ def markdown(results: list[dict], summary: dict) -> str:
       f"### Prefill and decode (batch 1, greedy, {NEW_TOKENS} new tokens)\n",
       "Ratios: HF time over longjax time in the same run (> 1: longjax faster).\n",
       reports.markdown_table(["model", "context", "implementation", "prefill tokens/s", "x HF",
-                             "decode ms/token", "x HF", "peak RSS (MiB)", "status"], rows),
+                              "decode ms/token", "x HF", "peak RSS (MiB)", "status"], rows),
       "\n### Targets\n",
       reports.targets_table(summary["targets"])])
 

@@ -248,7 +248,7 @@ def markdown(results: list[dict], summary: dict, cfg: dict, budget: int) -> str:
       "T in multiples of " f"{cfg['step']} up to {cfg['max_t']}; footprint = XLA's buffer "
       "assignment of the donated train step.\n",
       reports.markdown_table(["attention", "remat", "longest T", "how", "footprint (GiB)",
-                             "first T that does not fit", "check"], rows),
+                              "first T that does not fit", "check"], rows),
       "\n### Targets\n", reports.targets_table(summary["targets"])])
 
 

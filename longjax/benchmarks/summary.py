@@ -28,7 +28,7 @@ def _train_rows(report: dict) -> list[list]:
     rows.append([f"train step tokens/s, {shape}",
                  f"{reports.fmt(r.get('tokens_per_s'))}{mfu}" if _ok(r) else r["status"],
                  "HF Llama " + (reports.fmt(peer.get("tokens_per_s")) if peer and _ok(peer)
-                                else "not run"),
+                                 else "not run"),
                  r.get("speedup_vs_hf")])
   return rows
 
@@ -45,12 +45,12 @@ def _decode_rows(report: dict) -> list[list]:
     rows.append([f"decode ms/token, {model}, context {r['t']}",
                  reports.fmt(r.get("decode_ms_per_token")) if _ok(r) else r["status"],
                  "HF Llama " + (reports.fmt(peer["decode_ms_per_token"]) if peer_ok
-                                else "not run"),
+                                 else "not run"),
                  r.get("decode_speedup_vs_hf")])
     rows.append([f"prefill tokens/s, {model}, context {r['t']}",
                  reports.fmt(r.get("prefill_tokens_per_s")) if _ok(r) else r["status"],
                  "HF Llama " + (reports.fmt(peer["prefill_tokens_per_s"]) if peer_ok
-                                else "not run"),
+                                 else "not run"),
                  r.get("prefill_speedup_vs_hf")])
   return rows
 
@@ -76,7 +76,7 @@ def _kernels_rows(report: dict) -> list[list]:
     if r["group"] == "attention" and r["impl"] == "longjax_auto" and _ok(r):
       rows.append([f"causal attention fwd+bwd s, T={r['t']}", reports.fmt(r["time_s"]),
                    "torch SDPA " + reports.fmt(r["time_s"] * (r.get("speedup_vs_torch_sdpa")
-                                                             or float("nan"))),
+                                                              or float("nan"))),
                    r.get("speedup_vs_torch_sdpa")])
   return rows
 

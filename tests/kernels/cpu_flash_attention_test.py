@@ -306,7 +306,8 @@ class BuildTest(absltest.TestCase):
     # many AMD and laptop CPUs), with code of their own (ReduceSums' shuffles, tile sizes). On an
     # AVX-512 machine the 8-lane build is otherwise never run: build it here (CXXFLAGS, its own
     # cache) and run a cross-section of this file's numerical cases against it in a child.
-    if "avx512f" not in build_flags():
+    from kernels_cpu import build  # pylint: disable=g-import-not-at-top
+    if "avx512f" not in build._cpu_flags():  # pylint: disable=protected-access
       self.skipTest("this CPU has no AVX-512: the default build already is the 8-lane code")
     cases = ("test_lengths_gqa_causal or test_decode_splits_a_long_cache or test_alibi or "
              "test_window_and_global_tokens or test_bfloat16")
@@ -319,16 +320,10 @@ class BuildTest(absltest.TestCase):
     self.assertEqual(done.returncode, 0, done.stdout[-3000:] + done.stderr[-2000:])
     self.assertRegex(done.stdout, r"\d+ passed")
     # The child built its own binary (CXXFLAGS is part of the build key), not this process's.
-    from kernels_cpu import build  # pylint: disable=g-import-not-at-top
     default = build._build_key(build._compiler())  # pylint: disable=protected-access
     binaries = [name for name in built if name.endswith(".so")]
     self.assertLen(binaries, 1)
     self.assertNotEqual(binaries[0], f"longjax_cpu_{default}.so")
-
-
-def build_flags() -> str:
-  from kernels_cpu import build  # pylint: disable=g-import-not-at-top
-  return build._cpu_flags()  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

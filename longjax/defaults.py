@@ -35,6 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = False
   c.model.dtype = "float32"         # compute dtype: float32 | bfloat16 (parameters stay float32)
   c.model.remat = "none"            # none | full | dots | dots_no_batch
+  c.model.scan_layers = True        # False: unrolled, faster and leaner, compile time ~ depth
   c.model.posenc = ml_collections.ConfigDict()
   # rope | xpos | clex | alibi | nope | sinusoidal | learned | t5 | kerple_log | kerple_power | fire
   c.model.posenc.kind = "rope"

@@ -76,6 +76,8 @@ BAD_VALUES = [
      "model.attention.impl", "has no softplus kernel"),
     ({"model.attention.impl": "cudnn", "model.posenc.kind": "alibi"}, "model.attention.impl",
      "takes no position bias (model.posenc.kind='alibi')"),
+    ({"model.scan_layers": False, "model.remat": "full"}, "model.scan_layers",
+     "model.remat='full' needs the layer scan"),
     ({"mesh.data": 4}, "mesh", "needs 4 devices but only 1 exist"),
     ({"mesh.data": -1, "mesh.fsdp": -1}, "mesh", "at most one axis may be -1"),
     ({"mesh.rules": "batch:pipeline"}, "mesh.rules", "unknown mesh axis 'pipeline'"),

@@ -67,6 +67,10 @@ def longjax_config(shape: LMShape, *, dtype: str = "float32", remat: str = "none
   m.width, m.num_layers, m.num_heads = shape.width, shape.layers, shape.heads
   m.head_dim, m.mlp_hidden = HEAD_DIM, shape.mlp_hidden
   m.tie_embeddings, m.dtype, m.remat = False, dtype, remat
+  # At these depths unrolled layers compile in seconds and run 3-5% faster in 15-20% less
+  # memory than the scan (longjax/models/lm.py); HF's model is a Python loop over its layers.
+  # Rematerialisation needs the scan (longjax/configuration.py).
+  m.scan_layers = remat != "none"
   m.posenc.kind, m.posenc.rope_theta = "rope", 10_000.0
   m.posenc.max_length = max(m.posenc.max_length, shape.t)
   m.attention.impl = impl

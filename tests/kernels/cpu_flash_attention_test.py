@@ -26,8 +26,8 @@ from longjax.ops import AlibiBias
 from longjax.ops import AttentionMask
 from longjax.ops.attention import attention_reference
 from tests import testing
-from tests.kernels.flash_attention_test import packed_segments
-from tests.kernels.flash_attention_test import random_inputs
+from tests.kernels.attention_testing import packed_segments
+from tests.kernels.attention_testing import random_inputs
 
 # Relative to the largest magnitude of the compared array. f32: the kernel and the reference
 # differ in summation order and in the kernel's polynomial exp (< 2e-7 relative); measured

@@ -18,12 +18,12 @@ import numpy as np
 
 from kernels_pallas.flash_attention import flash_attention
 from kernels_pallas.flash_attention import flash_attention_reference
-from tests.kernels.flash_attention_test import TOLERANCES
-from tests.kernels.flash_attention_test import assert_close
-from tests.kernels.flash_attention_test import make_positions
-from tests.kernels.flash_attention_test import outputs_and_grads
-from tests.kernels.flash_attention_test import packed_segments
-from tests.kernels.flash_attention_test import random_inputs
+from tests.kernels.attention_testing import TOLERANCES
+from tests.kernels.attention_testing import assert_close
+from tests.kernels.attention_testing import make_positions
+from tests.kernels.attention_testing import outputs_and_grads
+from tests.kernels.attention_testing import packed_segments
+from tests.kernels.attention_testing import random_inputs
 
 # The module (kernels_pallas re-exports the function under the module's name).
 flash_module = sys.modules[flash_attention.__module__]

@@ -8,7 +8,10 @@
 // GCC vector extensions (AVX-512 or AVX2 code, whichever the build machine has: -march=native).
 //
 // Layouts are those of `longjax.ops.dot_product_attention`, read in place with strides:
-//   q, out, dout, dq  [B, T, N, H]     k, v, dk, dv  [B, S, K, H]     lse, delta  [B, N, T]
+//   q, out  [B, T, N, H]     k, v, dk, dv  [B, S, K, H]     lse, delta  [B, N, T]
+// except that the backward takes q and dout and returns dq by head, [B, N, T, H] (XLA
+// transposes them; see BackwardHead), and the forward may be given keys and values laid out
+// for its GEMMs (ForwardBlock).
 // All float32; H % 16 == 0. Query head n uses kv head n / (N / K) (GQA without repeating K/V).
 // Query row t has absolute index i = q_offset + t (a runtime scalar, so decoding with a growing
 // cache does not recompile); key j is visible to it when
@@ -58,7 +61,12 @@ constexpr int kTileCols = kTileVecs * kLanes;
 typedef float vf __attribute__((vector_size(kLanes * 4), aligned(4), may_alias));
 typedef int32_t vi __attribute__((vector_size(kLanes * 4), aligned(4), may_alias));
 
-constexpr int kBlockQ = 64;   // query rows per block (kernels_cpu/flash_attention.py: BLOCK_Q)
+// Query rows per block: the backward's, and the forward's (kernels_cpu/flash_attention.py:
+// BLOCK_Q). The forward streams every visible key and value block once per query block, so
+// taller blocks read them fewer times (a 16k causal forward on an Intel Xeon: 64 rows 1.03 s,
+// 128 rows 0.99 s, with values by head; torch SDPA 1.02 s).
+constexpr int kBlockQ = 64;
+constexpr int kForwardBlockQ = 128;
 constexpr int kBlockK = 128;  // keys per block (a multiple of 16)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -413,6 +421,12 @@ int64_t TransposedKeyBlocks(const Shape& sh, const int64_t* dims, size_t rank) {
   return real ? dims[2] : 0;
 }
 
+// Whether `dims` (of the kernel's fifth operand, of rank `rank`) are [B, K, S, H]: the values
+// by head, else the [1, 1, 1, 1] placeholder (one query block, decoding).
+bool ValuesByHead(const Shape& sh, const int64_t* dims, size_t rank) {
+  return rank == 4 && dims[0] == sh.B && dims[1] == sh.K && dims[2] == sh.S && dims[3] == sh.H;
+}
+
 // Decoding: up to this many query rows take the split-cache path below.
 constexpr int kDecodeRows = 4;
 // Keys per decode task at least (a multiple of kBlockK): enough work to pay for a task.
@@ -534,26 +548,31 @@ void MergeDecodeChunks(const Shape& sh, int64_t chunks, const float* pm, const f
     }
 }
 
-// Rows [t0, t0 + kBlockQ) of query head n of batch row b. With several query blocks per head,
+// Rows [t0, t0 + kForwardBlockQ) of query head n of batch row b. With several query blocks per
+// head, XLA lays out keys and values for the GEMMs once, rather than once per query block here:
 // `kt_all` holds the keys transposed block by block, [B, K, kt_blocks, H, kBlockK] (zeros past
-// S), transposed once by XLA rather than once per query block here; with one query block
-// (short prompts) kt_blocks is 0 and each key block is transposed here instead. Block by block,
-// because with [B, K, H, S] the GEMM's rows of keys were S floats apart: a multiple of 4 KiB,
-// so every row fell in the same L1 cache set (a 16k causal forward on an Intel Xeon: 1.14 ->
-// 1.07 s).
+// S), and `v_by_head` the values [B, K, S, H]. With one query block (short prompts) kt_blocks
+// is 0 and v_by_head null: each key block is transposed here and values read in place. Block by
+// block, because with [B, K, H, S] the GEMM's rows of keys were S floats apart: a multiple of
+// 4 KiB, so every row fell in the same L1 cache set (a 16k causal forward on an Intel Xeon:
+// 1.14 -> 1.07 s). Values by head for a milder form of the same: in v one head's rows are K * H
+// floats apart (2 KiB for 8 heads of 64), over few L1 sets and K times as many pages (1.16 ->
+// 1.03 s).
 void ForwardBlock(const Shape& sh, const Mask& mask, const Alibi& alibi, float scale,
                   const float* q, const float* k, const float* kt_all, int64_t kt_blocks,
-                  const float* v, float* out, float* lse, int64_t b, int64_t n, int64_t t0) {
+                  const float* v, const float* v_by_head, float* out, float* lse, int64_t b,
+                  int64_t n, int64_t t0) {
   const int64_t H = sh.H, N = sh.N, K = sh.K, kvh = n / sh.group();
-  const int rows = static_cast<int>(std::min<int64_t>(kBlockQ, sh.T - t0));
+  constexpr int kRows = kForwardBlockQ;
+  const int rows = static_cast<int>(std::min<int64_t>(kRows, sh.T - t0));
   thread_local std::vector<float> scratch;
-  scratch.resize(kBlockQ * H * 2 + H * kBlockK + kBlockQ * kBlockK + 2 * kBlockQ);
+  scratch.resize(kRows * H * 2 + H * kBlockK + kRows * kBlockK + 2 * kRows);
   float* qs = scratch.data();         // [rows, H] scaled queries
-  float* acc = qs + kBlockQ * H;      // [rows, H] output accumulator
-  float* packed = acc + kBlockQ * H;  // [H, kBlockK] keys transposed here (no kt_all)
+  float* acc = qs + kRows * H;        // [rows, H] output accumulator
+  float* packed = acc + kRows * H;    // [H, kBlockK] keys transposed here (no kt_all)
   float* s = packed + H * kBlockK;    // [rows, kBlockK] logits, then probabilities
-  float* m = s + kBlockQ * kBlockK;   // [rows] running max
-  float* l = m + kBlockQ;             // [rows] running normaliser
+  float* m = s + kRows * kBlockK;     // [rows] running max
+  float* l = m + kRows;               // [rows] running normaliser
   thread_local std::vector<int32_t> key_positions(kBlockK);
 
   const float* q0 = q + ((b * sh.T + t0) * N + n) * H;
@@ -584,8 +603,9 @@ void ForwardBlock(const Shape& sh, const Mask& mask, const Alibi& alibi, float s
     mask.Apply(b, t0, rows, k0, valid, cols, s, kBlockK,
                mask.BlockFull(i0, i1, k0, k0 + valid));
     OnlineSoftmax(rows, cols, H, s, m, l, acc);
-    const float* vb = v + ((b * sh.S + k0) * K + kvh) * H;
-    Gemm(rows, static_cast<int>(H), valid, s, kBlockK, 1, vb, K * H, acc, H);
+    const float* vb = v_by_head ? v_by_head + ((b * K + kvh) * sh.S + k0) * H
+                                : v + ((b * sh.S + k0) * K + kvh) * H;
+    Gemm(rows, static_cast<int>(H), valid, s, kBlockK, 1, vb, v_by_head ? H : K * H, acc, H);
   }
 
   float* o = out + ((b * sh.T + t0) * N + n) * H;
@@ -602,7 +622,7 @@ void ForwardBlock(const Shape& sh, const Mask& mask, const Alibi& alibi, float s
 template <typename Pool>
 void ForwardAll(Pool& pool, const Shape& sh, const Mask& mask, const Alibi& alibi, float scale,
                 const float* q, const float* k, const float* kt, int64_t kt_blocks, const float* v,
-                float* out, float* lse) {
+                const float* v_by_head, float* out, float* lse) {
   if (sh.T <= kDecodeRows) {
     const DecodePlan plan = PlanDecode(sh, mask, pool.num_threads());
     const int64_t heads_rows = sh.N * sh.T, tasks = sh.B * plan.chunks;
@@ -617,16 +637,19 @@ void ForwardAll(Pool& pool, const Shape& sh, const Mask& mask, const Alibi& alib
     MergeDecodeChunks(sh, plan.chunks, pm.data(), pl.data(), pacc.data(), out, lse);
     return;
   }
-  const int64_t q_blocks = (sh.T + kBlockQ - 1) / kBlockQ;
+  const int64_t q_blocks = (sh.T + kForwardBlockQ - 1) / kForwardBlockQ;
   ParallelFor(pool, sh.B * sh.N * q_blocks, [&](int64_t task) {
     const int64_t qb = task % q_blocks, bn = task / q_blocks;
-    ForwardBlock(sh, mask, alibi, scale, q, k, kt, kt_blocks, v, out, lse, bn / sh.N, bn % sh.N,
-                 qb * kBlockQ);
+    ForwardBlock(sh, mask, alibi, scale, q, k, kt, kt_blocks, v, v_by_head, out, lse, bn / sh.N,
+                 bn % sh.N, qb * kForwardBlockQ);
   });
 }
 
 // dq, dk, dv of kv head `kvh` of batch row `b` and of its query heads (and, with ALiBi, the
-// row's d(slope) of those heads into dslopes[b, n]).
+// row's d(slope) of those heads into dslopes[b, n]). q, dout and dq are by head, [B, N, T, H]:
+// every key block streams all of a head's query rows, which in [B, T, N, H] lie N * H floats
+// apart (2 KiB for 8 heads of 64), over few L1 sets and N times as many pages (fwd+bwd, B 1,
+// T 16k, Intel Xeon: 3.5 -> 3.25 s; T 1k: unchanged).
 void BackwardHead(const Shape& sh, const Mask& mask, const Alibi& alibi, float scale,
                   const float* q, const float* k, const float* v, const float* dout,
                   const float* lse, const float* delta, float* dq, float* dk, float* dv,
@@ -645,7 +668,7 @@ void BackwardHead(const Shape& sh, const Mask& mask, const Alibi& alibi, float s
   for (int64_t g = 0; g < G; ++g) {
     dslopes[b * N + kvh * G + g] = 0.f;
     for (int64_t t = 0; t < sh.T; ++t)
-      std::fill_n(dq + ((b * sh.T + t) * N + kvh * G + g) * H, H, 0.f);
+      std::fill_n(dq + ((b * N + kvh * G + g) * sh.T + t) * H, H, 0.f);
   }
 
   for (int64_t k0 = 0; k0 < sh.S; k0 += kBlockK) {
@@ -668,9 +691,9 @@ void BackwardHead(const Shape& sh, const Mask& mask, const Alibi& alibi, float s
           PackTransposed(vb, K * H, valid, H, vt);
           packed = true;
         }
-        const float* qb = q + ((b * sh.T + t0) * N + n) * H;
-        const float* dob = dout + ((b * sh.T + t0) * N + n) * H;
-        float* dqb = dq + ((b * sh.T + t0) * N + n) * H;
+        const float* qb = q + ((b * N + n) * sh.T + t0) * H;
+        const float* dob = dout + ((b * N + n) * sh.T + t0) * H;
+        float* dqb = dq + ((b * N + n) * sh.T + t0) * H;
         const float* lse_rows = lse + (b * N + n) * sh.T + t0;
         const float* delta_rows = delta + (b * N + n) * sh.T + t0;
 
@@ -678,7 +701,7 @@ void BackwardHead(const Shape& sh, const Mask& mask, const Alibi& alibi, float s
           std::fill_n(p + r * kBlockK, cols, 0.f);
           std::fill_n(ds + r * kBlockK, cols, 0.f);
         }
-        Gemm(rows, cols, static_cast<int>(H), qb, N * H, 1, kt, kBlockK, p, kBlockK);
+        Gemm(rows, cols, static_cast<int>(H), qb, H, 1, kt, kBlockK, p, kBlockK);
         const vf vscale = Splat(scale);
         for (int r = 0; r < rows; ++r)
           for (int c = 0; c < cols; c += kLanes)
@@ -698,10 +721,10 @@ void BackwardHead(const Shape& sh, const Mask& mask, const Alibi& alibi, float s
           for (int c = 0; c < cols; c += kLanes) Store(row + c, Exp(Load(row + c) - shift));
         }
         // dV += P^T dO
-        Gemm(valid, static_cast<int>(H), rows, p, 1, kBlockK, dob, N * H, dv_acc, H);
+        Gemm(valid, static_cast<int>(H), rows, p, 1, kBlockK, dob, H, dv_acc, H);
         // dP = dO V^T, then dS = P (dP - delta), the gradient of the biased logits; stored
         // scaled (for dQ, dK). d(slope) = -sum dS |p_q - p_k|.
-        Gemm(rows, cols, static_cast<int>(H), dob, N * H, 1, vt, kBlockK, ds, kBlockK);
+        Gemm(rows, cols, static_cast<int>(H), dob, H, 1, vt, kBlockK, ds, kBlockK);
         vf dslope = Splat(0.f);
         for (int r = 0; r < rows; ++r) {
           float* dsr = ds + r * kBlockK;
@@ -716,8 +739,8 @@ void BackwardHead(const Shape& sh, const Mask& mask, const Alibi& alibi, float s
         }
         if (q_positions != nullptr) dslopes[b * N + n] += ReduceSum(dslope);
         // dQ += dS K; dK += dS^T Q
-        Gemm(rows, static_cast<int>(H), valid, ds, kBlockK, 1, kb, K * H, dqb, N * H);
-        Gemm(valid, static_cast<int>(H), rows, ds, 1, kBlockK, qb, N * H, dk_acc, H);
+        Gemm(rows, static_cast<int>(H), valid, ds, kBlockK, 1, kb, K * H, dqb, H);
+        Gemm(valid, static_cast<int>(H), rows, ds, 1, kBlockK, qb, H, dk_acc, H);
       }
     }
     for (int c = 0; c < valid; ++c) {
@@ -747,9 +770,11 @@ ffi::Error CheckShapes(const Shape& sh) {
   return ffi::Error::Success();
 }
 
-Shape ShapeOf(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
+// From q [B, T, N, H] (or by head, [B, N, T, H]) and k [B, S, K, H].
+Shape ShapeOf(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, bool by_head = false) {
   auto qd = q.dimensions(), kd = k.dimensions();
-  return Shape{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3]};
+  const int64_t T = by_head ? qd[2] : qd[1], N = by_head ? qd[1] : qd[2];
+  return Shape{qd[0], T, kd[1], N, kd[2], qd[3]};
 }
 
 Mask MaskOf(const Shape& sh, bool causal, int64_t window, int64_t global_tokens,
@@ -775,8 +800,9 @@ Alibi AlibiOf(const Shape& sh, ffi::Buffer<ffi::F32>& slopes, ffi::Buffer<ffi::S
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> kt, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::S32> q_offset, ffi::Buffer<ffi::S32> q_seg,
-                   ffi::Buffer<ffi::S32> kv_seg, ffi::Buffer<ffi::F32> slopes,
+                   ffi::Buffer<ffi::F32> v_by_head, ffi::Buffer<ffi::S32> q_offset,
+                   ffi::Buffer<ffi::S32> q_seg, ffi::Buffer<ffi::S32> kv_seg,
+                   ffi::Buffer<ffi::F32> slopes,
                    ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_pos,
                    ffi::ResultBuffer<ffi::F32> out,
                    ffi::ResultBuffer<ffi::F32> lse, float scale, bool causal, int64_t window,
@@ -788,7 +814,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   const Alibi bias = AlibiOf(sh, slopes, q_pos, kv_pos, alibi);
   ForwardAll(pool, sh, mask, bias, scale, q.typed_data(), k.typed_data(), kt.typed_data(),
              TransposedKeyBlocks(sh, kt.dimensions().begin(), kt.dimensions().size()),
-             v.typed_data(), out->typed_data(), lse->typed_data());
+             v.typed_data(),
+             ValuesByHead(sh, v_by_head.dimensions().begin(), v_by_head.dimensions().size())
+                 ? v_by_head.typed_data() : nullptr,
+             out->typed_data(), lse->typed_data());
   return ffi::Error::Success();
 }
 
@@ -802,7 +831,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> dv, ffi::ResultBuffer<ffi::F32> dslopes,
                     float scale, bool causal, int64_t window, int64_t global_tokens,
                     int64_t landmark_block, bool segments, bool alibi) {
-  const Shape sh = ShapeOf(q, k);
+  const Shape sh = ShapeOf(q, k, /*by_head=*/true);
   if (auto error = CheckShapes(sh); error.failure()) return error;
   const Mask mask = MaskOf(sh, causal, window, global_tokens, landmark_block, q_offset, q_seg,
                            kv_seg, segments);
@@ -822,6 +851,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LongjaxFlashForward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k transposed or [1,1,1,1]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v by head or [1,1,1,1]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // q_offset []
                                   .Arg<ffi::Buffer<ffi::S32>>()  // q_segment_ids
                                   .Arg<ffi::Buffer<ffi::S32>>()  // kv_segment_ids
@@ -841,10 +871,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LongjaxFlashForward, Forward,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LongjaxFlashBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q by head
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dout
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dout by head
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lse
                                   .Arg<ffi::Buffer<ffi::F32>>()  // delta
                                   .Arg<ffi::Buffer<ffi::S32>>()  // q_offset []
@@ -853,7 +883,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LongjaxFlashBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // ALiBi slopes [N]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // query positions
                                   .Arg<ffi::Buffer<ffi::S32>>()  // key positions
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq by head
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dk
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dv
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d(slopes) per batch row [B, N]

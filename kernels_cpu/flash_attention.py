@@ -20,7 +20,7 @@ import numpy as np
 from kernels_cpu import build
 
 HEAD_DIM_MULTIPLE = 16
-BLOCK_Q = 64  # query rows per block of the forward kernel (kBlockQ)
+BLOCK_Q = 128  # query rows per block of the forward kernel (kForwardBlockQ)
 BLOCK_K = 128  # keys per block (kBlockK)
 
 
@@ -54,31 +54,35 @@ def _attrs(static):
 
 def _forward(static, q, k, v, slopes, mask_ops, position_ops):
   b, t, n, h = q.shape
-  k = k.astype(jnp.float32)
   out, lse = jax.ffi.ffi_call(
       "LongjaxFlashForward",
       (jax.ShapeDtypeStruct((b, t, n, h), jnp.float32),
        jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
       vmap_method="sequential",
-  )(q.astype(jnp.float32), k, _keys_transposed(k, t), v.astype(jnp.float32), *mask_ops,
+  )(q.astype(jnp.float32), *_forward_layouts(k.astype(jnp.float32), v.astype(jnp.float32), t),
+    *mask_ops,
     slopes.astype(jnp.float32), *position_ops, **_attrs(static))
   return out, lse
 
 
-def _keys_transposed(k, q_length):
-  """f32 [B, S, K, H] -> [B, K, S_blocks, H, BLOCK_K]: each key block transposed on its own
-  (zeros past S), so that a block's rows of keys lie BLOCK_K floats apart (kernel: ForwardBlock).
+def _forward_layouts(k, v, q_length):
+  """f32 (k [B, S, K, H], v) -> (k, keys transposed, v, values by head) for the forward kernel.
 
-  Only when the queries span several of the kernel's query blocks: with one block each key
-  block is read once anyway, and the kernel transposes it in cache; a [1, 1, 1, 1] placeholder
-  says so (decode steps then do not copy the whole cache).
+  Keys transposed: [B, K, S_blocks, H, BLOCK_K], each key block transposed on its own (zeros
+  past S), so that a block's rows of keys lie BLOCK_K floats apart; values by head: [B, K, S, H],
+  a head's rows H floats apart (kernel: ForwardBlock). Only when the queries span several of the
+  kernel's query blocks: with one block each key block is read once anyway, the kernel
+  transposes it in cache and reads the values in place; [1, 1, 1, 1] placeholders say so
+  (decode steps then do not copy the whole cache).
   """
   if q_length <= BLOCK_Q:
-    return jnp.zeros((1, 1, 1, 1), jnp.float32)
+    placeholder = jnp.zeros((1, 1, 1, 1), jnp.float32)
+    return k, placeholder, v, placeholder
   b, s, kv_heads, h = k.shape
   blocks = -(-s // BLOCK_K)
-  k = jnp.pad(k, ((0, 0), (0, blocks * BLOCK_K - s), (0, 0), (0, 0)))
-  return k.reshape(b, blocks, BLOCK_K, kv_heads, h).transpose(0, 3, 1, 4, 2)
+  padded = jnp.pad(k, ((0, 0), (0, blocks * BLOCK_K - s), (0, 0), (0, 0)))
+  keys_transposed = padded.reshape(b, blocks, BLOCK_K, kv_heads, h).transpose(0, 3, 1, 4, 2)
+  return k, keys_transposed, v, v.transpose(0, 2, 1, 3)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -97,14 +101,19 @@ def _attention_bwd(static, residuals, cotangents):
   dout, dlse = cotangents
   dout = dout.astype(jnp.float32)
   delta = jnp.einsum("btnh,btnh->bnt", dout, out) - dlse
-  b, n = q.shape[0], q.shape[2]
+  b, t, n, h = q.shape
+  # q, dout and dq by head, [B, N, T, H]: the kernel streams a head's rows once per key block.
+  by_head = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  (its own inverse)
   dq, dk, dv, dslopes = jax.ffi.ffi_call(
       "LongjaxFlashBackward",
-      (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
-       jax.ShapeDtypeStruct(v.shape, jnp.float32), jax.ShapeDtypeStruct((b, n), jnp.float32)),
+      (jax.ShapeDtypeStruct((b, n, t, h), jnp.float32),
+       jax.ShapeDtypeStruct(k.shape, jnp.float32), jax.ShapeDtypeStruct(v.shape, jnp.float32),
+       jax.ShapeDtypeStruct((b, n), jnp.float32)),
       vmap_method="sequential",
-  )(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), dout, lse, delta,
-    *mask_ops, slopes.astype(jnp.float32), *position_ops, **_attrs(static))
+  )(by_head(q.astype(jnp.float32)), k.astype(jnp.float32), v.astype(jnp.float32),
+    by_head(dout), lse, delta, *mask_ops, slopes.astype(jnp.float32), *position_ops,
+    **_attrs(static))
+  dq = by_head(dq)
   # Without ALiBi `slopes` is a [1] placeholder and the kernel's d(slopes) are zeros.
   dslopes = dslopes.sum(axis=0) if static[-1] else jnp.zeros_like(slopes, jnp.float32)
   integer_zeros = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0),

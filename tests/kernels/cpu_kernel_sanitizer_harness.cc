@@ -109,32 +109,51 @@ int main(int argc, char** argv) {
     Alibi alibi{nullptr, nullptr, nullptr, 1, 1, sh.T, sh.S};
     if (pick(0, 2) == 0) alibi = Alibi{slopes.data(), q_pos.data(), kv_pos.data(), sh.B, sh.B,
                                        sh.T, sh.S};
-    // As kernels_cpu/flash_attention.py: keys transposed block by block by XLA beyond one query
-    // block ([B, K, S_blocks, H, kBlockK], zeros past S), else a [1, 1, 1, 1] placeholder.
-    std::vector<int64_t> kt_dims = {1, 1, 1, 1};
-    std::vector<float> kt(1);
-    if (sh.T > kBlockQ) {
+    // As kernels_cpu/flash_attention.py: beyond one query block, keys transposed block by block
+    // ([B, K, S_blocks, H, kBlockK], zeros past S) and values by head ([B, K, S, H]) by XLA,
+    // else [1, 1, 1, 1] placeholders.
+    std::vector<int64_t> kt_dims = {1, 1, 1, 1}, vh_dims = {1, 1, 1, 1};
+    std::vector<float> kt(1), vh(1);
+    if (sh.T > kForwardBlockQ) {
       const int64_t blocks = (sh.S + kBlockK - 1) / kBlockK;
       kt_dims = {sh.B, sh.K, blocks, sh.H, kBlockK};
       kt.assign(sh.B * sh.K * blocks * sh.H * kBlockK, 0.f);
+      vh_dims = {sh.B, sh.K, sh.S, sh.H};
+      vh.resize(v.size());
       for (int64_t b = 0; b < sh.B; ++b)
         for (int64_t j = 0; j < sh.S; ++j)
           for (int64_t kvh = 0; kvh < sh.K; ++kvh)
-            for (int64_t h = 0; h < sh.H; ++h)
+            for (int64_t h = 0; h < sh.H; ++h) {
+              const int64_t from = ((b * sh.S + j) * sh.K + kvh) * sh.H + h;
               kt[(((b * sh.K + kvh) * blocks + j / kBlockK) * sh.H + h) * kBlockK + j % kBlockK] =
-                  k[((b * sh.S + j) * sh.K + kvh) * sh.H + h];
+                  k[from];
+              vh[((b * sh.K + kvh) * sh.S + j) * sh.H + h] = v[from];
+            }
     }
     const int64_t kt_blocks = TransposedKeyBlocks(sh, kt_dims.data(), kt_dims.size());
     std::vector<float> out(q.size()), lse(sh.B * sh.N * sh.T);
     // Zero workers: the calling thread runs every task; more: chunk plans of other sizes.
     TestPool pool(pick(0, 4));
+    const float* v_by_head = ValuesByHead(sh, vh_dims.data(), vh_dims.size()) ? vh.data()
+                                                                                 : nullptr;
     ForwardAll(pool, sh, mask, alibi, 0.25f, q.data(), k.data(), kt.data(), kt_blocks,
-               v.data(), out.data(), lse.data());
+               v.data(), v_by_head, out.data(), lse.data());
     std::vector<float> dout(q.size()), delta(lse.size(), 0.1f), dq(q.size()), dk(k.size()),
         dv(v.size()), dslopes(sh.B * sh.N);
     fill(dout);
-    BackwardAll(pool, sh, mask, alibi, 0.25f, q.data(), k.data(), v.data(), dout.data(),
-                lse.data(), delta.data(), dq.data(), dk.data(), dv.data(), dslopes.data());
+    // The backward takes q and dout (and returns dq) by head, [B, N, T, H].
+    auto by_head = [&sh](const std::vector<float>& x) {
+      std::vector<float> y(x.size());
+      for (int64_t b = 0; b < sh.B; ++b)
+        for (int64_t t = 0; t < sh.T; ++t)
+          for (int64_t n = 0; n < sh.N; ++n)
+            std::copy_n(&x[((b * sh.T + t) * sh.N + n) * sh.H], sh.H,
+                        &y[((b * sh.N + n) * sh.T + t) * sh.H]);
+      return y;
+    };
+    BackwardAll(pool, sh, mask, alibi, 0.25f, by_head(q).data(), k.data(), v.data(),
+                by_head(dout).data(), lse.data(), delta.data(), dq.data(), dk.data(), dv.data(),
+                dslopes.data());
   }
   std::puts("ok");
   return 0;

@@ -19,22 +19,13 @@ from kernels_pallas.decode_attention import decode_attention
 from kernels_pallas.decode_attention import decode_attention_reference
 from kernels_pallas.decode_attention import merge_partials
 from kernels_pallas.flash_attention import flash_attention_reference
+from tests.kernels.attention_testing import assert_close
 
 # Relative to the largest magnitude of the compared array. f32: only the summation order
 # differs. bf16: probabilities are rounded to bf16 before the p v matmul, relative to a running
 # (kernel) or final (reference) maximum: a few bf16 ulps (2^-8 ~ 4e-3).
 TOLERANCES = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 _S, _BLOCK = 70, 16  # a cache that needs padding to the block, with lengths off the block
-
-
-def assert_close(test, actual, expected, tol, name):
-  actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
-  test.assertEqual(actual.shape, expected.shape, name)
-  np.testing.assert_array_equal(np.isneginf(actual), np.isneginf(expected), err_msg=name)
-  finite = np.isfinite(expected)
-  scale = max(1.0, float(np.abs(np.where(finite, expected, 0)).max(initial=0)))
-  np.testing.assert_allclose(np.where(finite, actual, 0), np.where(finite, expected, 0),
-                             atol=tol * scale, rtol=0, err_msg=name)
 
 
 def jitted(fn, **kwargs):

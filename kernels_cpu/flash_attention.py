@@ -60,8 +60,7 @@ def _forward(static, q, k, v, slopes, mask_ops, position_ops):
        jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
       vmap_method="sequential",
   )(q.astype(jnp.float32), *_forward_layouts(k.astype(jnp.float32), v.astype(jnp.float32), t),
-    *mask_ops,
-    slopes.astype(jnp.float32), *position_ops, **_attrs(static))
+    *mask_ops, slopes.astype(jnp.float32), *position_ops, **_attrs(static))
   return out, lse
 
 

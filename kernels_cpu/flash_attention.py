@@ -54,18 +54,20 @@ def _attrs(static):
 
 def _forward(static, q, k, v, slopes, mask_ops, position_ops):
   b, t, n, h = q.shape
+  k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+  keys_transposed, values_by_head = _forward_layouts(k, v, t)
   out, lse = jax.ffi.ffi_call(
       "LongjaxFlashForward",
       (jax.ShapeDtypeStruct((b, t, n, h), jnp.float32),
        jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
       vmap_method="sequential",
-  )(q.astype(jnp.float32), *_forward_layouts(k.astype(jnp.float32), v.astype(jnp.float32), t),
-    *mask_ops, slopes.astype(jnp.float32), *position_ops, **_attrs(static))
+  )(q.astype(jnp.float32), k, keys_transposed, v, values_by_head, *mask_ops,
+    slopes.astype(jnp.float32), *position_ops, **_attrs(static))
   return out, lse
 
 
 def _forward_layouts(k, v, q_length):
-  """f32 (k [B, S, K, H], v) -> (k, keys transposed, v, values by head) for the forward kernel.
+  """f32 (k [B, S, K, H], v) -> (keys transposed, values by head) for the forward kernel.
 
   Keys transposed: [B, K, S_blocks, H, BLOCK_K], each key block transposed on its own (zeros
   past S), so that a block's rows of keys lie BLOCK_K floats apart; values by head: [B, K, S, H],
@@ -76,12 +78,12 @@ def _forward_layouts(k, v, q_length):
   """
   if q_length <= BLOCK_Q:
     placeholder = jnp.zeros((1, 1, 1, 1), jnp.float32)
-    return k, placeholder, v, placeholder
+    return placeholder, placeholder
   b, s, kv_heads, h = k.shape
   blocks = -(-s // BLOCK_K)
   padded = jnp.pad(k, ((0, 0), (0, blocks * BLOCK_K - s), (0, 0), (0, 0)))
   keys_transposed = padded.reshape(b, blocks, BLOCK_K, kv_heads, h).transpose(0, 3, 1, 4, 2)
-  return k, keys_transposed, v, v.transpose(0, 2, 1, 3)
+  return keys_transposed, v.transpose(0, 2, 1, 3)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

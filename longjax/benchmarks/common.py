@@ -431,5 +431,5 @@ def run_peak_suite(sizes: str, out: str, *, argv: list[str], **unused) -> str:
                       include_torch=importlib.util.find_spec("torch") is not None)
   md = reports.header_markdown("peak", sizes, machine, peak)
   reports.write_report(out, {"suite": "peak", "sizes": sizes, "machine": machine, "peak": peak,
-                     "peak_f32_gflops_per_s": peak_gflops(peak)}, md)
+                             "peak_f32_gflops_per_s": peak_gflops(peak)}, md)
   return md

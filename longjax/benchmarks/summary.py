@@ -99,7 +99,7 @@ def readme_markdown(paths: list[str]) -> str:
       lines += [f"**{processor}**", ""]
     rows = [row for _, report in in_machine for row in ROWS[report["suite"]](report)]
     lines += [reports.markdown_table(["measurement", "longjax", "peer", "ratio (> 1: longjax "
-                                     "better)"], rows), ""]
+                                      "better)"], rows), ""]
     for path, report in in_machine:
       m = report["machine"]
       lines.append(f"- `{path}`: `{m['command']}` on {m['processor']} ({m['cpu_count']} CPUs, "

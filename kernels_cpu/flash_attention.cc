@@ -68,6 +68,7 @@ typedef int32_t vi __attribute__((vector_size(kLanes * 4), aligned(4), may_alias
 constexpr int kBlockQ = 64;
 constexpr int kForwardBlockQ = 128;
 constexpr int kBlockK = 128;  // keys per block (a multiple of 16)
+constexpr int kDiagonalRows = 4 * kTileRows;  // query rows per chunk where a mask cuts a block
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline vf Load(const float* p) { return *reinterpret_cast<const vf*>(p); }
@@ -159,15 +160,16 @@ inline vf Exp(vf x) {
   return (vf)((vi)(p * (vf)bits) & ~underflow);  // vector casts reinterpret the bits
 }
 
-// C[R, V*kLanes] += sum_k A(r, k) * B[k, :] with A(r, k) = a[r * a_row + k * a_col].
-template <int R, int V>
+// C[R, V*kLanes] (+)= sum_k A(r, k) * B[k, :] with A(r, k) = a[r * a_row + k * a_col]: adds to
+// C when Add, else overwrites it (so callers need not zero C first).
+template <int R, int V, bool Add>
 inline void Tile(int depth, const float* a, int64_t a_row, int64_t a_col, const float* b,
                  int64_t ldb, float* c, int64_t ldc) {
   vf acc[R][V];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) acc[r][v] = Load(c + r * ldc + v * kLanes);
+    for (int v = 0; v < V; ++v) acc[r][v] = Add ? Load(c + r * ldc + v * kLanes) : vf{};
   for (int k = 0; k < depth; ++k) {
     vf bk[V];
 #pragma GCC unroll 8
@@ -186,35 +188,37 @@ inline void Tile(int depth, const float* a, int64_t a_row, int64_t a_col, const 
 }
 
 // The last rows < kTileRows as one tile of exactly that many rows.
-template <int V, int R>
+template <int V, bool Add, int R>
 inline void TileRemainder(int rows, int depth, const float* a, int64_t a_row, int64_t a_col,
                           const float* b, int64_t ldb, float* c, int64_t ldc) {
   if constexpr (R > 0) {
-    if (rows == R) return Tile<R, V>(depth, a, a_row, a_col, b, ldb, c, ldc);
-    TileRemainder<V, R - 1>(rows, depth, a, a_row, a_col, b, ldb, c, ldc);
+    if (rows == R) return Tile<R, V, Add>(depth, a, a_row, a_col, b, ldb, c, ldc);
+    TileRemainder<V, Add, R - 1>(rows, depth, a, a_row, a_col, b, ldb, c, ldc);
   }
 }
 
 // Rows in tiles of kTileRows, then one tile of the rest (row by row would cost a load per
 // multiply-add).
-template <int V>
+template <int V, bool Add>
 inline void TileRows(int rows, int depth, const float* a, int64_t a_row, int64_t a_col,
                      const float* b, int64_t ldb, float* c, int64_t ldc) {
   for (; rows >= kTileRows; rows -= kTileRows, a += kTileRows * a_row, c += kTileRows * ldc)
-    Tile<kTileRows, V>(depth, a, a_row, a_col, b, ldb, c, ldc);
-  TileRemainder<V, kTileRows - 1>(rows, depth, a, a_row, a_col, b, ldb, c, ldc);
+    Tile<kTileRows, V, Add>(depth, a, a_row, a_col, b, ldb, c, ldc);
+  TileRemainder<V, Add, kTileRows - 1>(rows, depth, a, a_row, a_col, b, ldb, c, ldc);
 }
 
-// C[m, n] += A[m, depth] B[depth, n]; A(r, k) = a[r * a_row + k * a_col] (any strides, so a
-// transposed A costs nothing); rows of B and C contiguous in n, n % kLanes == 0.
+// C[m, n] += A[m, depth] B[depth, n] (C = A B with Add false); A(r, k) = a[r * a_row + k * a_col]
+// (any strides, so a transposed A costs nothing); rows of B and C contiguous in n,
+// n % kLanes == 0.
+template <bool Add = true>
 void Gemm(int m, int n, int depth, const float* a, int64_t a_row, int64_t a_col, const float* b,
           int64_t ldb, float* c, int64_t ldc) {
   int j = 0;
   for (; j + kTileCols <= n; j += kTileCols)
-    TileRows<kTileVecs>(m, depth, a, a_row, a_col, b + j, ldb, c + j, ldc);
+    TileRows<kTileVecs, Add>(m, depth, a, a_row, a_col, b + j, ldb, c + j, ldc);
   for (; j + 2 * kLanes <= n; j += 2 * kLanes)
-    TileRows<2>(m, depth, a, a_row, a_col, b + j, ldb, c + j, ldc);
-  for (; j < n; j += kLanes) TileRows<1>(m, depth, a, a_row, a_col, b + j, ldb, c + j, ldc);
+    TileRows<2, Add>(m, depth, a, a_row, a_col, b + j, ldb, c + j, ldc);
+  for (; j < n; j += kLanes) TileRows<1, Add>(m, depth, a, a_row, a_col, b + j, ldb, c + j, ldc);
 }
 
 struct Shape {
@@ -276,13 +280,33 @@ struct Mask {
     return true;
   }
 
+  // How many keys from k0 on, at most `valid`, hold every key of [k0, k0 + valid) that rows
+  // [i0, i1] may see: causality and windows bound them above (landmarks and segments only hide
+  // keys that causality leaves).
+  int SeenKeys(int64_t i0, int64_t i1, int64_t k0, int valid) const {
+    int64_t lo, hi, global_hi;
+    KeyRange(i0, i1, k0 + valid, &lo, &hi, &global_hi);
+    return static_cast<int>(std::clamp<int64_t>(std::max(hi, global_hi) - k0, 0, valid));
+  }
+
   // Sets s[r, c] = -inf for hidden (row, key) pairs and for key columns >= valid.
   void Apply(int64_t b, int64_t t0, int rows, int64_t k0, int valid, int cols, float* s,
              int64_t lds, bool full) const {
+    // Without segments or landmarks a row sees the keys of an interval and the global tokens
+    // (KeyRange of that row alone): hide the rest of the block as runs of columns, which costs
+    // a fill where testing each entry cost more than the block's two GEMMs.
+    const bool by_range = q_seg == nullptr && landmark == 0;
     for (int r = 0; r < rows; ++r) {
       float* row = s + r * lds;
       const int64_t i = q_offset + t0 + r;
-      if (!full) {
+      if (!full && by_range) {
+        int64_t lo, hi, global_hi;
+        KeyRange(i, i, k0 + valid, &lo, &hi, &global_hi);
+        const auto column = [&](int64_t j) { return std::clamp<int64_t>(j - k0, 0, valid); };
+        const int64_t c_lo = column(lo), c_hi = column(hi), c_global = column(global_hi);
+        std::fill(row + c_global, row + std::max(c_global, c_lo), kNegInf);
+        std::fill(row + std::max(c_global, c_hi), row + valid, kNegInf);
+      } else if (!full) {
         for (int c = 0; c < valid; ++c) {
           const int64_t j = k0 + c;
           bool visible = Visible(i, j);
@@ -369,11 +393,12 @@ void ParallelFor(Pool& pool, int64_t n, const Body& body) {
 
 int RoundUp(int x, int m) { return (x + m - 1) / m * m; }
 
-// Kt[h, c] = k[row c, h] for c < valid, zero for valid <= c < kBlockK. Rows are `ld` apart.
-void PackTransposed(const float* k, int64_t ld, int valid, int64_t H, float* kt) {
+// Kt[h, c] = scale * k[row c, h] for c < valid, zero for valid <= c < kBlockK. Rows are `ld`
+// apart.
+void PackTransposed(const float* k, int64_t ld, int valid, int64_t H, float scale, float* kt) {
   for (int64_t h = 0; h < H; ++h) {
     float* dst = kt + h * kBlockK;
-    for (int c = 0; c < valid; ++c) dst[c] = k[c * ld + h];
+    for (int c = 0; c < valid; ++c) dst[c] = k[c * ld + h] * scale;
     for (int c = valid; c < kBlockK; ++c) dst[c] = 0.f;
   }
 }
@@ -586,26 +611,35 @@ void ForwardBlock(const Shape& sh, const Mask& mask, const Alibi& alibi, float s
   for (int64_t k0 = 0; k0 < sh.S; k0 += kBlockK) {
     const int valid = static_cast<int>(std::min<int64_t>(kBlockK, sh.S - k0));
     if (!mask.BlockVisible(i0, i1, k0, k0 + valid, sh.S)) continue;
-    const int cols = RoundUp(valid, 16);
     const float* kb = k + ((b * sh.S + k0) * K + kvh) * H;
     // Keys transposed: XLA's copy when it made one, else this block's, in cache.
     const bool given = kt_blocks > 0;
-    if (!given) PackTransposed(kb, K * H, valid, H, packed);
+    if (!given) PackTransposed(kb, K * H, valid, H, 1.f, packed);
     const float* kt = given ? kt_all + ((b * K + kvh) * kt_blocks + k0 / kBlockK) * H * kBlockK
                             : packed;
-    for (int r = 0; r < rows; ++r) std::fill(s + r * kBlockK, s + r * kBlockK + cols, 0.f);
-    Gemm(rows, cols, static_cast<int>(H), qs, H, 1, kt, kBlockK, s, kBlockK);
-    if (alibi.on()) {
-      alibi.KeyPositions(b, k0, valid, key_positions.data());
-      AddAlibi(alibi.slopes[n], alibi.QueryPositions(b, t0), rows, key_positions.data(), cols, s,
-               kBlockK);
-    }
-    mask.Apply(b, t0, rows, k0, valid, cols, s, kBlockK,
-               mask.BlockFull(i0, i1, k0, k0 + valid));
-    OnlineSoftmax(rows, cols, H, s, m, l, acc);
     const float* vb = v_by_head ? v_by_head + ((b * K + kvh) * sh.S + k0) * H
                                 : v + ((b * sh.S + k0) * K + kvh) * H;
-    Gemm(rows, static_cast<int>(H), valid, s, kBlockK, 1, vb, v_by_head ? H : K * H, acc, H);
+    if (alibi.on()) alibi.KeyPositions(b, k0, valid, key_positions.data());
+    // Where the mask cuts through the block (the causal diagonal), rows go in chunks that each
+    // compute only the keys they may see: about half of a diagonal block's work is skipped.
+    const int chunk = mask.BlockFull(i0, i1, k0, k0 + valid) ? rows : kDiagonalRows;
+    for (int r0 = 0; r0 < rows; r0 += chunk) {
+      const int n_rows = std::min(chunk, rows - r0);
+      const int64_t c0 = i0 + r0, c1 = c0 + n_rows - 1;
+      const int seen = mask.SeenKeys(c0, c1, k0, valid);
+      if (seen == 0) continue;
+      const int cols = RoundUp(seen, 16);
+      float* sc = s + r0 * kBlockK;
+      Gemm<false>(n_rows, cols, static_cast<int>(H), qs + r0 * H, H, 1, kt, kBlockK, sc, kBlockK);
+      if (alibi.on())
+        AddAlibi(alibi.slopes[n], alibi.QueryPositions(b, t0 + r0), n_rows, key_positions.data(),
+                 cols, sc, kBlockK);
+      mask.Apply(b, t0 + r0, n_rows, k0, seen, cols, sc, kBlockK,
+                 mask.BlockFull(c0, c1, k0, k0 + seen));
+      OnlineSoftmax(n_rows, cols, H, sc, m + r0, l + r0, acc + r0 * H);
+      Gemm(n_rows, static_cast<int>(H), seen, sc, kBlockK, 1, vb, v_by_head ? H : K * H,
+           acc + r0 * H, H);
+    }
   }
 
   float* o = out + ((b * sh.T + t0) * N + n) * H;
@@ -673,7 +707,6 @@ void BackwardHead(const Shape& sh, const Mask& mask, const Alibi& alibi, float s
 
   for (int64_t k0 = 0; k0 < sh.S; k0 += kBlockK) {
     const int valid = static_cast<int>(std::min<int64_t>(kBlockK, sh.S - k0));
-    const int cols = RoundUp(valid, 16);
     const float* kb = k + ((b * sh.S + k0) * K + kvh) * H;
     const float* vb = v + ((b * sh.S + k0) * K + kvh) * H;
     bool packed = false;
@@ -687,30 +720,25 @@ void BackwardHead(const Shape& sh, const Mask& mask, const Alibi& alibi, float s
         const int64_t i0 = mask.q_offset + t0, i1 = i0 + rows - 1;
         if (!mask.BlockVisible(i0, i1, k0, k0 + valid, sh.S)) continue;
         if (!packed) {
-          PackTransposed(kb, K * H, valid, H, kt);
-          PackTransposed(vb, K * H, valid, H, vt);
+          PackTransposed(kb, K * H, valid, H, scale, kt);  // so that Q Kt are scaled logits
+          PackTransposed(vb, K * H, valid, H, 1.f, vt);
           packed = true;
         }
+        // Keys past `seen` are hidden from all these rows (past the causal diagonal): the block
+        // is computed as if it ended there.
+        const int seen = mask.SeenKeys(i0, i1, k0, valid), cols = RoundUp(seen, 16);
         const float* qb = q + ((b * N + n) * sh.T + t0) * H;
         const float* dob = dout + ((b * N + n) * sh.T + t0) * H;
         float* dqb = dq + ((b * N + n) * sh.T + t0) * H;
         const float* lse_rows = lse + (b * N + n) * sh.T + t0;
         const float* delta_rows = delta + (b * N + n) * sh.T + t0;
 
-        for (int r = 0; r < rows; ++r) {
-          std::fill_n(p + r * kBlockK, cols, 0.f);
-          std::fill_n(ds + r * kBlockK, cols, 0.f);
-        }
-        Gemm(rows, cols, static_cast<int>(H), qb, H, 1, kt, kBlockK, p, kBlockK);
+        Gemm<false>(rows, cols, static_cast<int>(H), qb, H, 1, kt, kBlockK, p, kBlockK);
         const vf vscale = Splat(scale);
-        for (int r = 0; r < rows; ++r)
-          for (int c = 0; c < cols; c += kLanes)
-            Store(p + r * kBlockK + c, Load(p + r * kBlockK + c) * vscale);
         const int32_t* q_positions = alibi.on() ? alibi.QueryPositions(b, t0) : nullptr;
         if (alibi.on())
           AddAlibi(alibi.slopes[n], q_positions, rows, key_positions.data(), cols, p, kBlockK);
-        mask.Apply(b, t0, rows, k0, valid, cols, p, kBlockK,
-                   mask.BlockFull(i0, i1, k0, k0 + valid));
+        mask.Apply(b, t0, rows, k0, seen, cols, p, kBlockK, mask.BlockFull(i0, i1, k0, k0 + seen));
         for (int r = 0; r < rows; ++r) {
           float* row = p + r * kBlockK;
           if (lse_rows[r] == kNegInf) {
@@ -721,10 +749,10 @@ void BackwardHead(const Shape& sh, const Mask& mask, const Alibi& alibi, float s
           for (int c = 0; c < cols; c += kLanes) Store(row + c, Exp(Load(row + c) - shift));
         }
         // dV += P^T dO
-        Gemm(valid, static_cast<int>(H), rows, p, 1, kBlockK, dob, H, dv_acc, H);
+        Gemm(seen, static_cast<int>(H), rows, p, 1, kBlockK, dob, H, dv_acc, H);
         // dP = dO V^T, then dS = P (dP - delta), the gradient of the biased logits; stored
         // scaled (for dQ, dK). d(slope) = -sum dS |p_q - p_k|.
-        Gemm(rows, cols, static_cast<int>(H), dob, H, 1, vt, kBlockK, ds, kBlockK);
+        Gemm<false>(rows, cols, static_cast<int>(H), dob, H, 1, vt, kBlockK, ds, kBlockK);
         vf dslope = Splat(0.f);
         for (int r = 0; r < rows; ++r) {
           float* dsr = ds + r * kBlockK;
@@ -739,8 +767,8 @@ void BackwardHead(const Shape& sh, const Mask& mask, const Alibi& alibi, float s
         }
         if (q_positions != nullptr) dslopes[b * N + n] += ReduceSum(dslope);
         // dQ += dS K; dK += dS^T Q
-        Gemm(rows, static_cast<int>(H), valid, ds, kBlockK, 1, kb, K * H, dqb, H);
-        Gemm(valid, static_cast<int>(H), rows, ds, 1, kBlockK, qb, H, dk_acc, H);
+        Gemm(rows, static_cast<int>(H), seen, ds, kBlockK, 1, kb, K * H, dqb, H);
+        Gemm(seen, static_cast<int>(H), rows, ds, 1, kBlockK, qb, H, dk_acc, H);
       }
     }
     for (int c = 0; c < valid; ++c) {

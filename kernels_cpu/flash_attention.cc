@@ -294,7 +294,7 @@ struct Mask {
              int64_t lds, bool full) const {
     // Without segments or landmarks a row sees the keys of an interval and the global tokens
     // (KeyRange of that row alone): hide the rest of the block as runs of columns, which costs
-    // a fill where testing each entry cost more than the block's two GEMMs.
+    // a fill where testing each entry cost about as much as the block's two GEMMs.
     const bool by_range = q_seg == nullptr && landmark == 0;
     for (int r = 0; r < rows; ++r) {
       float* row = s + r * lds;

@@ -24,16 +24,23 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.start()
   from longjax import configuration  # pylint: disable=g-import-not-at-top (fast --help)
-  from longjax.training import trainer  # pylint: disable=g-import-not-at-top
+  from longjax.training import checkpoints, resume, trainer  # pylint: disable=g-import-not-at-top
   try:
     result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except configuration.ConfigError as e:
     common.fail(f"config: {e}")
+  except (resume.ResumeError, checkpoints.CheckpointError) as e:
+    common.fail(str(e))
   except trainer.NonFiniteLossError as e:
     common.fail(str(e), code=1)
   if result.interrupted:
     print(f"interrupted at step {result.step}; checkpoint saved. Rerun the same command to resume.")
     raise SystemExit(130)
+  if result.already_complete:
+    print(f"already complete at step {result.step} (train.steps="
+          f"{_CONFIG.value.train.steps}); nothing to do. Raise --config.train.steps to train "
+          "further; python -m experiments.evaluate re-evaluates")
+    return
   from longjax import runs  # pylint: disable=g-import-not-at-top
   print(f"done: step {result.step}, train loss {result.final_loss:.4f}, "
         f"validation loss {result.val_loss:.4f}")

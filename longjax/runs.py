@@ -29,12 +29,34 @@ def saved_config(workdir: str):
 
   Fields added to longjax after the run was saved take their defaults, so old runs stay
   loadable and evaluation-time overrides of new fields apply to them.
+
+  Raises:
+    FileNotFoundError: `workdir` has no config.json.
+    ValueError: config.json is not a JSON object (one line saying where).
   """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a longjax run directory?")
-  with open(path, encoding="utf-8") as f:
-    saved = json.load(f)
+  return config_from_saved(read_json_object(path))
+
+
+def read_json_object(path: str) -> dict:
+  """The JSON object in `path`; ValueError in one line when it is not one."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+                     ) from None
+  except UnicodeDecodeError:
+    raise ValueError(f"{path} is not valid JSON (not UTF-8 text)") from None
+  if not isinstance(saved, dict):
+    raise ValueError(f"{path} is not a JSON object (it holds a {type(saved).__name__})")
+  return saved
+
+
+def config_from_saved(saved: dict):
+  """A saved config's fields on top of today's defaults, lengths resolved."""
   config = defaults.default_config()
   _merge(config, saved)
   configuration.resolve_lengths(config)

@@ -111,3 +111,41 @@ def python_env() -> dict:
 
 
 PYTHON = sys.executable
+
+
+def tree_bytes(path: str) -> dict[str, bytes]:
+  """{relative path: SHA-256} of every file under `path`: equal iff no file was added, removed
+  or changed (modification times aside)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  digests = {}
+  for root, _, names in os.walk(path):
+    for name in names:
+      full = os.path.join(root, name)
+      with open(full, "rb") as f:
+        digests[os.path.relpath(full, path)] = hashlib.sha256(f.read()).digest()
+  return digests
+
+
+# A tiny run trained once per test process and shared (read-only) by the tests that damage or
+# resume copies of it; those tests share one xdist group, so one worker trains it.
+TRAINED_RUN_GROUP = "trained_run"
+TRAINED_RUN_OVERRIDES = {"train.steps": 6, "train.checkpoint_every": 3, "train.log_every": 1,
+                         "eval.lengths": "1x"}
+_trained_run = []
+
+
+def trained_run() -> str:
+  """The workdir of `tiny_config(**TRAINED_RUN_OVERRIDES)` trained (checkpoints 3 and 6)."""
+  if not _trained_run:
+    from longjax.training import trainer  # pylint: disable=g-import-not-at-top
+    workdir = os.path.join(tempfile.mkdtemp(dir=_ensure_root()), "run")
+    trainer.train_and_evaluate(tiny_config(**TRAINED_RUN_OVERRIDES), workdir, progress=False)
+    _trained_run.append(workdir)
+  return _trained_run[0]
+
+
+def copy_of_trained_run(parent: str) -> str:
+  """A copy of `trained_run()` under `parent`, for a test to change."""
+  workdir = os.path.join(parent, "run")
+  shutil.copytree(trained_run(), workdir)
+  return workdir

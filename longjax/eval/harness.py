@@ -99,6 +99,11 @@ def evaluate(ctx: EvalContext, tasks: tuple[str, ...] = ("perplexity",)) -> dict
   return results
 
 
+def has_results(workdir: str, tasks: tuple[str, ...] = ("perplexity",)) -> bool:
+  """Whether `workdir/eval/` holds every task's (unlabelled) result."""
+  return all(os.path.exists(os.path.join(workdir, "eval", f"{t}.json")) for t in tasks)
+
+
 def write_json(path: str, obj) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".tmp"

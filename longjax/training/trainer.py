@@ -23,7 +23,7 @@ from longjax.data import corpus as corpus_lib
 from longjax.data import pipeline
 from longjax.eval import harness
 from longjax.parallel import mesh as mesh_lib
-from longjax.training import checkpoints, state as state_lib, step as step_lib
+from longjax.training import checkpoints, resume, state as state_lib, step as step_lib
 from longjax.training.metrics import MetricsWriter
 
 # Test hook: the exact-resume test kills the process with SIGKILL right after this step.
@@ -41,6 +41,7 @@ class TrainResult:
   final_loss: float | None
   val_loss: float | None
   eval: dict
+  already_complete: bool = False  # the run had reached train.steps: nothing was done
 
 
 class _StopRequest:
@@ -97,15 +98,17 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
 
   Raises:
     ConfigError: before anything is written, for a bad config value.
+    ResumeError: before anything is written, when `workdir` holds a run of another config
+      (see `longjax.training.resume`) or cannot be used.
+    CheckpointError: the run's checkpoints cannot be restored (nothing is moved or written).
     NonFiniteLossError: when the loss stops being finite.
   """
   config = config.copy_and_resolve_references()
   configuration.resolve_lengths(config)
   configuration.validate(config, jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
+  # Before anything is written: a changed config must not touch an existing run.
+  changes = resume.check_workdir(workdir, config)
   config_dict = config.to_dict()
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(configuration.to_json(config))
 
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = mesh_lib.parse_rules(config.mesh.rules)
@@ -123,12 +126,25 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
 
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                   keep=config.train.keep_checkpoints)
-  restored = ckpt.restore_latest(state, data_iter)
+  try:
+    restored = ckpt.restore_latest(state, data_iter)
+  except checkpoints.CheckpointError:
+    ckpt.close()
+    raise
   if restored is not None:
     state = restored
   start = int(jax.device_get(state.step))
   if start:
     logging.warning("resuming from the checkpoint of step %d", start)
+    for change in changes:
+      logging.warning("resuming with %s", change)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(configuration.to_json(config))
+  steps = config.train.steps
+  if start >= steps and (start > steps or harness.has_results(workdir)):
+    ckpt.close()
+    return TrainResult(step=start, interrupted=False, final_loss=None, val_loss=None, eval={},
+                       already_complete=True)
   writer = MetricsWriter(workdir, resume_step=start)
 
   # Training-time positions (randomized, PoSE) change train_step only, never evaluation.
@@ -139,7 +155,6 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
   train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
   kill_at = int(os.environ.get(_SIGKILL_AT_STEP_ENV, "0"))
-  steps = config.train.steps
   tokens_per_step = config.train.batch_size * config.data.seq_len
   loss = val_loss = None
   window_losses, window_start, window_steps = [], None, 0

@@ -1,0 +1,115 @@
+"""Resuming a run: a changed config is refused before anything is written; allowed changes
+(longer training, evaluation settings) resume; a finished run is left alone."""
+
+import os
+import shutil
+
+from absl.testing import absltest
+import pytest
+
+from longjax.training import checkpoints, resume, trainer
+from longjax.training.metrics import read_metrics
+from tests import testing
+
+_BASE = testing.TRAINED_RUN_OVERRIDES
+
+
+def _losses(workdir):
+  return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
+
+
+# One worker trains the shared run (--dist=loadgroup in setup.cfg).
+@pytest.mark.xdist_group(testing.TRAINED_RUN_GROUP)
+class ResumeTest(absltest.TestCase):
+  """Each test resumes a copy of `testing.trained_run()` (checkpoints at steps 3 and 6)."""
+
+  def setUp(self):
+    super().setUp()
+    self._run = testing.trained_run()
+
+  def _copy(self):
+    return testing.copy_of_trained_run(self.create_tempdir().full_path)
+
+  def test_changed_config_is_refused_twice_and_the_run_survives(self):
+    workdir = self._copy()
+    before = testing.tree_bytes(workdir)
+    for field, value in (("model.width", 128), ("model.posenc.kind", "alibi"),
+                         ("data.seq_len", 64), ("train.learning_rate", 1e-3), ("seed", 1)):
+      for _ in range(2):  # the second attempt used to delete what the first had moved
+        with self.assertRaisesRegex(resume.ResumeError,
+                                    rf"holds checkpoints of a run with another config "
+                                    rf"\(.*{field}=.* in the run, .* now.*\); resuming may change "
+                                    r"only train\.steps"):
+          trainer.train_and_evaluate(testing.tiny_config(**_BASE, **{field: value}), workdir,
+                                     progress=False)
+        self.assertEqual(testing.tree_bytes(workdir), before, field)
+    # The run's own config still resumes it: it is complete, so nothing changes.
+    result = trainer.train_and_evaluate(testing.tiny_config(**_BASE), workdir, progress=False)
+    self.assertTrue(result.already_complete)
+    self.assertEqual(result.step, 6)
+    self.assertEqual(testing.tree_bytes(workdir), before)
+
+  def test_fewer_steps_than_the_checkpoint_is_complete(self):
+    workdir = self._copy()
+    before = testing.tree_bytes(workdir)
+    result = trainer.train_and_evaluate(testing.tiny_config(**{**_BASE, "train.steps": 3}),
+                                        workdir, progress=False)
+    self.assertTrue(result.already_complete)
+    self.assertEqual(result.step, 6)
+    # config.json now records train.steps=3 (a resumable field); nothing else changed.
+    del before["config.json"]
+    after = testing.tree_bytes(workdir)
+    del after["config.json"]
+    self.assertEqual(after, before)
+
+  def test_resumable_fields_may_change(self):
+    # Training further with other evaluation settings continues the same run: steps 1-6 are
+    # kept, steps 7-8 are new, and config.json records the new values.
+    workdir = self._copy()
+    config = testing.tiny_config(**{**_BASE, "train.steps": 8, "train.eval_batches": 1,
+                                    "train.log_every": 2, "model.attention.impl": "reference"})
+    result = trainer.train_and_evaluate(config, workdir, progress=False)
+    self.assertEqual((result.step, result.already_complete), (8, False))
+    losses = _losses(workdir)
+    self.assertEqual(sorted(losses), [1, 2, 3, 4, 5, 6, 8])
+    self.assertEqual({s: losses[s] for s in range(1, 7)}, _losses(self._run))
+    saved = resume._saved_config(workdir)  # pylint: disable=protected-access
+    self.assertEqual((saved.train.steps, saved.train.eval_batches), (8, 1))
+
+  def test_fresh_start_after_unrestorable_checkpoints_equals_an_empty_workdir(self):
+    workdir = self._copy()
+    for step in (3, 6):
+      shutil.rmtree(os.path.join(workdir, "checkpoints", str(step), "state"))
+    with self.assertRaises(checkpoints.NoRestorableCheckpointError):
+      trainer.train_and_evaluate(testing.tiny_config(**_BASE), workdir, progress=False)
+    # What the error says to do: move the checkpoints aside and rerun.
+    os.rename(os.path.join(workdir, "checkpoints"), os.path.join(workdir, "unrestorable"))
+    trainer.train_and_evaluate(testing.tiny_config(**_BASE), workdir, progress=False)
+    self.assertEqual(_losses(workdir), _losses(self._run))  # bitwise: JSON floats round-trip
+
+  def test_workdir_that_is_a_file_or_under_one(self):
+    path = os.path.join(self.create_tempdir().full_path, "file")
+    with open(path, "w") as f:
+      f.write("x")
+    for workdir, message in ((path, "is a file, not a directory"),
+                             (os.path.join(path, "run"), "cannot be created: .* is a file")):
+      with self.assertRaisesRegex(resume.ResumeError, message):
+        trainer.train_and_evaluate(testing.tiny_config(**_BASE), workdir, progress=False)
+
+
+class DifferencesTest(absltest.TestCase):
+
+  def test_leaves_compared_after_a_json_round_trip(self):
+    self.assertEqual(resume.differences({"a": {"b": (1, 2), "c": 1}, "d": 0},
+                                        {"a": {"b": [1, 2], "c": 2}, "e": 0}),
+                     [("a.c", 1, 2), ("d", 0, None), ("e", None, 0)])
+
+  def test_resumable_covers_sections_and_exact_fields(self):
+    self.assertTrue(resume.resumable("eval.lengths"))
+    self.assertTrue(resume.resumable("train.steps"))
+    self.assertFalse(resume.resumable("train.steps_extra"))
+    self.assertFalse(resume.resumable("model.width"))
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -6,9 +6,11 @@ runs on (-march=native) against the XLA FFI headers that ship with jaxlib, and c
 jaxlib version, the compiler's version and flags and the CPU's feature flags, so a changed source,
 jaxlib, compiler or machine rebuilds instead of loading a stale or illegal binary. `CXXFLAGS` is
 appended to the compiler's flags (e.g. `-mno-avx512f` builds the AVX2 code path on an AVX-512
-machine; the tests do that to check it). Concurrent first uses
-(pytest workers) serialise on a file lock. Without a compiler, `unavailable_reason()` says why
-and `longjax.ops` falls back to its XLA blockwise attention.
+machine; the tests do that to check it). Each cached library has its SHA-256 beside it, checked
+before loading: a damaged one is rebuilt, not loaded. Concurrent first uses (pytest workers)
+serialise on a file lock; a read-only cache with a valid library is used as it is. Without a
+compiler, `unavailable_reason()` says why and `longjax.ops` falls back to its XLA blockwise
+attention (saying so once).
 """
 
 import ctypes
@@ -78,23 +80,60 @@ def _compile(compiler: str, target: pathlib.Path) -> None:
     os.replace(out, target)
 
 
+def _digest(path: pathlib.Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(target: pathlib.Path) -> bool:
+  """Whether `target` exists and matches the checksum written beside it after its build.
+
+  A library truncated by a full disk or a killed copy would otherwise be loaded and crash the
+  process (a bus error) on every run; one without a checksum predates them and is rebuilt.
+  """
+  stamp = target.with_name(target.name + ".sha256")
+  try:
+    return stamp.read_text().strip() == _digest(target)
+  except OSError:
+    return False
+
+
+def cached_library(cache: pathlib.Path, name: str, build) -> pathlib.Path:
+  """The verified library `cache/name`, built with `build(path)` when missing or damaged.
+
+  A valid library is used without taking the lock, so a read-only cache that holds one works.
+  Building serialises concurrent processes on `cache/.lock`; the library is moved into place
+  and then its checksum written, both atomically, so a reader never accepts a partial file.
+
+  Raises:
+    OSError: the cache cannot be written where a build is needed; RuntimeError from `build`.
+  """
+  target = cache / name
+  if _verified(target):
+    return target
+  cache.mkdir(parents=True, exist_ok=True)
+  with open(cache / ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not _verified(target):  # another process may have built it while this one waited
+      build(target)
+      stamp = target.with_name(target.name + ".sha256")
+      tmp = stamp.with_name(stamp.name + ".tmp")
+      tmp.write_text(_digest(target) + "\n")
+      os.replace(tmp, stamp)
+  return target
+
+
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
   """(library, None) once built and registered, else (None, why not)."""
   compiler = _compiler()
   if compiler is None:
     return None, f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH to build them"
-  cache = _cache_dir()
   try:
-    cache.mkdir(parents=True, exist_ok=True)
-    target = cache / f"longjax_cpu_{_build_key(compiler)}.so"
-    with open(cache / ".lock", "w") as lock:
-      fcntl.flock(lock, fcntl.LOCK_EX)
-      if not target.exists():
-        _compile(compiler, target)
+    target = cached_library(_cache_dir(), f"longjax_cpu_{_build_key(compiler)}.so",
+                            functools.partial(_compile, compiler))
     library = ctypes.cdll.LoadLibrary(str(target))
   except (OSError, RuntimeError) as error:
-    return None, f"building them failed: {error}"
+    return None, f"building them failed: {str(error).splitlines()[0]}"
   for name in TARGETS:
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
   return library, None

@@ -14,6 +14,7 @@ resolved in `resolve_impl` only. Implementations share one set of semantics:
 
 import functools
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 
@@ -95,7 +96,17 @@ def cpu_unsupported(bias, head_dim: int) -> str | None:
   if bias is not None and not isinstance(bias, biases.AlibiBias):
     return (f"it has no in-kernel {type(bias).__name__} (ALiBi is its one position bias); "
             "use impl='blockwise'")
+  unavailable = kernels_cpu.unavailable_reason()
+  if unavailable is not None:
+    _warn_cpu_kernel_unavailable(unavailable)
   return kernels_cpu.flash_attention_unsupported(head_dim)
+
+
+@functools.cache
+def _warn_cpu_kernel_unavailable(reason: str) -> None:
+  """Once per process: a silent fallback would cost 2x in speed with no hint why."""
+  logging.warning("the fused CPU attention kernel is unavailable (%s); XLA's blockwise "
+                  "attention runs instead, about 2x slower", reason)
 
 
 def kernel_unsupported(kernel: str, q: jax.Array, k: jax.Array, mask: AttentionMask, bias,

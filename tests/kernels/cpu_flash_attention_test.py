@@ -289,6 +289,61 @@ class BuildTest(absltest.TestCase):
     self.assertIn("no C++ compiler (/nonexistent/g++)", lines[0])
     self.assertEqual(lines[0], lines[1])
     self.assertAlmostEqual(float(lines[2]), 300 * 2 * 64, places=2)
+    # The fallback says so, once.
+    self.assertEqual(done.stderr.count("the fused CPU attention kernel is unavailable (no C++ "
+                                       "compiler (/nonexistent/g++)"), 1, done.stderr[-2000:])
+
+  def test_cache_entries_are_verified_rebuilt_and_readable_without_the_lock(self):
+    from kernels_cpu import build  # pylint: disable=g-import-not-at-top
+    builds = []
+
+    def fake_build(path):
+      builds.append(path)
+      path.write_bytes(b"library %d" % len(builds))
+
+    with tempfile.TemporaryDirectory() as root:
+      cache = build.pathlib.Path(root) / "cpu_kernels"
+      target = build.cached_library(cache, "lib.so", fake_build)
+      self.assertEqual((target.read_bytes(), len(builds)), (b"library 1", 1))
+      build.cached_library(cache, "lib.so", fake_build)
+      self.assertLen(builds, 1)  # verified: used as it is
+      target.write_bytes(b"libr")  # truncated, as by a full disk: rebuilt, never loaded
+      self.assertEqual(build.cached_library(cache, "lib.so", fake_build).read_bytes(),
+                       b"library 2")
+      (cache / "lib.so.sha256").unlink()  # no checksum (an older build): rebuilt
+      build.cached_library(cache, "lib.so", fake_build)
+      self.assertLen(builds, 3)
+      # A cache that cannot be written (its lock cannot be opened for writing, even by root):
+      # a valid library is still used; a damaged one is an error, which says why.
+      (cache / ".lock").unlink()
+      (cache / ".lock").mkdir()
+      self.assertEqual(build.cached_library(cache, "lib.so", fake_build), target)
+      target.write_bytes(b"")
+      with self.assertRaises(IsADirectoryError):
+        build.cached_library(cache, "lib.so", fake_build)
+      self.assertLen(builds, 3)
+
+  def test_a_truncated_cached_library_is_rebuilt_not_loaded(self):
+    # Before checksums, a truncated .so in the cache was loaded and crashed every run (SIGBUS).
+    code = ("import kernels_cpu, jax.numpy as jnp\n"
+            "print(kernels_cpu.unavailable_reason())\n"
+            "x = jnp.ones((1, 128, 1, 64))\n"
+            "print(float(kernels_cpu.flash_attention(x, x, x, scale=0.125)[0].sum()))\n")
+    with tempfile.TemporaryDirectory() as cache:
+      env = dict(os.environ, LONGJAX_CACHE=cache, JAX_PLATFORMS="cpu")
+      runs = []
+      for _ in range(2):
+        runs.append(subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                   text=True, env=env, cwd=testing.REPO_ROOT, timeout=300))
+        library = [p for p in os.listdir(os.path.join(cache, "cpu_kernels"))
+                   if p.endswith(".so")]
+        self.assertLen(library, 1)
+        path = os.path.join(cache, "cpu_kernels", library[0])
+        with open(path, "r+b") as f:
+          f.truncate(os.path.getsize(path) // 2)
+    for done in runs:
+      self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+      self.assertEqual(done.stdout.splitlines(), ["None", str(128 * 64.0)])
 
   def test_cache_key_changes_with_the_machine(self):
     # A binary built with -march=native for one CPU must not be loaded on another.

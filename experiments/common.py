@@ -1,8 +1,10 @@
 """Plumbing shared by the entry points."""
 
+import ast
 import os
 import sys
 
+from absl import app
 from absl import flags
 from absl import logging
 
@@ -48,3 +50,65 @@ def quiet_logs():
   """Orbax and JAX log every checkpoint step at INFO; show warnings only unless -v is given."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+
+
+def run(main) -> None:
+  """`app.run(main)` for every entry point: a mistake in the flags (an unknown config field, a
+  config file that does not load, a bad flag value) is one line and exit 2, not a traceback;
+  Ctrl-C outside the training loop (which saves a checkpoint itself) is one line and exit 130.
+  """
+  try:
+    app.run(main, flags_parser=_parse_flags)
+  except KeyboardInterrupt:
+    sys.stdout.flush()
+    print("interrupted (Ctrl-C); what was saved is kept: rerun the same command to go on",
+          file=sys.stderr)
+    sys.stderr.flush()
+    # No interpreter teardown: with XLA still compiling on its threads it can segfault.
+    os._exit(130)  # pylint: disable=protected-access
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    args = flags.FLAGS(argv)
+    if "config" in flags.FLAGS:
+      _ = flags.FLAGS["config"].value.keys  # a config file that failed to load raises here
+    return args
+  except Exception as e:  # pylint: disable=broad-except (config files raise anything)
+    fail(flag_error_line(e, argv))
+
+
+def _unquote(text: str) -> str:
+  """config_flags wraps KeyError messages in reprs, sometimes twice: "'\\'key\\'...'"."""
+  while len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+    try:
+      text = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      break
+  return text
+
+
+def flag_error_line(error: Exception, argv: list[str]) -> str:
+  """One line for an error raised while parsing flags and loading the config file."""
+  if "earlier failure to load" in str(error) and error.__cause__ is not None:
+    error = error.__cause__  # config_flags re-raises the first failure under this wrapper
+  config = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+  lines = [line.strip() for line in _unquote(str(error)).splitlines() if line.strip()]
+  if not lines:
+    return type(error).__name__
+  if any(line.startswith("Traceback") for line in lines):  # the config file's get_config raised
+    return lines[0].split(" Error whilst parsing config file:")[0] + " " + lines[-1]
+  if "has no attribute 'get_config'" in lines[0]:
+    return f"--config={config}: the file defines no get_config(arg) function"
+  if isinstance(error, SyntaxError):
+    return f"--config={config}: {type(error).__name__}: {lines[0]}"
+  if isinstance(error, (KeyError, AttributeError)) and len(lines[0].split()) == 1:
+    key = lines[0].strip("'\"")
+    flag = next((a.split("=", 1)[0] for a in argv
+                 if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")),
+                "--config")
+    hint = f" ({lines[1][0].lower()}{lines[1][1:]})" if len(lines) > 1 else ""
+    return f"{flag}: no config field {key!r}{hint}"
+  if isinstance(error, OSError) and config and "Failed loading config file" in lines[0]:
+    return f"--config={config}: {lines[-1]}"
+  return " ".join(lines)

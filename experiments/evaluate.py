@@ -68,4 +68,4 @@ def main(argv):
 
 if __name__ == "__main__":
   sys.argv = common.default_to_saved_config(sys.argv)
-  app.run(main)
+  common.run(main)

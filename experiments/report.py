@@ -11,6 +11,8 @@ import os
 from absl import app
 from absl import flags
 
+from experiments import common
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run directory written by experiments.train.")
 _LABEL = flags.DEFINE_string("label", "", "Which evaluation (eval/perplexity[-LABEL].json).")
 _COMPARE = flags.DEFINE_bool("compare", False, "Print the table of the last "
@@ -71,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -5,6 +5,7 @@ import pathlib
 import shutil
 import sysconfig
 import tempfile
+from unittest import mock
 import zlib
 
 from absl.testing import absltest
@@ -28,7 +29,8 @@ def _make_source(root, n=40):
     _write(root, f'pkg{i % 3}/sub{i % 2}/mod_{i:02d}.py', text)
   _write(root, 'empty.py', '')
   _write(root, 'blank.py', '  \n\n')
-  _write(root, 'latin1.py', 'caf\xe9 = 1\n'.encode('latin-1'))  # not valid UTF-8
+  _write(root, 'latin1.py', 'caf\xe9 = 1\n'.encode('latin-1'))  # not valid UTF-8: skipped
+  _write(root, 'binary.py', b'\x7fELF\0\0\x01')  # valid UTF-8, but a NUL byte: skipped
   _write(root, 'notes.txt', 'not python\n')
   _write(root, 'venv/lib/site-packages/dep.py', 'import os\n')
   _write(root, 'dist-packages/dep2.py', 'import sys\n')
@@ -44,8 +46,12 @@ def _expected(root):
         continue
       full = os.path.join(dirpath, name)
       with open(full, 'rb') as f:
-        text = f.read().decode('utf-8', errors='replace')
-      if text.strip():
+        data = f.read()
+      try:
+        text = data.decode('utf-8')
+      except UnicodeDecodeError:
+        continue  # not text: skipped
+      if text.strip() and '\0' not in text:
         out[os.path.relpath(full, root).replace(os.sep, '/')] = text
   return out
 
@@ -133,8 +139,31 @@ class TextDirTest(parameterized.TestCase):
       self.assertLen(_read(builder, 'train'), len(_expected(self.source)))
 
   def test_empty_match_raises(self):
-    with tempfile.TemporaryDirectory() as tmp, self.assertRaisesRegex(ValueError, 'No files'):
-      text_dir.load_text_dir(source_dir=self.source, glob='**/*.rs', data_dir=tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+      with self.assertRaisesRegex(text_dir.SourceError, 'no file under .* matches'):
+        text_dir.load_text_dir(source_dir=self.source, glob='**/*.rs', data_dir=tmp)
+      self.assertEqual(os.listdir(tmp), [])  # nothing half-built is left behind
+
+  def test_sources_that_cannot_make_both_splits_raise_before_writing(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      blank = os.path.join(tmp, 'blank')
+      _write(blank, 'a.py', '  \n\t\n')
+      _write(blank, 'b.py', b'\xff\xfe binary')
+      one = os.path.join(tmp, 'one')
+      _write(one, 'c.py', 'x = 1\n')  # crc32('c.py') % 100 = 65: a train file at 5%
+      data = os.path.join(tmp, 'data')
+      for source, message in ((blank, r'0 usable file\(s\) .* none in the train split'),
+                              (one, r'1 usable file\(s\) .* none in the validation split')):
+        with self.assertRaisesRegex(text_dir.SourceError, message):
+          text_dir.load_text_dir(source_dir=source, validation_percent=5, data_dir=data)
+      self.assertFalse(os.path.exists(data))
+
+  def test_unreadable_file_raises(self):
+    # Tests run as root, which reads any file: the error is injected.
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(
+        pathlib.Path, 'read_bytes', side_effect=PermissionError(13, 'Permission denied')):
+      with self.assertRaisesRegex(text_dir.SourceError, r'cannot read .*\(Permission denied\)'):
+        text_dir.load_text_dir(source_dir=self.source, data_dir=tmp)
 
 
 class ConfigTest(absltest.TestCase):

@@ -6,8 +6,10 @@ without site-packages), a corpus of code that every machine has and that needs n
 
 Splits are by file: a file goes to `validation` iff crc32(relative path) % 100 < percent, so
 membership depends only on the path, never on the other files or on Python's salted hash().
-Records are written in sorted path order. Files that are not valid UTF-8 are kept and decoded
-with errors='replace'; empty or whitespace-only files are skipped.
+Records are written in sorted path order. Files that are not text (not valid UTF-8, or holding
+a NUL byte) and empty or whitespace-only files are skipped, with a count in the log. A source
+that cannot make both splits (no matching file, no usable one, an empty split, an unreadable
+file) raises `SourceError` before anything is written under `data_dir`.
 
 Reading needs no TensorFlow: `builder.as_data_source(split)` returns a random-access source
 whose records are dicts of `bytes` (TFDS `Text` features decode to bytes in NumPy mode).
@@ -30,6 +32,10 @@ from etils import epath
 import tensorflow_datasets as tfds
 
 _EXCLUDED_DIRS = frozenset({'site-packages', 'dist-packages', '__pycache__'})
+
+
+class SourceError(ValueError):
+  """The source directory cannot make the dataset; str(error) is one line saying why."""
 
 
 def default_source_dir() -> str:
@@ -90,8 +96,10 @@ def make_config(source_dir: str | None = None, glob: str = '**/*.py',
 class TextDir(tfds.core.GeneratorBasedBuilder):
   """Any directory of text files as `train`/`validation` splits (see the module docstring)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': 'Files that are not UTF-8 text are skipped (were decoded with '
+                            "errors='replace')."}
   BUILDER_CONFIGS = [make_config()]  # the stdlib default, so `tfds.builder('text_dir')` works
 
   @tfds.core.utils.classproperty
@@ -118,21 +126,62 @@ class TextDir(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     config = self.builder_config
-    paths = list_files(config.source_dir, config.glob)
-    if not paths:
-      raise ValueError(f'No files match {config.glob!r} under {config.source_dir}.')
-    validation = [p for p in paths if is_validation(p, config.validation_percent)]
-    train = [p for p in paths if not is_validation(p, config.validation_percent)]
-    # An empty split would make TFDS fail; tiny corpora may have no validation file at all.
-    splits = {'train': train, 'validation': validation}
-    return {name: self._generate_examples(files) for name, files in splits.items() if files}
+    documents, _ = read_documents(config.source_dir, config.glob)
+    splits = split_paths(sorted(documents), config)
+    return {name: self._generate_examples(paths, documents) for name, paths in splits.items()}
 
-  def _generate_examples(self, relative_paths):
-    root = pathlib.Path(self.builder_config.source_dir)
+  def _generate_examples(self, relative_paths, documents):
     for i, rel in enumerate(relative_paths):
-      text = (root / rel).read_bytes().decode('utf-8', errors='replace')
-      if text.strip():
-        yield i, {'text': text, 'path': rel}
+      yield i, {'text': documents[rel], 'path': rel}
+
+
+def read_documents(source_dir: str, glob: str) -> tuple[dict[str, str], dict[str, list[str]]]:
+  """Reads the files of the corpus.
+
+  Returns:
+    ({relative path: text} of the usable files, {why skipped: [relative paths]}).
+
+  Raises:
+    SourceError: no file matches, or a file cannot be read.
+  """
+  paths = list_files(source_dir, glob)
+  if not paths:
+    raise SourceError(f'no file under {source_dir} matches {glob!r} (data.source_dir, '
+                      'data.glob)')
+  documents, skipped = {}, {}
+  for rel in paths:
+    try:
+      data = (pathlib.Path(source_dir) / rel).read_bytes()
+    except OSError as e:
+      raise SourceError(f'cannot read {os.path.join(source_dir, rel)} ({e.strerror}); fix it '
+                        'or narrow data.glob') from None
+    try:
+      text = None if b'\0' in data else data.decode('utf-8')
+    except UnicodeDecodeError:
+      text = None
+    if text is None:
+      skipped.setdefault('not UTF-8 text', []).append(rel)
+    elif not text.strip():
+      skipped.setdefault('empty or whitespace-only', []).append(rel)
+    else:
+      documents[rel] = text
+  return documents, skipped
+
+
+def split_paths(paths: list[str], config: TextDirConfig) -> dict[str, list[str]]:
+  """{'train': [...], 'validation': [...]} by the split rule, leaving out a split the percent
+  asks to be empty (0 or 100); SourceError if a split it asks for has no file."""
+  percent = config.validation_percent
+  splits = {'train': [p for p in paths if not is_validation(p, percent)],
+            'validation': [p for p in paths if is_validation(p, percent)]}
+  wanted = {'train': percent < 100, 'validation': percent > 0}
+  for name, files in splits.items():
+    if wanted[name] and not files:
+      raise SourceError(
+          f'{len(paths)} usable file(s) matching {config.glob!r} under {config.source_dir} put '
+          f'none in the {name} split at data.validation_percent={percent}; add files or change '
+          'the percent')
+  return {name: files for name, files in splits.items() if files}
 
 
 class _DropExpectedWarnings(logging.Filter):
@@ -173,7 +222,7 @@ def load_text_dir(*, source_dir: str | None = None, glob: str = '**/*.py',
     source_dir: directory of text files; None means the interpreter's standard library.
     glob: pattern relative to `source_dir` (pathlib syntax, `**` recurses).
     validation_percent: share of files (by path hash) that goes to `validation`.
-    data_dir: TFDS data directory; the data lands in `text_dir/<config name>/1.0.0/`.
+    data_dir: TFDS data directory; the data lands in `text_dir/<config name>/<VERSION>/`.
 
   Returns:
     The builder; read with `builder.as_data_source(split='train')` (records are dicts with
@@ -186,6 +235,14 @@ def load_text_dir(*, source_dir: str | None = None, glob: str = '**/*.py',
   with _quiet():
     builder = TextDir(config=config, data_dir=data_dir)
     if not builder.is_prepared():
+      # Checked before TFDS writes anything, so a bad source leaves no half-built dataset.
+      documents, skipped = read_documents(config.source_dir, config.glob)
+      split_paths(sorted(documents), config)
+      total = len(documents) + sum(map(len, skipped.values()))
+      for why, paths in skipped.items():
+        logging.getLogger('absl').warning('text_dir: skipped %d of %d files under %s (%s), '
+                                          'e.g. %s', len(paths), total, config.source_dir, why,
+                                          paths[0])
       builder.download_and_prepare(
           file_format='array_record',
           download_config=tfds.download.DownloadConfig(

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from longjax.layers import params
 from longjax.layers import lm_infinite
 from longjax.layers import streaming
-from longjax.layers.positional import AttentionPositions
+from longjax.layers.positional_base import AttentionPositions
 from longjax.ops import AttentionMask, add_learned_sink, dot_product_attention
 from longjax.ops import softplus_attention
 

@@ -1,6 +1,6 @@
 """Softmax attention mixer: multi-head and grouped-query attention with a KV cache.
 
-All mixers share one interface (see DESIGN.md):
+All mixers share one interface (see docs/design.md):
 
     y, cache = mixer(x, positions=positions, segment_ids=segment_ids, cache=None)  # train
     y, cache = mixer(x_t, positions=pos_t, cache=cache)                              # decode

@@ -5,7 +5,7 @@ chunked decoding) [B, T, N, H] to a KV cache [B, S, K, H] of which the first `ca
 entries are valid. The cache length is a run-time value (a scalar or one per batch element):
 changing it does not recompile. The visited KV blocks (those inside the valid cache and the
 window, plus the global-token blocks) are shared by `num_splits` partitions that run in parallel
-and each return a partial output and its log-sum-exp; `merge_partials` combines them
+and each return a partial output and its log-sum-exp; `softmax.merge_partials` combines them
 (flash-decoding, Dao et al. 2023; Lean Attention, Sanovar et al. 2024). Blocks outside are
 neither computed nor copied (a TPU pipeline still fetches one block for a partition left with
 no work, e.g. when the cache is short). The G = N // K query heads of a KV head share its K/V blocks
@@ -37,6 +37,7 @@ from kernels_pallas import block_mask
 from kernels_pallas import common
 from kernels_pallas import decode_attention_gpu
 from kernels_pallas import decode_attention_tpu
+from kernels_pallas import softmax
 
 _VARIANTS = {"tpu": decode_attention_tpu, "gpu": decode_attention_gpu}
 
@@ -89,30 +90,6 @@ def _default_num_splits(variant: str, interpret: bool, programs: int, max_steps:
     return 1
   want = common.cdiv(128, programs) if variant == "gpu" else (2 if programs == 1 else 1)
   return max(1, min(want, max_steps))
-
-
-def merge_partials(out, lse, axis: int = 0):
-  """Combines attention over disjoint key sets by their log-sum-exps.
-
-  Args:
-    out: [..., P, ..., H] partial outputs, each normalised over its own keys (0 where a part saw
-      no key); P sits at `axis`.
-    lse: out's shape without H: the log-sum-exp of each part's logits (-inf where it saw none).
-    axis: the partition axis (of both; non-negative).
-
-  Returns:
-    (out, lse) over the union of the keys, float32, without the partition axis; rows no part
-    saw give 0 and -inf.
-  """
-  out, lse = out.astype(jnp.float32), lse.astype(jnp.float32)
-  m = lse.max(axis=axis, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)  # all parts empty: exp(-inf - 0) = 0, not NaN
-  w = jnp.exp(lse - m)
-  total = w.sum(axis=axis)
-  seen = total > 0
-  merged = (out * w[..., None]).sum(axis=axis) / jnp.where(seen, total, 1.0)[..., None]
-  return merged, jnp.where(seen, jnp.squeeze(m, axis) + jnp.log(jnp.where(seen, total, 1.0)),
-                           -jnp.inf)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
@@ -212,7 +189,7 @@ def decode_attention(q, k_cache, v_cache, *, cache_length, q_offset=None,
     slopes = common.pad_to_multiple(jnp.repeat(per_head, t, axis=1), 1, padded_rows)
   out, lse = _partials(variant, spec, num_splits, interpret, qf, k, v, cache_length, offsets,
                        shift, slopes)
-  out, lse = merge_partials(out, lse, axis=2)  # [B, K, Rp, W], [B, K, Rp]
+  out, lse = softmax.merge_partials(out, lse, axis=2)  # [B, K, Rp, W], [B, K, Rp]
   out = out[:, :, :rows, :h].reshape(b, nk, g, t, h).transpose(0, 3, 1, 2, 4)
   out = out.reshape(b, t, n, h).astype(q.dtype)
   lse = lse[:, :, :rows].reshape(b, n, t)
@@ -232,12 +209,11 @@ def decode_attention_reference(q, k_cache, v_cache, *, cache_length, q_offset=No
   """
   _check_inputs(q, k_cache, v_cache, cache_length, q_offset, window, global_tokens,
                 alibi_slopes, logit_soft_cap)
-  b, t, n, h = q.shape
-  s, nk = k_cache.shape[1], k_cache.shape[2]
+  b, t, _, h = q.shape
+  s = k_cache.shape[1]
   cache_length, offsets = _positions(b, t, s, cache_length, q_offset)
   scale = h ** -0.5 if scale is None else float(scale)
-  logits = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, nk, n // nk, h), k_cache,
-                      preferred_element_type=jnp.float32).reshape(b, n, t, s) * scale
+  logits = softmax.grouped_logits(q, k_cache) * scale
   if logit_soft_cap is not None:
     logits = logit_soft_cap * jnp.tanh(logits / logit_soft_cap)
   cols = jnp.arange(s)
@@ -248,10 +224,6 @@ def decode_attention_reference(q, k_cache, v_cache, *, cache_length, q_offset=No
   visible = (distance >= 0) & (cols < cache_length[:, None, None])
   if window is not None:
     visible &= (distance < window) | (cols < global_tokens)
-  logits = jnp.where(visible[:, None], logits, -jnp.inf)
-  lse = jax.nn.logsumexp(logits, axis=-1)  # -inf for rows that see nothing
-  p = jnp.exp(logits - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
-  p = p.astype(v_cache.dtype).reshape(b, nk, n // nk, t, s)
-  out = jnp.einsum("bkgts,bskh->btkgh", p, v_cache, preferred_element_type=jnp.float32)
-  out = out.reshape(b, t, n, h).astype(q.dtype)
+  out, lse = softmax.masked_softmax_attention(logits, visible[:, None], v_cache)
+  out = out.astype(q.dtype)  # lse: -inf for rows that see nothing
   return (out, lse) if return_lse else out

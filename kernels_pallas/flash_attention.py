@@ -31,6 +31,7 @@ from kernels_pallas import common
 from kernels_pallas import flash_attention_gpu
 from kernels_pallas import flash_attention_tpu
 from kernels_pallas import flash_tiles
+from kernels_pallas import softmax
 from kernels_pallas.t5_buckets import t5_bucket_table
 
 _VARIANTS = {"tpu": flash_attention_tpu, "gpu": flash_attention_gpu}
@@ -361,12 +362,11 @@ def flash_attention_reference(q, k, v, *, causal: bool = True, window: int | Non
   _check_inputs(q, k, v, window, global_tokens, q_segment_ids, kv_segment_ids, q_positions,
                 kv_positions, logit_soft_cap)
   _check_landmark(landmark_block, causal)
-  b, t, n, h = q.shape
-  s, nk = k.shape[1], k.shape[2]
+  _, t, n, h = q.shape
+  s = k.shape[1]
   bias_kind, params = _bias_args(n, bias_kind, bias_params, alibi_slopes)
   scale = h ** -0.5 if scale is None else float(scale)
-  logits = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, nk, n // nk, h), k,
-                      preferred_element_type=jnp.float32).reshape(b, n, t, s) * scale
+  logits = softmax.grouped_logits(q, k) * scale
   if logit_soft_cap is not None:
     logits = logit_soft_cap * jnp.tanh(logits / logit_soft_cap)
   distance = (jnp.arange(t)[:, None] + jnp.asarray(q_offset, jnp.int32)) - jnp.arange(s)[None]
@@ -396,16 +396,6 @@ def flash_attention_reference(q, k, v, *, causal: bool = True, window: int | Non
   visible = visible[None, None]
   if q_segment_ids is not None:
     visible = visible & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
-  logits = jnp.where(visible, logits, -jnp.inf)
-  # The shift only stabilises exp(); softmax does not depend on it, so no gradient through it.
-  m = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  e = jnp.exp(logits - m)
-  total = e.sum(axis=-1, keepdims=True)
-  seen = total > 0
-  total = jnp.where(seen, total, 1.0)  # keeps 0/0 and log(0) (and their gradients) out
-  p = (e / total).astype(v.dtype).reshape(b, nk, n // nk, t, s)
-  out = jnp.einsum("bkgts,bskh->btkgh", p, v, preferred_element_type=jnp.float32)
-  out = out.reshape(b, t, n, h).astype(q.dtype)
-  lse = jnp.where(seen, m + jnp.log(total), -jnp.inf)[..., 0]
+  out, lse = softmax.masked_softmax_attention(logits, visible, v)
+  out = out.astype(q.dtype)
   return (out, lse) if return_lse else out

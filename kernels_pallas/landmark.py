@@ -1,6 +1,6 @@
 """Landmark Attention's grouped softmax (Mohtashami & Jaggi, 2023) in Pallas, forward + backward.
 
-The sequence is cut into blocks of `block_len` tokens, the last token of each block being its
+The sequence is cut into blocks of `landmark_block` tokens, the last token of each block being its
 landmark. Query i of block c attends (causally) to the regular tokens of its own block and to the
 landmarks of earlier blocks, in one softmax (the *main* softmax); a regular token j of an earlier
 block g then gets the weight  P[i, L_g] * softmax_{j' in g, not L_g}(x[i, j'])[j],  the landmark's
@@ -11,7 +11,7 @@ from its definition: their group ids are "landmarks strictly before the key", th
 is {current-block keys, earlier landmarks}.
 
 Convention: blocks have a fixed length and end with their landmark, i.e. position i is a
-landmark iff (i + 1) % block_len == 0 and i < T (a trailing partial block has none). The
+landmark iff (i + 1) % landmark_block == 0 and i < T (a trailing partial block has none). The
 reference also takes `is_landmark` [B, T] (landmarks anywhere; a block is "everything up to and
 including a landmark"), which the paper's models produce by inserting landmark tokens; the
 kernels' tiling is static, so they take periodic landmarks only.
@@ -35,7 +35,7 @@ from kernels_pallas import landmark_tpu
 _VARIANTS = {"tpu": landmark_tpu, "gpu": landmark_gpu}
 
 
-def _check_inputs(q, k, v, block_len):
+def _check_inputs(q, k, v, landmark_block):
   b, t, n, h = q.shape
   if k.ndim != 4 or k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != h:
     raise ValueError(f"k and v must be [B={b}, T={t}, K, H={h}], got {k.shape} and {v.shape}")
@@ -43,12 +43,13 @@ def _check_inputs(q, k, v, block_len):
     raise ValueError(f"query heads N={n} must be a multiple of kv heads K={k.shape[2]}")
   if q.dtype != k.dtype or q.dtype != v.dtype:
     raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-  if block_len is not None and (not isinstance(block_len, numbers.Integral) or block_len < 2):
-    raise ValueError(f"block_len must be an int >= 2 (a regular token and a landmark), "
-                     f"got {block_len!r}")
+  if landmark_block is not None and (not isinstance(landmark_block, numbers.Integral)
+                                     or landmark_block < 2):
+    raise ValueError(f"landmark_block must be an int >= 2 (a regular token and a landmark), "
+                     f"got {landmark_block!r}")
 
 
-def _choose_blocks(variant, interpret, length, block_len, block_q, block_k):
+def _choose_blocks(variant, interpret, length, landmark_block, block_q, block_k):
   """(Lp, block_q, block_k): the block stride in the layout and the tile sizes.
 
   A key tile must hold whole blocks, so block_k is a multiple of Lp. Lp = Lb unless the backend's
@@ -57,24 +58,25 @@ def _choose_blocks(variant, interpret, length, block_len, block_q, block_k):
   64 (GPU, interpreter) or 128 (TPU) keys, query tiles of 64 (GPU, interpreter) or 256 (TPU).
   """
   if block_k is not None:
-    if block_k < block_len:
-      raise ValueError(f"block_k={block_k} must be >= block_len={block_len}: a key tile holds "
-                       f"whole landmark blocks (blocks spanning tiles are not implemented)")
-    lp = min(d for d in range(block_len, block_k + 1) if block_k % d == 0)
+    if block_k < landmark_block:
+      raise ValueError(f"block_k={block_k} must be >= landmark_block={landmark_block}: a key "
+                       f"tile holds whole landmark blocks (blocks spanning tiles are not "
+                       f"implemented)")
+    lp = min(d for d in range(landmark_block, block_k + 1) if block_k % d == 0)
     bk = block_k
   else:
     if interpret:
-      lp = block_len
+      lp = landmark_block
     elif variant == "gpu":
-      lp = common.next_power_of_2(block_len)
+      lp = common.next_power_of_2(landmark_block)
     else:
-      lp = common.cdiv(block_len, 8) * 8
+      lp = common.cdiv(landmark_block, 8) * 8
     per_tile = max(1, common.cdiv(64 if interpret or variant == "gpu" else 128, lp))
-    blocks = common.cdiv(length, block_len)  # no wider than the (padded) sequence
+    blocks = common.cdiv(length, landmark_block)  # no wider than the (padded) sequence
     bk = lp * min(per_tile, common.next_power_of_2(blocks))
     if not interpret and variant == "gpu":
       bk = max(bk, 16)
-  laid = common.cdiv(length, block_len) * lp
+  laid = common.cdiv(length, landmark_block) * lp
   if block_q is None:
     block_q = 256 if variant == "tpu" and not interpret else 64
     unit = 1 if interpret else 8 if variant == "tpu" else 16
@@ -93,25 +95,25 @@ def _choose_blocks(variant, interpret, length, block_len, block_q, block_k):
   return lp, int(block_q), int(bk)
 
 
-def _to_layout(x, block_len, lp, multiple):
+def _to_layout(x, landmark_block, lp, multiple):
   """[B, T, ...] -> [B, Tl, ...]: block b at [b * Lp, b * Lp + Lb), zero-padded to `multiple`."""
   b = x.shape[0]
-  x = common.pad_to_multiple(x, 1, block_len)
-  if lp != block_len:
-    blocks = x.reshape(b, -1, block_len, *x.shape[2:])
+  x = common.pad_to_multiple(x, 1, landmark_block)
+  if lp != landmark_block:
+    blocks = x.reshape(b, -1, landmark_block, *x.shape[2:])
     widths = [(0, 0)] * blocks.ndim
-    widths[2] = (0, lp - block_len)
+    widths[2] = (0, lp - landmark_block)
     x = jnp.pad(blocks, widths).reshape(b, -1, *x.shape[2:])
   return common.pad_to_multiple(x, 1, multiple)
 
 
-def _from_layout(y, t, block_len, lp):
+def _from_layout(y, t, landmark_block, lp):
   """Inverse of `_to_layout` for [B, Tl, ...] -> [B, T, ...]."""
   b = y.shape[0]
-  y = y[:, :common.cdiv(t, block_len) * lp]
-  if lp != block_len:
+  y = y[:, :common.cdiv(t, landmark_block) * lp]
+  if lp != landmark_block:
     rest = y.shape[2:]
-    y = y.reshape(b, -1, lp, *rest)[:, :, :block_len].reshape(b, -1, *rest)
+    y = y.reshape(b, -1, lp, *rest)[:, :, :landmark_block].reshape(b, -1, *rest)
   return y[:, :t]
 
 
@@ -141,7 +143,7 @@ def _landmark_bwd(spec, variant, interpret, residuals, cotangents):
 _landmark.defvjp(_landmark_fwd, _landmark_bwd)
 
 
-def landmark_attention(q, k, v, *, block_len: int, scale: float | None = None,
+def landmark_attention(q, k, v, *, landmark_block: int, scale: float | None = None,
                        block_q: int | None = None, block_k: int | None = None,
                        interpret: bool | None = None, backend: str | None = None,
                        return_lse: bool = False):
@@ -151,13 +153,13 @@ def landmark_attention(q, k, v, *, block_len: int, scale: float | None = None,
     q: [B, T, N, H] queries.
     k: [B, T, K, H] keys, N % K == 0 (query head n reads KV head n // (N // K)).
     v: [B, T, K, H] values (same dtype as q and k).
-    block_len: Lb >= 2, tokens per block including its landmark (the paper's mem_freq + 1);
+    landmark_block: Lb >= 2, tokens per block including its landmark (the paper's mem_freq + 1);
       landmarks sit at (i + 1) % Lb == 0 (the kernels tile keys by whole blocks, so arbitrary
       landmark positions are `landmark_attention_reference`'s alone).
     scale: multiplies q.k; None means H ** -0.5.
     block_q: query rows per tile; None picks a default.
-    block_k: keys per tile, >= block_len; the layout pads each block to the smallest divisor
-      of block_k that is >= block_len. None picks a default.
+    block_k: keys per tile, >= landmark_block; the layout pads each block to the smallest divisor
+      of block_k that is >= landmark_block. None picks a default.
     interpret: run the Pallas interpreter; None means only on CPU.
     backend: kernel variant override, "tpu" or "gpu"; None picks by backend.
     return_lse: also return the main softmax's log-sum-exp [B, N, T] f32.
@@ -165,29 +167,29 @@ def landmark_attention(q, k, v, *, block_len: int, scale: float | None = None,
   Returns:
     out [B, T, N, H] in q.dtype (and lse with `return_lse`).
   """
-  if block_len is None:
-    raise ValueError("block_len must be an int >= 2, got None")
-  _check_inputs(q, k, v, block_len)
+  if landmark_block is None:
+    raise ValueError("landmark_block must be an int >= 2, got None")
+  _check_inputs(q, k, v, landmark_block)
   b, t, n, h = q.shape
   variant = common.kernel_variant(backend)
   interpret = common.default_interpret() if interpret is None else bool(interpret)
-  lp, bq, bk = _choose_blocks(variant, interpret, t, block_len, block_q, block_k)
+  lp, bq, bk = _choose_blocks(variant, interpret, t, landmark_block, block_q, block_k)
   spec = landmark_tiles.LandmarkSpec(
-      block_len=int(block_len), block_pad=lp, length=t, block_q=bq, block_k=bk,
+      landmark_block=int(landmark_block), block_pad=lp, length=t, block_q=bq, block_k=bk,
       scale=h ** -0.5 if scale is None else float(scale))
 
   def head_major(x, multiple):
-    x = _to_layout(x, block_len, lp, multiple).transpose(0, 2, 1, 3)
+    x = _to_layout(x, landmark_block, lp, multiple).transpose(0, 2, 1, 3)
     if variant == "gpu":  # Triton tiles need power-of-two widths; zero features change nothing
       x = common.pad_to_multiple(x, 3, max(16, common.next_power_of_2(h)))
     return x
 
   out, lse = _landmark(spec, variant, interpret, head_major(q, bq), head_major(k, bk),
                        head_major(v, bk))
-  out = _from_layout(out[..., :h].transpose(0, 2, 1, 3), t, block_len, lp)
+  out = _from_layout(out[..., :h].transpose(0, 2, 1, 3), t, landmark_block, lp)
   if not return_lse:
     return out
-  return out, _from_layout(lse.transpose(0, 2, 1), t, block_len, lp).transpose(0, 2, 1)
+  return out, _from_layout(lse.transpose(0, 2, 1), t, landmark_block, lp).transpose(0, 2, 1)
 
 
 def landmark_weights_reference(logits, is_landmark):
@@ -233,27 +235,27 @@ def _softmax(x):
   return e / total, jnp.where(seen, m + jnp.log(total), -jnp.inf)[..., 0]
 
 
-def landmark_attention_reference(q, k, v, *, block_len: int | None = None, is_landmark=None,
+def landmark_attention_reference(q, k, v, *, landmark_block: int | None = None, is_landmark=None,
                                  scale: float | None = None, return_lse: bool = False):
   """Dense landmark attention: materialises [B, N, T, T] weights. For tests.
 
   Args:
     q: [B, T, N, H]; k, v: [B, T, K, H], N % K == 0.
-    block_len: periodic landmarks at (i + 1) % block_len == 0 (when is_landmark is None).
-    is_landmark: [B, T] bool, landmarks at arbitrary positions (overrides block_len).
+    landmark_block: periodic landmarks at (i + 1) % landmark_block == 0 (when is_landmark is None).
+    is_landmark: [B, T] bool, landmarks at arbitrary positions (overrides landmark_block).
     scale: multiplies q.k; None means H ** -0.5.
     return_lse: also return the main softmax's log-sum-exp [B, N, T] f32.
 
   Returns:
     out [B, T, N, H] in q.dtype (and lse with `return_lse`).
   """
-  _check_inputs(q, k, v, block_len)
+  _check_inputs(q, k, v, landmark_block)
   b, t, n, h = q.shape
   nk = k.shape[2]
   if is_landmark is None:
-    if block_len is None:
-      raise ValueError("give block_len or is_landmark")
-    is_landmark = jnp.broadcast_to((jnp.arange(t) + 1) % block_len == 0, (b, t))
+    if landmark_block is None:
+      raise ValueError("give landmark_block or is_landmark")
+    is_landmark = jnp.broadcast_to((jnp.arange(t) + 1) % landmark_block == 0, (b, t))
   is_landmark = jnp.asarray(is_landmark, bool)
   scale = h ** -0.5 if scale is None else float(scale)
   logits = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, nk, n // nk, h), k,

@@ -31,7 +31,7 @@ class LandmarkSpec(typing.NamedTuple):
   """Static description of one call (hashable: kernels close over it).
 
   Attributes:
-    block_len: Lb, tokens per landmark block including its landmark (>= 2).
+    landmark_block: Lb, tokens per landmark block including its landmark (>= 2).
     block_pad: Lp, the layout stride of a block (>= Lb; block_k % Lp == 0).
     length: real sequence length T.
     block_q: query rows per tile.
@@ -39,7 +39,7 @@ class LandmarkSpec(typing.NamedTuple):
     scale: multiplies q.k.
   """
 
-  block_len: int
+  landmark_block: int
   block_pad: int
   length: int
   block_q: int
@@ -90,7 +90,7 @@ def tile_terms(spec: LandmarkSpec, x, *, q_start, kv_tile, transposed=False) -> 
   """
   kaxis, qaxis = (0, 1) if transposed else (1, 0)
   shape = x.shape
-  lb, lp, groups = spec.block_len, spec.block_pad, spec.groups
+  lb, lp, groups = spec.landmark_block, spec.block_pad, spec.groups
   col = lax.broadcasted_iota(jnp.int32, shape, kaxis)
   qpos = q_start + lax.broadcasted_iota(jnp.int32, shape, qaxis)
   # Block of each key within the tile, by comparisons (no vector integer division on TPU).

@@ -10,14 +10,6 @@ Shapes in docstrings and einsum strings use these letters:
 Activations are [B, T, D]; attention heads [B, T, N, H]; KV caches [B, S, K, H].
 """
 
-from typing import Any
-
 import jax
-import numpy as np
 
 Array = jax.Array
-ArrayLike = jax.typing.ArrayLike
-DType = jax.typing.DTypeLike
-PRNGKey = jax.Array
-PyTree = Any
-NumpyArray = np.ndarray

@@ -1,6 +1,6 @@
 """Softmax attention mixer: multi-head and grouped-query attention with a KV cache.
 
-All mixers share one interface (see DESIGN.md):
+All mixers share one interface (see docs/design.md):
 
     y, cache = mixer(x, positions=positions, segment_ids=segment_ids, cache=None)  # train
     y, cache = mixer(x_t, positions=pos_t, cache=cache)                              # decode
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from longjax.layers import params
 from longjax.layers import lm_infinite
 from longjax.layers import streaming
-from longjax.layers.positional import AttentionPositions
+from longjax.layers.positional_base import AttentionPositions
 from longjax.ops import AttentionMask, add_learned_sink, dot_product_attention
 from longjax.ops import softplus_attention
 

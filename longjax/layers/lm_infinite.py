@@ -21,6 +21,7 @@ global keys sit at `ceiling`, so every decode step equals the same token's row o
 import jax
 import jax.numpy as jnp
 
+from longjax import ops
 from longjax.layers import streaming
 from longjax.ops import AttentionMask, dot_product_attention
 
@@ -86,41 +87,28 @@ def _far_global_part(q: jax.Array, k_global: jax.Array, v_global: jax.Array,
   Returns:
     (out [B, T, N, H] float32, lse [B, N, T] float32; -inf where no global key is visible).
   """
-  batch, length, num_heads, head_dim = q.shape
-  g, kv_heads = k_global.shape[1], k_global.shape[2]
+  batch, length, _, head_dim = q.shape
+  g = k_global.shape[1]
   # Query at `ceiling` and key at 0: the distance `ceiling` for rotations and biases alike.
   q_positions = jnp.full_like(positions, ceiling)
   kv_positions = jnp.zeros((batch, g), jnp.int32)
   q_far = scale_queries(positional.rotate(q, q_positions), positions)
   k_far = positional.rotate(k_global, kv_positions, is_key=True)
-  logits = jnp.einsum("btkgh,bskh->bkgts",
-                      q_far.reshape(batch, length, kv_heads, num_heads // kv_heads, head_dim),
-                      k_far, preferred_element_type=jnp.float32) * head_dim**-0.5
-  logits = logits.reshape(batch, num_heads, length, g)
+  logits = ops.grouped_logits(q_far, k_far) * head_dim**-0.5
   bias = positional.bias(q_positions, kv_positions)
   if bias is not None:
     logits = logits + bias.block(0, length, 0, g)
-  logits = jnp.where(visible, logits, -jnp.inf)
-  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, N, T]; -inf where no global key is far
-  probs = jnp.where(visible, jnp.exp(logits - jnp.where(jnp.isfinite(lse), lse,
-                                                        0.0)[..., None]), 0.0)
-  out = jnp.einsum("bkgts,bskh->btkgh",
-                   probs.reshape(batch, kv_heads, num_heads // kv_heads, length, g),
-                   v_global.astype(jnp.float32)).reshape(batch, length, num_heads, head_dim)
-  return out, lse
+  # Values in float32: the probabilities are not rounded to the cache's dtype.
+  return ops.masked_softmax_attention(logits, visible, v_global.astype(jnp.float32))
 
 
 def _merge(out_local: jax.Array, lse_local: jax.Array, out_far: jax.Array,
            lse_far: jax.Array) -> jax.Array:
-  """One softmax from two over disjoint key sets: outs [B, T, N, H], lses [B, N, T].
+  """One softmax from the two parts' (out [B, T, N, H], lse [B, N, T]): [B, T, N, H] float32.
 
-  Each part is weighted by exp(lse_part - lse_total). lse_local is finite (a query always sees
-  itself), so a -inf lse_far just gives the global part weight 0. Returns [B, T, N, H] float32.
+  A -inf lse_far (no global key outside the window) gives the global part weight 0.
   """
-  lse = jnp.logaddexp(lse_local, lse_far)
-  w_local = jnp.exp(lse_local - lse).transpose(0, 2, 1)[..., None]  # [B, T, N, 1]
-  w_far = jnp.exp(lse_far - lse).transpose(0, 2, 1)[..., None]
-  return out_local.astype(jnp.float32) * w_local + out_far * w_far
+  return ops.merge_attention([(out_local, lse_local), (out_far, lse_far)])[0]
 
 
 def init_lm_infinite_cache(batch_size: int, global_tokens: int, window: int, num_kv_heads: int,

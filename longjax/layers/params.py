@@ -23,11 +23,6 @@ LAYERS = "layers"
 POSITIONS = "positions"
 
 
-def with_axes(init: Callable, *names: str | None) -> Callable:
-  """Wraps an initializer so the Param it creates carries logical axis `names`."""
-  return nnx.with_metadata(init, out_sharding=tuple(names), eager_sharding=False)
-
-
 def param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], names: tuple[str | None, ...],
           dtype=jnp.float32) -> nnx.Param:
   """Creates a float parameter with logical axis names."""

@@ -4,7 +4,9 @@ A positional encoding acts at one or both of two places:
   * the input: added to the token embeddings once (learned, sinusoidal);
   * every attention layer: rotating queries and keys (rope) and/or adding a logits bias (alibi).
 Each registry entry names a factory for each place (None where the encoding does not act there).
-The maths lives in `longjax.posenc`; these modules only hold parameters and dimensions.
+The maths lives in `longjax.posenc`; these modules only hold parameters and dimensions. The base
+classes are in `positional_base` and the learned logit biases in `positional_bias`, so imports
+run one way: positional -> positional_bias -> positional_base.
 """
 
 from collections.abc import Callable
@@ -17,11 +19,10 @@ import jax.numpy as jnp
 
 from longjax import posenc
 from longjax.layers import params
+from longjax.layers import positional_bias
+from longjax.layers.positional_base import AttentionPositions
+from longjax.layers.positional_base import InputPositions
 from longjax.ops import AlibiBias
-
-
-class InputPositions(nnx.Module):
-  """Base of absolute encodings: `__call__(x [B, T, D], positions [B, T]) -> [B, T, D]`."""
 
 
 class SinusoidalPositions(InputPositions):
@@ -49,27 +50,6 @@ class LearnedPositions(InputPositions):
   def __call__(self, x, positions):
     rows = jnp.clip(positions, 0, self.max_length - 1)
     return x + jnp.take(self.table.value, rows, axis=0).astype(x.dtype)
-
-
-class AttentionPositions(nnx.Module):
-  """Per-attention-layer encoding. The default acts nowhere (NoPE)."""
-
-  def rotate(self, x: jax.Array, positions: jax.Array, *, context_length: int | None = None,
-             is_key: bool = False) -> jax.Array:
-    """Queries [B, T, N, H] or keys [B, S, K, H] (`is_key`) at their positions [B, T].
-
-    `context_length` is the decode cache's capacity when there is one (None otherwise): the
-    length that length-dependent encodings (dynamic NTK) are computed for, so that keys cached
-    by earlier steps and the current queries use the same frequencies. `is_key` matters to
-    encodings that treat the two sides differently (xPos scales them in opposite directions).
-    """
-    del positions, context_length, is_key
-    return x
-
-  def bias(self, q_positions: jax.Array, kv_positions: jax.Array):
-    """A logits bias spec for `longjax.ops.dot_product_attention`, or None."""
-    del q_positions, kv_positions
-    return None
 
 
 class NoPositions(AttentionPositions):
@@ -219,17 +199,6 @@ def _head_dim(cfg) -> int:
   return cfg.head_dim or cfg.width // cfg.num_heads
 
 
-def _learned_bias(name: str) -> Callable[..., AttentionPositions]:
-  """Factory of a learned logit-bias encoding of `longjax.layers.positional_bias`."""
-
-  def make(cfg, rngs):
-    # Imported on use: those modules subclass AttentionPositions, defined in this module.
-    from longjax.layers import positional_bias  # pylint: disable=g-import-not-at-top
-    return positional_bias.FACTORIES[name](cfg, rngs)
-
-  return make
-
-
 POSENCS: dict[str, PosEncEntry] = {
     "nope": PosEncEntry(None, lambda cfg, rngs: NoPositions()),
     "rope": PosEncEntry(None, lambda cfg, rngs: _rotary(cfg, rngs)),
@@ -246,6 +215,6 @@ POSENCS: dict[str, PosEncEntry] = {
     "learned": PosEncEntry(
         lambda cfg, rngs: LearnedPositions(cfg.posenc.max_length, cfg.width, rngs=rngs),
         lambda cfg, rngs: NoPositions()),
-    **{name: PosEncEntry(None, _learned_bias(name), logit_bias=True)
-       for name in ("t5", "kerple_log", "kerple_power", "fire")},
+    **{name: PosEncEntry(None, factory, logit_bias=True)
+       for name, factory in positional_bias.FACTORIES.items()},
 }

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from longjax import posenc
 from longjax.layers import params
-from longjax.layers.positional import AttentionPositions
+from longjax.layers.positional_base import AttentionPositions
 from longjax.ops import FireBias, KerpleBias, T5Bias
 
 # KERPLE keeps r1, r2 >= this floor (the authors' release clamps them at 0.01): a kernel whose

@@ -16,11 +16,11 @@ import functools
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 
 import kernels_cpu
 import kernels_pallas
 from kernels_pallas import common
+from kernels_pallas import softmax
 from longjax.ops import attention_bundled
 from longjax.ops.attention_blockwise import blockwise_attention
 from longjax.ops.masks import AttentionMask
@@ -264,27 +264,12 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Atten
   Returns:
     out [B, T, N, H] in q.dtype and lse [B, N, T] float32.
   """
-  b, t, n, h = q.shape
-  s, nk = k.shape[1], k.shape[2]
-  g = n // nk
-  logits = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, nk, g, h), k,
-                      preferred_element_type=jnp.float32)
-  logits = logits.reshape(b, n, t, s) * scale  # head n = kv_head * G + group
+  t, s = q.shape[1], k.shape[1]
+  logits = softmax.grouped_logits(q, k) * scale
   if bias is not None:
     logits = logits + bias.block(0, t, 0, s)
-  logits = jnp.where(mask.dense(t, s), logits, -jnp.inf)
-  # The shift only stabilises exp(); softmax does not depend on it, so no gradient through it.
-  m = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
-  m = jnp.where(jnp.isfinite(m), m, 0.0)  # rows with no visible key: exp(-inf - 0) = 0
-  e = jnp.exp(logits - m)
-  total = e.sum(axis=-1, keepdims=True)
-  seen = total > 0
-  total = jnp.where(seen, total, 1.0)  # keeps 0/0 and log(0) (and their gradients) out
-  p = e / total
-  out = jnp.einsum("bkgts,bskh->btkgh", p.astype(v.dtype).reshape(b, nk, g, t, s), v,
-                   preferred_element_type=jnp.float32)
-  lse = jnp.where(seen, m + jnp.log(total), -jnp.inf)[..., 0]
-  return out.reshape(b, t, n, h).astype(q.dtype), lse
+  out, lse = softmax.masked_softmax_attention(logits, mask.dense(t, s), v)
+  return out.astype(q.dtype), lse
 
 
 def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> None:

@@ -1,10 +1,10 @@
 """Blockwise (flash-style) softmax attention in plain XLA, with O(T·C) memory forward and backward.
 
 Forward: for each query block, an online softmax over the key blocks it can see (running max,
-normaliser and output accumulator in float32). Only (q, k, v, out, lse) and the mask/bias arrays
-are saved; the backward pass recomputes the probabilities block by block (flash-attention-2:
-D = rowsum(dO * O); dv, dk accumulated per key block, dq accumulated into one [T, H] buffer), so
-no [T, S] array exists in either direction.
+normaliser and output accumulator in float32: `kernels_pallas.softmax.online_softmax_update`).
+Only (q, k, v, out, lse) and the mask/bias arrays are saved; the backward pass recomputes the
+probabilities block by block (flash-attention-2: D = rowsum(dO * O); dv, dk accumulated per key
+block, dq accumulated into one [T, H] buffer), so no [T, S] array exists in either direction.
 
 Blocks the mask rules out are not visited: loops over key (query) blocks run over the index
 ranges the mask derives from its index rules (causal, window, global tokens, lengths), and with
@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels_pallas import common
+from kernels_pallas import softmax
 from longjax.ops.masks import AttentionMask
 
 
@@ -176,33 +177,20 @@ def _forward(cfg: _Config, q, k, v, mask, bias):
       kv_start = block_of_visit(visit) * cfg.block_kv
 
       def compute(state):
-        m, l, acc = state
         k_blk = lax.dynamic_slice_in_dim(k, kv_start, cfg.block_kv, axis=2)
         v_blk = lax.dynamic_slice_in_dim(v, kv_start, cfg.block_kv, axis=2)
         bias_blk = None if bias is None else bias.block(q_start, cfg.block_q, kv_start,
                                                         cfg.block_kv)
         s = _block_logits(cfg, q_blk, k_blk, mask, bias_blk, q_start, kv_start)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        # A row that has seen no visible key keeps m = -inf; shifting by 0 instead keeps
-        # exp() at exactly 0 for it rather than exp(-inf - -inf) = NaN.
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(s - m_safe[..., None])
-        alpha = jnp.exp(m - m_safe)
-        l = alpha * l + p.sum(axis=-1)
-        pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(v.dtype), v_blk,
-                        preferred_element_type=jnp.float32)
-        return m_new, l, alpha[..., None] * acc + pv
+        return softmax.online_softmax_update(state, s, v_blk)
 
       return _skip_if_empty(mask, cfg, q_start, kv_start, compute, state)
 
-    state0 = (jnp.full((b, nk, g, cfg.block_q), -jnp.inf, jnp.float32),
-              jnp.zeros((b, nk, g, cfg.block_q), jnp.float32),
-              jnp.zeros((b, nk, g, cfg.block_q, h), jnp.float32))
-    m, l, acc = lax.fori_loop(0, num_visits, kv_step, state0)
-    seen = l > 0  # rows with no visible key output zeros and lse = -inf
-    l_safe = jnp.where(seen, l, 1.0)
-    out_blk = (acc / l_safe[..., None]).astype(out.dtype)
-    lse_blk = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
+    state0 = softmax.online_softmax_init((b, nk, g, cfg.block_q), h)
+    state = lax.fori_loop(0, num_visits, kv_step, state0)
+    # Rows with no visible key output zeros and lse = -inf.
+    out_blk, lse_blk = softmax.online_softmax_finish(state)
+    out_blk = out_blk.astype(out.dtype)
     out = lax.dynamic_update_slice_in_dim(out, out_blk, q_start, axis=3)
     lse = lax.dynamic_update_slice_in_dim(lse, lse_blk, q_start, axis=3)
     return out, lse

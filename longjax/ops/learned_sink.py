@@ -10,11 +10,14 @@ is visible to every query of every packed document. The sink key is not rotated 
 positional bias (it has no position of its own), as in the learned sink logits of later models.
 
 The sink enters as one more term of each softmax row; given the row's log-sum-exp over the real
-keys, out' = (e^lse out + e^s v_sink) / (e^lse + e^s) with s the sink logit.
+keys, out' = (e^lse out + e^s v_sink) / (e^lse + e^s) with s the sink logit: the log-sum-exp
+merge (`kernels_pallas.softmax.merge_attention`) of the keys' part and the sink's.
 """
 
 import jax
 import jax.numpy as jnp
+
+from kernels_pallas import softmax
 
 
 def add_learned_sink(out: jax.Array, lse: jax.Array, q: jax.Array, k_sink: jax.Array,
@@ -37,8 +40,7 @@ def add_learned_sink(out: jax.Array, lse: jax.Array, q: jax.Array, k_sink: jax.A
   k_heads = jnp.repeat(k_sink.astype(jnp.float32), group, axis=0)  # [N, H], tiny
   v_heads = jnp.repeat(v_sink.astype(jnp.float32), group, axis=0)
   sink_logit = jnp.einsum("btnh,nh->bnt", q.astype(jnp.float32), k_heads) * scale
-  total = jnp.logaddexp(lse, sink_logit)
-  w_keys = jnp.exp(lse - total).transpose(0, 2, 1)[..., None]  # [B, T, N, 1]; 0 if no key
-  w_sink = jnp.exp(sink_logit - total).transpose(0, 2, 1)[..., None]
-  merged = out.astype(jnp.float32) * w_keys + w_sink * v_heads[None, None]
+  # The sink is one more part of the softmax: its one key's output is v_sink, its lse the logit.
+  sink_out = jnp.broadcast_to(v_heads, out.shape)
+  merged, _ = softmax.merge_attention([(out, lse), (sink_out, sink_logit)])
   return merged.astype(out.dtype)

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels_pallas import common
+from kernels_pallas import softmax
 from longjax.ops.attention import default_block_size
 from longjax.ops.attention import check_qkv
 from longjax.ops.attention import KERNELS
@@ -264,29 +265,20 @@ def softplus_attention_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *,
       k_blk, v_blk, kv_start = xs
 
       def step(carry):
-        m, l, acc = carry
+        # r is a softmax of y over the row's keys: the online softmax of the softmax paths. A
+        # row with no positive entry yet keeps m = -inf and exp() at 0.
         y = _sharpening_logits(softplus_at(k_blk, kv_start), z_safe, counts,
                                visible_at(kv_start), reweight_power)
-        # The result does not depend on the shift, so no gradient needs to flow through it.
-        m_new = lax.stop_gradient(jnp.maximum(m, y.max(axis=-1)))
-        # A row with no positive entry yet keeps m = -inf; shifting by 0 keeps exp() at 0.
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        e = jnp.exp(y - m_safe[..., None])
-        alpha = jnp.exp(m - m_safe)
-        pv = jnp.einsum("bkgqs,bksh->bkgqh", e.astype(v.dtype), v_blk,
-                        preferred_element_type=jnp.float32)
-        return m_new, alpha * l + e.sum(axis=-1), alpha[..., None] * acc + pv
+        return softmax.online_softmax_update(carry, y, v_blk)
 
       return skip_if_empty(kv_start, step, carry), None
 
-    carry0 = (jnp.full((b, nk, g, block_q), -jnp.inf, jnp.float32),
-              jnp.zeros((b, nk, g, block_q), jnp.float32),
-              jnp.zeros((b, nk, g, block_q, h), jnp.float32))
-    (_, l, acc), _ = lax.scan(jax.checkpoint(sharpen_step, prevent_cse=False), carry0,
-                              (k_blocks, v_blocks, kv_starts))
-    sharpened = l > 0
+    carry0 = softmax.online_softmax_init((b, nk, g, block_q), h)
+    state, _ = lax.scan(jax.checkpoint(sharpen_step, prevent_cse=False), carry0,
+                        (k_blocks, v_blocks, kv_starts))
+    sharpened = state[1] > 0
     # Uniform rows (no weight above 1 / N) keep the LSSA output; see the module docstring.
-    return jnp.where(sharpened[..., None], acc / jnp.where(sharpened, l, 1.0)[..., None], out)
+    return jnp.where(sharpened[..., None], softmax.online_softmax_finish(state)[0], out)
 
   q_starts = jnp.arange(num_q, dtype=jnp.int32) * block_q
   out = lax.map(jax.checkpoint(lambda xs: query_block(*xs)), (q_blocks, q_starts))

@@ -66,9 +66,3 @@ def create_train_state(model_cfg, tx: optax.GradientTransformation, *, vocab_siz
   shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
   state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
   return graphdef, state, shardings
-
-
-def abstract_train_state(state_shardings, abstract_state):
-  """ShapeDtypeStructs carrying shardings: the target of an orbax restore."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract_state, state_shardings)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kernels_cpu
+from kernels_pallas import softmax
 from longjax.ops import AlibiBias
 from longjax.ops import AttentionMask
 from longjax.ops.attention import attention_reference
@@ -154,6 +155,29 @@ class CpuFlashAttentionTest(parameterized.TestCase):
       alibi = (jnp.asarray([0.5, 0.1, 0.02, 0.004]), positions[:, offset:offset + rows],
                positions)
     check_against_reference(q, k, v, masks[mask_kind], alibi=alibi)
+
+  @parameterized.parameters(1, 3)
+  def test_decode_merge_equals_the_python_merge(self, rows):
+    # MergeDecodeChunks (C++) against kernels_pallas.softmax.merge_partials, the one merge:
+    # the kernel's decode output equals the Python merge of dense partials over chunks of 512
+    # keys (the kernel's kMinChunk; one batch row on any thread count gives 4 chunks here).
+    # The window hides chunks 1 and 2 from every row: partials with lse = -inf.
+    s, offset = 2600, 2000
+    q, k, v = random_inputs(rows, 1, rows, s, 4, 2, 32, jnp.float32)
+    mask = AttentionMask(causal=True, window=300, global_tokens=3, q_offset=offset)
+    scale = 32 ** -0.5
+    out, lse = jax.jit(functools.partial(
+        kernels_cpu.flash_attention, scale=scale, causal=True, window=300, global_tokens=3,
+        q_offset=offset))(q, k, v)
+    logits = softmax.grouped_logits(q, k) * scale
+    cols = jnp.arange(s)
+    parts = [softmax.masked_softmax_attention(
+        logits, mask.dense(rows, s) & (cols >= lo) & (cols < lo + 512), v)
+             for lo in range(0, s, 512)]
+    self.assertTrue(all(np.isneginf(np.asarray(part[1])).all() for part in parts[1:3]))
+    want_out, want_lse = softmax.merge_attention(parts)
+    assert_close(out, want_out, jnp.float32, "out")
+    assert_close(lse, want_lse, jnp.float32, "lse")
 
   @parameterized.product(landmark_block=(2, 7, 64, 100), rows_offset=((300, 0), (3, 250)))
   def test_landmark_blocks(self, landmark_block, rows_offset):

@@ -191,7 +191,7 @@ class ReferenceTest(parameterized.TestCase):
         q, k, v, mask=masks.AttentionMask(causal=True, landmark_block=5), scale=8 ** -0.5)
     assert_close(self, out, want_out, 1e-6, "out")
     assert_close(self, lse, want_lse, 1e-6, "lse")
-    _, main_lse = landmark_attention(q, k, v, block_len=5, return_lse=True)
+    _, main_lse = landmark_attention(q, k, v, landmark_block=5, return_lse=True)
     assert_close(self, lse, main_lse, 2e-6, "main softmax lse")
 
 

@@ -28,10 +28,11 @@ class LoweringTest(parameterized.TestCase):
           ("tpu", "gpu"), (jnp.float32, jnp.bfloat16), ("fwd", "bwd")))
   def test_lowers(self, variant, dtype, mode):
     platform, custom_call, h = _TARGETS[variant]
-    b, t, n, kh, block_len = 1, 2048, 4, 2, 64
+    b, t, n, kh, landmark_block = 1, 2048, 4, 2, 64
 
     def forward(q, k, v):
-      return landmark_attention(q, k, v, block_len=block_len, interpret=False, backend=variant)
+      return landmark_attention(q, k, v, landmark_block=landmark_block, interpret=False,
+                                backend=variant)
 
     fn = forward
     if mode == "bwd":

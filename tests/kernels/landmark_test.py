@@ -30,8 +30,8 @@ def random_inputs(seed, batch, t, num_heads, num_kv_heads, head_dim, dtype):
   return tuple(jnp.asarray(rng.normal(size=shape), dtype) for shape in shapes)
 
 
-def periodic_landmarks(batch, t, block_len):
-  return np.broadcast_to((np.arange(t) + 1) % block_len == 0, (batch, t))
+def periodic_landmarks(batch, t, landmark_block):
+  return np.broadcast_to((np.arange(t) + 1) % landmark_block == 0, (batch, t))
 
 
 @functools.partial(jax.jit, static_argnames=("fn",))
@@ -112,7 +112,7 @@ class ReferenceTest(parameterized.TestCase):
     q, k, v = random_inputs(0, b, t, n, kh, h, jnp.float32)
     if pattern == "periodic":
       is_landmark = periodic_landmarks(b, t, 3)
-      kwargs = dict(block_len=3)
+      kwargs = dict(landmark_block=3)
     else:
       is_landmark = np.zeros((b, t), bool)
       is_landmark[0, [2, 3, 7]] = True
@@ -124,8 +124,8 @@ class ReferenceTest(parameterized.TestCase):
     assert_close(self, lse, want_lse, 1e-5, "lse")
 
 
-# (name, variant, dtype, shape (B, T, N, K, H), block_len, (block_q, block_k)). T is never a
-# multiple of the tiles (padding); block_k / Lp blocks share a key tile; block_len 5 with
+# (name, variant, dtype, shape (B, T, N, K, H), landmark_block, (block_q, block_k)). T is never a
+# multiple of the tiles (padding); block_k / Lp blocks share a key tile; landmark_block 5 with
 # block_k 8 pads each block to 8 in the layout.
 _CASES = (
     ("lb4_gqa2_two_blocks_per_tile", "gpu", jnp.float32, (1, 19, 4, 2, 8), 4, (8, 8)),
@@ -143,16 +143,16 @@ class LandmarkAttentionTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       dict(testcase_name=f"{name}_{variant}", variant=variant, dtype=dtype, shape=shape,
-           block_len=block_len, blocks=blocks)
-      for name, variant, dtype, shape, block_len, blocks in _CASES)
-  def test_matches_reference(self, variant, dtype, shape, block_len, blocks):
-    q, k, v = random_inputs(sum(shape) + block_len, *shape, dtype)
-    kernel = functools.partial(landmark_attention, block_len=block_len, block_q=blocks[0],
+           landmark_block=landmark_block, blocks=blocks)
+      for name, variant, dtype, shape, landmark_block, blocks in _CASES)
+  def test_matches_reference(self, variant, dtype, shape, landmark_block, blocks):
+    q, k, v = random_inputs(sum(shape) + landmark_block, *shape, dtype)
+    kernel = functools.partial(landmark_attention, landmark_block=landmark_block, block_q=blocks[0],
                                block_k=blocks[1], backend=variant, return_lse=True)
     # bf16 kernels are compared with the f32 reference on the same (rounded) inputs.
     reference = lambda q, k, v: landmark_attention_reference(
         q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-        block_len=block_len, return_lse=True)
+        landmark_block=landmark_block, return_lse=True)
     out, lse, grads = outputs_and_grads(kernel, q, k, v)
     want_out, want_lse, want_grads = outputs_and_grads(reference, q, k, v)
     tol = TOLERANCES[dtype]
@@ -168,26 +168,26 @@ class LandmarkAttentionTest(parameterized.TestCase):
     # keys 0): landmark logits are -1e4, so earlier blocks get no weight and each query attends
     # causally to its own block's regular tokens only -- flash attention with block segment
     # ids, landmark keys in a segment of their own.
-    b, t, n, kh, h, block_len = 2, 18, 4, 2, 8, 4
+    b, t, n, kh, h, landmark_block = 2, 18, 4, 2, 8, 4
     q, k, v = random_inputs(7, b, t, n, kh, h, jnp.float32)
-    is_landmark = (jnp.arange(t) + 1) % block_len == 0
+    is_landmark = (jnp.arange(t) + 1) % landmark_block == 0
     q = q.at[..., 0].set(1.0)
     k = k.at[..., 0].set(jnp.where(is_landmark, -1e4 / h ** -0.5, 0.0)[None, :, None])
-    blocks = jnp.broadcast_to(jnp.arange(t) // block_len, (b, t))
+    blocks = jnp.broadcast_to(jnp.arange(t) // landmark_block, (b, t))
     want = flash_attention_reference(
         q, k, v, q_segment_ids=blocks, kv_segment_ids=jnp.where(is_landmark, -1, blocks))
     for fn in (landmark_attention_reference,
                functools.partial(landmark_attention, block_q=8, block_k=8)):
-      assert_close(self, fn(q, k, v, block_len=block_len), want, 2e-5, str(fn))
+      assert_close(self, fn(q, k, v, landmark_block=landmark_block), want, 2e-5, str(fn))
 
   def test_rejects_bad_inputs(self):
     q, k, v = random_inputs(0, 1, 8, 2, 1, 8, jnp.float32)
     with self.assertRaisesRegex(ValueError, "whole landmark blocks"):
-      landmark_attention(q, k, v, block_len=8, block_k=4)
-    with self.assertRaisesRegex(ValueError, "block_len must be"):
-      landmark_attention(q, k, v, block_len=1)
+      landmark_attention(q, k, v, landmark_block=8, block_k=4)
+    with self.assertRaisesRegex(ValueError, "landmark_block must be"):
+      landmark_attention(q, k, v, landmark_block=1)
     with self.assertRaisesRegex(ValueError, "power-of-two"):
-      landmark_attention(q, k, v, block_len=4, block_q=24, backend="gpu", interpret=False)
+      landmark_attention(q, k, v, landmark_block=4, block_q=24, backend="gpu", interpret=False)
 
 
 if __name__ == "__main__":

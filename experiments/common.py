@@ -32,6 +32,28 @@ def default_to_saved_config(argv: list[str]) -> list[str]:
   return argv[:1] + [f"--config={SAVED_RUN_CONFIG}:{workdir}"] + argv[1:]
 
 
+def load_run_or_fail(workdir: str, config, step: int | None = None):
+  """`longjax.runs.load_run`, with each reason it cannot load the run as one line and exit 2."""
+  from longjax import configuration, runs  # pylint: disable=g-import-not-at-top (fast --help)
+  from longjax.data import corpus  # pylint: disable=g-import-not-at-top
+  from longjax.training import checkpoints  # pylint: disable=g-import-not-at-top
+  try:
+    return runs.load_run(workdir, config, step=step)
+  except configuration.ConfigError as e:
+    fail(f"config: {e}")
+  except (FileNotFoundError, checkpoints.CheckpointError, corpus.SourceError) as e:
+    fail(str(e))
+
+
+def memory_bytes() -> int:
+  """Memory of the default device: its allocator limit on an accelerator, else host RAM."""
+  import jax  # pylint: disable=g-import-not-at-top
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" in stats:
+    return int(stats["bytes_limit"])
+  return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def fail(message: str, code: int = 2):
   """Prints one line to stderr and exits: no traceback for a user's mistake."""
   print(f"error: {message}", file=sys.stderr)

@@ -46,11 +46,9 @@ def main(argv):
                   + ", ".join(sorted(compare.EVAL_METHODS)))
   try:
     configuration.validate_eval_lengths(config)
-    run = runs.load_run(_WORKDIR.value, config, step=_STEP.value)
   except configuration.ConfigError as e:
     common.fail(f"config: {e}")
-  except FileNotFoundError as e:
-    common.fail(str(e))
+  run = common.load_run_or_fail(_WORKDIR.value, config, step=_STEP.value)
   print(f"step {run.step}")
   if _COMPARE.value:
     try:

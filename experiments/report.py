@@ -62,11 +62,25 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _BENCHMARKS.value:
+    missing = [p for p in _BENCHMARKS.value if not os.path.isfile(p)]
+    if missing:
+      common.fail(f"--benchmarks: no such file {', '.join(missing)}")
     from longjax.benchmarks import summary  # pylint: disable=g-import-not-at-top
     print(summary.readme_markdown(_BENCHMARKS.value))
-  elif not _WORKDIR.value:
+    return
+  if not _WORKDIR.value:
     raise app.UsageError("give --workdir=RUN (or --benchmarks=FILE.json,...)")
-  elif _COMPARE.value:
+  if not os.path.isdir(_WORKDIR.value):
+    common.fail(f"--workdir={_WORKDIR.value} does not exist")
+  suffix = f"-{_LABEL.value}" if _LABEL.value else ""
+  needed = ["eval/compare.json"] if _COMPARE.value else [f"eval/perplexity{suffix}.json",
+                                                         "metrics.jsonl"]
+  for name in needed:
+    if not os.path.isfile(os.path.join(_WORKDIR.value, name)):
+      command = "evaluate --compare=..." if _COMPARE.value else "train (or evaluate)"
+      common.fail(f"{_WORKDIR.value} has no {name}: run python -m experiments.{command} "
+                  f"--workdir={_WORKDIR.value} first")
+  if _COMPARE.value:
     print(compare_markdown(_WORKDIR.value))
   else:
     print(markdown(_WORKDIR.value, _LABEL.value))

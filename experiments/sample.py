@@ -34,18 +34,21 @@ def main(argv):
                 "--num_samples >= 1")
   import jax  # pylint: disable=g-import-not-at-top (fast --help)
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from longjax import runs  # pylint: disable=g-import-not-at-top
-  from longjax.models.generate import generate  # pylint: disable=g-import-not-at-top
-  try:
-    run = runs.load_run(_WORKDIR.value, _CONFIG.value)
-  except FileNotFoundError as e:
-    common.fail(str(e))
+  from longjax.models import generate as generate_lib  # pylint: disable=g-import-not-at-top
+  run = common.load_run_or_fail(_WORKDIR.value, _CONFIG.value)
   tok = run.corpus.tokenizer
   prompt = np.concatenate([[tok.bos_id], tok.encode(_PROMPT.value)]).astype(np.int32)
   prompt = np.tile(prompt[None], (_NUM.value, 1))
-  out = generate(run.graphdef, run.params, prompt, jax.random.key(_SEED.value),
-                 max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
-                 top_k=_TOP_K.value)
+  need = generate_lib.cache_bytes(run.graphdef, run.params, _NUM.value,
+                                  prompt.shape[1] + _MAX_NEW.value)
+  have = common.memory_bytes()
+  if need > have // 2:
+    common.fail(f"--max_new_tokens={_MAX_NEW.value} needs a {need / 2**30:.1f} GiB decode cache "
+                f"for {_NUM.value} sample(s), more than half of this device's "
+                f"{have / 2**30:.1f} GiB; lower --max_new_tokens or --num_samples")
+  out = generate_lib.generate(run.graphdef, run.params, prompt, jax.random.key(_SEED.value),
+                              max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+                              top_k=_TOP_K.value)
   for i, row in enumerate(np.asarray(out)):
     ends = np.flatnonzero(row[prompt.shape[1]:] == tok.eos_id)
     if ends.size:  # the document ended: what follows would be the start of another

@@ -24,12 +24,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.start()
   from longjax import configuration  # pylint: disable=g-import-not-at-top (fast --help)
+  from longjax.data import corpus  # pylint: disable=g-import-not-at-top
   from longjax.training import checkpoints, resume, trainer  # pylint: disable=g-import-not-at-top
   try:
     result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except configuration.ConfigError as e:
     common.fail(f"config: {e}")
-  except (resume.ResumeError, checkpoints.CheckpointError) as e:
+  except (resume.ResumeError, checkpoints.CheckpointError, corpus.SourceError) as e:
     common.fail(str(e))
   except trainer.NonFiniteLossError as e:
     common.fail(str(e), code=1)

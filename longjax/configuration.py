@@ -54,7 +54,10 @@ def parse_eval_lengths(spec: str, seq_len: int) -> list[int]:
 
 def _positive(config, field: str):
   section, name = field.split(".")
-  value = config[section][name]
+  _positive_field(field, config[section][name])
+
+
+def _positive_field(field: str, value):
   if not isinstance(value, (int, float)) or value <= 0:
     raise ConfigError(field, value, "must be positive")
 
@@ -82,6 +85,9 @@ def validate_model(model) -> None:
   for name in ("num_layers", "width", "num_heads", "mlp_hidden"):
     if model[name] <= 0:
       raise ConfigError(f"model.{name}", model[name], "must be positive")
+  if model.head_dim < 0:
+    raise ConfigError("model.head_dim", model.head_dim,
+                      "must be >= 0 (0 = model.width // model.num_heads)")
   if model.num_layers % len(pattern):
     raise ConfigError("model.num_layers", model.num_layers,
                       f"must be a multiple of the {len(pattern)}-layer pattern "
@@ -261,6 +267,7 @@ def validate(config, num_devices: int) -> None:
                       "sentencepiece needs >= 260 (256 byte-fallback pieces + specials)")
   if config.train.warmup_steps < 0:
     raise ConfigError("train.warmup_steps", config.train.warmup_steps, "must be >= 0")
+  _validate_optimizer(config.train)
   if config.train.eval_every < 0:
     raise ConfigError("train.eval_every", config.train.eval_every, "must be >= 0 (0 = at end)")
   if config.model.posenc.kind == "learned" and config.model.posenc.max_length < config.data.seq_len:
@@ -269,6 +276,19 @@ def validate(config, num_devices: int) -> None:
   _validate_train_positions(config.model.posenc, config.data.seq_len)
   validate_eval_lengths(config)
   _validate_mesh(config, num_devices)
+
+
+def _validate_optimizer(train) -> None:
+  """AdamW's and the schedule's fields (`longjax.training.optimizers`)."""
+  for name in ("eval_batches", "grad_clip", "eps"):
+    _positive_field(f"train.{name}", train[name])
+  for name in ("b1", "b2"):
+    if not 0 <= train[name] < 1:
+      raise ConfigError(f"train.{name}", train[name], "must be in [0, 1)")
+  if train.weight_decay < 0:
+    raise ConfigError("train.weight_decay", train.weight_decay, "must be >= 0")
+  if not 0 <= train.min_lr_ratio <= 1:
+    raise ConfigError("train.min_lr_ratio", train.min_lr_ratio, "must be in [0, 1]")
 
 
 def validate_eval_lengths(config) -> list[int]:

@@ -81,17 +81,38 @@ def load_run(workdir: str, config=None, *, step: int | None = None) -> LoadedRun
   """
   config = config if config is not None else saved_config(workdir)
   configuration.validate_model(config.model)
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(checkpoint_dir):  # before anything could be written into `workdir`
+    raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}: is {workdir!r} a trained run?")
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = mesh_lib.parse_rules(config.mesh.rules)
   corpus = corpus_lib.load_corpus(config.data, workdir)
   graphdef, abstract = state_lib.model_graphdef(config.model, corpus.tokenizer.vocab_size)
+  _check_parameter_shapes(workdir, config, abstract, corpus.tokenizer.vocab_size)
   shardings = mesh_lib.state_shardings(abstract, mesh, rules)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract.to_pure_dict(), shardings)
-  step, params = checkpoints.restore_params(os.path.join(workdir, "checkpoints"), target,
-                                            step=step)
+  step, params = checkpoints.restore_params(checkpoint_dir, target, step=step)
   return LoadedRun(config=config, graphdef=graphdef, params=params, step=step, corpus=corpus,
                    mesh=mesh)
+
+
+def _check_parameter_shapes(workdir: str, config, abstract, vocab_size: int) -> None:
+  """Refuses, in one line, a config whose parameters differ from the saved run's in shape."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return  # nothing to compare with; the restore itself checks
+  saved = saved_config(workdir)
+  _, saved_abstract = state_lib.model_graphdef(saved.model, vocab_size)
+  shapes = lambda state: jax.tree.map(lambda a: a.shape, state.to_pure_dict())
+  if shapes(abstract) == shapes(saved_abstract):
+    return
+  from longjax.training import resume  # pylint: disable=g-import-not-at-top
+  changed = resume.differences(saved.model.to_dict(), config.model.to_dict())
+  listed = "; ".join(f"model.{f}={a!r} in the run, {b!r} now" for f, a, b in changed)
+  raise checkpoints.CheckpointMismatchError(
+      f"this config gives the model of {workdir} other parameter shapes ({listed}); an "
+      "evaluation-time override may change only what keeps them (e.g. model.posenc.scaling, "
+      "model.attention.impl, eval.*)")
 
 
 def describe(result: dict) -> str:

@@ -114,11 +114,13 @@ PYTHON = sys.executable
 
 
 def tree_bytes(path: str) -> dict[str, bytes]:
-  """{relative path: SHA-256} of every file under `path`: equal iff no file was added, removed
-  or changed (modification times aside)."""
+  """{relative path: SHA-256} of every file under `path` (b"dir" for a folder): equal iff no
+  file or folder was added, removed or changed (modification times aside)."""
   import hashlib  # pylint: disable=g-import-not-at-top
   digests = {}
-  for root, _, names in os.walk(path):
+  for root, dirs, names in os.walk(path):
+    for name in dirs:
+      digests[os.path.relpath(os.path.join(root, name), path) + "/"] = b"dir"
     for name in names:
       full = os.path.join(root, name)
       with open(full, "rb") as f:

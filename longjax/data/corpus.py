@@ -8,6 +8,9 @@ from longjax.data import pipeline
 from longjax.data import tokenizers
 from longjax.data.builders import text_dir
 
+# A source directory that cannot make the dataset (one line; see `text_dir`).
+SourceError = text_dir.SourceError
+
 
 @dataclasses.dataclass
 class Corpus:
@@ -26,6 +29,7 @@ def load_corpus(data_cfg, workdir: str) -> Corpus:
       source_dir=data_cfg.source_dir or None, glob=data_cfg.glob,
       validation_percent=data_cfg.validation_percent,
       data_dir=os.path.expanduser(data_cfg.tfds_dir))
+  os.makedirs(workdir, exist_ok=True)  # after the dataset: a bad source leaves no run folder
   train = builder.as_data_source(split="train")
   validation = builder.as_data_source(split="validation")
   # SentencePiece trains on every 8th training document: on the stdlib that is ~3.6M characters,

@@ -29,6 +29,14 @@ def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature: float,
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def cache_bytes(graphdef, params, batch_size: int, max_length: int) -> int:
+  """Bytes of the decode cache `generate` allocates for `batch_size` rows of `max_length`
+  tokens (computed from shapes alone, nothing is allocated)."""
+  cache = jax.eval_shape(lambda p: nnx.merge(graphdef, p).init_cache(batch_size, max_length),
+                         params)
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature",
                                              "top_k"))
 def generate(graphdef, params, prompt: jax.Array, rng: jax.Array, *, max_new_tokens: int,

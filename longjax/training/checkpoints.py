@@ -253,7 +253,7 @@ def restore_params(directory: str, target_params, step: int | None = None, *,
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoint in {directory}")
   with ocp.CheckpointManager(directory, item_names=_ITEMS,
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+                             options=ocp.CheckpointManagerOptions(create=False)) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {directory}")

@@ -108,7 +108,9 @@ def _saved_config(workdir: str):
 
 
 def _check_writable(workdir: str) -> None:
-  """Raises ResumeError when `workdir` is a file, lies under one, or cannot be written."""
+  """Raises ResumeError when `workdir` is empty, a file, under a file, or cannot be written."""
+  if not workdir:
+    raise ResumeError("--workdir is empty: name the run directory")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ResumeError(f"--workdir={workdir} is a file, not a directory")
   existing = workdir
@@ -122,7 +124,8 @@ def _check_writable(workdir: str) -> None:
 
 
 def check_workdir(workdir: str, config) -> list[str]:
-  """Checks that `workdir` can hold a run of `config`, then creates it.
+  """Checks that `workdir` can hold a run of `config` (writing nothing; loading the corpus
+  creates it).
 
   Returns:
     The resumable changes (`check`) when it already holds checkpoints, else [].
@@ -131,9 +134,4 @@ def check_workdir(workdir: str, config) -> list[str]:
     ResumeError: before anything is written, in one line.
   """
   _check_writable(workdir)
-  changes = check(workdir, _saved_config(workdir), config) if has_checkpoints(workdir) else []
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ResumeError(f"--workdir={workdir} cannot be created ({e.strerror})") from None
-  return changes
+  return check(workdir, _saved_config(workdir), config) if has_checkpoints(workdir) else []

@@ -26,6 +26,9 @@ from longjax.parallel import mesh as mesh_lib
 from longjax.training import checkpoints, resume, state as state_lib, step as step_lib
 from longjax.training.metrics import MetricsWriter
 
+# The step's metrics that stop the run when they are not finite, with their names in messages.
+_WATCHED = {"loss": "the loss", "grad_norm": "the gradient norm",
+            "param_norm": "the parameter norm"}
 # Test hook: the exact-resume test kills the process with SIGKILL right after this step.
 _SIGKILL_AT_STEP_ENV = "LONGJAX_TEST_SIGKILL_AT_STEP"
 
@@ -171,10 +174,12 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
         state, metrics = train_step(state, batch)
         metrics = jax.device_get(metrics)
         loss = float(metrics["loss"])
-        if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm", "param_norm")):
+        bad = [k for k in _WATCHED if not math.isfinite(metrics[k])]
+        if bad:
           raise NonFiniteLossError(
-              f"loss is {loss} (gradient norm {metrics['grad_norm']}, parameter norm "
-              f"{metrics['param_norm']}) at step {step}; stopped without saving. "
+              " and ".join(f"{_WATCHED[k]} is {metrics[k]}" for k in bad)
+              + f" at step {step}; stopped without saving (loss {loss}, gradient norm "
+              f"{metrics['grad_norm']}, parameter norm {metrics['param_norm']}). "
               + (f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}; "
                  if ckpt.latest_step() is not None else "No checkpoint was saved yet; ")
               + "lower train.learning_rate or raise train.warmup_steps, then rerun.")

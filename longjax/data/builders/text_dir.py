@@ -7,7 +7,7 @@ without site-packages), a corpus of code that every machine has and that needs n
 Splits are by file: a file goes to `validation` iff crc32(relative path) % 100 < percent, so
 membership depends only on the path, never on the other files or on Python's salted hash().
 Records are written in sorted path order. Files that are not text (not valid UTF-8, or holding
-a NUL byte) and empty or whitespace-only files are skipped, with a count in the log. A source
+a NUL byte) are skipped with a count in the log, empty or whitespace-only ones silently. A source
 that cannot make both splits (no matching file, no usable one, an empty split, an unreadable
 file) raises `SourceError` before anything is written under `data_dir`.
 
@@ -32,6 +32,9 @@ from etils import epath
 import tensorflow_datasets as tfds
 
 _EXCLUDED_DIRS = frozenset({'site-packages', 'dist-packages', '__pycache__'})
+
+
+_BLANK = 'empty or whitespace-only'
 
 
 class SourceError(ValueError):
@@ -162,7 +165,7 @@ def read_documents(source_dir: str, glob: str) -> tuple[dict[str, str], dict[str
     if text is None:
       skipped.setdefault('not UTF-8 text', []).append(rel)
     elif not text.strip():
-      skipped.setdefault('empty or whitespace-only', []).append(rel)
+      skipped.setdefault(_BLANK, []).append(rel)
     else:
       documents[rel] = text
   return documents, skipped
@@ -240,6 +243,8 @@ def load_text_dir(*, source_dir: str | None = None, glob: str = '**/*.py',
       split_paths(sorted(documents), config)
       total = len(documents) + sum(map(len, skipped.values()))
       for why, paths in skipped.items():
+        if why == _BLANK:
+          continue  # nothing in them to lose
         logging.getLogger('absl').warning('text_dir: skipped %d of %d files under %s (%s), '
                                           'e.g. %s', len(paths), total, config.source_dir, why,
                                           paths[0])

@@ -140,6 +140,20 @@ class TrainerTest(absltest.TestCase):
     saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
     self.assertEqual(saved, [max(_losses(workdir))])
 
+  def test_sigint_during_start_up_exits_130_in_one_line(self):
+    # The run folder appears once the dataset is loaded, before the state is created and the
+    # step compiled: Ctrl-C then used to end in a KeyboardInterrupt traceback and a segfault.
+    workdir = os.path.join(self.create_tempdir().full_path, "run")
+    proc = _train_cli(workdir)
+    deadline = time.time() + 300
+    while not os.path.isdir(workdir) and time.time() < deadline and proc.poll() is None:
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    self.assertEqual(proc.returncode, 130, err[-2000:])
+    self.assertNotIn("Traceback", err)
+    self.assertLen([line for line in err.splitlines() if line.strip()], 1, err[-2000:])
+
 
 def _flatten(tree, prefix=""):
   if isinstance(tree, dict):

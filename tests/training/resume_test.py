@@ -3,6 +3,7 @@
 
 import os
 import shutil
+from unittest import mock
 
 from absl.testing import absltest
 import pytest
@@ -95,6 +96,16 @@ class ResumeTest(absltest.TestCase):
                              (os.path.join(path, "run"), "cannot be created: .* is a file")):
       with self.assertRaisesRegex(resume.ResumeError, message):
         trainer.train_and_evaluate(testing.tiny_config(**_BASE), workdir, progress=False)
+
+  def test_unwritable_workdir_or_parent(self):
+    # Tests run as root, for whom every folder is writable: the permission answer is injected.
+    parent = self.create_tempdir().full_path
+    for workdir in (parent, os.path.join(parent, "new", "run")):
+      with mock.patch.object(resume.os, "access", return_value=False):
+        with self.assertRaisesRegex(resume.ResumeError,
+                                    rf"cannot be written: no write permission on {parent}$"):
+          trainer.train_and_evaluate(testing.tiny_config(**_BASE), workdir, progress=False)
+    self.assertEqual(os.listdir(parent), [])
 
 
 class DifferencesTest(absltest.TestCase):

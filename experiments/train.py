@@ -23,11 +23,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.start()
-  from longjax import configuration  # pylint: disable=g-import-not-at-top (fast --help)
+  from longjax import configuration, experiment  # pylint: disable=g-import-not-at-top
   from longjax.data import corpus  # pylint: disable=g-import-not-at-top
   from longjax.training import checkpoints, resume, trainer  # pylint: disable=g-import-not-at-top
   try:
-    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    result = experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except configuration.ConfigError as e:
     common.fail(f"config: {e}")
   except (resume.ResumeError, checkpoints.CheckpointError, corpus.SourceError) as e:
@@ -43,8 +43,9 @@ def main(argv):
           "further; python -m experiments.evaluate re-evaluates")
     return
   from longjax import runs  # pylint: disable=g-import-not-at-top
-  print(f"done: step {result.step}, train loss {result.final_loss:.4f}, "
-        f"validation loss {result.val_loss:.4f}")
+  # No train loss when the run was complete but for its evaluation (interrupted there).
+  trained = "" if result.final_loss is None else f", train loss {result.final_loss:.4f}"
+  print(f"done: step {result.step}{trained}, validation loss {result.val_loss:.4f}")
   print(runs.describe(result.eval["perplexity"]))
 
 

@@ -139,9 +139,9 @@ _trained_run = []
 def trained_run() -> str:
   """The workdir of `tiny_config(**TRAINED_RUN_OVERRIDES)` trained (checkpoints 3 and 6)."""
   if not _trained_run:
-    from longjax.training import trainer  # pylint: disable=g-import-not-at-top
+    from longjax import experiment  # pylint: disable=g-import-not-at-top
     workdir = os.path.join(tempfile.mkdtemp(dir=_ensure_root()), "run")
-    trainer.train_and_evaluate(tiny_config(**TRAINED_RUN_OVERRIDES), workdir, progress=False)
+    experiment.train_and_evaluate(tiny_config(**TRAINED_RUN_OVERRIDES), workdir, progress=False)
     _trained_run.append(workdir)
   return _trained_run[0]
 

@@ -1,4 +1,7 @@
-"""`train_and_evaluate(config, workdir)`: the training loop, checkpoints, metrics, evaluation.
+"""`train(config, workdir)`: the training loop, checkpoints and metrics.
+
+Evaluation after training is `longjax.experiment.train_and_evaluate`, so that training does not
+depend on `longjax.eval` (which uses training's step functions).
 
 Nothing is lost on interruption: a restarted run resumes from the newest restorable checkpoint
 (parameters, optimizer state, step and the data iterator's position, so the batches continue
@@ -12,6 +15,7 @@ import math
 import os
 import signal
 import time
+from typing import Any
 
 from absl import logging
 import jax
@@ -21,7 +25,6 @@ from tqdm import auto as tqdm
 from longjax import configuration, posenc
 from longjax.data import corpus as corpus_lib
 from longjax.data import pipeline
-from longjax.eval import harness
 from longjax.parallel import mesh as mesh_lib
 from longjax.training import checkpoints, resume, state as state_lib, step as step_lib
 from longjax.training.metrics import MetricsWriter
@@ -41,10 +44,14 @@ class NonFiniteLossError(RuntimeError):
 class TrainResult:
   step: int
   interrupted: bool
-  final_loss: float | None
+  final_loss: float | None    # None when no step was trained in this call
   val_loss: float | None
-  eval: dict
   already_complete: bool = False  # the run had reached train.steps: nothing was done
+  config: Any = None          # the resolved config, and what evaluation needs of the model:
+  graphdef: Any = None
+  params: Any = None
+  corpus: Any = None
+  eval: dict = dataclasses.field(default_factory=dict)  # filled by experiment.train_and_evaluate
 
 
 class _StopRequest:
@@ -96,8 +103,17 @@ def _validation_loss(config, graphdef, params, corpus, sharding) -> float:
   return total / max(count, 1.0)
 
 
-def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainResult:
-  """Trains `config` in `workdir` (resuming if it holds checkpoints), then evaluates.
+def train(config, workdir: str, *, progress: bool = True,
+          is_complete=lambda workdir: True) -> TrainResult:
+  """Trains `config` in `workdir`, resuming if it holds checkpoints.
+
+  Args:
+    config: the run's config (validated here).
+    workdir: the run directory.
+    progress: show a progress bar.
+    is_complete: for a run already at `train.steps`, whether nothing is left to do in
+      `workdir` (e.g. its evaluation results exist); if not, the state is restored and the
+      validation loss computed for what follows. A run past `train.steps` is always complete.
 
   Raises:
     ConfigError: before anything is written, for a bad config value.
@@ -144,10 +160,10 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(configuration.to_json(config))
   steps = config.train.steps
-  if start >= steps and (start > steps or harness.has_results(workdir)):
+  if start >= steps and (start > steps or is_complete(workdir)):
     ckpt.close()
-    return TrainResult(step=start, interrupted=False, final_loss=None, val_loss=None, eval={},
-                       already_complete=True)
+    return TrainResult(step=start, interrupted=False, final_loss=None, val_loss=None,
+                       already_complete=True, config=config)
   writer = MetricsWriter(workdir, resume_step=start)
 
   # Training-time positions (randomized, PoSE) change train_step only, never evaluation.
@@ -222,11 +238,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
 
   if interrupted:
     return TrainResult(step=int(state.step), interrupted=True, final_loss=loss, val_loss=val_loss,
-                       eval={})
-  if start == steps:  # the run was already complete: evaluate only
+                       config=config)
+  if start == steps:  # complete but for what follows training: its validation loss
     val_loss = _validation_loss(config, graphdef, state.params, corpus, batch_sharding)
-  ctx = harness.EvalContext(config=config, graphdef=graphdef, params=state.params,
-                            corpus=corpus, workdir=workdir, progress=progress)
-  results = harness.evaluate(ctx)
   return TrainResult(step=steps, interrupted=False, final_loss=loss, val_loss=val_loss,
-                     eval=results)
+                     config=config, graphdef=graphdef, params=state.params, corpus=corpus)

@@ -8,9 +8,9 @@ import numpy as np
 
 from experiments import report
 from longjax import configuration
+from longjax import experiment
 from longjax import runs
 from longjax.eval import compare
-from longjax.training import trainer
 from tests import testing
 
 
@@ -21,7 +21,7 @@ class CompareTest(absltest.TestCase):
     super().setUpClass()
     cls.workdir = os.path.join(absltest.get_default_test_tmpdir(), "compare_run")
     config = testing.tiny_config(**{"train.steps": 10, "eval.lengths": "1x,4x"})
-    trainer.train_and_evaluate(config, cls.workdir, progress=False)
+    experiment.train_and_evaluate(config, cls.workdir, progress=False)
 
   def test_none_and_log_n(self):
     run = runs.load_run(self.workdir)

@@ -12,9 +12,10 @@ import numpy as np
 
 from configs import quickstart
 from longjax import configuration
+from longjax import experiment
 from longjax.parallel import mesh as mesh_lib
 from longjax.posenc import position_transforms as pt
-from longjax.training import state as state_lib, step as step_lib, trainer
+from longjax.training import state as state_lib, step as step_lib
 from longjax.training.metrics import read_metrics
 from tests import testing
 
@@ -207,7 +208,7 @@ class TrainTest(parameterized.TestCase):
     # Evaluation (never transformed) at the training length only, to keep the test short.
     config = testing.tiny_config(**{"train.steps": 20, "train.log_every": 5,
                                     "eval.lengths": "1x", **overrides})
-    result = trainer.train_and_evaluate(config, workdir, progress=False)
+    result = experiment.train_and_evaluate(config, workdir, progress=False)
     losses = [m["loss"] for m in read_metrics(workdir) if "loss" in m]
     self.assertTrue(np.all(np.isfinite(losses)))
     self.assertLess(losses[-1], losses[0] - 0.3)

@@ -1,6 +1,7 @@
 """Resuming a run: a changed config is refused before anything is written; allowed changes
 (longer training, evaluation settings) resume; a finished run is left alone."""
 
+import json
 import os
 import shutil
 from unittest import mock
@@ -8,7 +9,8 @@ from unittest import mock
 from absl.testing import absltest
 import pytest
 
-from longjax.training import checkpoints, resume, trainer
+from longjax import experiment
+from longjax.training import checkpoints, resume
 from longjax.training.metrics import read_metrics
 from tests import testing
 
@@ -41,11 +43,11 @@ class ResumeTest(absltest.TestCase):
                                     rf"holds checkpoints of a run with another config "
                                     rf"\(.*{field}=.* in the run, .* now.*\); resuming may change "
                                     r"only train\.steps"):
-          trainer.train_and_evaluate(testing.tiny_config(**_BASE, **{field: value}), workdir,
+          experiment.train_and_evaluate(testing.tiny_config(**_BASE, **{field: value}), workdir,
                                      progress=False)
         self.assertEqual(testing.tree_bytes(workdir), before, field)
     # The run's own config still resumes it: it is complete, so nothing changes.
-    result = trainer.train_and_evaluate(testing.tiny_config(**_BASE), workdir, progress=False)
+    result = experiment.train_and_evaluate(testing.tiny_config(**_BASE), workdir, progress=False)
     self.assertTrue(result.already_complete)
     self.assertEqual(result.step, 6)
     self.assertEqual(testing.tree_bytes(workdir), before)
@@ -53,7 +55,7 @@ class ResumeTest(absltest.TestCase):
   def test_fewer_steps_than_the_checkpoint_is_complete(self):
     workdir = self._copy()
     before = testing.tree_bytes(workdir)
-    result = trainer.train_and_evaluate(testing.tiny_config(**{**_BASE, "train.steps": 3}),
+    result = experiment.train_and_evaluate(testing.tiny_config(**{**_BASE, "train.steps": 3}),
                                         workdir, progress=False)
     self.assertTrue(result.already_complete)
     self.assertEqual(result.step, 6)
@@ -63,13 +65,23 @@ class ResumeTest(absltest.TestCase):
     del after["config.json"]
     self.assertEqual(after, before)
 
+  def test_complete_run_without_its_evaluation_is_evaluated(self):
+    # E.g. Ctrl-C during the final evaluation: the rerun trains nothing and evaluates.
+    workdir = self._copy()
+    os.remove(os.path.join(workdir, "eval", "perplexity.json"))
+    result = experiment.train_and_evaluate(testing.tiny_config(**_BASE), workdir, progress=False)
+    self.assertEqual((result.step, result.already_complete, result.final_loss), (6, False, None))
+    self.assertIsNotNone(result.val_loss)
+    with open(os.path.join(self._run, "eval", "perplexity.json")) as f:
+      self.assertEqual(result.eval["perplexity"]["loss"], json.load(f)["loss"])
+
   def test_resumable_fields_may_change(self):
     # Training further with other evaluation settings continues the same run: steps 1-6 are
     # kept, steps 7-8 are new, and config.json records the new values.
     workdir = self._copy()
     config = testing.tiny_config(**{**_BASE, "train.steps": 8, "train.eval_batches": 1,
                                     "train.log_every": 2, "model.attention.impl": "reference"})
-    result = trainer.train_and_evaluate(config, workdir, progress=False)
+    result = experiment.train_and_evaluate(config, workdir, progress=False)
     self.assertEqual((result.step, result.already_complete), (8, False))
     losses = _losses(workdir)
     self.assertEqual(sorted(losses), [1, 2, 3, 4, 5, 6, 8])
@@ -82,10 +94,10 @@ class ResumeTest(absltest.TestCase):
     for step in (3, 6):
       shutil.rmtree(os.path.join(workdir, "checkpoints", str(step), "state"))
     with self.assertRaises(checkpoints.NoRestorableCheckpointError):
-      trainer.train_and_evaluate(testing.tiny_config(**_BASE), workdir, progress=False)
+      experiment.train_and_evaluate(testing.tiny_config(**_BASE), workdir, progress=False)
     # What the error says to do: move the checkpoints aside and rerun.
     os.rename(os.path.join(workdir, "checkpoints"), os.path.join(workdir, "unrestorable"))
-    trainer.train_and_evaluate(testing.tiny_config(**_BASE), workdir, progress=False)
+    experiment.train_and_evaluate(testing.tiny_config(**_BASE), workdir, progress=False)
     self.assertEqual(_losses(workdir), _losses(self._run))  # bitwise: JSON floats round-trip
 
   def test_workdir_that_is_a_file_or_under_one(self):
@@ -95,7 +107,7 @@ class ResumeTest(absltest.TestCase):
     for workdir, message in ((path, "is a file, not a directory"),
                              (os.path.join(path, "run"), "cannot be created: .* is a file")):
       with self.assertRaisesRegex(resume.ResumeError, message):
-        trainer.train_and_evaluate(testing.tiny_config(**_BASE), workdir, progress=False)
+        experiment.train_and_evaluate(testing.tiny_config(**_BASE), workdir, progress=False)
 
   def test_unwritable_workdir_or_parent(self):
     # Tests run as root, for whom every folder is writable: the permission answer is injected.
@@ -104,7 +116,7 @@ class ResumeTest(absltest.TestCase):
       with mock.patch.object(resume.os, "access", return_value=False):
         with self.assertRaisesRegex(resume.ResumeError,
                                     rf"cannot be written: no write permission on {parent}$"):
-          trainer.train_and_evaluate(testing.tiny_config(**_BASE), workdir, progress=False)
+          experiment.train_and_evaluate(testing.tiny_config(**_BASE), workdir, progress=False)
     self.assertEqual(os.listdir(parent), [])
 
 

@@ -10,6 +10,7 @@ from absl.testing import absltest
 import numpy as np
 import orbax.checkpoint as ocp
 
+from longjax import experiment
 from longjax.training import trainer
 from longjax.training.metrics import read_metrics
 from tests import testing
@@ -38,7 +39,7 @@ class TrainerTest(absltest.TestCase):
   def test_loss_decreases_and_outputs_exist(self):
     workdir = self.create_tempdir().full_path
     config = testing.tiny_config(**{"train.steps": 40, "train.log_every": 5})
-    result = trainer.train_and_evaluate(config, workdir, progress=False)
+    result = experiment.train_and_evaluate(config, workdir, progress=False)
     losses = [m["loss"] for m in read_metrics(workdir) if "loss" in m]
     self.assertLess(np.mean(losses[-2:]), losses[0] - 0.5)  # starts near ln(259) = 5.56
     self.assertLess(result.val_loss, 5.0)
@@ -56,7 +57,7 @@ class TrainerTest(absltest.TestCase):
     config = testing.tiny_config(**{"train.steps": 30, "train.log_every": 5,
                                     "data.tokenizer": "sentencepiece", "data.vocab_size": 400,
                                     "model.dtype": "bfloat16"})
-    result = trainer.train_and_evaluate(config, workdir, progress=False)
+    result = experiment.train_and_evaluate(config, workdir, progress=False)
     self.assertTrue(os.path.exists(os.path.join(workdir, "tokenizer.model")))
     losses = [m["loss"] for m in read_metrics(workdir) if "loss" in m]
     self.assertLess(losses[-1], losses[0] - 0.5)
@@ -69,7 +70,7 @@ class TrainerTest(absltest.TestCase):
     straight = self.create_tempdir().full_path
     config = testing.tiny_config(**{"train.steps": 20, "train.log_every": 1,
                                     "train.checkpoint_every": 10})
-    trainer.train_and_evaluate(config, straight, progress=False)
+    experiment.train_and_evaluate(config, straight, progress=False)
 
     # 20 steps with a SIGKILL after step 13 (the last checkpoint is step 10), then a restart.
     resumed = self.create_tempdir().full_path
@@ -125,7 +126,7 @@ class TrainerTest(absltest.TestCase):
     with self.assertRaisesRegex(trainer.NonFiniteLossError, r"^the parameter norm is inf at step "
                                 r"2; stopped without saving \(loss [0-9.]+, .*last good "
                                 r"checkpoint is step 1"):
-      trainer.train_and_evaluate(config, workdir, progress=False)
+      experiment.train_and_evaluate(config, workdir, progress=False)
     self.assertEqual(sorted(os.listdir(os.path.join(workdir, "checkpoints"))), ["1"])
 
   def test_sigint_saves_a_checkpoint_and_exits(self):

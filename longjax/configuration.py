@@ -1,5 +1,8 @@
 """Config validation and (de)serialisation.
 
+`ConfigError` lives in `longjax.errors` (so that mixer specs can raise it) and is re-exported
+here.
+
 `validate(config, num_devices)` runs before a run writes anything. Each mistake becomes a
 `ConfigError` whose one-line message names the field, the bad value and the valid choices; the
 entry points print it without a traceback.
@@ -12,27 +15,15 @@ import os
 import ml_collections
 
 from longjax import posenc
-from longjax.layers import attention as attention_layer
+from longjax.errors import ConfigError
 from longjax.layers.positional import POSENCS, rope_scaling_hyperparameters
 from longjax.models import registry
 from longjax.models.lm import REMAT_POLICIES
-from longjax.ops import attention as attention_ops
 from longjax.parallel import mesh as mesh_lib
 
 TOKENIZERS = ("byte", "sentencepiece")
 # Positional encodings that rotate queries and keys (RoPE's fields apply to them).
 ROTARY_KINDS = ("rope", "xpos", "clex")
-
-
-class ConfigError(ValueError):
-  """A bad config value. str(error) is one line: 'field=value: problem (valid: ...)'."""
-
-  def __init__(self, field: str, value, problem: str, valid=None):
-    message = f"{field}={value!r}: {problem}"
-    if valid is not None:
-      message += " (valid: " + ", ".join(str(v) for v in valid) + ")"
-    super().__init__(message)
-    self.field = field
 
 
 def parse_eval_lengths(spec: str, seq_len: int) -> list[int]:
@@ -68,13 +59,10 @@ def _choice(field: str, value, choices):
 
 
 def validate_model(model) -> None:
-  """Checks `config.model` alone (also used by evaluate/sample on saved runs)."""
-  try:
-    pattern = registry.parse_mixers(model.mixers)
-  except ValueError as e:
-    raise ConfigError("model.mixers", model.mixers, str(e).split(": ", 1)[-1]) from None
+  """Checks `config.model` alone (also used by evaluate/sample on saved runs): the shared
+  sizes and the positional encoding here, each mixer's section by its own spec."""
+  pattern = registry.parse_mixers(model.mixers, model)
   _choice("model.posenc.kind", model.posenc.kind, POSENCS)
-  _choice("model.attention.impl", model.attention.impl, attention_ops.IMPLS)
   _choice("model.dtype", model.dtype, registry.DTYPES)
   _choice("model.remat", model.remat, REMAT_POLICIES)
   if not model.scan_layers and model.remat != "none":
@@ -106,84 +94,8 @@ def validate_model(model) -> None:
   if model.posenc.kind == "sinusoidal" and model.width % 2:
     raise ConfigError("model.width", model.width, "sinusoidal encoding needs an even width")
   _validate_learned_bias(model.posenc)
-  if model.attention.log_scaling_length < 0 or model.attention.log_scaling_length == 1:
-    raise ConfigError("model.attention.log_scaling_length", model.attention.log_scaling_length,
-                      "must be 0 (off) or the training length >= 2")
-  if model.attention.window < 0:
-    raise ConfigError("model.attention.window", model.attention.window,
-                      "must be >= 0 (0 = full causal attention)")
-  if model.attention.sink_tokens < 0 or (model.attention.sink_tokens
-                                         and not model.attention.window):
-    raise ConfigError("model.attention.sink_tokens", model.attention.sink_tokens,
-                      "must be >= 0, and > 0 only with model.attention.window > 0")
-  if model.attention.distance_ceiling < 0 or (model.attention.distance_ceiling
-                                              and not model.attention.sink_tokens):
-    raise ConfigError("model.attention.distance_ceiling", model.attention.distance_ceiling,
-                      "must be >= 0, and > 0 only with model.attention.sink_tokens > 0")
-  length_dependent = (model.posenc.kind == "clex"
-                      or model.posenc.scaling in posenc.rope_scaling.DYNAMIC_SCALINGS)
-  if model.attention.distance_ceiling and length_dependent:
-    # The far global part rotates queries at the ceiling: a length-dependent encoding would
-    # derive a different context length there than in the local part.
-    raise ConfigError("model.attention.distance_ceiling", model.attention.distance_ceiling,
-                      "cannot be combined with an encoding whose frequencies depend on the "
-                      f"context length (model.posenc.kind={model.posenc.kind!r}, "
-                      f"scaling={model.posenc.scaling!r})")
-  if model.attention.block_size < 0:
-    raise ConfigError("model.attention.block_size", model.attention.block_size,
-                      "must be >= 0 (0 = the op's default)")
-  _validate_normalizer(model.attention)
-  impl = model.attention.impl
-  if impl in attention_ops.KERNELS and model.attention.normalizer != "softmax":
-    raise ConfigError("model.attention.impl", impl, "has no softplus kernel (model."
-                      f"attention.normalizer={model.attention.normalizer!r})",
-                      ["auto", "reference", "blockwise"])
-  # The Pallas flash kernel computes every logit bias (ALiBi, T5, KERPLE, FIRE) in-kernel.
-  if impl in ("splash", "cudnn") and POSENCS[model.posenc.kind].logit_bias:
-    raise ConfigError("model.attention.impl", impl, "takes no position bias (model.posenc."
-                      f"kind={model.posenc.kind!r}); 'auto' picks longjax's kernels for it",
-                      ["auto", "pallas", "blockwise", "reference"])
-  if impl == "cpu":
-    if POSENCS[model.posenc.kind].logit_bias and model.posenc.kind != "alibi":
-      raise ConfigError("model.attention.impl", "cpu", "computes no position bias but ALiBi "
-                        f"(model.posenc.kind={model.posenc.kind!r}); 'auto' picks blockwise "
-                        "for such encodings", ["auto", "reference", "blockwise", "pallas"])
-    reason = attention_ops.cpu_unsupported(None, registry.head_dim(model))
-    if reason is not None:
-      raise ConfigError("model.attention.impl", "cpu", f"cannot run here: {reason}",
-                        ["auto", "reference", "blockwise"])
-  if model.attention.learned_sink and (model.attention.normalizer != "softmax"
-                                       or model.attention.distance_ceiling):
-    raise ConfigError("model.attention.learned_sink", model.attention.learned_sink,
-                      "needs softmax attention without distance_ceiling (model.attention."
-                      f"normalizer={model.attention.normalizer!r}, distance_ceiling="
-                      f"{model.attention.distance_ceiling})", [False])
-  # The blockwise XLA implementation pads any length to its block size; a block-size rule for
-  # lengths belongs here once an implementation requires one (the Pallas kernels).
-
-
-def _validate_normalizer(a) -> None:
-  """`model.attention` fields of softplus attention (LSSA / LSSAR, arXiv 2501.13428)."""
-  _choice("model.attention.normalizer", a.normalizer, attention_layer.NORMALIZERS)
-  power = a.reweight_power
-  # The paper sharpens with p >= 1 (3 and 15); 0 < p < 1 would flatten instead.
-  if not isinstance(power, (int, float)) or not (power == 0 or power >= 1):
-    raise ConfigError("model.attention.reweight_power", power, "must be 0 (off) or >= 1")
-  if power and a.normalizer != "softplus":
-    raise ConfigError("model.attention.reweight_power", power,
-                      f"re-weights softplus attention, but model.attention.normalizer="
-                      f"{a.normalizer!r}", [0])
-  if a.normalizer != "softplus":
-    return
-  for name in ("distance_ceiling", "sink_tokens"):
-    if a[name]:
-      raise ConfigError(f"model.attention.{name}", a[name],
-                        "streaming and LM-Infinite attention are softmax-only, but "
-                        "model.attention.normalizer='softplus'", [0])
-  if a.softplus_length_scale and a.log_scaling_length:
-    raise ConfigError("model.attention.log_scaling_length", a.log_scaling_length,
-                      "cannot be combined with model.attention.softplus_length_scale, which "
-                      "scales the logits by log(N) itself", [0])
+  for index, entry in enumerate(pattern):
+    entry.spec.validate(model, entry.config(model), entry.field_prefix(index))
 
 
 def _validate_learned_bias(p) -> None:

@@ -1,12 +1,15 @@
 """Every config field longjax reads, with its default. Configs in `configs/` start from this.
 
 Sections: model, data, train, eval, mesh. Field names are stable: docs and scripts rely on them.
+Each mixer's section of `model` (e.g. `model.attention`) is declared by the mixer's own module
+(its `MixerSpec`, `longjax/layers/attention_config.py`) and added here from the registry.
 The defaults live in the library (not in `configs/`) because a saved run's config.json is read
 back on top of them: a run saved before a field existed gets that field's default.
 """
 
 import ml_collections
 
+from longjax.models import registry
 from longjax.parallel.mesh import DEFAULT_RULES
 
 
@@ -25,7 +28,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.seed = 0                   # document shuffling
 
   c.model = ml_collections.ConfigDict()
-  c.model.mixers = "attention"      # per-layer pattern, repeated to num_layers
+  # Per-layer pattern, repeated to num_layers; an entry may override its mixer's section for
+  # that layer: "attention(window=256),attention" (longjax/layers/mixer.py).
+  c.model.mixers = "attention"
   c.model.num_layers = 4
   c.model.width = 256
   c.model.num_heads = 4
@@ -72,17 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.posenc.randomized_max_position = 2048  # randomized: positions drawn from [0, this)
   c.model.posenc.pose_chunks = 2    # pose: chunks per document, each shifted by a skip bias
   c.model.posenc.pose_target_length = 2048  # pose: positions stay < this (the target context)
-  c.model.attention = ml_collections.ConfigDict()
-  c.model.attention.impl = "auto"   # auto | reference | blockwise | pallas | cpu | splash | cudnn
-  c.model.attention.block_size = 0  # blockwise key/query block; 0 = the op's default
-  c.model.attention.log_scaling_length = 0  # L > 0: logits x max(1, log_L(position + 1))
-  c.model.attention.window = 0      # > 0: sliding-window attention over this many keys
-  c.model.attention.sink_tokens = 0  # with a window: first k keys always visible; streaming cache
-  c.model.attention.distance_ceiling = 0  # with sinks: far global keys sit this far (LM-Inf.)
-  c.model.attention.normalizer = "softmax"  # softmax | softplus (l1-normalised, arXiv 2501.13428)
-  c.model.attention.softplus_length_scale = True  # softplus: cosine logits x log(H) log(N) (LSSA)
-  c.model.attention.reweight_power = 0.0  # softplus: p >= 1 re-weights (LSSAR; paper: 15); 0 = off
-  c.model.attention.learned_sink = False  # a learned key/value every query sees (StreamingLLM)
+  # Each mixer's own section (e.g. c.model.attention), with the defaults its module declares.
+  for spec in registry.MIXERS.values():
+    c.model[spec.section] = spec.defaults()
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000

@@ -15,9 +15,10 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from longjax.layers import params
 from longjax.layers import lm_infinite
+from longjax.layers import params
 from longjax.layers import streaming
+from longjax.layers.caches import KVCache
 from longjax.layers.positional_base import AttentionPositions
 from longjax.ops import AttentionMask, add_learned_sink, dot_product_attention
 from longjax.ops import softplus_attention
@@ -51,6 +52,9 @@ class Attention(nnx.Module):
 
   Shapes: x [B, T, D]; projections to [B, T, N, H] (queries) and [B, T, K, H] (keys, values).
   The KV cache holds keys already rotated by their positions, so decoding never re-rotates.
+  The arguments' rules (a window for sinks, softmax for a learned sink, ...) are checked once,
+  on the config, by `longjax.layers.attention_config.validate`; the model builds this module
+  through that spec.
   """
 
   def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
@@ -60,8 +64,6 @@ class Attention(nnx.Module):
                softplus_length_scale: bool = True, reweight_power: float = 0.0,
                learned_sink: bool = False, out_init_scale: float = 1.0, dtype=jnp.float32,
                rngs: nnx.Rngs):
-    if num_heads % num_kv_heads:
-      raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
     self.w_q = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2)),
                             (width, num_heads, head_dim),
                             (params.EMBED, params.HEADS, params.HEAD_DIM))
@@ -83,53 +85,27 @@ class Attention(nnx.Module):
     # attention sinks; the Λ-shaped mask of LM-Infinite), and decoding uses the O(sinks + window)
     # streaming cache of `longjax.layers.streaming` (with a distance ceiling, LM-Infinite's
     # variant of it in `longjax.layers.lm_infinite`).
-    if sink_tokens and not window:
-      raise ValueError(f"sink_tokens={sink_tokens} needs a sliding window (window > 0)")
     self.sink_tokens = sink_tokens
     # LM-Infinite: global keys beyond the window count as `distance_ceiling` tokens away.
-    if distance_ceiling and not sink_tokens:
-      raise ValueError(f"distance_ceiling={distance_ceiling} needs sink_tokens > 0 and a window")
     self.distance_ceiling = distance_ceiling
-    # Softplus attention (Gao & Spratling, arXiv 2501.13428): LSSA with `softplus_length_scale`
-    # (cosine logits times log(H) log(N), N the keys the query sees), re-weighted (LSSAR) with
-    # power p = `reweight_power` > 0. See `longjax.ops.softplus_attention`.
-    if normalizer not in NORMALIZERS:
-      raise ValueError(f"normalizer={normalizer!r} is unknown; valid choices: {NORMALIZERS}")
-    if normalizer == "softplus" and (sink_tokens or distance_ceiling):
-      # The streaming and LM-Infinite paths merge softmax pieces by log-sum-exp; softplus rows
-      # would need their own merge rule.
-      raise ValueError(f"normalizer='softplus' does not support sink_tokens={sink_tokens} or "
-                       f"distance_ceiling={distance_ceiling} (streaming / LM-Infinite)")
-    if reweight_power and normalizer != "softplus":
-      raise ValueError(f"reweight_power={reweight_power} needs normalizer='softplus'")
-    if normalizer == "softplus" and softplus_length_scale and log_scaling_length:
-      # LSSA l2-normalises the queries, which would undo the log-n query scaling.
-      raise ValueError(f"log_scaling_length={log_scaling_length} cannot be combined with "
-                       "softplus_length_scale, which scales by log(N) itself")
     # StreamingLLM's learnable sink token, as one learned key/value per layer and KV head
     # (`longjax.ops.learned_sink`). Zeros at init: the sink logit is 0 and its value 0, i.e. the
     # softmax starts with one extra unit in its denominator.
-    if learned_sink and (normalizer != "softmax" or distance_ceiling):
-      raise ValueError("learned_sink needs softmax attention without distance_ceiling (got "
-                       f"normalizer={normalizer!r}, distance_ceiling={distance_ceiling})")
     self.learned_sink = learned_sink
     if learned_sink:
       self.sink_kv = params.param(rngs, jax.nn.initializers.zeros, (2, num_kv_heads, head_dim),
                                   (None, params.KV_HEADS, params.HEAD_DIM))
+    # Softplus attention (Gao & Spratling, arXiv 2501.13428): LSSA with `softplus_length_scale`
+    # (cosine logits times log(H) log(N), N the keys the query sees), re-weighted (LSSAR) with
+    # power p = `reweight_power` > 0. See `longjax.ops.softplus_attention`.
     self.normalizer = normalizer
     self.softplus_length_scale = softplus_length_scale
     self.reweight_power = reweight_power
     self.dtype = dtype
 
-  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
-    """An empty cache for `max_length` tokens (a streaming cache when sink_tokens > 0).
-
-    Returns:
-      {"k", "v": [B, S, K, H], "positions": [B, S] int32 (for position-dependent biases),
-       "end": int32 scalar, the number of tokens written so far}; with sinks, see
-      `streaming.init_streaming_cache`, and with a distance ceiling
-      `lm_infinite.init_lm_infinite_cache` (their size does not depend on `max_length`).
-    """
+  def init_cache(self, batch_size: int, max_length: int, dtype=None):
+    """An empty cache for `max_length` tokens: a `KVCache`, or with sinks a `RollingCache` of
+    sinks + window slots whatever `max_length` (`longjax.layers.caches`)."""
     dtype = dtype or self.dtype
     if self.distance_ceiling:
       return lm_infinite.init_lm_infinite_cache(batch_size, self.sink_tokens, self.window,
@@ -137,13 +113,10 @@ class Attention(nnx.Module):
     if self.sink_tokens:
       return streaming.init_streaming_cache(batch_size, self.sink_tokens, self.window,
                                             self.num_kv_heads, self.head_dim, dtype)
-    kv_shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
-    return {"k": jnp.zeros(kv_shape, dtype), "v": jnp.zeros(kv_shape, dtype),
-            "positions": jnp.zeros((batch_size, max_length), jnp.int32),
-            "end": jnp.zeros((), jnp.int32)}
+    return KVCache.empty(batch_size, max_length, self.num_kv_heads, self.head_dim, dtype)
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
-               cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+               cache=None):
     """Args: x [B, T, D]; positions [B, T] int32; segment_ids [B, T] int32 (packed documents,
     training only); cache from `init_cache` or a previous call. Returns (y [B, T, D], cache)."""
     x = x.astype(self.dtype)
@@ -175,7 +148,7 @@ class Attention(nnx.Module):
       return self._project_out(out), None
     # Length-dependent encodings (dynamic NTK) are computed for the cache's capacity when
     # decoding, so that keys cached at earlier steps and these queries share one rotation.
-    context_length = None if cache is None else cache["k"].shape[1]
+    context_length = None if cache is None else cache.k.shape[1]
     q = self.positional.rotate(q, positions, context_length=context_length)
     k = self.positional.rotate(k, positions, context_length=context_length, is_key=True)
     q = self._scale_queries(q, positions)
@@ -189,12 +162,12 @@ class Attention(nnx.Module):
       if segment_ids is not None:
         raise ValueError("segment_ids are for packed training batches; a cache holds one sequence"
                          " per row")
-      end = cache["end"]
-      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, end, 0, 0))
-      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, end, 0, 0))
-      kv_positions = jax.lax.dynamic_update_slice(cache["positions"],
-                                                  positions.astype(jnp.int32), (0, end))
-      cache = {"k": k, "v": v, "positions": kv_positions, "end": end + x.shape[1]}
+      end = cache.end
+      k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, end, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, end, 0, 0))
+      kv_positions = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32),
+                                                  (0, end))
+      cache = KVCache(k=k, v=v, positions=kv_positions, end=end + x.shape[1])
       # Queries sit at cache indices end..end+T-1; causal masking by index also hides the
       # unwritten tail of the cache.
       mask = AttentionMask(causal=True, window=self.window, q_offset=end)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from longjax import ops
-from longjax.layers import streaming
+from longjax.layers.caches import RollingCache
 from longjax.ops import AttentionMask, dot_product_attention
 
 
@@ -112,23 +112,16 @@ def _merge(out_local: jax.Array, lse_local: jax.Array, out_far: jax.Array,
 
 
 def init_lm_infinite_cache(batch_size: int, global_tokens: int, window: int, num_kv_heads: int,
-                           head_dim: int, dtype) -> dict:
-  """The streaming cache of `streaming.init_streaming_cache` plus each slot's true position.
-
-  Returns:
-    {"k", "v": [B, C, K, H] unrotated; "token_index": [C] int32 (-1 = empty); "end": scalar;
-     "positions": [B, C] int32, the position each slot's token was given}, C = g + window.
-  """
-  cache = streaming.init_streaming_cache(batch_size, global_tokens, window, num_kv_heads,
-                                         head_dim, dtype)
-  cache["positions"] = jnp.zeros((batch_size, global_tokens + window), jnp.int32)
-  return cache
+                           head_dim: int, dtype) -> RollingCache:
+  """An empty `RollingCache` of C = g + window slots; LM-Infinite records each slot's true
+  position in its `positions`."""
+  return RollingCache.empty(batch_size, global_tokens + window, num_kv_heads, head_dim, dtype)
 
 
 def lm_infinite_decode(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
-                       cache: dict, *, window: int, global_tokens: int, ceiling: int, positional,
-                       scale_queries, impl: str, block_size: int | None
-                       ) -> tuple[jax.Array, dict]:
+                       cache: RollingCache, *, window: int, global_tokens: int, ceiling: int,
+                       positional, scale_queries, impl: str, block_size: int | None
+                       ) -> tuple[jax.Array, RollingCache]:
   """LM-Infinite attention of T new tokens through the O(g + window) cache, one at a time.
 
   Each step sees exactly what `lm_infinite_attention` gives the same token in a full pass: the
@@ -149,18 +142,16 @@ def lm_infinite_decode(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.
   """
   batch = q.shape[0]
   g = global_tokens
-  capacity = cache["k"].shape[1]
+  capacity = cache.k.shape[1]
 
   def one_token(cache, inputs):
     q_t, k_t, v_t, p_t = (a[:, None] for a in inputs)  # [B, 1, ., H] and positions [B, 1]
-    t = cache["end"]  # token index of this step
+    t = cache.end  # token index of this step
     slot = jnp.where(t < capacity, t, g + (t - g) % window)
-    keys = jax.lax.dynamic_update_slice(cache["k"], k_t.astype(cache["k"].dtype), (0, slot, 0, 0))
-    values = jax.lax.dynamic_update_slice(cache["v"], v_t.astype(cache["v"].dtype),
-                                          (0, slot, 0, 0))
-    token_index = cache["token_index"].at[slot].set(t)
-    kv_positions = jax.lax.dynamic_update_slice(cache["positions"], p_t.astype(jnp.int32),
-                                                (0, slot))
+    keys = jax.lax.dynamic_update_slice(cache.k, k_t.astype(cache.k.dtype), (0, slot, 0, 0))
+    values = jax.lax.dynamic_update_slice(cache.v, v_t.astype(cache.v.dtype), (0, slot, 0, 0))
+    token_index = cache.token_index.at[slot].set(t)
+    kv_positions = jax.lax.dynamic_update_slice(cache.positions, p_t.astype(jnp.int32), (0, slot))
     valid = token_index >= 0
     # Local part: the window by token index (the ring holds only tokens inside it; a global
     # slot counts while its token is), keys at their recorded positions.
@@ -181,8 +172,8 @@ def lm_infinite_decode(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.
         jnp.broadcast_to(far[None, None, None], (batch, 1, 1, g)), ceiling=ceiling,
         positional=positional, scale_queries=scale_queries)
     out = _merge(out_local, lse_local, out_far, lse_far).astype(q.dtype)
-    new_cache = {"k": keys, "v": values, "token_index": token_index, "positions": kv_positions,
-                 "end": t + 1}
+    new_cache = RollingCache(k=keys, v=values, token_index=token_index, positions=kv_positions,
+                             end=t + 1)
     return new_cache, out[:, 0]
 
   moved = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, positions))  # scan over T

@@ -11,27 +11,26 @@ Tokens are processed one at a time (a `lax.scan` over the chunk), so a prompt lo
 cache sees exactly what it would see token by token.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from longjax.layers.caches import RollingCache
 from longjax.ops import AttentionMask, add_learned_sink, dot_product_attention
 
 
 def init_streaming_cache(batch_size: int, sinks: int, window: int, num_kv_heads: int,
-                         head_dim: int, dtype) -> dict:
-  """{"k", "v": [B, C, K, H] unrotated; "token_index": [C] int32 (-1 = empty); "end": scalar}
-  with C = sinks + window."""
-  capacity = sinks + window
-  shape = (batch_size, capacity, num_kv_heads, head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "token_index": jnp.full((capacity,), -1, jnp.int32), "end": jnp.zeros((), jnp.int32)}
+                         head_dim: int, dtype) -> RollingCache:
+  """An empty `RollingCache` of C = sinks + window slots (keys stored unrotated)."""
+  return RollingCache.empty(batch_size, sinks + window, num_kv_heads, head_dim, dtype)
 
 
-def streaming_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, *, sinks: int,
-                        window: int, positional, scale_queries, impl: str,
+def streaming_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: RollingCache, *,
+                        sinks: int, window: int, positional, scale_queries, impl: str,
                         block_size: int | None,
                         learned_sink: tuple[jax.Array, jax.Array] | None = None
-                        ) -> tuple[jax.Array, dict]:
+                        ) -> tuple[jax.Array, RollingCache]:
   """Attends T new tokens, one at a time, through the sink + rolling-window cache.
 
   Args:
@@ -51,12 +50,11 @@ def streaming_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, *
 
   def one_token(cache, qkv):
     q_t, k_t, v_t = (a[:, None] for a in qkv)  # [B, 1, ., H]
-    t = cache["end"]
+    t = cache.end
     slot = jnp.where(t < sinks + window, t, sinks + (t - sinks) % window)
-    keys = jax.lax.dynamic_update_slice(cache["k"], k_t.astype(cache["k"].dtype), (0, slot, 0, 0))
-    values = jax.lax.dynamic_update_slice(cache["v"], v_t.astype(cache["v"].dtype),
-                                          (0, slot, 0, 0))
-    token_index = cache["token_index"].at[slot].set(t)
+    keys = jax.lax.dynamic_update_slice(cache.k, k_t.astype(cache.k.dtype), (0, slot, 0, 0))
+    values = jax.lax.dynamic_update_slice(cache.v, v_t.astype(cache.v.dtype), (0, slot, 0, 0))
+    token_index = cache.token_index.at[slot].set(t)
     valid = token_index >= 0
     # Position = age rank among cached tokens: sinks 0..sinks-1, then the window oldest first.
     older = valid[None, :] & (token_index[None, :] < token_index[:, None])
@@ -72,7 +70,7 @@ def streaming_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, *
                                      block_size=block_size, return_lse=True)
     if learned_sink is not None:
       out = add_learned_sink(out, lse, q_rot, *learned_sink)
-    new_cache = {"k": keys, "v": values, "token_index": token_index, "end": t + 1}
+    new_cache = dataclasses.replace(cache, k=keys, v=values, token_index=token_index, end=t + 1)
     return new_cache, out[:, 0]
 
   moved = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v))  # scan over T

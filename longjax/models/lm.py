@@ -23,14 +23,15 @@ REMAT_POLICIES = {
 class DecoderLM(nnx.Module):
   """A decoder-only language model whose layers follow the pattern `cfg.mixers`.
 
-  The pattern (e.g. "attention" or later "attention,attention,mamba") is one *group* of layers;
+  The pattern (e.g. "attention", "attention(window=256),attention" or later
+  "attention,attention,mamba"; `longjax.layers.mixer`) is one *group* of layers;
   the group is stacked `num_layers / len(pattern)` times with `nnx.vmap`. With
   `cfg.scan_layers` the groups are applied with `jax.lax.scan`, so compile time does not grow
   with depth; otherwise in a Python loop over static parameter slices (see `__call__`).
   """
 
   def __init__(self, cfg, *, vocab_size: int, rngs: nnx.Rngs):
-    pattern = registry.parse_mixers(cfg.mixers)
+    pattern = registry.parse_mixers(cfg.mixers, cfg)
     if cfg.num_layers % len(pattern):
       raise ValueError(f"model.num_layers={cfg.num_layers} is not a multiple of the "
                        f"{len(pattern)}-layer pattern model.mixers={cfg.mixers!r}")
@@ -45,9 +46,9 @@ class DecoderLM(nnx.Module):
 
     def make_group(rngs):
       return nnx.List([
-          Block(registry.MIXERS[name](cfg, rngs), cfg.width, cfg.mlp_hidden,
+          Block(entry.spec.build(cfg, entry.config(cfg), rngs), cfg.width, cfg.mlp_hidden,
                 out_init_scale=registry.out_init_scale(cfg), dtype=self.dtype, rngs=rngs)
-          for name in pattern])
+          for entry in pattern])
 
     make_groups = nnx.split_rngs(splits=self.num_groups)(
         nnx.vmap(make_group, in_axes=0, out_axes=0,
@@ -85,7 +86,7 @@ class DecoderLM(nnx.Module):
     """
     batch, length = tokens.shape
     if positions is None:
-      start = 0 if cache is None else cache[0]["end"]
+      start = 0 if cache is None else cache[0].end  # every mixer cache has `end`
       positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
     x = jnp.take(self.embed.value, tokens, axis=0)
     if self.input_positions is not None:

@@ -69,7 +69,7 @@ class DecodeTest(parameterized.TestCase):
     rest, cache = decode_one_by_one(graphdef, params, tokens[:, 7:], cache)
     np.testing.assert_allclose(jnp.concatenate([first, rest], axis=1), full,
                                atol=TOLERANCE[dtype], rtol=0)
-    self.assertEqual(int(cache[0]["end"]), 10)
+    self.assertEqual(int(cache[0].end), 10)
 
   def test_sliding_window_prefill_equals_decode_and_limits_context(self):
     cfg = tiny_model_config(**{"attention.window": 4})
@@ -84,6 +84,33 @@ class DecodeTest(parameterized.TestCase):
     changed = tokens.at[:, 0].set((tokens[:, 0] + 1) % 50)
     np.testing.assert_allclose(_forward(graphdef, params, changed)[0][:, -1], full[:, -1],
                                atol=TOLERANCE["float32"])
+
+  def test_per_layer_overrides_apply_to_their_layer_only(self):
+    # "attention(window=4),attention": layer 0 slides, layer 1 sees everything. The same
+    # parameters under other two-entry patterns give independent references.
+    tokens = jnp.asarray(np.random.RandomState(4).randint(0, 50, (2, 12)), jnp.int32)
+    mixed_model = build_model(tiny_model_config(mixers="attention(window=4),attention"),
+                              vocab_size=50, rngs=nnx.Rngs(3))
+    graphdef, params = nnx.split(mixed_model)
+    self.assertEqual([b.mixer.window for b in mixed_model.groups], [4, None])
+
+    def logits_with(mixers, **overrides):
+      model = build_model(tiny_model_config(mixers=mixers, **overrides), vocab_size=50,
+                          rngs=nnx.Rngs(0))
+      return _forward(nnx.graphdef(model), params, tokens)[0]
+
+    mixed = _forward(graphdef, params, tokens)[0]
+    decoded, _ = decode_one_by_one(graphdef, params, tokens, mixed_model.init_cache(2, 12))
+    np.testing.assert_allclose(decoded, mixed, atol=TOLERANCE["float32"], rtol=0)
+    tol = TOLERANCE["float32"]
+    # Within the window the slide changes nothing; beyond it, only the mixed pattern gives it.
+    np.testing.assert_allclose(mixed[:, :4], logits_with("attention,attention")[:, :4], atol=tol)
+    for other in (logits_with("attention,attention"), logits_with("attention,attention(window=4)")):
+      self.assertGreater(float(jnp.max(jnp.abs(mixed[:, 4:] - other[:, 4:]))), 100 * tol)
+    # An override on every layer equals the shared section's field.
+    np.testing.assert_allclose(
+        logits_with("attention(window=4),attention(window=4)"),
+        logits_with("attention,attention", **{"attention.window": 4}), atol=tol, rtol=0)
 
   @parameterized.parameters("rope", "alibi", "nope")
   def test_streaming_sink_cache_equals_attention_on_kept_tokens(self, posenc):
@@ -101,7 +128,7 @@ class DecodeTest(parameterized.TestCase):
     tokens = jnp.asarray(np.random.RandomState(6).randint(0, 50, (2, length)), jnp.int32)
 
     cache = streaming.init_cache(2, length)
-    self.assertEqual(cache[0]["k"].shape[1], sinks + window)  # O(sinks + window) memory
+    self.assertEqual(cache[0].k.shape[1], sinks + window)  # O(sinks + window) memory
     first, cache = _forward(graphdef, params, tokens[:, :7], None, cache)  # chunked prefill
     steps = [first]
     for t in range(7, length):

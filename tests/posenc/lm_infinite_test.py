@@ -105,8 +105,8 @@ class LmInfiniteTest(parameterized.TestCase):
           **common)
       outs.append(out)
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5, rtol=0)
-    self.assertEqual(int(cache["end"]), LENGTH)
-    self.assertEqual(cache["k"].shape, (2, SINKS + WINDOW, kv, h))
+    self.assertEqual(int(cache.end), LENGTH)
+    self.assertEqual(cache.k.shape, (2, SINKS + WINDOW, kv, h))
 
 
 def _lm_infinite_model(kind: str, seed: int, **overrides):
@@ -136,7 +136,7 @@ class LmInfiniteDecodeTest(parameterized.TestCase):
     shapes = lambda c: jax.tree.map(jnp.shape, c)
     self.assertEqual(shapes(cache), shapes(model.init_cache(2, LENGTH)))
     self.assertEqual(shapes(cache), shapes(model.init_cache(2, 100 * LENGTH)))
-    self.assertEqual(cache[0]["k"].shape[1], SINKS + WINDOW)
+    self.assertEqual(cache[0].k.shape[1], SINKS + WINDOW)
     # The test can fail: StreamingLLM's re-assigned positions (the same weights without the
     # ceiling) give other logits once the ring wraps.
     streaming, s_graphdef, _ = _lm_infinite_model(
@@ -155,7 +155,7 @@ class LmInfiniteDecodeTest(parameterized.TestCase):
     rest, cache = decode_one_by_one(graphdef, params, tokens[:, 8:], cache)
     np.testing.assert_allclose(jnp.concatenate([first, rest], axis=1), full,
                                atol=TOLERANCE["float32"], rtol=0)
-    self.assertEqual(int(cache[0]["end"]), LENGTH)
+    self.assertEqual(int(cache[0].end), LENGTH)
 
   @parameterized.parameters("rope", "t5")
   def test_greedy_generation_matches_repeated_full_forward(self, kind):

@@ -1,0 +1,58 @@
+"""Typed decode caches: small pytree dataclasses, one per kind of mixer state.
+
+Every cache has `end`, the number of tokens the layer has consumed (int32 []); the model reads
+only that (to continue positions), so it never depends on a mixer's layout. Updates return a new
+cache with `dataclasses.replace`.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys and values of every token so far, for full or sliding-window attention.
+
+  k, v: [B, S, K, H] (keys rotated by their positions); positions: [B, S] int32 (for
+  position-dependent biases); end: int32 [], the tokens written (slots 0..end-1).
+  """
+  k: jax.Array
+  v: jax.Array
+  positions: jax.Array
+  end: jax.Array
+
+  @classmethod
+  def empty(cls, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int, dtype):
+    shape = (batch_size, max_length, num_kv_heads, head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               positions=jnp.zeros((batch_size, max_length), jnp.int32),
+               end=jnp.zeros((), jnp.int32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RollingCache:
+  """A constant-size cache of `sinks` first tokens plus a rolling window of the latest ones
+  (StreamingLLM; LM-Infinite), its size independent of the sequence length.
+
+  k, v: [B, C, K, H] unrotated, C = sinks + window; token_index: [C] int32, the token each slot
+  holds (-1 = empty); positions: [B, C] int32, the position each slot's token was given
+  (LM-Infinite's true positions; StreamingLLM re-assigns positions by slot order and leaves
+  them 0); end: int32 [], the tokens consumed.
+  """
+  k: jax.Array
+  v: jax.Array
+  token_index: jax.Array
+  positions: jax.Array
+  end: jax.Array
+
+  @classmethod
+  def empty(cls, batch_size: int, capacity: int, num_kv_heads: int, head_dim: int, dtype):
+    shape = (batch_size, capacity, num_kv_heads, head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               token_index=jnp.full((capacity,), -1, jnp.int32),
+               positions=jnp.zeros((batch_size, capacity), jnp.int32),
+               end=jnp.zeros((), jnp.int32))

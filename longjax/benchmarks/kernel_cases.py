@@ -89,7 +89,7 @@ def _resolved(name: str, t: int, s: int) -> str:
   from longjax import ops  # pylint: disable=g-import-not-at-top
   q, k = (jax.ShapeDtypeStruct((1, n, HEADS, HEAD_DIM), jnp.float32) for n in (t, s))
   mask = ops.AttentionMask(causal=True, q_offset=jnp.int32(s - t) if t < s else 0)
-  return ops.attention.resolve_call(name, q, k, mask)
+  return ops.attention.resolve_call(name, q, k, mask).impl
 
 
 def _pallas_label() -> str:

@@ -1,4 +1,5 @@
-"""Pure operations without parameters, one dispatch point per operation.
+"""Pure operations without parameters, one dispatch point per operation (`dispatch`: each op's
+table of implementations, and `dispatch.resolve`, the one place "auto" is decided).
 
 Attention: `dot_product_attention(q, k, v, mask=AttentionMask(...), bias=None, impl="auto")`;
 softplus attention with l1 normalisation and re-weighting (LSSA/LSSAR): `softplus_attention`;
@@ -14,7 +15,7 @@ from kernels_pallas.softmax import merge_attention
 
 from longjax.ops.attention import default_block_size
 from longjax.ops.attention import dot_product_attention
-from longjax.ops.attention import resolve_impl
+from longjax.ops.attention import resolve_call
 from longjax.ops.biases import AlibiBias
 from longjax.ops.biases import FireBias
 from longjax.ops.biases import KerpleBias
@@ -35,6 +36,6 @@ __all__ = [
     "grouped_logits",
     "masked_softmax_attention",
     "merge_attention",
-    "resolve_impl",
+    "resolve_call",
     "softplus_attention",
 ]

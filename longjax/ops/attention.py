@@ -1,7 +1,8 @@
-"""Softmax dot-product attention: the one dispatch point and the dense reference.
+"""Softmax dot-product attention: its table of implementations and the dense reference.
 
-`dot_product_attention` is what layers call; `impl` picks the implementation and "auto" is
-resolved in `resolve_impl` only. Implementations share one set of semantics:
+`dot_product_attention` is what layers call; `impl` picks the implementation from `ATTENTION`,
+and "auto" is resolved by `longjax.ops.dispatch.resolve` only. Implementations share one set of
+semantics:
   * GQA: query head n uses kv head n // (N // K); K/V are never repeated in memory.
   * logits = scale * q.k (+ bias) in float32; softmax statistics in float32; matmuls run in the
     input dtype with float32 accumulation (`preferred_element_type`).
@@ -12,7 +13,9 @@ resolved in `resolve_impl` only. Implementations share one set of semantics:
     its integer arrays (positions) none.
 """
 
+import dataclasses
 import functools
+from typing import Any
 
 from absl import logging
 import jax
@@ -22,14 +25,9 @@ import kernels_pallas
 from kernels_pallas import common
 from kernels_pallas import softmax
 from longjax.ops import attention_bundled
+from longjax.ops import dispatch
 from longjax.ops.attention_blockwise import blockwise_attention
 from longjax.ops.masks import AttentionMask
-
-IMPLS = ("auto", "reference", "blockwise", "pallas", "cpu", "splash", "cudnn")
-# The kernels "auto" tries on each backend, in order, before the XLA ops (`resolve_impl`).
-KERNEL_PREFERENCE = {"cpu": ("cpu",), "tpu": ("splash", "pallas"), "gpu": ("cudnn", "pallas")}
-KERNELS = ("pallas", "cpu", "splash", "cudnn")  # each with a `*_unsupported` check
-
 
 # Up to this many queries against a longer causal cache count as decoding (`_is_decode`).
 DECODE_MAX_QUERIES = 16
@@ -84,15 +82,16 @@ def pallas_unsupported(mask: AttentionMask, bias) -> str | None:
   return None
 
 
-def cpu_unsupported(bias, head_dim: int) -> str | None:
+def cpu_unsupported(bias, head_dim: int, backend: str | None = None) -> str | None:
   """Why `kernels_cpu.flash_attention` (the fused CPU kernel) cannot serve this case, or None.
 
   Every `AttentionMask` field maps onto the kernel's arguments, so only the bias, the head dim
   and the machine (backend, a C++ compiler) matter.
   """
   from longjax.ops import biases  # pylint: disable=g-import-not-at-top
-  if common.backend() != "cpu":
-    return f"the default backend is {common.backend()!r}; the kernel runs on the CPU only"
+  backend = common.backend() if backend is None else backend
+  if backend != "cpu":
+    return f"the backend is {backend!r}; the kernel runs on the CPU only"
   if bias is not None and not isinstance(bias, biases.AlibiBias):
     return (f"it has no in-kernel {type(bias).__name__} (ALiBi is its one position bias); "
             "use impl='blockwise'")
@@ -107,22 +106,6 @@ def _warn_cpu_kernel_unavailable(reason: str) -> None:
   """Once per process: a silent fallback would cost 2x in speed with no hint why."""
   logging.warning("the fused CPU attention kernel is unavailable (%s); XLA's blockwise "
                   "attention runs instead, about 2x slower", reason)
-
-
-def kernel_unsupported(kernel: str, q: jax.Array, k: jax.Array, mask: AttentionMask, bias,
-                       return_lse: bool = False) -> str | None:
-  """Why the kernel implementation `kernel` (one of `KERNELS`) cannot serve this call, or None."""
-  if kernel == "cpu":
-    return cpu_unsupported(bias, q.shape[3])
-  if kernel == "pallas":
-    return pallas_unsupported(mask, bias)
-  if kernel == "splash":
-    return attention_bundled.splash_unsupported(mask, bias, q_length=q.shape[1],
-                                                kv_length=k.shape[1], return_lse=return_lse)
-  if kernel == "cudnn":
-    return attention_bundled.cudnn_unsupported(q, mask, bias, kv_length=k.shape[1],
-                                               return_lse=return_lse)
-  raise ValueError(f"kernel={kernel!r} is not a kernel implementation; valid choices: {KERNELS}")
 
 
 def _pallas_bias(bias) -> dict | None:
@@ -160,93 +143,113 @@ def default_block_size() -> int:
   return 128 if common.backend() == "cpu" else 512
 
 
-def resolve_impl(impl: str, *, q_length: int, kv_length: int, block_size: int | None = None,
-                 kernels: tuple[str, ...] = (), backend: str | None = None) -> str:
-  """Resolves `impl` to the implementation that will run; the only place "auto" is decided.
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+  """What the implementation checks see of one attention call (`longjax.ops.dispatch`).
 
-  "auto" takes the first of `KERNEL_PREFERENCE[backend]` that is in `kernels` (the kernels
-  that can serve this call: the caller asks each one's `*_unsupported` check), else an XLA op:
-    * CPU: "cpu", the fused C++ kernel (no bias but ALiBi, head dim a multiple of 16, a C++
-      compiler to build it with; `cpu_unsupported`). Measured on this 2-core CPU (B=1, N=8,
-      H=64, causal, f32; docs/kernels.md): fwd+bwd 2.1-2.5x faster than blockwise and
-      1.05-1.2x torch SDPA from T = 2k to 32k (2.2x blockwise at 1k); a decode step against a
-      1k/4k/16k cache 5.6/6.1/8.8x faster than the dense reference (it skips the unwritten
-      cache at run time).
-    * TPU: "splash", jax's splash attention (self-attention without bias, T a multiple of 128;
-      `attention_bundled.splash_unsupported`), else "pallas", longjax's flash kernel (every
-      mask and in-kernel bias; the split-KV decode kernel for decode calls).
-    * GPU: "cudnn", `jax.nn.dot_product_attention`'s cuDNN flash kernel (bf16/f16
-      self-attention without bias or segment ids; `attention_bundled.cudnn_unsupported`), else
-      "pallas".
-    The accelerator rule is the issue's design, not a measurement: no TPU or GPU was available
-    to time these kernels; the Pallas kernels are tested interpreted and lowered for Mosaic TPU
-    and Triton in the test suite (docs/kernels.md). `impl="blockwise"` is the escape hatch.
+  Attributes:
+    q: [B, T, N, H] queries; k: [B, S, K, H] keys (arrays or ShapeDtypeStructs: only .shape
+      and .dtype are read).
+    mask: the `AttentionMask`.
+    bias: None or a block bias.
+    block_size: the block length C the XLA blockwise op would use.
+    return_lse: whether the caller needs the log-sum-exp.
+  """
+  q: Any
+  k: Any
+  mask: AttentionMask
+  bias: Any = None
+  block_size: int | None = None
+  return_lse: bool = False
 
-  The XLA ops, when no kernel serves (biases without a kernel, softplus attention): "reference"
-  when all keys fit in one block, kv_length <= block_size, or when decoding (below), else
-  "blockwise". With one key block the dense logits are [T, S <= C], the same O(T*C) memory
-  class as blockwise; the plain definition is then the simpler program (no padding or loops;
-  ~40% less compile time) at a small run-time cost on the CPU (T=S=128, B=1 fwd+bwd: 1.4 ms vs
-  1.1 ms blockwise). With more keys the dense [T, S] logits make its fwd+bwd temp memory
-  quadratic (10 GiB vs 69 MiB at T=S=8192, N=8, H=64) and on the CPU it is also 2-8x slower
-  than blockwise from T = S = 512 up. Decoding (T <= `DECODE_MAX_QUERIES`) is "reference" too:
-  its logits are [T, S], O(S) memory, and one dense pass over the cache beats blockwise's loop,
-  whose fixed cost per key block dominates when a block holds one query (CPU, d512 8-layer
-  model, batch 1, f32: 15.2 vs 18.4 ms/token at a 1k context, 29.4 vs 38.2 ms/token at 4k;
+  @property
+  def q_length(self) -> int:
+    return self.q.shape[1]
+
+  @property
+  def kv_length(self) -> int:
+    return self.k.shape[1]
+
+
+def dense_passed_over(call, context: dispatch.Context) -> str | None:
+  """Why "auto" prefers the blockwise XLA op to the dense reference for this call, or None.
+
+  The dense reference runs when all keys fit in one block (kv_length <= block_size) or when
+  decoding (T <= `DECODE_MAX_QUERIES`). With one key block the dense logits are [T, S <= C],
+  the same O(T*C) memory class as blockwise; the plain definition is then the simpler program
+  (no padding or loops; ~40% less compile time) at a small run-time cost on the CPU (T=S=128,
+  B=1 fwd+bwd: 1.4 ms vs 1.1 ms blockwise). With more keys the dense [T, S] logits make its
+  fwd+bwd temp memory quadratic (10 GiB vs 69 MiB at T=S=8192, N=8, H=64) and on the CPU it is
+  also 2-8x slower than blockwise from T = S = 512 up. Decoding is dense too: its logits are
+  [T, S], O(S) memory, and one dense pass over the cache beats blockwise's loop, whose fixed
+  cost per key block dominates when a block holds one query (CPU, d512 8-layer model, batch 1,
+  f32: 15.2 vs 18.4 ms/token at a 1k context, 29.4 vs 38.2 ms/token at 4k;
   docs/benchmarks.md). The dense pass reads the whole cache even where it is not written yet
   (q_offset is traced, so the mask cannot shrink it); blockwise skips those blocks, which pays
   only for a cache allocated far beyond its use.
-
-  On the CPU "pallas" runs interpreted, far slower than XLA's blockwise op (docs/kernels.md),
-  so "auto" never picks it there.
-
-  Args:
-    impl: one of `IMPLS`.
-    q_length: T.
-    kv_length: S.
-    block_size: the block size the call will use (None: `default_block_size()`).
-    kernels: the kernel implementations that can serve this call; () picks an XLA op.
-    backend: "cpu", "gpu" or "tpu" (None: the default backend).
-
-  Returns:
-    The implementation: "reference", "blockwise", "pallas", "cpu", "splash" or "cudnn".
-
-  Raises:
-    ValueError: for a name that is not an implementation, listing the valid choices.
   """
-  if impl not in IMPLS:
-    raise ValueError(f"impl={impl!r} is not an attention implementation; valid choices: {IMPLS}")
-  if impl != "auto":
-    return impl
-  backend = common.backend() if backend is None else backend
-  for kernel in KERNEL_PREFERENCE.get(backend, ()):
-    if kernel in kernels:
-      return kernel
-  block_size = default_block_size() if block_size is None else block_size
-  if q_length <= DECODE_MAX_QUERIES or kv_length <= block_size:
-    return "reference"
-  return "blockwise"
+  del context
+  block_size = default_block_size() if call.block_size is None else call.block_size
+  if call.q_length <= DECODE_MAX_QUERIES or call.kv_length <= block_size:
+    return None
+  return (f"its [T, S] = [{call.q_length}, {call.kv_length}] logits exceed one key block of "
+          f"{block_size} (quadratic memory)")
+
+
+# The implementations of softmax attention. "auto" tries, per backend (`ATTENTION.preference`):
+#   * CPU: "cpu", the fused C++ kernel (no bias but ALiBi, head dim a multiple of 16, a C++
+#     compiler to build it with; `cpu_unsupported`). Measured on a 2-core CPU (B=1, N=8, H=64,
+#     causal, f32; docs/kernels.md): fwd+bwd 2.1-2.5x faster than blockwise and 1.05-1.2x torch
+#     SDPA from T = 2k to 32k (2.2x blockwise at 1k); a decode step against a 1k/4k/16k cache
+#     5.6/6.1/8.8x faster than the dense reference (it skips the unwritten cache at run time).
+#     "pallas" runs interpreted on the CPU, far slower than XLA's blockwise op
+#     (docs/kernels.md), so "auto" never picks it there.
+#   * TPU: "splash", jax's splash attention (self-attention without bias, T a multiple of 128;
+#     `attention_bundled.splash_unsupported`), else "pallas", longjax's flash kernel (every mask
+#     and in-kernel bias; the split-KV decode kernel for decode calls).
+#   * GPU: "cudnn", `jax.nn.dot_product_attention`'s cuDNN flash kernel (bf16/f16
+#     self-attention without bias or segment ids; `attention_bundled.cudnn_unsupported`), else
+#     "pallas".
+#   The accelerator order is the design, not a measurement: no TPU or GPU was available to time
+#   these kernels; the Pallas kernels are tested interpreted and lowered for Mosaic TPU and
+#   Triton in the test suite (docs/kernels.md). `impl="blockwise"` is the escape hatch.
+#   * Then the XLA ops, on every backend: "reference" where `dense_passed_over` allows, else
+#     "blockwise", which serves every call.
+ATTENTION = dispatch.Op(
+    name="attention",
+    implementations=(
+        dispatch.Implementation("reference", passed_over=dense_passed_over),
+        dispatch.Implementation("blockwise"),
+        dispatch.Implementation("pallas", unsupported=lambda c, ctx: pallas_unsupported(
+            c.mask, c.bias)),
+        dispatch.Implementation("cpu", unsupported=lambda c, ctx: cpu_unsupported(
+            c.bias, c.q.shape[3], ctx.backend)),
+        dispatch.Implementation("splash", unsupported=lambda c, ctx: (
+            attention_bundled.splash_unsupported(c.mask, c.bias, q_length=c.q_length,
+                                                 kv_length=c.kv_length,
+                                                 return_lse=c.return_lse))),
+        dispatch.Implementation("cudnn", unsupported=lambda c, ctx: (
+            attention_bundled.cudnn_unsupported(c.q, c.mask, c.bias, kv_length=c.kv_length,
+                                                return_lse=c.return_lse,
+                                                backend=ctx.backend))),
+    ),
+    preference={"cpu": ("cpu", "reference", "blockwise"),
+                "tpu": ("splash", "pallas", "reference", "blockwise"),
+                "gpu": ("cudnn", "pallas", "reference", "blockwise")})
+IMPLS = ATTENTION.choices
+KERNELS = ("pallas", "cpu", "splash", "cudnn")  # the fused kernels; the others are XLA ops
 
 
 def resolve_call(impl: str, q, k, mask: AttentionMask, bias=None, *, block_size: int | None = None,
-                 return_lse: bool = False) -> str:
-  """What `dot_product_attention` runs for this call: asks each kernel of the backend whether it
-  can serve, then `resolve_impl`. q and k need only .shape and .dtype (ShapeDtypeStructs do).
+                 return_lse: bool = False, backend: str | None = None) -> dispatch.Resolution:
+  """What `dot_product_attention` runs for this call, and why (`dispatch.resolve` on
+  `ATTENTION`). q and k need only .shape and .dtype (ShapeDtypeStructs do).
 
   Raises:
     ValueError: for an unknown impl, or a forced kernel that cannot serve (saying why).
   """
-  kernels = ()
-  if impl == "auto":  # the first kernel in the backend's order that can serve wins
-    kernels = next(((kernel,) for kernel in KERNEL_PREFERENCE.get(common.backend(), ())
-                    if kernel_unsupported(kernel, q, k, mask, bias, return_lse) is None), ())
-  resolved = resolve_impl(impl, q_length=q.shape[1], kv_length=k.shape[1],
-                          block_size=block_size, kernels=kernels)
-  if impl != "auto" and resolved in KERNELS:
-    reason = kernel_unsupported(resolved, q, k, mask, bias, return_lse)
-    if reason is not None:
-      raise ValueError(f"impl={resolved!r} cannot serve this call: {reason}")
-  return resolved
+  call = AttentionCall(q, k, mask, bias, block_size, return_lse)
+  return dispatch.resolve(ATTENTION, impl, call, backend=backend)
 
 
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: AttentionMask,
@@ -293,7 +296,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Att
       differentiable (wrap them in `stop_gradient` to freeze them), its positions are not.
     scale: Python float multiplying q.k; None means H ** -0.5.
     impl: "auto", "reference", "blockwise", "pallas", "cpu" (the fused C++ CPU kernel),
-      "splash" (jax's TPU kernel) or "cudnn" (GPU); see `resolve_impl`. A forced kernel that
+      "splash" (jax's TPU kernel) or "cudnn" (GPU); see `ATTENTION`. A forced kernel that
       cannot serve the call raises ValueError saying why.
     block_size: block length C of the blockwise op and of the Pallas kernels (None: their
       defaults); the CPU kernel has fixed blocks sized for the caches.
@@ -311,7 +314,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Att
   block_size = default_block_size() if block_size is None else int(block_size)
   if block_size < 1:
     raise ValueError(f"block_size must be positive, got {block_size}")
-  resolved = resolve_call(impl, q, k, mask, bias, block_size=block_size, return_lse=return_lse)
+  resolution = resolve_call(impl, q, k, mask, bias, block_size=block_size,
+                            return_lse=return_lse)
+  logging.vlog(1, "attention T=%d S=%d: %s (%s)", t, s, resolution.impl, resolution.reason)
+  resolved = resolution.impl
   if resolved == "cpu":
     alibi = {} if bias is None else dict(alibi_slopes=bias.slopes, q_positions=bias.q_positions,
                                          kv_positions=bias.kv_positions)

@@ -1,9 +1,10 @@
 """The attention kernels that ship with jax: splash attention (TPU) and cuDNN (NVIDIA GPU).
 
-`resolve_impl` prefers them on their backend for the cases they serve, because they are tuned
-and maintained by the hardware's own teams; everything else goes to longjax's kernels. Each comes
-with a `*_unsupported` check that names the first reason it cannot serve a call (None if it can),
-and a wrapper that maps longjax's `AttentionMask` onto the kernel's own arguments.
+`longjax.ops.attention.ATTENTION` prefers them on their backend for the cases they serve,
+because they are tuned and maintained by the hardware's own teams; everything else goes to
+longjax's kernels. Each comes with a `*_unsupported` check that names the first reason it
+cannot serve a call (None if it can), and a wrapper that maps longjax's `AttentionMask` onto
+the kernel's own arguments.
 
 Both serve self-attention only (T == S, q_offset == 0): that is the training call, and there
 every row sees at least its own token, so neither kernel meets a row with no visible key (whose
@@ -102,10 +103,12 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Attentio
 
 
 def cudnn_unsupported(q: jax.Array, mask: AttentionMask, bias, *, kv_length: int,
-                      return_lse: bool) -> str | None:
-  """Why `jax.nn.dot_product_attention(implementation="cudnn")` cannot serve this call, or None."""
-  if common.backend() != "gpu":
-    return f"the default backend is {common.backend()!r}; cuDNN runs on NVIDIA GPUs"
+                      return_lse: bool, backend: str | None = None) -> str | None:
+  """Why `jax.nn.dot_product_attention(implementation="cudnn")` cannot serve this call, or None.
+  `backend`: where the call runs (None: the default backend)."""
+  backend = common.backend() if backend is None else backend
+  if backend != "gpu":
+    return f"the backend is {backend!r}; cuDNN runs on NVIDIA GPUs"
   if bias is not None:
     return f"longjax passes it no logit bias (got {type(bias).__name__})"
   if return_lse:

@@ -48,10 +48,11 @@ from jax import lax
 
 from kernels_pallas import common
 from kernels_pallas import softmax
-from longjax.ops.attention import default_block_size
+from longjax.ops import dispatch
+from longjax.ops.attention import AttentionCall
 from longjax.ops.attention import check_qkv
-from longjax.ops.attention import KERNELS
-from longjax.ops.attention import resolve_impl
+from longjax.ops.attention import default_block_size
+from longjax.ops.attention import dense_passed_over
 from longjax.ops.masks import AttentionMask
 
 # Rows that see at most this many keys re-weight without the offset (o_t = 0), as in the paper.
@@ -306,14 +307,15 @@ def softplus_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Attent
     length_scale: the paper's LSSA logits: q and k l2-normalised over H and each row's logits
       multiplied by log(N_t) (and by `scale`).
     reweight_power: p of the re-weighting; 0 turns it off, else it must be >= 1.
-    impl: "auto", "reference" or "blockwise" (`longjax.ops.resolve_impl` decides "auto").
+    impl: "auto", "reference" or "blockwise" (`SOFTPLUS_ATTENTION`; "auto" takes the dense
+      reference where softmax attention would, else blockwise).
     block_size: block length C of the blockwise implementation (None: the default).
 
   Returns:
     out [B, T, N, H] in q.dtype; rows with no visible key give zeros.
   """
   check_qkv(q, k, v, mask)
-  t, h, s = q.shape[1], q.shape[3], k.shape[1]
+  h = q.shape[3]
   if not reweight_power == 0 and not reweight_power >= 1:
     raise ValueError(f"reweight_power must be 0 (off) or >= 1, got {reweight_power!r}")
   if length_scale and h < 2:
@@ -323,9 +325,16 @@ def softplus_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Attent
     raise ValueError(f"block_size must be positive, got {block_size}")
   kwargs = dict(mask=mask, bias=bias, scale=scale, length_scale=length_scale,
                 reweight_power=float(reweight_power))
-  resolved = resolve_impl(impl, q_length=t, kv_length=s, block_size=block_size)
-  if resolved in KERNELS:
-    raise ValueError(f"impl={resolved!r} has no softplus kernel; use 'blockwise' or 'reference'")
+  call = AttentionCall(q, k, mask, bias, block_size)
+  resolved = dispatch.resolve(SOFTPLUS_ATTENTION, impl, call).impl
   if resolved == "reference":
     return softplus_attention_reference(q, k, v, **kwargs)
   return softplus_attention_blockwise(q, k, v, block_size=block_size, **kwargs)
+
+
+# No kernel computes softplus rows: the XLA ops, chosen by softmax attention's dense rule.
+SOFTPLUS_ATTENTION = dispatch.Op(
+    name="softplus attention",
+    implementations=(dispatch.Implementation("reference", passed_over=dense_passed_over),
+                     dispatch.Implementation("blockwise")),
+    preference={"cpu": ("reference", "blockwise")})

@@ -21,7 +21,7 @@ from longjax.ops import AlibiBias
 from longjax.ops import AttentionMask
 from longjax.ops import attention_bundled
 from longjax.ops import dot_product_attention
-from longjax.ops import resolve_impl
+from longjax.ops import resolve_call
 from longjax.ops.attention import attention_reference
 from tests.kernels import lowering
 from tests.ops.attention_test import packed_segments
@@ -138,7 +138,7 @@ class CudnnMappingTest(parameterized.TestCase):
     causal = AttentionMask(causal=True)
     unsupported = attention_bundled.cudnn_unsupported
     self.assertRegex(unsupported(q, causal, None, kv_length=256, return_lse=False),
-                     "the default backend is 'cpu'; cuDNN runs on NVIDIA GPUs")
+                     "the backend is 'cpu'; cuDNN runs on NVIDIA GPUs")
     ids = jnp.ones((1, 256), jnp.int32)
     h100 = mock.Mock(compute_capability="9.0")
     with mock.patch.object(common, "backend", return_value="gpu"), \
@@ -182,15 +182,26 @@ class CudnnMappingTest(parameterized.TestCase):
 class AutoRuleTest(absltest.TestCase):
 
   def test_preference_per_backend(self):
-    rule = lambda backend, kernels, t=512: resolve_impl(  # noqa: E731
-        "auto", q_length=t, kv_length=t, block_size=128, kernels=kernels, backend=backend)
-    for backend, library in (("tpu", "splash"), ("gpu", "cudnn")):
-      self.assertEqual(rule(backend, (library, "pallas")), library)
-      self.assertEqual(rule(backend, ("pallas",)), "pallas")
-      self.assertEqual(rule(backend, ()), "blockwise")
-      self.assertEqual(rule(backend, (), t=64), "reference")
-    self.assertEqual(rule("cpu", ("cpu",)), "cpu")
-    self.assertEqual(rule("gpu", ("splash", "cpu")), "blockwise")  # never another backend's
+    # Real calls, resolved for another backend: the bundled kernel where it serves, else
+    # longjax's flash kernel, else the XLA ops; never another backend's kernel.
+    positions = jnp.arange(512)[None]
+    alibi = AlibiBias(jnp.ones(4), positions, positions)
+    unknown_bias = mock.Mock(spec=[])  # a bias no kernel computes
+
+    def rule(backend, bias=None, t=512, dtype=jnp.bfloat16):
+      x = jax.ShapeDtypeStruct((1, t, 4, 64), dtype)
+      return resolve_call("auto", x, x, AttentionMask(causal=True), bias, block_size=128,
+                          backend=backend).impl
+
+    h100 = mock.Mock(compute_capability="9.0")
+    with mock.patch.object(attention_bundled.jax, "devices", return_value=[h100]):
+      for backend, library in (("tpu", "splash"), ("gpu", "cudnn")):
+        self.assertEqual(rule(backend), library)
+        self.assertEqual(rule(backend, alibi), "pallas")
+        self.assertEqual(rule(backend, unknown_bias), "blockwise")
+        self.assertEqual(rule(backend, unknown_bias, t=64), "reference")
+      self.assertEqual(rule("gpu", dtype=jnp.float32), "pallas")  # cuDNN's flash: bf16/f16
+    self.assertEqual(rule("cpu", unknown_bias), "blockwise")
 
   def test_dispatch_on_a_tpu(self):
     # With the backend patched to TPU, tracing (no lowering) shows which kernel "auto" calls:

@@ -18,7 +18,7 @@ from longjax.ops import AlibiBias
 from longjax.ops import AttentionMask
 from longjax.ops import KerpleBias
 from longjax.ops import dot_product_attention
-from longjax.ops import resolve_impl
+from longjax.ops import resolve_call
 
 # Per-dtype tolerances for blockwise vs reference, as (atol, rtol) on values of order 1. f32: the
 # two differ only in summation order. bf16: both round probabilities to bf16 before the PV and dV
@@ -266,19 +266,30 @@ class BlockwiseTest(AttentionTestCase):
 class DispatchTest(parameterized.TestCase):
 
   def test_auto_rule(self):
-    # On the CPU without the fused kernel: dense while all keys fit one block or when decoding
-    # (T <= 16), else blockwise. With it: the kernel at every length. (The accelerators' rule:
-    # tests/ops/attention_bundled_test.py.)
+    # On the CPU: the fused kernel at every length where it is built; without it (a bias it
+    # does not compute) dense while all keys fit one block or when decoding (T <= 16), else
+    # blockwise. (The accelerators' order: tests/ops/attention_bundled_test.py.)
+    kerple = KerpleBias(r1=jnp.ones(4), r2=jnp.ones(4), q_positions=None, kv_positions=None)
+    mask = AttentionMask(causal=True)
     for t, s, expected in ((64, 64, "reference"), (4096, 128, "reference"),
                            (128, 129, "blockwise"), (1, 4096, "reference"),
                            (16, 4096, "reference"), (17, 4096, "blockwise")):
-      self.assertEqual(resolve_impl("auto", q_length=t, kv_length=s, block_size=128,
-                                    backend="cpu"), expected)
-      self.assertEqual(resolve_impl("auto", q_length=t, kv_length=s, block_size=128,
-                                    kernels=("cpu",), backend="cpu"), "cpu")
-    self.assertEqual(resolve_impl("reference", q_length=1, kv_length=4096), "reference")
-    self.assertEqual(resolve_impl("blockwise", q_length=512, kv_length=512, kernels=("cpu",)),
-                     "blockwise")
+      q, k = (jax.ShapeDtypeStruct((1, n, 4, 32), jnp.float32) for n in (t, s))
+      resolution = resolve_call("auto", q, k, mask, kerple, block_size=128, backend="cpu")
+      self.assertEqual(resolution.impl, expected)
+      self.assertIn("not cpu: it has no in-kernel KerpleBias", resolution.reason)
+      if kernels_cpu.unavailable_reason() is None:
+        self.assertEqual(resolve_call("auto", q, k, mask, block_size=128, backend="cpu").impl,
+                         "cpu")
+    q = jax.ShapeDtypeStruct((1, 1, 4, 32), jnp.float32)
+    k = jax.ShapeDtypeStruct((1, 4096, 4, 32), jnp.float32)
+    forced = resolve_call("reference", q, k, mask)
+    self.assertEqual((forced.impl, forced.reason), ("reference", "requested"))
+    big = jax.ShapeDtypeStruct((1, 512, 4, 32), jnp.float32)
+    self.assertEqual(resolve_call("blockwise", big, big, mask).impl, "blockwise")
+    # A dense pass over 512 keys is passed over by "auto" but may be forced.
+    self.assertEqual(resolve_call("reference", big, big, mask, block_size=128).impl,
+                     "reference")
 
   def test_cpu_kernel_serves_auto_unless_biased(self):
     # What "auto" runs, told apart by the jaxpr: the kernel is an FFI call; with a bias it does
@@ -310,8 +321,9 @@ class DispatchTest(parameterized.TestCase):
 
   @parameterized.parameters("Splash", "flash", "")
   def test_unknown_impl(self, impl):
+    q = jax.ShapeDtypeStruct((1, 8, 4, 32), jnp.float32)
     with self.assertRaisesRegex(ValueError, f"impl={impl!r}.*valid choices"):
-      resolve_impl(impl, q_length=8, kv_length=8)
+      resolve_call(impl, q, q, AttentionMask())
 
   def test_default_scale_and_shapes(self):
     q, k, v = random_inputs(11, 2, 6, 9, 4, 2, 16, jnp.float32)

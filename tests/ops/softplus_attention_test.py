@@ -326,10 +326,11 @@ class BlockwiseTest(parameterized.TestCase):
                          mask=AttentionMask())
     with self.assertRaisesRegex(ValueError, "valid choices"):
       softplus_attention(q, k, v, mask=AttentionMask(), impl="flash")
-    with self.assertRaisesRegex(ValueError, "impl='splash' has no softplus kernel"):
-      softplus_attention(q, k, v, mask=AttentionMask(), impl="splash")
-    with self.assertRaisesRegex(ValueError, "impl='pallas' has no softplus kernel"):
-      softplus_attention(q, k, v, mask=AttentionMask(), impl="pallas")
+    for kernel in ("splash", "pallas"):  # no kernel computes softplus rows
+      with self.assertRaisesRegex(ValueError, f"impl='{kernel}' is not a softplus attention "
+                                  r"implementation; valid choices: \('auto', 'reference', "
+                                  "'blockwise'\)"):
+        softplus_attention(q, k, v, mask=AttentionMask(), impl=kernel)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.decode_attention import decode_attention
+from kernels_pallas.decode.kernel import decode_attention
 from tests.kernels import lowering
 
 # Per variant: the platform it compiles for, the custom call its kernel becomes, a head dim

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas import block_mask
-from kernels_pallas.decode_attention import decode_attention
-from kernels_pallas.decode_attention import decode_attention_reference
+from kernels_pallas.decode.kernel import decode_attention
+from kernels_pallas.decode.kernel import decode_attention_reference
 from kernels_pallas.softmax import merge_partials
-from kernels_pallas.flash_attention import flash_attention_reference
+from kernels_pallas.flash.kernel import flash_attention_reference
 from tests.kernels.attention_testing import assert_close
 
 # Relative to the largest magnitude of the compared array. f32: only the summation order

@@ -10,7 +10,7 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.flash_attention import flash_attention
+from kernels_pallas.flash.kernel import flash_attention
 from tests.kernels import lowering
 
 _TARGETS = lowering.TARGETS

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.flash_attention import flash_attention_reference
+from kernels_pallas.flash.kernel import flash_attention_reference
 from tests.kernels.attention_testing import alibi_slopes
 from tests.kernels.attention_testing import assert_close
 from tests.kernels.attention_testing import bias_params

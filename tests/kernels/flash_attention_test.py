@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.flash_attention import flash_attention
-from kernels_pallas.flash_attention import flash_attention_reference
+from kernels_pallas.flash.kernel import flash_attention
+from kernels_pallas.flash.kernel import flash_attention_reference
 from tests.kernels.attention_testing import TOLERANCES
 from tests.kernels.attention_testing import alibi_slopes
 from tests.kernels.attention_testing import assert_close

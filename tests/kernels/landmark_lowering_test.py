@@ -11,7 +11,7 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.landmark import landmark_attention
+from kernels_pallas.landmark.kernel import landmark_attention
 from tests.kernels import lowering
 
 _TARGETS = lowering.TARGETS

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.flash_attention import flash_attention_reference
-from kernels_pallas.landmark import landmark_attention
-from kernels_pallas.landmark import landmark_attention_reference
+from kernels_pallas.flash.kernel import flash_attention_reference
+from kernels_pallas.landmark.kernel import landmark_attention
+from kernels_pallas.landmark.kernel import landmark_attention_reference
 
 # Relative to the largest magnitude of the compared array. f32: only the summation order
 # differs. bf16: probabilities and d(logits) are rounded to bf16 before the matmuls, relative to

@@ -11,7 +11,7 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.linear_attention import linear_attention
+from kernels_pallas.linear.kernel import linear_attention
 from tests.kernels import lowering
 
 _TARGETS = lowering.TARGETS

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.linear_attention import linear_attention
-from kernels_pallas.linear_attention import linear_attention_recurrent
-from kernels_pallas.linear_attention import linear_attention_reference
+from kernels_pallas.linear.kernel import linear_attention
+from kernels_pallas.linear.kernel import linear_attention_recurrent
+from kernels_pallas.linear.kernel import linear_attention_reference
 
 # Tolerance per dtype, relative to the largest magnitude of the compared array (at least 1).
 # f32: the forms differ only in summation order. bf16: the kernels compute in f32 from the same

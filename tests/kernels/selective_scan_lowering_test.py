@@ -10,7 +10,7 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.selective_scan import selective_scan
+from kernels_pallas.scan.kernel import selective_scan
 from tests.kernels import lowering
 
 _TARGETS = {"tpu": ("tpu", "tpu_custom_call"), "gpu": ("cuda", lowering.TRITON_CALL)}

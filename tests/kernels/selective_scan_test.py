@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.selective_scan import selective_scan
-from kernels_pallas.selective_scan import selective_scan_reference
+from kernels_pallas.scan.kernel import selective_scan
+from kernels_pallas.scan.kernel import selective_scan_reference
 
 # Tolerance per dtype, relative to the largest magnitude of the compared array. f32: kernel and
 # reference differ only in the order of a few f32 sums. bf16: both compute in f32 from the same

@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas import block_mask
 from kernels_pallas import common
-from kernels_pallas import flash_tiles
+from kernels_pallas.flash import tiles as flash_tiles
 
 
 def _kernel(cache_length_ref, q_offset_ref, shift_ref, q_ref, k_ref, v_ref, *refs, spec,

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import common
-from kernels_pallas import selective_scan_tiles as tiles
+from kernels_pallas.scan import tiles as tiles
 
 _f32 = jnp.float32
 

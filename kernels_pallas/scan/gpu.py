@@ -20,7 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas import common
-from kernels_pallas import selective_scan_tiles as tiles
+from kernels_pallas.scan import tiles as tiles
 
 _f32 = jnp.float32
 

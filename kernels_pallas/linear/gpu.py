@@ -15,8 +15,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas import common
-from kernels_pallas import linear_attention_tiles as tiles
-from kernels_pallas.linear_attention_tpu import kv_head
+from kernels_pallas.linear import tiles as tiles
+from kernels_pallas.linear.tpu import kv_head
 
 
 def _specs(spec, tp, dk, dv):

@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas import block_mask
 from kernels_pallas import common
-from kernels_pallas import flash_tiles
+from kernels_pallas.flash import tiles as flash_tiles
 
 
 class _Optional(NamedTuple):

@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import common
-from kernels_pallas import linear_attention_tiles as tiles
+from kernels_pallas.linear import tiles as tiles
 
 _SEMANTICS = ("parallel", "parallel", "arbitrary")
 

@@ -17,8 +17,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import common
-from kernels_pallas import flash_tiles
-from kernels_pallas import landmark_tiles
+from kernels_pallas.flash import tiles as flash_tiles
+from kernels_pallas.landmark import tiles as landmark_tiles
 
 _LANES = 128
 

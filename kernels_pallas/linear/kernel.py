@@ -32,9 +32,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels_pallas import common
-from kernels_pallas import linear_attention_gpu
-from kernels_pallas import linear_attention_tpu
-from kernels_pallas.linear_attention_tiles import LinearSpec
+from kernels_pallas.linear import gpu as linear_attention_gpu
+from kernels_pallas.linear import tpu as linear_attention_tpu
+from kernels_pallas.linear.tiles import LinearSpec
 
 _VARIANTS = {"tpu": linear_attention_tpu, "gpu": linear_attention_gpu}
 

@@ -24,7 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import block_mask
 from kernels_pallas import common
-from kernels_pallas import flash_tiles
+from kernels_pallas.flash import tiles as flash_tiles
 
 _LANES = 128
 

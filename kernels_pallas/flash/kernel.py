@@ -28,9 +28,9 @@ import jax.numpy as jnp
 
 from kernels_pallas import block_mask
 from kernels_pallas import common
-from kernels_pallas import flash_attention_gpu
-from kernels_pallas import flash_attention_tpu
-from kernels_pallas import flash_tiles
+from kernels_pallas.flash import gpu as flash_attention_gpu
+from kernels_pallas.flash import tpu as flash_attention_tpu
+from kernels_pallas.flash import tiles as flash_tiles
 from kernels_pallas import softmax
 from kernels_pallas.t5_buckets import t5_bucket_table
 

@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import common
-from kernels_pallas import landmark_gpu
-from kernels_pallas import landmark_tiles
-from kernels_pallas import landmark_tpu
+from kernels_pallas.landmark import gpu as landmark_gpu
+from kernels_pallas.landmark import tiles as landmark_tiles
+from kernels_pallas.landmark import tpu as landmark_tpu
 
 _VARIANTS = {"tpu": landmark_tpu, "gpu": landmark_gpu}
 

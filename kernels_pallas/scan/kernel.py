@@ -29,9 +29,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels_pallas import common
-from kernels_pallas import selective_scan_gpu
-from kernels_pallas import selective_scan_tiles as tiles
-from kernels_pallas import selective_scan_tpu
+from kernels_pallas.scan import gpu as selective_scan_gpu
+from kernels_pallas.scan import tiles as tiles
+from kernels_pallas.scan import tpu as selective_scan_tpu
 
 _VARIANTS = {"tpu": selective_scan_tpu, "gpu": selective_scan_gpu}
 _f32 = jnp.float32

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels_pallas.flash_tiles import dot_nn
-from kernels_pallas.flash_tiles import dot_nt
-from kernels_pallas.flash_tiles import MASK_VALUE
+from kernels_pallas.flash.tiles import dot_nn
+from kernels_pallas.flash.tiles import dot_nt
+from kernels_pallas.flash.tiles import MASK_VALUE
 
 
 class LandmarkSpec(typing.NamedTuple):

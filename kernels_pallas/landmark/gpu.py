@@ -16,8 +16,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas import common
-from kernels_pallas import flash_tiles
-from kernels_pallas import landmark_tiles
+from kernels_pallas.flash import tiles as flash_tiles
+from kernels_pallas.landmark import tiles as landmark_tiles
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec, num_kv_tiles):

@@ -35,8 +35,8 @@ import numpy as np
 
 from kernels_pallas import block_mask
 from kernels_pallas import common
-from kernels_pallas import decode_attention_gpu
-from kernels_pallas import decode_attention_tpu
+from kernels_pallas.decode import gpu as decode_attention_gpu
+from kernels_pallas.decode import tpu as decode_attention_tpu
 from kernels_pallas import softmax
 
 _VARIANTS = {"tpu": decode_attention_tpu, "gpu": decode_attention_gpu}

@@ -26,7 +26,9 @@ import tempfile
 
 import jax
 
-_SOURCES = ("flash_attention.cc",)
+_SOURCES = ("flash_attention.cc",)  # compiled; it includes the headers below
+_HEADERS = ("simd.h", "gemm.h", "mask.h", "thread_pool.h", "blocks.h", "decode.h", "forward.h",
+            "backward.h")
 # FFI handler symbols in the library, registered under the same names.
 TARGETS = ("LongjaxFlashForward", "LongjaxFlashBackward")
 
@@ -58,7 +60,7 @@ def _extra_flags() -> list[str]:
 def _build_key(compiler: str) -> str:
   digest = hashlib.sha256()
   here = pathlib.Path(__file__).parent
-  for name in _SOURCES:
+  for name in (*_SOURCES, *_HEADERS):  # a changed header rebuilds too
     digest.update((here / name).read_bytes())
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
   import jaxlib  # pylint: disable=g-import-not-at-top

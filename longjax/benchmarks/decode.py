@@ -9,7 +9,7 @@ longjax runs what `longjax.models.generate` runs: a jitted prefill, then the dec
 calls with `past_key_values`, the loop `generate` runs without its logits processors.
 """
 
-from longjax.benchmarks import common
+from longjax.benchmarks import suites
 from longjax.benchmarks import lm
 from longjax.benchmarks import reports
 from longjax.benchmarks import timing
@@ -201,7 +201,7 @@ def run_suite(sizes: str, out: str, *, argv: list[str], make_plots: bool = False
               impls=IMPLS, **unused) -> str:
   """Measures the peak, runs the decode suite, writes OUT (JSON), OUT.md and, with plots, PNG."""
   del unused
-  return common.run_suite_with(
+  return suites.run_suite_with(
       "decode", sizes, out, argv=argv, memory_budget_gb=memory_budget_gb,
       run=lambda budget: run(sizes, impls=impls, memory_budget=budget, timeout_s=timeout_s),
       derive=lambda results, peak_gflops: derive(results), markdown=markdown,

@@ -1,11 +1,12 @@
 """The kernels suite's cases, one function per group (`longjax.benchmarks.kernels` lists them).
 
-Each case runs in its own child process (`common.run_case`) and returns `timing`'s measurement
+Each case runs in its own child process (`processes.run_case`) and returns `timing`'s measurement
 plus its own figures (FLOPs, GFLOP/s, tokens/s, ...). JAX and torch are imported inside the
 cases, so that a torch case's process never loads jax and a case's base RSS is its own.
 """
 
-from longjax.benchmarks import common
+from longjax.benchmarks import peers
+from longjax.benchmarks import processes
 from longjax.benchmarks import flops as flops_lib
 from longjax.benchmarks import timing
 
@@ -51,7 +52,7 @@ def attention_case(impl: str, t: int, **kw) -> dict:
   flops = flops_lib.attention_flops(t, t, HEADS, HEAD_DIM, causal=True, backward=True)
   extra = {"flops": flops}
   if impl == "torch_sdpa":
-    torch = common.import_torch()
+    torch = peers.import_torch()
     device = _torch_device(torch)
     q, k, v = (torch.randn(1, HEADS, t, HEAD_DIM, device=device, requires_grad=True)
                for _ in range(3))
@@ -104,7 +105,7 @@ def decode_case(impl: str, cache: int, **kw) -> dict:
                                               backward=False), "cache_bytes": bytes_read}
   kw = {**kw, "repeats": 4 * kw["repeats"]}  # milliseconds per call: take more samples
   if impl == "torch_sdpa":
-    torch = common.import_torch()
+    torch = peers.import_torch()
     device = _torch_device(torch)
     q = torch.randn(1, HEADS, 1, HEAD_DIM, device=device)
     k, v = (torch.randn(1, HEADS, cache, HEAD_DIM, device=device) for _ in range(2))
@@ -147,7 +148,7 @@ def linear_case(impl: str, t: int, **kw) -> dict:
   if impl == "chunked_jnp":
     # In the suite so that every report has its row, skipped with the reason, until the op
     # exists; the change that adds it imports it here.
-    raise common.Skip("longjax has no chunked jnp linear attention yet (there is no "
+    raise processes.Skip("longjax has no chunked jnp linear attention yet (there is no "
                       "longjax.ops.linear_attention)")
   if impl == "pallas":
     fn, extra = kernels_pallas.linear_attention, {"resolved": _pallas_label()}
@@ -195,7 +196,7 @@ def scan_case(impl: str, length: int, d_model: int, **kw) -> dict:
 
 def _torch_scan_timing(length, d_model, kw):
   """HF `MambaMixer.slow_forward`'s scan (steps 3.b-3.c and the D skip), with autograd."""
-  torch = common.import_torch()
+  torch = peers.import_torch()
   device = _torch_device(torch)
   gen = torch.Generator().manual_seed(0)
 

@@ -21,7 +21,7 @@ interpreter costs on this machine, not what the kernels do on a TPU or GPU.
 import math
 import os
 
-from longjax.benchmarks import common
+from longjax.benchmarks import suites
 from longjax.benchmarks import kernel_cases
 from longjax.benchmarks import reports
 from longjax.benchmarks.kernel_cases import HEAD_DIM, HEADS, STATE
@@ -106,7 +106,7 @@ def run(sizes: str, *, groups=GROUPS, memory_budget: int | None,
                   "kwargs": {"impl": case["impl"], **size, "repeats": cfg["repeats"],
                              "budget_s": cfg["budget_s"], "memory_budget": memory_budget},
                   **({"skip": case["skip"]} if "skip" in case else {})})
-  return common.run_cases(kernel_cases.__name__, cases, desc="kernels",
+  return suites.run_cases(kernel_cases.__name__, cases, desc="kernels",
                           jax_modules=_JAX_MODULES,
                           timeout_s=cfg["timeout_s"] if timeout_s is None else timeout_s)
 
@@ -351,7 +351,7 @@ def run_suite(sizes: str, out: str, *, argv: list[str], make_plots: bool = False
   Returns:
     The markdown report.
   """
-  return common.run_suite_with(
+  return suites.run_suite_with(
       "kernels", sizes, out, argv=argv, memory_budget_gb=memory_budget_gb,
       run=lambda budget: run(sizes, groups=groups, memory_budget=budget, timeout_s=timeout_s),
       derive=lambda results, peak: {**derive(results, peak), "impls": IMPLS},

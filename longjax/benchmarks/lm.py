@@ -96,14 +96,15 @@ def build_hf_llama(shape: LMShape, *, attn_implementation: str = "sdpa"):
   """The HF transformers `LlamaForCausalLM` with `shape`'s configuration (float32, seed 0).
 
   Raises:
-    common.Skip: torch or transformers is not installed (the `bench` extra).
+    processes.Skip: torch or transformers is not installed (the `bench` extra).
   """
-  from longjax.benchmarks import common  # pylint: disable=g-import-not-at-top
-  torch = common.import_torch()
+  from longjax.benchmarks import peers  # pylint: disable=g-import-not-at-top
+  from longjax.benchmarks import processes  # pylint: disable=g-import-not-at-top
+  torch = peers.import_torch()
   try:
     import transformers  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise common.Skip(f"transformers is not installed ({e}); pip install -e '.[bench]'") from e
+    raise processes.Skip(f"transformers is not installed ({e}); pip install -e '.[bench]'") from e
   torch.manual_seed(0)
   config = transformers.LlamaConfig(
       vocab_size=shape.vocab, hidden_size=shape.width, intermediate_size=shape.mlp_hidden,
@@ -162,7 +163,7 @@ def run_cases(module: str, function: str, cfg: dict, impls, *, peer: str,
   and `memory_budget`; the `peer` impl runs as a PyTorch case (skipped, with the reason, when
   torch or transformers is missing).
   """
-  from longjax.benchmarks import common  # pylint: disable=g-import-not-at-top
+  from longjax.benchmarks import suites  # pylint: disable=g-import-not-at-top
   cases = []
   for shape in cfg["shapes"]:
     for impl in impls:
@@ -171,6 +172,6 @@ def run_cases(module: str, function: str, cfg: dict, impls, *, peer: str,
                     "kwargs": {"impl": impl, **size, "repeats": cfg["repeats"],
                                "budget_s": cfg["budget_s"], "memory_budget": memory_budget},
                     "torch": impl == peer})
-  return common.run_cases(module, cases, desc=module.rsplit(".", 1)[-1],
+  return suites.run_cases(module, cases, desc=module.rsplit(".", 1)[-1],
                           timeout_s=cfg["timeout_s"] if timeout_s is None else timeout_s,
                           jax_modules=jax_modules, torch_needs=("torch", "transformers"))

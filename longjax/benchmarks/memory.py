@@ -23,7 +23,11 @@ entry points' setting keeps freed memory for speed, which raised HF's measured p
 4.8 to 5.5 GiB and would have cut its extrapolated ceiling by a third.
 """
 
-from longjax.benchmarks import common
+from longjax.benchmarks import peers
+from longjax.benchmarks import processes
+from longjax.benchmarks import progress
+from longjax.benchmarks import rss
+from longjax.benchmarks import suites
 from longjax.benchmarks import lm
 from longjax.benchmarks import reports
 from longjax.benchmarks import timing
@@ -81,12 +85,12 @@ def probe_case(impl: str, remat: str, width: int, layers: int, t: int, *,
             "positions": jnp.arange(t, dtype=jnp.int32)[None], "segment_ids": None,
             "weights": jnp.ones((1, t), jnp.float32)}
     jax.block_until_ready((state, data))
-    before = common.current_rss_mib()
-    if common.reset_peak_rss():  # the peak of the step alone, not of the compilation
+    before = rss.current_rss_mib()
+    if rss.reset_peak_rss():  # the peak of the step alone, not of the compilation
       start = time.perf_counter()
       jax.block_until_ready(compiled(state, data))
       result["step_s"] = time.perf_counter() - start
-      result["step_rss_growth_mib"] = common.peak_rss_mib() - before
+      result["step_rss_growth_mib"] = rss.peak_rss_mib() - before
   return result
 
 
@@ -104,7 +108,7 @@ def hf_case(width: int, layers: int, t: int) -> dict:
 def _probe(impl, remat, cfg, t, budget, run_step=False) -> dict:
   kwargs = {"impl": impl, "remat": remat, "width": cfg["width"], "layers": cfg["layers"], "t": t,
             "run_step": run_step}
-  r = common.run_case(__name__, "probe_case", kwargs, timeout_s=cfg["timeout_s"],
+  r = processes.run_case(__name__, "probe_case", kwargs, timeout_s=cfg["timeout_s"],
                       preload=_JAX_MODULES, reuse_freed_memory=False)
   r.update(t=t, fits=r.get("status") == "ok" and r["footprint_bytes"] <= budget)
   return r
@@ -172,14 +176,14 @@ def search(impl: str, remat: str, cfg: dict, budget: int, bar=None) -> dict:
 
 def hf_search(cfg: dict, budget: int) -> dict:
   """HF's peak RSS at cfg["hf_ts"] and its longest T, extrapolated linearly where needed."""
-  no_torch = common.torch_missing(("torch", "transformers"))
+  no_torch = peers.torch_missing(("torch", "transformers"))
   if no_torch:
     return {"impl": PEER, "status": "skipped", "reason": no_torch}
   runs = []
   for t in cfg["hf_ts"]:
-    r = common.run_case(__name__, "hf_case", {"width": cfg["width"], "layers": cfg["layers"],
+    r = processes.run_case(__name__, "hf_case", {"width": cfg["width"], "layers": cfg["layers"],
                                               "t": t}, timeout_s=cfg["timeout_s"],
-                        preload=("torch", "transformers"), env=common.torch_env(),
+                        preload=("torch", "transformers"), env=peers.torch_env(),
                         reuse_freed_memory=False)
     runs.append({"t": t, **r})
   ok = [r for r in runs if r.get("status") == "ok" and r.get("rss_peak_mib")]
@@ -201,7 +205,7 @@ def hf_search(cfg: dict, budget: int) -> dict:
 def run(sizes: str, budget: int) -> list[dict]:
   cfg = SIZES[sizes]
   combos = [(i, r) for i in cfg["impls"] for r in cfg["remats"]]
-  bar = common.progress(combos + [(PEER, "none")], desc="memory")
+  bar = progress.progress(combos + [(PEER, "none")], desc="memory")
   results = []
   for impl, remat in bar:
     results.append(hf_search(cfg, budget) if impl == PEER else
@@ -282,8 +286,8 @@ def run_suite(sizes: str, out: str, *, argv: list[str], memory_budget_gb: float 
   cfg = SIZES[sizes]
   shape = lm.LMShape(cfg["width"], cfg["layers"], cfg["step"], 1)
   budget_gb = memory_budget_gb or cfg["budget_gb"]
-  budget = common.memory_budget_bytes(budget_gb)
-  return common.run_suite_with(
+  budget = rss.memory_budget_bytes(budget_gb)
+  return suites.run_suite_with(
       "memory", sizes, out, argv=argv, memory_budget_gb=budget_gb,
       run=lambda _: run(sizes, budget), derive=lambda results, _: derive(results, shape),
       markdown=lambda results, summary: markdown(results, summary, cfg, budget),

@@ -12,7 +12,7 @@ FLOPs = 6 * matmul parameters * tokens + 3 * causal attention forward FLOPs (fwd
 recomputation: `flops.lm_train_flops`).
 """
 
-from longjax.benchmarks import common
+from longjax.benchmarks import suites
 from longjax.benchmarks import flops as flops_lib
 from longjax.benchmarks import lm
 from longjax.benchmarks import reports
@@ -261,7 +261,7 @@ def run_suite(sizes: str, out: str, *, argv: list[str], make_plots: bool = False
               impls=IMPLS, **unused) -> str:
   """Measures the peak, runs the train suite, writes OUT (JSON), OUT.md and, with plots, PNG."""
   del unused
-  return common.run_suite_with(
+  return suites.run_suite_with(
       "train", sizes, out, argv=argv, memory_budget_gb=memory_budget_gb,
       run=lambda budget: run(sizes, impls=impls, memory_budget=budget, timeout_s=timeout_s),
       derive=derive, markdown=markdown, plot=plot if make_plots else None)

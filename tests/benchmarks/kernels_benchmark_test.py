@@ -13,7 +13,8 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 from longjax import host_memory
-from longjax.benchmarks import common
+from longjax.benchmarks import peers
+from longjax.benchmarks import processes
 from longjax.benchmarks import flops
 from longjax.benchmarks import kernels
 from tests import testing
@@ -59,7 +60,7 @@ def _kill_self() -> dict:
 
 
 def _raise_skip() -> dict:
-  raise common.Skip("not here")
+  raise processes.Skip("not here")
 
 
 class FlopsTest(parameterized.TestCase):
@@ -118,7 +119,7 @@ class FlopsTest(parameterized.TestCase):
 class ChildProcessTest(absltest.TestCase):
 
   def _case(self, function, timeout_s=60, **kwargs):
-    return common.run_case(_THIS, function, kwargs, timeout_s=timeout_s)
+    return processes.run_case(_THIS, function, kwargs, timeout_s=timeout_s)
 
   def test_peak_rss_is_the_childs_own(self):
     small = self._case("_allocate", mib=1)
@@ -130,8 +131,8 @@ class ChildProcessTest(absltest.TestCase):
   def test_children_reuse_freed_memory_unless_told_not_to(self):
     if not host_memory.supported():
       self.skipTest("the setting is for glibc")
-    reused = common.run_case(_THIS, "_refault_mib", {"mib": 128}, timeout_s=60)
-    default = common.run_case(_THIS, "_refault_mib", {"mib": 128}, timeout_s=60,
+    reused = processes.run_case(_THIS, "_refault_mib", {"mib": 128}, timeout_s=60)
+    default = processes.run_case(_THIS, "_refault_mib", {"mib": 128}, timeout_s=60,
                               reuse_freed_memory=False)
     self.assertLess(reused["refaults"], 64)
     self.assertGreater(default["refaults"], 128 * 256 // 600)  # ~1 per 4 KiB page (fewer: THP)
@@ -177,8 +178,8 @@ class PlanTest(absltest.TestCase):
 
   def test_without_torch_peers_are_skipped_with_a_reason(self):
     fake = mock.Mock(return_value={"status": "ok", "time_s": 1.0})
-    with mock.patch.object(common, "torch_missing", return_value="torch is not installed"), \
-         mock.patch.object(common, "run_case", fake):
+    with mock.patch.object(peers, "torch_missing", return_value="torch is not installed"), \
+         mock.patch.object(processes, "run_case", fake):
       results = kernels.run("tiny", memory_budget=None)
     torch_rows = [r for r in results if r["impl"].startswith("torch")]
     self.assertLen(torch_rows, 3)  # attention, decode and scan have a torch peer

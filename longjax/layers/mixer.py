@@ -121,7 +121,10 @@ def parse_pattern(spec: str, mixers: dict[str, MixerSpec], model=None) -> list[M
     for item in _split_top_level(match.group(2) or ""):
       field, eq, value = item.partition("=")
       field = field.strip()
-      if not eq or field not in section:
+      if not eq:
+        raise ConfigError("model.mixers", spec, f"{text!r}: an override is field=value, got "
+                          f"{item.strip()!r}")
+      if field not in section:
         raise ConfigError("model.mixers", spec, f"{mixer.name} has no field {field!r}",
                           sorted(section.keys()))
       overrides.append((field, _parse_value(value, section[field], text)))

@@ -9,7 +9,7 @@ from absl.testing import parameterized
 import numpy as np
 
 from longjax.posenc import rope_scaling
-from tests.posenc.learned_bias_model_test import train_on_counting
+from tests.models.learned_bias_model_test import train_on_counting
 
 _ATTENTION_METHODS = {
     "window": {"model.attention.window": 8},

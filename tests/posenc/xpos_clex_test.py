@@ -15,7 +15,7 @@ from tests.models.lm_test import TOLERANCE
 from tests.models.lm_test import _forward
 from tests.models.lm_test import decode_one_by_one
 from tests.models.lm_test import tiny_model_config
-from tests.posenc.learned_bias_model_test import train_on_counting
+from tests.models.learned_bias_model_test import train_on_counting
 
 
 def _xpos_logit(q, k, m, n, *, rotary_dim, theta, gamma, scale_base):

@@ -19,7 +19,7 @@ from tests.models.lm_test import TOLERANCE
 from tests.models.lm_test import _forward
 from tests.models.lm_test import decode_one_by_one
 from tests.models.lm_test import tiny_model_config
-from tests.posenc import learned_bias_model_test
+from tests.models import learned_bias_model_test
 
 # The Λ layout of the decode tests: 2 global tokens + a window of 4 = 6 cache slots, so the
 # 13-token sequences below wrap the ring; the ceiling (6) is a distance the window never shows.

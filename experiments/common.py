@@ -41,7 +41,8 @@ def load_run_or_fail(workdir: str, config, step: int | None = None):
     return runs.load_run(workdir, config, step=step)
   except configuration.ConfigError as e:
     fail(f"config: {e}")
-  except (FileNotFoundError, checkpoints.CheckpointError, corpus.SourceError) as e:
+  except (FileNotFoundError, runs.SavedConfigError, checkpoints.CheckpointError,
+          corpus.SourceError) as e:
     fail(str(e))
 
 

@@ -24,6 +24,10 @@ class LoadedRun:
   mesh: jax.sharding.Mesh
 
 
+class SavedConfigError(ValueError):
+  """A run's saved config is not a JSON object; str(error) is one line saying where and why."""
+
+
 def saved_config(workdir: str):
   """The config a run was trained with (`workdir/config.json`), on top of today's defaults.
 
@@ -32,7 +36,7 @@ def saved_config(workdir: str):
 
   Raises:
     FileNotFoundError: `workdir` has no config.json.
-    ValueError: config.json is not a JSON object (one line saying where).
+    SavedConfigError: config.json is not a JSON object (one line saying where).
   """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
@@ -41,17 +45,18 @@ def saved_config(workdir: str):
 
 
 def read_json_object(path: str) -> dict:
-  """The JSON object in `path`; ValueError in one line when it is not one."""
+  """The JSON object in `path`; SavedConfigError (a ValueError) in one line when it is not
+  one."""
   try:
     with open(path, encoding="utf-8") as f:
       saved = json.load(f)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
-                     ) from None
+    raise SavedConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column "
+                           f"{e.colno})") from None
   except UnicodeDecodeError:
-    raise ValueError(f"{path} is not valid JSON (not UTF-8 text)") from None
+    raise SavedConfigError(f"{path} is not valid JSON (not UTF-8 text)") from None
   if not isinstance(saved, dict):
-    raise ValueError(f"{path} is not a JSON object (it holds a {type(saved).__name__})")
+    raise SavedConfigError(f"{path} is not a JSON object (it holds a {type(saved).__name__})")
   return saved
 
 
@@ -78,8 +83,17 @@ def load_run(workdir: str, config=None, *, step: int | None = None) -> LoadedRun
   `config` may differ from the training config in anything that does not change parameter
   shapes: attention implementation, positional-encoding settings applied at evaluation time,
   evaluation lengths, mesh.
+
+  Raises:
+    FileNotFoundError: no config.json (when `config` is None) or no checkpoint.
+    SavedConfigError: config.json cannot be read; with a `config` too, since it is what the
+      parameter shapes are checked against.
+    CheckpointError: see `checkpoints.restore_params`; also for other parameter shapes.
   """
-  config = config if config is not None else saved_config(workdir)
+  # Read first, before the corpus loads (which may write into `workdir`).
+  has_saved = os.path.exists(os.path.join(workdir, "config.json"))
+  saved = saved_config(workdir) if config is None or has_saved else None
+  config = config if config is not None else saved
   configuration.validate_model(config.model)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(checkpoint_dir):  # before anything could be written into `workdir`
@@ -88,7 +102,8 @@ def load_run(workdir: str, config=None, *, step: int | None = None) -> LoadedRun
   rules = mesh_lib.parse_rules(config.mesh.rules)
   corpus = corpus_lib.load_corpus(config.data, workdir)
   graphdef, abstract = state_lib.model_graphdef(config.model, corpus.tokenizer.vocab_size)
-  _check_parameter_shapes(workdir, config, abstract, corpus.tokenizer.vocab_size)
+  if saved is not None:  # else nothing to compare with; the restore itself checks
+    _check_parameter_shapes(workdir, saved, config, abstract, corpus.tokenizer.vocab_size)
   shardings = mesh_lib.state_shardings(abstract, mesh, rules)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract.to_pure_dict(), shardings)
@@ -97,11 +112,8 @@ def load_run(workdir: str, config=None, *, step: int | None = None) -> LoadedRun
                    mesh=mesh)
 
 
-def _check_parameter_shapes(workdir: str, config, abstract, vocab_size: int) -> None:
+def _check_parameter_shapes(workdir: str, saved, config, abstract, vocab_size: int) -> None:
   """Refuses, in one line, a config whose parameters differ from the saved run's in shape."""
-  if not os.path.exists(os.path.join(workdir, "config.json")):
-    return  # nothing to compare with; the restore itself checks
-  saved = saved_config(workdir)
   _, saved_abstract = state_lib.model_graphdef(saved.model, vocab_size)
   shapes = lambda state: jax.tree.map(lambda a: a.shape, state.to_pure_dict())
   if shapes(abstract) == shapes(saved_abstract):

@@ -15,12 +15,16 @@ from tests import testing
 _TRAIN = ("experiments.train", "--config=configs/quickstart.py:tiny")
 _EVALUATE = ("experiments.evaluate",)
 _SAMPLE = ("experiments.sample",)
+# Evaluation and sampling with an explicit config instead of the run's saved one.
+_EVALUATE_TINY = ("experiments.evaluate", _TRAIN[1])
+_SAMPLE_TINY = ("experiments.sample", _TRAIN[1])
 _REPORT = ("experiments.report",)
 _BENCHMARK = ("experiments.benchmark",)
 
 # (name, entry point, arguments, expected error regex, exit code). In the arguments {wd} is a
 # path that does not exist yet, {run} a copy of a trained run, {tmp} the case's own folder and
-# {src:NAME} a source folder of `_SOURCES`; train cases also get the test corpus (`_data`).
+# {src:NAME} a source folder of `_SOURCES`; cases given configs/quickstart.py:tiny (all train
+# cases) also get the test corpus (`_data`).
 _CASES = (
     # The config file and its flags.
     ("unknown_field", _TRAIN, ["--config.model.widht=3"],
@@ -106,7 +110,7 @@ _CASES = (
     ("whitespace_only_files", _TRAIN, ["--config.data.source_dir={src:blank}"],
      r"0 usable file\(s\) .* none in the train split", 2),
     ("binary_files_only", _TRAIN, ["--config.data.source_dir={src:binary}"],
-     r"0 usable file\(s\) .* none in the train split", 2),
+     r"0 usable file\(s\) \(skipped: 2 binary\) .* none in the train split", 2),
     ("corpus_too_small_for_a_split", _TRAIN, ["--config.data.source_dir={src:one}"],
      r"1 usable file\(s\) .* none in the validation split", 2),
     # The run directory.
@@ -131,6 +135,8 @@ _CASES = (
      r"no checkpoint in .*checkpoints: is .* a trained run\?", 2),
     ("evaluate_corrupt_config_json", _EVALUATE, ["--workdir={run:bad_json}"],
      r"config\.json is not valid JSON \(Expecting property name .* line 1 column 2\)", 2),
+    ("evaluate_corrupt_config_json_with_config", _EVALUATE_TINY, ["--workdir={run:bad_json}"],
+     r"config\.json is not valid JSON \(Expecting property name .* line 1 column 2\)", 2),
     ("evaluate_override_changing_shapes", _EVALUATE, ["--workdir={run}",
                                                       "--config.model.width=128"],
      r"other parameter shapes \(model\.width=64 in the run, 128 now\)", 2),
@@ -143,6 +149,8 @@ _CASES = (
     ("sample_not_a_run", _SAMPLE, ["--workdir={src:empty}"], r"is not a longjax run directory",
      2),
     ("sample_corrupt_config_json", _SAMPLE, ["--workdir={run:bad_json}"],
+     r"config\.json is not valid JSON", 2),
+    ("sample_corrupt_config_json_with_config", _SAMPLE_TINY, ["--workdir={run:bad_json}"],
      r"config\.json is not valid JSON", 2),
     ("sample_override_changing_shapes", _SAMPLE, ["--workdir={run}", "--config.model.width=128"],
      r"other parameter shapes", 2),
@@ -214,7 +222,7 @@ class EntryPointErrorsTest(parameterized.TestCase):
       f.write("X = 1\n")
     command = [self._expand(a, tmp) for a in command]
     args = [self._expand(a, tmp) for a in args]
-    if command == list(_TRAIN):
+    if command[1:] == list(_TRAIN[1:]):
       args = _data(tmp, args) + args
     if not any(a.startswith("--workdir") for a in args) and command[0] != "experiments.report":
       args.append(f"--workdir={tmp}/new_run")

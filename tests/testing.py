@@ -151,3 +151,32 @@ def copy_of_trained_run(parent: str) -> str:
   workdir = os.path.join(parent, "run")
   shutil.copytree(trained_run(), workdir)
   return workdir
+
+
+def checkpoint_arrays(workdir: str, step: int) -> dict:
+  """{'/params/...' path: numpy array} of the train state in a run's checkpoint of `step`."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                             item_names=("state", "data", "config")) as manager:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+
+  def flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+      for k, v in tree.items():
+        yield from flatten(v, f"{prefix}/{k}")
+    elif isinstance(tree, (list, tuple)):
+      for i, v in enumerate(tree):
+        yield from flatten(v, f"{prefix}/{i}")
+    else:
+      yield prefix, np.asarray(tree)
+
+  return dict(flatten(restored["state"]))
+
+
+def data_position(workdir: str, step: int) -> dict:
+  """The data iterator's saved position in a run's checkpoint of `step` (one process)."""
+  import json  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "checkpoints", str(step), "data", "process_0-of-1.json")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)

@@ -16,10 +16,14 @@ failing (`NoRestorableCheckpointError`), a checkpoint of other parameter shapes
 (`CheckpointMismatchError`), and one that cannot be read for permissions.
 """
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
+import threading
 
 from absl import logging
 import grain
@@ -31,6 +35,9 @@ CHECKSUMS = "checksums.json"
 # the checksums are taken; a damaged copy fails orbax's own JSON read, which counts as corrupt.
 _UNSUMMED = (CHECKSUMS, "_CHECKPOINT_METADATA")
 _ITEMS = ("state", "data", "config")
+# Test hook: SIGKILL the process inside the asynchronous save of this step, in orbax's
+# background thread once the step's files are written, before its checksums and its commit.
+_SIGKILL_IN_SAVE_ENV = "LONGJAX_TEST_SIGKILL_IN_SAVE"
 # How orbax words a restore target that does not fit the saved tree (checked by a test).
 _MISMATCH_MARKERS = ("stored shape", "tree structures do not match", "not compatible")
 
@@ -79,6 +86,41 @@ def write_checksums(step_dir: str) -> None:
   os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
 
 
+def _exists(path: str) -> bool:
+  """`os.path.exists`, but a permission error is raised rather than read as "missing" (it
+  would make a step in an unreadable folder look unchecksummed, and then corrupt)."""
+  try:
+    os.stat(path)
+  except (FileNotFoundError, NotADirectoryError):
+    return False
+  return True
+
+
+def _permission_denied(error: BaseException) -> str | None:
+  """The path of a permission error anywhere in `error`'s chain ("" if it names none), or
+  None when there is none.
+
+  Python raises PermissionError (an OSError with errno EACCES or EPERM); tensorstore, which
+  reads the arrays, raises ValueError('PERMISSION_DENIED: ... Failed to open: "<path>" ...').
+  """
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, PermissionError) or (
+        isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM)):
+      return str(error.filename or "")
+    if "PERMISSION_DENIED" in str(error):
+      path = re.search(r'Failed to open: "([^"]+)"', str(error))
+      return path.group(1) if path else ""
+    error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+  return None
+
+
+def _unreadable(path: str) -> CheckpointError:
+  return CheckpointError(f"cannot read {path} (permission denied): fix the permissions of it "
+                         "or of a folder above it and rerun. Nothing was moved")
+
+
 def verify_checksums(step_dir: str) -> bool:
   """Checks every file listed in `step_dir/checksums.json`.
 
@@ -92,7 +134,7 @@ def verify_checksums(step_dir: str) -> bool:
   """
   path = os.path.join(step_dir, CHECKSUMS)
   try:
-    if not os.path.exists(path):
+    if not _exists(path):
       return False
     try:
       with open(path, encoding="utf-8") as f:
@@ -101,13 +143,12 @@ def verify_checksums(step_dir: str) -> bool:
       raise CorruptCheckpointError(f"{CHECKSUMS} is not valid JSON") from None
     for rel, expected in sorted(sums.items()):
       file = os.path.join(step_dir, rel)
-      if not os.path.exists(file):
+      if not _exists(file):
         raise CorruptCheckpointError(f"{rel} is missing")
       if _file_digest(file) != expected:
         raise CorruptCheckpointError(f"{rel} does not match its checksum")
   except PermissionError as e:
-    raise CheckpointError(f"cannot read {e.filename} (permission denied); fix its permissions "
-                          "and rerun. Nothing was moved") from None
+    raise _unreadable(e.filename or step_dir) from None
   return True
 
 
@@ -125,7 +166,12 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int):
     self.directory = os.path.abspath(directory)
-    self._pending = []  # steps saved but not yet checksummed
+    # Steps whose save was started but not yet checksummed (process 0 only). A step is added
+    # before `manager.save`, which first waits for the previous save to finish: the previous
+    # save's callback then sees it here without a folder yet and must leave it for its own.
+    self._pending = []
+    self._lock = threading.Lock()
+    self._kill_in_save = int(os.environ.get(_SIGKILL_IN_SAVE_ENV, "0"))
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -136,14 +182,22 @@ class Checkpointer:
   def _checksum_pending(self) -> None:
     """Runs in orbax's background thread once a save's files are complete. Orbax calls it
     before renaming the temporary step folder to its final name, so the checksums then commit
-    with the step; a final folder is checksummed too, in case a later orbax calls it after."""
-    while self._pending:
-      step = self._pending.pop(0)
-      for name in (f"{step}.orbax-checkpoint-tmp", str(step)):
-        step_dir = os.path.join(self.directory, name)
-        if jax.process_index() == 0 and os.path.isdir(step_dir):
-          write_checksums(step_dir)
-          break
+    with the step; a final folder is checksummed too, in case a later orbax calls it after.
+
+    Orbax runs one save at a time, so the pending steps with a folder are the one finishing
+    (and, at most, ones a later orbax already renamed); a pending step without a folder is a
+    save still waiting for this one to end, and stays pending for its own callback.
+    """
+    with self._lock:
+      for step in list(self._pending):
+        for name in (f"{step}.orbax-checkpoint-tmp", str(step)):
+          step_dir = os.path.join(self.directory, name)
+          if os.path.isdir(step_dir):
+            if step == self._kill_in_save:
+              os.kill(os.getpid(), signal.SIGKILL)
+            write_checksums(step_dir)
+            self._pending.remove(step)
+            break
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -154,11 +208,21 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator, config_dict: dict) -> None:
     """Starts an asynchronous save; arrays are copied before this returns, so training may
     go on (and donate `state`) at once. The iterator's position is read synchronously."""
-    self._pending.append(step)
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(config_dict)))
+    primary = jax.process_index() == 0  # only process 0 writes checksums
+    if primary:
+      with self._lock:
+        self._pending.append(step)
+    saved = False
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(data_iterator),
+          config=ocp.args.JsonSave(config_dict)))
+    finally:
+      if primary and not saved:  # orbax skipped the step or failed: no callback will come
+        with self._lock:
+          if step in self._pending:
+            self._pending.remove(step)
 
   def restore_latest(self, target_state, data_iterator, *, report=logging.warning):
     """Restores the newest restorable checkpoint into the shardings of `target_state`.
@@ -186,6 +250,9 @@ class Checkpointer:
       except CheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except (anything else: unusable)
+        unreadable = _permission_denied(e)
+        if unreadable is not None:  # the files may be fine: never quarantined
+          raise _unreadable(unreadable or os.path.join(self.directory, str(step))) from None
         if _is_mismatch(e):
           raise CheckpointMismatchError(
               f"checkpoint step {step} in {self.directory} does not fit this model "
@@ -272,7 +339,12 @@ def restore_params(directory: str, target_params, step: int | None = None, *,
     except CorruptCheckpointError as e:
       raise CheckpointError(f"checkpoint step {step} in {directory} is corrupt ({e}); pass "
                             "--step= an earlier one") from None
-    except ValueError as e:
+    except CheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except (re-raised unless a permission error)
+      unreadable = _permission_denied(e)
+      if unreadable is not None:
+        raise _unreadable(unreadable or step_dir) from None
       if _is_mismatch(e):
         raise CheckpointError(f"checkpoint step {step} in {directory} does not fit the model "
                               f"of this config ({_one_line(e)}); an override changed parameter "

@@ -4,8 +4,11 @@ A run directory's checkpoints were trained with one config. Rerunning `experimen
 with a different one must not mix two experiments into one run (or, for a change of parameter
 shapes, fail the restore and throw the checkpoints away), so before anything is written the
 saved config is compared with the new one field by field. Only the fields below may differ:
-they change how the run is carried out, logged, evaluated or laid out on devices, never the
-parameters, the data stream or the optimisation it computes.
+they change how the run is carried out, logged, evaluated or laid out on devices, not the model,
+the data stream or the optimizer's settings. Two change numbers all the same: `train.steps` is
+the length of the cosine learning-rate schedule, so the steps after the resume point get the
+new schedule's rates; and another attention implementation, mesh or remat policy rounds
+differently. docs/reliability.md lists these fields (a test keeps the two equal).
 """
 
 import json
@@ -13,7 +16,7 @@ import os
 
 # Dotted field names, or a section name for every field below it.
 RESUMABLE_FIELDS = (
-    "train.steps",             # train further (or stop earlier)
+    "train.steps",             # train further (or stop earlier); sets the schedule's length
     "train.log_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",

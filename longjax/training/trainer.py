@@ -32,8 +32,6 @@ from longjax.training.metrics import MetricsWriter
 # The step's metrics that stop the run when they are not finite, with their names in messages.
 _WATCHED = {"loss": "the loss", "grad_norm": "the gradient norm",
             "param_norm": "the parameter norm"}
-# Test hook: the exact-resume test kills the process with SIGKILL right after this step.
-_SIGKILL_AT_STEP_ENV = "LONGJAX_TEST_SIGKILL_AT_STEP"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -173,7 +171,6 @@ def train(config, workdir: str, *, progress: bool = True,
       position_seed=config.seed)
   train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
-  kill_at = int(os.environ.get(_SIGKILL_AT_STEP_ENV, "0"))
   tokens_per_step = config.train.batch_size * config.data.seq_len
   loss = val_loss = None
   window_losses, window_start, window_steps = [], None, 0
@@ -224,9 +221,6 @@ def train(config, workdir: str, *, progress: bool = True,
         bar.update()
         if step % config.train.checkpoint_every == 0 or step == steps or stop.requested:
           ckpt.save(step, state, data_iter, config_dict)
-        if step == kill_at:
-          ckpt.wait()
-          os.kill(os.getpid(), signal.SIGKILL)
         if stop.requested:
           interrupted = True
           logging.warning("interrupted at step %d; checkpoint saved, rerun to resume", step)

@@ -158,6 +158,27 @@ class TextDirTest(parameterized.TestCase):
           text_dir.load_text_dir(source_dir=source, validation_percent=5, data_dir=data)
       self.assertFalse(os.path.exists(data))
 
+  def test_binary_files_are_counted_in_the_error_and_the_warning(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      binary = os.path.join(tmp, 'binary')
+      _write(binary, 'a.py', b'\x7fELF\0\0\x01')
+      _write(binary, 'b.py', b'caf\xe9 = 1\n')
+      _write(binary, 'c.py', '\n')
+      data = os.path.join(tmp, 'data')
+      # All binary: the error says why nothing is usable, not merely that nothing is.
+      with self.assertRaisesRegex(text_dir.SourceError,
+                                  r'^0 usable file\(s\) \(skipped: 2 binary, 1 empty or '
+                                  r'whitespace-only\) matching .* none in the train split'):
+        text_dir.load_text_dir(source_dir=binary, validation_percent=5, data_dir=data)
+      self.assertFalse(os.path.exists(data))
+      # A usable source: the build goes on and the warning counts the binaries.
+      with self.assertLogs('absl', 'WARNING') as logs:
+        text_dir.load_text_dir(source_dir=self.source, validation_percent=self.percent,
+                               data_dir=data)
+      self.assertRegex('\n'.join(logs.output),
+                       r'skipped 2 of 44 files under .*my-src as binary \(not UTF-8 text, or '
+                       r'holding a NUL byte\)')
+
   def test_unreadable_file_raises(self):
     # Tests run as root, which reads any file: the error is injected.
     with tempfile.TemporaryDirectory() as tmp, mock.patch.object(

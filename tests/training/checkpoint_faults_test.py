@@ -3,13 +3,19 @@
 Each test damages a copy of one tiny run (`testing.trained_run()`, checkpoints at steps 3 and 6).
 """
 
+import builtins
+import contextlib
+import errno
 import functools
 import os
 from unittest import mock
 
 from absl.testing import absltest
+import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from longjax import configuration
@@ -20,7 +26,12 @@ from longjax.training import checkpoints, state as state_lib
 from tests import testing
 
 _VOCAB = 259  # byte tokenizer: 256 bytes + specials
-
+# What tensorstore raises for an array file it may not open (from a run without root's
+# permission override), shortened.
+_TENSORSTORE_DENIED = (
+    'PERMISSION_DENIED: Error opening "cast" driver: Error opening "zarr" driver: Error reading '
+    '"w/.zarray" in OCDBT database at local file "{state}/": Error reading Byte range [0, 245) '
+    'of local file "{file}": Failed to open: "{file}": Permission denied [os_error_code=\'13\']')
 
 
 def _config(**overrides):
@@ -55,6 +66,26 @@ def _restore(workdir, **overrides):
   finally:
     ckpt.close()
   return restored, reports
+
+
+@contextlib.contextmanager
+def _unreadable_folder(folder):
+  """Makes everything inside `folder` fail with EACCES, as a folder without read and search
+  permission does for a user other than root (tests run as root, which reads anything)."""
+  inside = os.path.abspath(folder) + os.sep
+
+  def guard(real):
+    def guarded(path, *args, **kwargs):
+      if isinstance(path, (str, os.PathLike)) and os.path.abspath(path).startswith(inside):
+        raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+      return real(path, *args, **kwargs)
+    return guarded
+
+  with mock.patch.object(os, "stat", guard(os.stat)), \
+       mock.patch.object(os, "scandir", guard(os.scandir)), \
+       mock.patch.object(os, "listdir", guard(os.listdir)), \
+       mock.patch.object(builtins, "open", guard(builtins.open)):
+    yield
 
 
 def _state_file(workdir, step):
@@ -165,6 +196,57 @@ class CheckpointFaultsTest(absltest.TestCase):
         _restore(workdir)
     self.assertEqual(testing.tree_bytes(workdir), before)
 
+  def test_unreadable_step_folder_is_reported_not_quarantined(self):
+    # os.path.exists reads a permission error as "missing": the step looked unchecksummed, then
+    # failed in orbax and was moved to checkpoints_corrupt/.
+    workdir = self._copy()
+    step_dir = os.path.join(workdir, "checkpoints", "6")
+    before = testing.tree_bytes(workdir)
+    with _unreadable_folder(step_dir):
+      with self.assertRaisesRegex(checkpoints.CheckpointError,
+                                  rf"^cannot read {step_dir}/\S+ \(permission denied\): fix the "
+                                  r"permissions of it or of a folder above it .*Nothing was moved"):
+        _restore(workdir)
+    self.assertEqual(testing.tree_bytes(workdir), before)
+
+  def test_permission_error_inside_orbax_is_reported_not_quarantined(self):
+    # A step without checksums goes straight to orbax: its permission errors, Python's (here
+    # under another exception) or tensorstore's, must not read as corruption.
+    workdir = self._copy()
+    os.remove(os.path.join(workdir, "checkpoints", "6", checkpoints.CHECKSUMS))
+    blocked = _state_file(workdir, 6)
+    state = os.path.join(workdir, "checkpoints", "6", "state")
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                          _target_state(()).params)
+    real_restore = ocp.CheckpointManager.restore
+
+    def python_error():
+      try:
+        raise PermissionError(errno.EACCES, "Permission denied", blocked)
+      except PermissionError as e:
+        raise RuntimeError("restore of item 'state' failed") from e
+
+    def tensorstore_error():
+      raise ValueError(_TENSORSTORE_DENIED.format(state=state, file=blocked))
+
+    for raise_error in (python_error, tensorstore_error):
+      def restore(manager, step, *args, raise_error=raise_error, **kwargs):
+        if step == 6:
+          raise_error()
+        return real_restore(manager, step, *args, **kwargs)
+
+      before = testing.tree_bytes(workdir)
+      with mock.patch.object(ocp.CheckpointManager, "restore", restore):
+        with self.assertRaisesRegex(checkpoints.CheckpointError,
+                                    rf"^cannot read {blocked} \(permission denied\).*Nothing was "
+                                    "moved"):
+          _restore(workdir)
+        with self.assertRaisesRegex(checkpoints.CheckpointError,
+                                    rf"^cannot read {blocked} \(permission denied\)"):
+          checkpoints.restore_params(os.path.join(workdir, "checkpoints"), params,
+                                     report=lambda _: None)
+      self.assertEqual(testing.tree_bytes(workdir), before)
+
   def test_other_parameter_shapes_are_a_mismatch_not_corruption(self):
     workdir = self._copy()
     before = testing.tree_bytes(workdir)
@@ -188,6 +270,27 @@ class CheckpointFaultsTest(absltest.TestCase):
       checkpoints.restore_params(directory, target)
     step, _ = checkpoints.restore_params(directory, target, step=3)
     self.assertEqual(step, 3)
+
+
+class ChecksumTimingTest(absltest.TestCase):
+  """Every committed step gets its checksums, however close together the saves are."""
+
+  def test_back_to_back_saves_all_get_checksums(self):
+    # Each save waits in orbax for the previous one: a step added to the pending list then was
+    # taken (and dropped, having no folder yet) by the previous save's callback.
+    directory = os.path.join(self.create_tempdir().full_path, "checkpoints")
+    data_iter = iter(grain.MapDataset.range(8).to_iter_dataset())
+    state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(0)}
+    ckpt = checkpoints.Checkpointer(directory, keep=10)
+    try:
+      for step in range(1, 6):
+        ckpt.save(step, {**state, "step": jnp.int32(step)}, data_iter, {"step": step})
+    finally:
+      ckpt.close()
+    self.assertEqual(sorted(os.listdir(directory), key=int), [str(s) for s in range(1, 6)])
+    for step in range(1, 6):
+      self.assertTrue(checkpoints.verify_checksums(os.path.join(directory, str(step))),
+                      f"step {step} has no {checkpoints.CHECKSUMS}")
 
 
 if __name__ == "__main__":

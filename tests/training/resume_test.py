@@ -3,10 +3,13 @@
 
 import json
 import os
+import re
 import shutil
+import subprocess
 from unittest import mock
 
 from absl.testing import absltest
+import numpy as np
 import pytest
 
 from longjax import experiment
@@ -99,6 +102,27 @@ class ResumeTest(absltest.TestCase):
     os.rename(os.path.join(workdir, "checkpoints"), os.path.join(workdir, "unrestorable"))
     experiment.train_and_evaluate(testing.tiny_config(**_BASE), workdir, progress=False)
     self.assertEqual(_losses(workdir), _losses(self._run))  # bitwise: JSON floats round-trip
+    # The final state (parameters and optimizer state) bitwise, and the data position.
+    fresh, empty = testing.checkpoint_arrays(workdir, 6), testing.checkpoint_arrays(self._run, 6)
+    self.assertEqual(fresh.keys(), empty.keys())
+    for key in fresh:
+      np.testing.assert_array_equal(fresh[key], empty[key], err_msg=key)
+    self.assertEqual(testing.data_position(workdir, 6), testing.data_position(self._run, 6))
+
+  def test_rerunning_a_finished_run_on_the_command_line_exits_0(self):
+    # A finished run used to crash at the final print (formatting final_loss=None).
+    workdir = self._copy()
+    before = testing.tree_bytes(workdir)
+    flags = testing.cli_overrides(testing.tiny_config()) + [
+        f"--config.{field}={value}" for field, value in _BASE.items()]
+    done = subprocess.run(
+        [testing.PYTHON, "-m", "experiments.train", "--config=configs/quickstart.py:tiny",
+         f"--workdir={workdir}", *flags], cwd=testing.REPO_ROOT, env=testing.python_env(),
+        capture_output=True, text=True, timeout=300, check=False)
+    self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+    self.assertIn("already complete at step 6 (train.steps=6); nothing to do", done.stdout)
+    self.assertNotIn("Traceback", done.stderr)
+    self.assertEqual(testing.tree_bytes(workdir), before)
 
   def test_workdir_that_is_a_file_or_under_one(self):
     path = os.path.join(self.create_tempdir().full_path, "file")
@@ -126,6 +150,14 @@ class DifferencesTest(absltest.TestCase):
     self.assertEqual(resume.differences({"a": {"b": (1, 2), "c": 1}, "d": 0},
                                         {"a": {"b": [1, 2], "c": 2}, "e": 0}),
                      [("a.c", 1, 2), ("d", 0, None), ("e", None, 0)])
+
+  def test_the_documented_resumable_fields_are_the_resumable_fields(self):
+    with open(os.path.join(testing.REPO_ROOT, "docs", "reliability.md"), encoding="utf-8") as f:
+      text = " ".join(f.read().split())
+    listed = re.search(r"`RESUMABLE_FIELDS` may differ: (.*?)\. They", text)
+    self.assertIsNotNone(listed, "docs/reliability.md no longer lists the resumable fields")
+    fields = [f.removesuffix(".*") for f in re.findall(r"`([^`]+)`", listed.group(1))]
+    self.assertEqual(fields, list(resume.RESUMABLE_FIELDS))
 
   def test_resumable_covers_sections_and_exact_fields(self):
     self.assertTrue(resume.resumable("eval.lengths"))

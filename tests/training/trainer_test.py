@@ -1,6 +1,5 @@
 """The training loop: learning, exact resume after SIGKILL, corrupt checkpoints, NaN, Ctrl-C."""
 
-import json
 import os
 import signal
 import subprocess
@@ -8,23 +7,15 @@ import time
 
 from absl.testing import absltest
 import numpy as np
-import orbax.checkpoint as ocp
 
 from longjax import experiment
-from longjax.training import trainer
+from longjax.training import checkpoints, trainer
 from longjax.training.metrics import read_metrics
 from tests import testing
 
 
 def _losses(workdir):
   return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
-
-
-def _final_params(workdir, step):
-  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                             item_names=("state", "data", "config")) as manager:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return restored["state"]
 
 
 def _train_cli(workdir, *extra, env=None):
@@ -65,54 +56,58 @@ class TrainerTest(absltest.TestCase):
     # Sentencepiece tokens stand for several bytes each: bits/byte < nats/token / ln 2.
     self.assertLess(sweep["bits_per_byte"][0], sweep["loss"][0] / np.log(2))
 
-  def test_exact_resume_after_sigkill_and_corrupt_checkpoint_fallback(self):
+  def test_exact_resume_after_sigkill_in_a_save_and_corrupt_checkpoint_fallback(self):
     # Reference: 20 steps in one go (in this process).
+    flags = ("--config.train.log_every=1", "--config.train.checkpoint_every=5")
     straight = self.create_tempdir().full_path
     config = testing.tiny_config(**{"train.steps": 20, "train.log_every": 1,
-                                    "train.checkpoint_every": 10})
+                                    "train.checkpoint_every": 5})
     experiment.train_and_evaluate(config, straight, progress=False)
 
-    # 20 steps with a SIGKILL after step 13 (the last checkpoint is step 10), then a restart.
+    # 20 steps with a SIGKILL inside the asynchronous save of step 15 (its files written, not
+    # committed) while training goes on, then a restart: it resumes from step 10.
     resumed = self.create_tempdir().full_path
     env = testing.python_env()
-    env[trainer._SIGKILL_AT_STEP_ENV] = "13"
-    proc = _train_cli(resumed, "--config.train.log_every=1", "--config.train.checkpoint_every=10",
-                      env=env)
+    env[checkpoints._SIGKILL_IN_SAVE_ENV] = "15"  # pylint: disable=protected-access
+    proc = _train_cli(resumed, *flags, env=env)
     proc.communicate(timeout=600)
     self.assertEqual(proc.returncode, -signal.SIGKILL)
-    self.assertEqual(max(_losses(resumed)), 13)
-    proc = _train_cli(resumed, "--config.train.log_every=1", "--config.train.checkpoint_every=10")
+    self.assertGreaterEqual(max(_losses(resumed)), 15)
+    self.assertEqual(sorted(os.listdir(os.path.join(resumed, "checkpoints"))),
+                     ["10", "15.orbax-checkpoint-tmp", "5"])  # killed mid-save
+    proc = _train_cli(resumed, *flags)
     _, err = proc.communicate(timeout=600)
     self.assertEqual(proc.returncode, 0, err[-2000:])
+    self.assertIn("resuming from the checkpoint of step 10", err)
 
     a, b = _losses(straight), _losses(resumed)
-    self.assertEqual(sorted(b), list(range(1, 21)))  # steps 11..13 were not logged twice
+    self.assertEqual(sorted(b), list(range(1, 21)))  # steps 11..15+ were not logged twice
     self.assertEqual(a, b)  # bitwise: JSON floats round-trip exactly
-    state_a, state_b = _final_params(straight, 20), _final_params(resumed, 20)
-    flat_a, flat_b = dict(_flatten(state_a)), dict(_flatten(state_b))
+    flat_a = testing.checkpoint_arrays(straight, 20)
+    flat_b = testing.checkpoint_arrays(resumed, 20)
     self.assertEqual(flat_a.keys(), flat_b.keys())
     for key in flat_a:
       np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
-    with open(os.path.join(straight, "checkpoints", "20", "data", "process_0-of-1.json")) as f:
-      data_a = json.load(f)
-    with open(os.path.join(resumed, "checkpoints", "20", "data", "process_0-of-1.json")) as f:
-      data_b = json.load(f)
-    self.assertEqual(data_a, data_b)  # the same position in the same data order
+    # The same position in the same data order.
+    self.assertEqual(testing.data_position(straight, 20), testing.data_position(resumed, 20))
+    for step in (15, 20):  # the re-saved step 15 replaced the killed save's folder
+      self.assertTrue(checkpoints.verify_checksums(
+          os.path.join(resumed, "checkpoints", str(step))))
 
-    # Corrupt the latest checkpoint (step 20): the previous one (10) is restored instead, and a
+    # Corrupt the latest checkpoint (step 20): the previous one (15) is restored instead, and a
     # rerun from it reproduces step 20 exactly.
     state_dir = os.path.join(resumed, "checkpoints", "20", "state")
     for root, _, files in os.walk(state_dir):
       for name in files:
         with open(os.path.join(root, name), "r+b") as f:
           f.truncate(max(os.path.getsize(os.path.join(root, name)) // 3, 1))
-    proc = _train_cli(resumed, "--config.train.log_every=1", "--config.train.checkpoint_every=10")
+    proc = _train_cli(resumed, *flags)
     _, err = proc.communicate(timeout=600)
     self.assertEqual(proc.returncode, 0, err[-2000:])
     self.assertIn("checkpoint step 20 could not be restored", err)
     self.assertTrue(os.path.isdir(os.path.join(resumed, "checkpoints_corrupt", "20")))
     self.assertEqual(_losses(resumed), a)
-    flat_c = dict(_flatten(_final_params(resumed, 20)))
+    flat_c = testing.checkpoint_arrays(resumed, 20)
     for key in flat_a:
       np.testing.assert_array_equal(flat_a[key], flat_c[key], err_msg=key)
 
@@ -157,17 +152,6 @@ class TrainerTest(absltest.TestCase):
     self.assertEqual(proc.returncode, 130, err[-2000:])
     self.assertNotIn("Traceback", err)
     self.assertLen([line for line in err.splitlines() if line.strip()], 1, err[-2000:])
-
-
-def _flatten(tree, prefix=""):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from _flatten(v, f"{prefix}/{k}")
-  elif isinstance(tree, (list, tuple)):
-    for i, v in enumerate(tree):
-      yield from _flatten(v, f"{prefix}/{i}")
-  else:
-    yield prefix, np.asarray(tree)
 
 
 if __name__ == "__main__":

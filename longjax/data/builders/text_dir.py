@@ -35,6 +35,7 @@ _EXCLUDED_DIRS = frozenset({'site-packages', 'dist-packages', '__pycache__'})
 
 
 _BLANK = 'empty or whitespace-only'
+_BINARY = 'binary'  # not UTF-8 text, or holding a NUL byte
 
 
 class SourceError(ValueError):
@@ -129,8 +130,8 @@ class TextDir(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     config = self.builder_config
-    documents, _ = read_documents(config.source_dir, config.glob)
-    splits = split_paths(sorted(documents), config)
+    documents, skipped = read_documents(config.source_dir, config.glob)
+    splits = split_paths(sorted(documents), config, skipped)
     return {name: self._generate_examples(paths, documents) for name, paths in splits.items()}
 
   def _generate_examples(self, relative_paths, documents):
@@ -163,7 +164,7 @@ def read_documents(source_dir: str, glob: str) -> tuple[dict[str, str], dict[str
     except UnicodeDecodeError:
       text = None
     if text is None:
-      skipped.setdefault('not UTF-8 text', []).append(rel)
+      skipped.setdefault(_BINARY, []).append(rel)
     elif not text.strip():
       skipped.setdefault(_BLANK, []).append(rel)
     else:
@@ -171,19 +172,29 @@ def read_documents(source_dir: str, glob: str) -> tuple[dict[str, str], dict[str
   return documents, skipped
 
 
-def split_paths(paths: list[str], config: TextDirConfig) -> dict[str, list[str]]:
+def split_paths(paths: list[str], config: TextDirConfig,
+                skipped: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
   """{'train': [...], 'validation': [...]} by the split rule, leaving out a split the percent
-  asks to be empty (0 or 100); SourceError if a split it asks for has no file."""
+  asks to be empty (0 or 100); SourceError if a split it asks for has no file.
+
+  Args:
+    paths: the usable files.
+    config: the builder's config.
+    skipped: `read_documents`' skipped files, counted in the error: a source of binary files
+      would otherwise read as merely empty.
+  """
   percent = config.validation_percent
+  counts = ', '.join(f'{len(files)} {why}' for why, files in (skipped or {}).items())
+  also = f' (skipped: {counts})' if counts else ''
   splits = {'train': [p for p in paths if not is_validation(p, percent)],
             'validation': [p for p in paths if is_validation(p, percent)]}
   wanted = {'train': percent < 100, 'validation': percent > 0}
   for name, files in splits.items():
     if wanted[name] and not files:
       raise SourceError(
-          f'{len(paths)} usable file(s) matching {config.glob!r} under {config.source_dir} put '
-          f'none in the {name} split at data.validation_percent={percent}; add files or change '
-          'the percent')
+          f'{len(paths)} usable file(s){also} matching {config.glob!r} under '
+          f'{config.source_dir} put none in the {name} split at data.validation_percent='
+          f'{percent}; add files or change the percent')
   return {name: files for name, files in splits.items() if files}
 
 
@@ -240,14 +251,15 @@ def load_text_dir(*, source_dir: str | None = None, glob: str = '**/*.py',
     if not builder.is_prepared():
       # Checked before TFDS writes anything, so a bad source leaves no half-built dataset.
       documents, skipped = read_documents(config.source_dir, config.glob)
-      split_paths(sorted(documents), config)
+      # A refused source's error counts the skipped files itself (one line, no warning first).
+      split_paths(sorted(documents), config, skipped)
       total = len(documents) + sum(map(len, skipped.values()))
       for why, paths in skipped.items():
         if why == _BLANK:
           continue  # nothing in them to lose
-        logging.getLogger('absl').warning('text_dir: skipped %d of %d files under %s (%s), '
-                                          'e.g. %s', len(paths), total, config.source_dir, why,
-                                          paths[0])
+        logging.getLogger('absl').warning(
+            'text_dir: skipped %d of %d files under %s as %s (not UTF-8 text, or holding a NUL '
+            'byte), e.g. %s', len(paths), total, config.source_dir, why, paths[0])
       builder.download_and_prepare(
           file_format='array_record',
           download_config=tfds.download.DownloadConfig(

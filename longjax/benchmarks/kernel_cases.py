@@ -149,7 +149,7 @@ def linear_case(impl: str, t: int, **kw) -> dict:
     # In the suite so that every report has its row, skipped with the reason, until the op
     # exists; the change that adds it imports it here.
     raise processes.Skip("longjax has no chunked jnp linear attention yet (there is no "
-                      "longjax.ops.linear_attention)")
+                         "longjax.ops.linear_attention)")
   if impl == "pallas":
     fn, extra = kernels_pallas.linear_attention, {"resolved": _pallas_label()}
   else:

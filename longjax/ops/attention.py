@@ -95,17 +95,14 @@ def cpu_unsupported(bias, head_dim: int, backend: str | None = None) -> str | No
   if bias is not None and not isinstance(bias, biases.AlibiBias):
     return (f"it has no in-kernel {type(bias).__name__} (ALiBi is its one position bias); "
             "use impl='blockwise'")
-  unavailable = kernels_cpu.unavailable_reason()
-  if unavailable is not None:
-    _warn_cpu_kernel_unavailable(unavailable)
   return kernels_cpu.flash_attention_unsupported(head_dim)
 
 
 @functools.cache
-def _warn_cpu_kernel_unavailable(reason: str) -> None:
-  """Once per process: a silent fallback would cost 2x in speed with no hint why."""
-  logging.warning("the fused CPU attention kernel is unavailable (%s); XLA's blockwise "
-                  "attention runs instead, about 2x slower", reason)
+def _warn_cpu_fallback(reason: str, xla_op: str) -> None:
+  """Once per process and reason: a silent fallback would cost 2x in speed with no hint why."""
+  logging.warning("the fused CPU attention kernel cannot serve this call (%s); XLA's %s "
+                  "attention runs instead, about 2x slower", reason, xla_op)
 
 
 def _pallas_bias(bias) -> dict | None:
@@ -317,6 +314,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Att
   resolution = resolve_call(impl, q, k, mask, bias, block_size=block_size,
                             return_lse=return_lse)
   logging.vlog(1, "attention T=%d S=%d: %s (%s)", t, s, resolution.impl, resolution.reason)
+  cpu_reason = dict(resolution.skipped).get("cpu")
+  if cpu_reason is not None and resolution.impl in ("reference", "blockwise"):
+    _warn_cpu_fallback(cpu_reason, resolution.impl)
   resolved = resolution.impl
   if resolved == "cpu":
     alibi = {} if bias is None else dict(alibi_slopes=bias.slopes, q_positions=bias.q_positions,

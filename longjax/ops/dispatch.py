@@ -55,9 +55,16 @@ class Implementation:
 
 @dataclasses.dataclass(frozen=True)
 class Resolution:
-  """The implementation that will run and why (for logs, benchmarks and tests)."""
+  """The implementation that will run and why (for logs, benchmarks and tests).
+
+  Attributes:
+    impl: the implementation's name.
+    reason: one line: "requested", or the "auto" order and why the ones before were skipped.
+    skipped: (name, why) of each implementation "auto" tried before `impl`.
+  """
   impl: str
   reason: str
+  skipped: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +142,8 @@ def resolve(op: Op, impl: str, call, *, backend: str | None = None,
     if reason is None:
       why = f"auto on {context.backend}: first of {', '.join(order)} that serves"
       if skipped:
-        why += " (" + "; ".join(skipped) + ")"
-      return Resolution(name, why)
-    skipped.append(f"not {name}: {reason}")
+        why += " (" + "; ".join(f"not {n}: {r}" for n, r in skipped) + ")"
+      return Resolution(name, why, tuple(skipped))
+    skipped.append((name, reason))
   raise ValueError(f"no {op.name} implementation serves this call on {context.backend}: "
-                   + "; ".join(skipped))
+                   + "; ".join(f"not {n}: {r}" for n, r in skipped))

@@ -314,8 +314,9 @@ class BuildTest(absltest.TestCase):
     self.assertEqual(lines[0], lines[1])
     self.assertAlmostEqual(float(lines[2]), 300 * 2 * 64, places=2)
     # The fallback says so, once.
-    self.assertEqual(done.stderr.count("the fused CPU attention kernel is unavailable (no C++ "
-                                       "compiler (/nonexistent/g++)"), 1, done.stderr[-2000:])
+    self.assertEqual(done.stderr.count("the fused CPU attention kernel cannot serve this call "
+                                       "(no C++ compiler (/nonexistent/g++)"), 1,
+                     done.stderr[-2000:])
 
   def test_cache_entries_are_verified_rebuilt_and_readable_without_the_lock(self):
     from kernels_cpu import build  # pylint: disable=g-import-not-at-top

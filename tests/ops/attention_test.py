@@ -17,6 +17,7 @@ import kernels_cpu
 from longjax.ops import AlibiBias
 from longjax.ops import AttentionMask
 from longjax.ops import KerpleBias
+from longjax.ops import attention
 from longjax.ops import dot_product_attention
 from longjax.ops import resolve_call
 
@@ -310,7 +311,12 @@ class DispatchTest(parameterized.TestCase):
 
     self.assertIn("LongjaxFlashForward", jaxpr(None))
     self.assertIn("LongjaxFlashForward", jaxpr(alibi))
-    self.assertNotIn("LongjaxFlashForward", jaxpr(kerple))
+    attention._warn_cpu_fallback.cache_clear()  # pylint: disable=protected-access
+    with self.assertLogs("absl", "WARNING") as logs:  # the fallback costs 2x: it says why, once
+      self.assertNotIn("LongjaxFlashForward", jaxpr(kerple))
+      jaxpr(kerple)
+    self.assertLen(logs.output, 1)
+    self.assertIn("cannot serve this call (it has no in-kernel KerpleBias", logs.output[0])
     with self.assertRaisesRegex(ValueError, "impl='cpu' cannot serve this call: it has no "
                                 "in-kernel KerpleBias"):
       dot_product_attention(q, k, v, mask=mask, bias=kerple, impl="cpu")

@@ -105,7 +105,7 @@ class Op:
     for implementation in self.implementations:
       if implementation.name == name:
         return implementation
-    raise ValueError(f"impl={name!r} is not a {self.name} implementation; valid choices: "
+    raise ValueError(f"impl={name!r} is not an implementation of {self.name}; valid choices: "
                      f"{self.choices}")
 
 

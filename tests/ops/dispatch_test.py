@@ -40,7 +40,7 @@ class ResolveTest(absltest.TestCase):
                      dispatch.Resolution("dense", "requested"))
     with self.assertRaisesRegex(ValueError, "impl='fast' cannot serve this call: n=2 on cpu"):
       dispatch.resolve(op, "fast", {"n": 2}, backend="cpu")
-    with self.assertRaisesRegex(ValueError, r"impl='slow' is not a toy implementation; valid "
+    with self.assertRaisesRegex(ValueError, r"impl='slow' is not an implementation of toy; valid "
                                 r"choices: \('auto', 'fast', 'dense', 'loop'\)"):
       dispatch.resolve(op, "slow", {"n": 2})
 

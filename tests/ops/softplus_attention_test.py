@@ -327,9 +327,9 @@ class BlockwiseTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "valid choices"):
       softplus_attention(q, k, v, mask=AttentionMask(), impl="flash")
     for kernel in ("splash", "pallas"):  # no kernel computes softplus rows
-      with self.assertRaisesRegex(ValueError, f"impl='{kernel}' is not a softplus attention "
-                                  r"implementation; valid choices: \('auto', 'reference', "
-                                  "'blockwise'\)"):
+      with self.assertRaisesRegex(ValueError, f"impl='{kernel}' is not an implementation of "
+                                  r"softplus attention; valid choices: \('auto', "
+                                  r"'reference', 'blockwise'\)"):
         softplus_attention(q, k, v, mask=AttentionMask(), impl=kernel)
 
 

@@ -11,6 +11,7 @@ from longjax.layers.attention import NORMALIZERS, Attention
 from longjax.layers.mixer import MixerSpec
 from longjax.layers.positional import POSENCS
 from longjax.ops import attention as attention_ops
+from longjax.ops.softplus_attention import SOFTPLUS_ATTENTION
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -99,10 +100,11 @@ def _validate_normalizer(a, prefix: str) -> None:
 def _validate_impl(model, a, prefix: str) -> None:
   """An explicit `impl` must be able to serve this layer's maths and the positional bias."""
   impl, kind = a.impl, model.posenc.kind
-  if impl in attention_ops.KERNELS and a.normalizer != "softmax":
+  softplus_impls = SOFTPLUS_ATTENTION.choices
+  if a.normalizer != "softmax" and impl not in softplus_impls:
     raise ConfigError(f"{prefix}.impl", impl,
                       f"has no softplus kernel ({prefix}.normalizer={a.normalizer!r})",
-                      ["auto", "reference", "blockwise"])
+                      softplus_impls)
   # The Pallas flash kernel computes every logit bias (ALiBi, T5, KERPLE, FIRE) in-kernel.
   if impl in ("splash", "cudnn") and POSENCS[kind].logit_bias:
     raise ConfigError(f"{prefix}.impl", impl, f"takes no position bias (model.posenc."

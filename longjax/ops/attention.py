@@ -234,7 +234,6 @@ ATTENTION = dispatch.Op(
                 "tpu": ("splash", "pallas", "reference", "blockwise"),
                 "gpu": ("cudnn", "pallas", "reference", "blockwise")})
 IMPLS = ATTENTION.choices
-KERNELS = ("pallas", "cpu", "splash", "cudnn")  # the fused kernels; the others are XLA ops
 
 
 def resolve_call(impl: str, q, k, mask: AttentionMask, bias=None, *, block_size: int | None = None,

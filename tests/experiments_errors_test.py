@@ -10,6 +10,7 @@ import tempfile
 from absl.testing import absltest
 from absl.testing import parameterized
 
+from tests import entry_point_server
 from tests import testing
 
 _TRAIN = ("experiments.train", "--config=configs/quickstart.py:tiny")
@@ -198,6 +199,14 @@ class EntryPointErrorsTest(parameterized.TestCase):
       for rel, data in files.items():
         with open(os.path.join(cls._root, name, rel), "wb") as f:
           f.write(data)
+    # Each case is a `python -m` process of its own, forked from one that imported jax once.
+    cls._server = entry_point_server.EntryPointServer(testing.PYTHON, testing.python_env(),
+                                                      testing.REPO_ROOT)
+
+  @classmethod
+  def tearDownClass(cls):
+    cls._server.close()
+    super().tearDownClass()
 
   def _expand(self, arg, tmp):
     def run(kind):
@@ -231,9 +240,7 @@ class EntryPointErrorsTest(parameterized.TestCase):
     watched = [w for w in watched if w] + [self._root]
     before = {w: testing.tree_bytes(w) if os.path.isdir(w) else os.path.exists(w)
               for w in watched}
-    done = subprocess.run([testing.PYTHON, "-m", *command, *args], cwd=testing.REPO_ROOT,
-                          env=testing.python_env(), capture_output=True, text=True,
-                          timeout=300, check=False)
+    done = self._server.run([*command, *args], cwd=testing.REPO_ROOT, env=testing.python_env())
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     self.assertEqual(done.returncode, code, done.stderr[-3000:])
     self.assertLen(lines, 1, done.stderr[-3000:])
@@ -244,6 +251,19 @@ class EntryPointErrorsTest(parameterized.TestCase):
                        before[w], f"{w} changed")
     self.assertFalse(os.path.exists(os.path.join(tmp, "tfds", "text_dir")),
                      "a dataset was left in the cache")
+
+  def test_server_runs_what_python_dash_m_runs(self):
+    # The fork server against a process started from scratch, on a case that reads a config,
+    # validates it and writes nothing: the same exit code, the same output.
+    tmp = self.create_tempdir().full_path
+    argv = [*_TRAIN, *_data(tmp, []), "--config.train.steps=0", f"--workdir={tmp}/run"]
+    served = self._server.run(argv, cwd=testing.REPO_ROOT, env=testing.python_env())
+    started = subprocess.run([testing.PYTHON, "-m", *argv], cwd=testing.REPO_ROOT,
+                             env=testing.python_env(), capture_output=True, text=True,
+                             timeout=300, check=False)
+    self.assertEqual(served.returncode, 2)
+    self.assertEqual((served.returncode, served.stdout, served.stderr),
+                     (started.returncode, started.stdout, started.stderr))
 
   def test_there_are_at_least_fifty_cases(self):
     self.assertGreaterEqual(len(_CASES), 50)

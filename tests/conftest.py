@@ -11,6 +11,17 @@ import pytest
 
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 
+# The suite compiles thousands of small programs, and LLVM's optimisation of the machine code is
+# most of a typical test's time; tests check values, not speed. Level 0 skips LLVM's
+# optimisation passes only: XLA's HLO passes (fusion, layout, buffer assignment: what a memory
+# test reads) run as in a user's process, and results differ at most in rounding (whether a
+# multiply and an add are fused), inside every test's tolerance. It takes ~40% off the suite.
+# Set before jax creates its CPU client; the xdist workers and every process a test starts
+# inherit it.
+_FAST_COMPILE = "--xla_backend_optimization_level=0"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+
 
 def pytest_configure(config):
   # absltest reads flags such as --test_tmpdir; under pytest nobody parses them.

@@ -56,3 +56,24 @@ class RollingCache:
                token_index=jnp.full((capacity,), -1, jnp.int32),
                positions=jnp.zeros((batch_size, capacity), jnp.int32),
                end=jnp.zeros((), jnp.int32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RecurrentState:
+  """The state of a recurrent mixer (linear attention, retention): constant in the length.
+
+  state: [B, N, Dk, Dv'] float32 (`longjax.ops.linear_attention.state_shape`); end: int32 [],
+  the tokens consumed.
+  """
+  state: jax.Array
+  end: jax.Array
+
+  @classmethod
+  def empty(cls, shape: tuple[int, ...]):
+    return cls(state=jnp.zeros(shape, jnp.float32), end=jnp.zeros((), jnp.int32))
+
+  @property
+  def state_bytes_per_sequence(self) -> int:
+    """Bytes of state one sequence carries (what the recall study plots against)."""
+    return self.state[0].size * self.state.dtype.itemsize

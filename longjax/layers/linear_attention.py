@@ -1,0 +1,112 @@
+"""Linear attention (Katharopoulos et al. 2020, "Transformers are RNNs"): the mixer `linear`.
+
+softmax(q k^T) v is replaced by phi(q) (phi(k)^T v) with a feature map phi, so the causal sum
+becomes a recurrence over a [Dk, Dv] state and decoding costs O(1) per token whatever the
+context. Normalised (the paper's form), o_t = phi(q_t) S_t / (phi(q_t) . z_t); unnormalised, the
+output is scaled by Dk ** -0.5 instead. The maths is `longjax.ops.linear_attention`; this module
+holds the projections. Linear attention takes no rotary or bias position encoding: the causal
+sum orders the tokens (`model.posenc` applies to the model's attention layers; an
+embedding-level encoding such as `learned` applies to every layer).
+
+Config: `model.linear` (`defaults` below); `--config.model.mixers=linear`.
+"""
+
+import dataclasses
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from longjax.errors import ConfigError
+from longjax.layers import caches
+from longjax.layers import dims
+from longjax.layers import params
+from longjax.layers.mixer import MixerSpec
+from longjax.ops import linear_attention as ops
+
+
+class LinearAttention(nnx.Module):
+  """Multi-head causal linear attention with a feature map; decodes from a constant state."""
+
+  def __init__(self, width: int, num_heads: int, head_dim: int, *, feature_map: str = "elu1",
+               normalize: bool = True, impl: str = "auto", chunk_size: int = 0,
+               out_init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
+    # q, k and v share one [D, 3, N, H] matrix: one matmul instead of three.
+    self.w_qkv = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2, 3)),
+                              (width, 3, num_heads, head_dim),
+                              (params.EMBED, None, params.HEADS, params.HEAD_DIM))
+    self.w_out = params.param(rngs, params.fan_in_init(out_init_scale, in_axis=(0, 1), out_axis=2),
+                              (num_heads, head_dim, width),
+                              (params.HEADS, params.HEAD_DIM, params.EMBED))
+    self.num_heads = num_heads
+    self.head_dim = head_dim
+    self.feature_map = feature_map
+    self.normalize = normalize
+    self.impl = impl
+    self.chunk_size = chunk_size or None
+    self.dtype = dtype
+
+  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> caches.RecurrentState:
+    """The [B, N, H, H (+1)] state, whatever `max_length` (the recurrence needs no history)."""
+    del max_length, dtype  # the state is float32 and constant in the length
+    return caches.RecurrentState.empty(ops.state_shape(batch_size, self.num_heads, self.head_dim,
+                                                       self.head_dim, self.normalize))
+
+  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
+               cache: caches.RecurrentState | None = None):
+    """Args: x [B, T, D]; positions [B, T] (unused: see the module docstring); segment_ids
+    [B, T] (packed documents: the state restarts at each); cache from `init_cache` or a
+    previous call. Returns (y [B, T, D], the new cache or None)."""
+    del positions
+    if cache is not None and segment_ids is not None:
+      raise ValueError("segment_ids are for packed training batches; a cache holds one sequence "
+                       "per row")
+    x = x.astype(self.dtype)
+    qkv = jnp.einsum("btd,dcnh->btcnh", x, self.w_qkv.value.astype(self.dtype))
+    phi = ops.FEATURE_MAPS[self.feature_map]
+    q, k, v = phi(qkv[:, :, 0]), phi(qkv[:, :, 1]), qkv[:, :, 2]
+    out, state = ops.linear_attention(
+        q, k, v, segment_ids=segment_ids, initial_state=None if cache is None else cache.state,
+        normalize=self.normalize, scale=1.0 if self.normalize else self.head_dim ** -0.5,
+        impl=self.impl, chunk_size=self.chunk_size)
+    if cache is not None:
+      cache = dataclasses.replace(cache, state=state, end=cache.end + x.shape[1])
+    return jnp.einsum("btnh,nhd->btd", out, self.w_out.value.astype(self.dtype)), cache
+
+
+def defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.feature_map = "elu1"  # identity | elu1 (elu(x) + 1) | relu
+  c.normalize = True      # divide by phi(q) . sum phi(k) (needs a non-negative feature map)
+  c.impl = "auto"         # auto | reference | recurrent | chunked | pallas
+  c.chunk_size = 0        # chunked forms' C; 0 = the op's default (64)
+  return c
+
+
+def validate(model, c, prefix: str = "model.linear") -> None:
+  """Raises ConfigError for the first bad field of the section `c` of `model`."""
+  if c.feature_map not in ops.FEATURE_MAPS:
+    raise ConfigError(f"{prefix}.feature_map", c.feature_map, "unknown choice",
+                      sorted(ops.FEATURE_MAPS))
+  if c.normalize and c.feature_map not in ops.POSITIVE_FEATURE_MAPS:
+    raise ConfigError(f"{prefix}.normalize", c.normalize,
+                      f"needs a non-negative feature map (phi(q) . sum phi(k) > 0), but "
+                      f"{prefix}.feature_map={c.feature_map!r}", [False])
+  if c.impl not in ops.IMPLS:
+    raise ConfigError(f"{prefix}.impl", c.impl, "unknown choice", ops.IMPLS)
+  if c.chunk_size < 0:
+    raise ConfigError(f"{prefix}.chunk_size", c.chunk_size, "must be >= 0 (0 = the default)")
+  del model
+
+
+def build(model, c, rngs) -> LinearAttention:
+  return LinearAttention(model.width, model.num_heads, dims.head_dim(model),
+                         feature_map=c.feature_map, normalize=c.normalize, impl=c.impl,
+                         chunk_size=c.chunk_size, out_init_scale=dims.out_init_scale(model),
+                         dtype=dims.DTYPES[model.dtype], rngs=rngs)
+
+
+SPEC = MixerSpec(name="linear", aliases=("linear_attention",), section="linear",
+                 defaults=defaults, validate=validate, build=build,
+                 cache_types=(caches.RecurrentState,))

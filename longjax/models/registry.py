@@ -8,12 +8,14 @@ positional encoding is one line in `longjax.layers.positional.POSENCS`.
 from longjax.layers import attention_config
 from longjax.layers import linear_attention
 from longjax.layers import mixer
+from longjax.layers import retnet
 # Re-exported: sizes and dtypes derived from config.model (they live below the layers).
 from longjax.layers.dims import DTYPES, head_dim, num_kv_heads, out_init_scale  # noqa: F401
 
 MIXERS: dict[str, mixer.MixerSpec] = {spec.name: spec for spec in (
     attention_config.SPEC,
     linear_attention.SPEC,
+    retnet.SPEC,
 )}
 
 

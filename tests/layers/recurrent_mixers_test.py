@@ -1,0 +1,111 @@
+"""The contract every recurrent mixer of the registry meets (a new one is covered by adding it
+to the registry): prefill == token-by-token decode through its constant-size state, alone and
+in a hybrid with softmax attention; the state does not grow with the context; packed documents
+== each document alone; a tiny model's loss falls; the quickstart trains, evaluates and
+generates with it. Each mixer's own maths is checked against its reference in its own file."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longjax import experiment
+from longjax import runs
+from longjax.layers import caches
+from longjax.models import MIXERS
+from longjax.models import build_model
+from longjax.models.generate import generate
+from tests import testing
+from tests.models.learned_bias_model_test import train_on_counting
+from tests.models.lm_test import _forward
+from tests.models.lm_test import decode_one_by_one
+from tests.models.lm_test import tiny_model_config
+
+RECURRENT = sorted(name for name, spec in MIXERS.items()
+                   if caches.RecurrentState in spec.cache_types)
+# Chunks of 4 over 11 tokens: a prefill of 5 crosses a chunk edge and ends in a partial chunk.
+_SMALL_CHUNKS = {name: {f"{MIXERS[name].section}.chunk_size": 4} for name in RECURRENT}
+
+
+class DecodeTest(parameterized.TestCase):
+
+  def test_the_registry_has_recurrent_mixers(self):
+    self.assertContainsSubset({"linear", "retnet"}, RECURRENT)
+
+  @parameterized.product(name=RECURRENT, hybrid=(False, True))
+  def test_prefill_equals_token_by_token_decode(self, name, hybrid):
+    cfg = tiny_model_config(mixers=f"{name},attention" if hybrid else name,
+                            **_SMALL_CHUNKS[name])
+    model = build_model(cfg, vocab_size=50, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 50, (2, 11)), jnp.int32)
+    full, _ = _forward(graphdef, params, tokens)
+    # A prompt of 5 in one call (chunked, from the empty state), then one token at a time.
+    prefix, cache = _forward(graphdef, params, tokens[:, :5], None, model.init_cache(2, 16))
+    rest, cache = decode_one_by_one(graphdef, params, tokens[:, 5:], cache)
+    np.testing.assert_allclose(jnp.concatenate([prefix, rest], axis=1), full, atol=2e-5,
+                               rtol=0)
+    self.assertEqual(int(cache[0].end), 11)
+
+  @parameterized.parameters(*RECURRENT)
+  def test_state_is_constant_in_the_length(self, name):
+    model = build_model(tiny_model_config(mixers=name), vocab_size=50, rngs=nnx.Rngs(0))
+    short, long = model.init_cache(2, 16), model.init_cache(2, 1 << 20)
+    self.assertIsInstance(short[0], caches.RecurrentState)
+    self.assertEqual(jax.tree.map(jnp.shape, short), jax.tree.map(jnp.shape, long))
+    self.assertGreater(short[0].state_bytes_per_sequence, 0)
+
+
+class DocumentsTest(parameterized.TestCase):
+
+  @parameterized.parameters(*RECURRENT)
+  def test_packed_documents_equal_each_document_alone(self, name):
+    cfg = tiny_model_config(**_SMALL_CHUNKS[name])
+    layer = MIXERS[name].build(cfg, cfg[MIXERS[name].section], nnx.Rngs(1))
+    rng = np.random.default_rng(0)
+    lengths = (5, 3, 6)
+    docs = [jnp.asarray(rng.normal(size=(1, n, cfg.width)), jnp.float32) for n in lengths]
+    segment_ids = jnp.asarray([sum(([i] * n for i, n in enumerate(lengths)), [])])
+    positions = jnp.asarray([sum((list(range(n)) for n in lengths), [])])  # restart per document
+
+    @jax.jit
+    def run(x, positions, segment_ids):
+      return layer(x, positions=positions, segment_ids=segment_ids)[0]
+
+    packed = run(jnp.concatenate(docs, axis=1), positions, segment_ids)
+    alone = [run(d, jnp.arange(d.shape[1])[None], None) for d in docs]
+    np.testing.assert_allclose(packed, jnp.concatenate(alone, axis=1), atol=2e-5, rtol=2e-5)
+
+
+class TrainTest(parameterized.TestCase):
+
+  @parameterized.parameters(*RECURRENT)
+  def test_loss_finite_and_falling_alone_and_hybrid(self, name):
+    for mixers in (name, f"{name},attention"):
+      losses, _, _ = train_on_counting({"model.mixers": mixers, "model.num_layers": 2},
+                                       length=24)
+      self.assertTrue(np.isfinite(losses).all(), (mixers, losses))
+      self.assertLess(np.mean(losses[-3:]), losses[0] - 0.3, (mixers, losses))
+
+  @parameterized.parameters(*RECURRENT)
+  def test_quickstart_trains_evaluates_and_generates(self, name):
+    # configs/quickstart.py:tiny with --config.model.mixers=NAME --config.train.steps=8.
+    workdir = self.create_tempdir().full_path + "/run"
+    cfg = testing.tiny_config(**{"model.mixers": name, "train.steps": 8})
+    result = experiment.train_and_evaluate(cfg, workdir, progress=False)
+    self.assertFalse(result.interrupted)
+    run = runs.load_run(workdir)
+    prompt = jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 5)), jnp.int32)
+    tokens = generate(run.graphdef, run.params, prompt, jax.random.key(0), max_new_tokens=6)
+    # Greedy decoding through the state picks what a full forward pass ranks first (up to ties
+    # within rounding).
+    logits, _ = _forward(run.graphdef, run.params, tokens[:, :-1])
+    logits = np.asarray(logits[:, 4:])
+    picked = np.take_along_axis(logits, np.asarray(tokens[:, 5:, None]), axis=-1)[..., 0]
+    np.testing.assert_allclose(picked, logits.max(axis=-1), atol=1e-4, rtol=0)
+
+
+if __name__ == "__main__":
+  absltest.main()

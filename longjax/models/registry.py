@@ -6,6 +6,7 @@ positional encoding is one line in `longjax.layers.positional.POSENCS`.
 """
 
 from longjax.layers import attention_config
+from longjax.layers import lightning
 from longjax.layers import linear_attention
 from longjax.layers import mixer
 from longjax.layers import retnet
@@ -16,6 +17,7 @@ MIXERS: dict[str, mixer.MixerSpec] = {spec.name: spec for spec in (
     attention_config.SPEC,
     linear_attention.SPEC,
     retnet.SPEC,
+    lightning.SPEC,
 )}
 
 

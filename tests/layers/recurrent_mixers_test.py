@@ -32,7 +32,7 @@ _SMALL_CHUNKS = {name: {f"{MIXERS[name].section}.chunk_size": 4} for name in REC
 class DecodeTest(parameterized.TestCase):
 
   def test_the_registry_has_recurrent_mixers(self):
-    self.assertContainsSubset({"linear", "retnet"}, RECURRENT)
+    self.assertContainsSubset({"lightning", "linear", "retnet"}, RECURRENT)
 
   @parameterized.product(name=RECURRENT, hybrid=(False, True))
   def test_prefill_equals_token_by_token_decode(self, name, hybrid):

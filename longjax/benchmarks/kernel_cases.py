@@ -5,8 +5,9 @@ plus its own figures (FLOPs, GFLOP/s, tokens/s, ...). JAX and torch are imported
 cases, so that a torch case's process never loads jax and a case's base RSS is its own.
 """
 
+import functools
+
 from longjax.benchmarks import peers
-from longjax.benchmarks import processes
 from longjax.benchmarks import flops as flops_lib
 from longjax.benchmarks import timing
 
@@ -145,17 +146,18 @@ def decode_case(impl: str, cache: int, **kw) -> dict:
 def linear_case(impl: str, t: int, **kw) -> dict:
   """Causal linear attention fwd+bwd at T = t (no decay, scale Dk^-1/2)."""
   import kernels_pallas  # pylint: disable=g-import-not-at-top
-  if impl == "chunked_jnp":
-    # In the suite so that every report has its row, skipped with the reason, until the op
-    # exists; the change that adds it imports it here.
-    raise processes.Skip("longjax has no chunked jnp linear attention yet (there is no "
-                         "longjax.ops.linear_attention)")
-  if impl == "pallas":
+  from longjax.ops import linear_attention  # pylint: disable=g-import-not-at-top
+  if impl == "chunked_jnp":  # the op the linear-attention mixers run on CPU
+    fn = functools.partial(linear_attention.linear_attention, impl="chunked")
+    extra = {"resolved": "longjax.ops.linear_attention chunked (XLA)"}
+  elif impl == "pallas":
     fn, extra = kernels_pallas.linear_attention, {"resolved": _pallas_label()}
   else:
     fn, extra = kernels_pallas.linear_attention_recurrent, {}
 
   def attn(q, k, v):
+    if impl == "chunked_jnp":
+      return fn(q, k, v, scale=HEAD_DIM ** -0.5)[0]
     return fn(q, k, v, scale=HEAD_DIM ** -0.5, return_final_state=False)
   keys = _keys(4)
   args = [_normal(key, (1, t, HEADS, HEAD_DIM)) for key in keys]

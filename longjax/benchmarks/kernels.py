@@ -8,8 +8,9 @@ Four groups of cases, each case one child process running a function of
   decode     one query token against a full KV cache (B=1, N=K=8, H=64): the Pallas decode
              kernel, longjax `dot_product_attention` with a traced q_offset, a plain jnp
              softmax, PyTorch SDPA.
-  linear     causal linear attention fwd+bwd (B=1, N=8, Dk=Dv=64): the Pallas chunked kernel and
-             the `lax.scan` recurrence (and longjax's chunked jnp form once one exists).
+  linear     causal linear attention fwd+bwd (B=1, N=8, Dk=Dv=64): the Pallas chunked kernel,
+             longjax's chunked XLA form (`longjax.ops.linear_attention`, what the mixers run
+             on CPU) and the `lax.scan` recurrence.
   scan       Mamba-1 selective scan fwd+bwd (B=1, P=16): the Pallas kernel, the `lax.scan`
              reference, and the per-step PyTorch loop of HF transformers'
              `MambaMixer.slow_forward` (what `transformers` runs for Mamba without CUDA).
@@ -39,7 +40,7 @@ LABELS = {
     "longjax_pallas": "longjax pallas",
     "jax_nn": "jax.nn.dot_product_attention", "torch_sdpa": "torch SDPA",
     "pallas_decode": "pallas decode", "jnp_dense": "plain jnp", "pallas": "pallas",
-    "recurrent_scan": "lax.scan recurrence", "chunked_jnp": "longjax chunked jnp",
+    "recurrent_scan": "lax.scan recurrence", "chunked_jnp": "longjax chunked XLA (CPU default)",
     "lax_scan": "lax.scan reference", "torch_loop": "torch loop (HF slow_forward)",
 }
 # The peers each group's ratios are taken against (time of peer / time of the row: > 1 means

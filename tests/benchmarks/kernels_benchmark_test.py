@@ -277,7 +277,7 @@ class CliSmokeTest(absltest.TestCase):
     self.assertEqual(set(seen), expected)
     for (group, impl), case in seen.items():
       with self.subTest(group=group, impl=impl):
-        if impl == "chunked_jnp" or (impl.startswith("torch") and not _torch_installed()):
+        if impl.startswith("torch") and not _torch_installed():
           self.assertEqual(case["status"], "skipped")
           self.assertTrue(case["reason"])
           continue

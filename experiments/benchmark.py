@@ -4,6 +4,8 @@
       [--sizes=tiny|small|full] [--plot]
   python -m experiments.benchmark --suite=train|decode|memory --out=docs/benchmarks/X.json \
       --sizes=full [--plot]      # longjax vs HF LlamaForCausalLM (docs/benchmarks.md)
+  python -m experiments.benchmark --suite=mixers --out=docs/benchmarks/mixers_small.json \
+      --sizes=small --plot       # every mixer's train step, memory and decode vs length
   python -m experiments.benchmark --suite=peak --out=peak.json
 
 Every run first measures the jitted matmul GFLOP/s (f32, bf16): the machine's ceiling, used for
@@ -20,7 +22,8 @@ from absl import flags
 
 from experiments import common
 
-_SUITE = flags.DEFINE_enum("suite", "kernels", ["peak", "kernels", "train", "decode", "memory"],
+_SUITE = flags.DEFINE_enum("suite", "kernels",
+                           ["peak", "kernels", "train", "decode", "memory", "mixers"],
                            "Which benchmark suite.")
 _OUT = flags.DEFINE_string("out", None, "Output JSON path; the markdown goes beside it (.md).")
 _SIZES = flags.DEFINE_enum("sizes", "full", ["tiny", "small", "full"],

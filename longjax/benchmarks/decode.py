@@ -53,11 +53,12 @@ def decode_case(impl: str, width: int, layers: int, t: int, batch: int, *, repea
   return result
 
 
-def _longjax_timing(shape, *, repeats, budget_s, memory_budget) -> dict:
+def _longjax_timing(shape, *, repeats, budget_s, memory_budget, **config_kwargs) -> dict:
+  """longjax's prefill and decode timings; `config_kwargs` go to `lm.longjax_config`."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  graphdef, params, _ = lm.build_longjax(shape)
+  graphdef, params, _ = lm.build_longjax(shape, **config_kwargs)
   prompt = jnp.asarray(_prompt(shape))
 
   def prefill(params, prompt):

@@ -58,8 +58,9 @@ def total_params(shape: LMShape) -> int:
 
 
 def longjax_config(shape: LMShape, *, dtype: str = "float32", remat: str = "none",
-                   impl: str = "auto"):
-  """The full longjax config (model and train sections) of `shape`."""
+                   impl: str = "auto", model_overrides: dict | None = None):
+  """The full longjax config (model and train sections) of `shape`; `model_overrides` sets
+  dotted fields of `model` last (e.g. {"mixers": "retnet", "retnet.impl": "recurrent"})."""
   from longjax import defaults  # pylint: disable=g-import-not-at-top
   c = defaults.default_config()
   c.data.seq_len = shape.t
@@ -74,6 +75,8 @@ def longjax_config(shape: LMShape, *, dtype: str = "float32", remat: str = "none
   m.posenc.kind, m.posenc.rope_theta = "rope", 10_000.0
   m.posenc.max_length = max(m.posenc.max_length, shape.t)
   m.attention.impl = impl
+  if model_overrides:
+    m.update_from_flattened_dict(dict(model_overrides))
   return c
 
 

@@ -1,0 +1,53 @@
+"""The mixers suite: every implementation is a valid model config, one case runs in-process and
+reports its figures, and the ratios and targets follow from the numbers (synthetic results)."""
+
+from absl.testing import absltest
+
+from longjax import configuration
+from longjax.benchmarks import lm
+from longjax.benchmarks import mixers
+
+
+def _row(impl, t, tokens_per_s, footprint, decode_ms):
+  return {"impl": impl, "t": t, "width": 64, "layers": 2, "status": "ok",
+          "tokens_per_s": tokens_per_s, "train_footprint_bytes": footprint,
+          "decode_ms_per_token": decode_ms}
+
+
+class MixersSuiteTest(absltest.TestCase):
+
+  def test_every_impl_is_a_valid_model(self):
+    for impl in mixers.IMPLS:
+      cfg = lm.longjax_config(lm.LMShape(64, 2, 128, 1), model_overrides=mixers.IMPLS[impl])
+      configuration.validate_model(cfg.model)
+    self.assertEqual({c["model_overrides"].get("mixers", "attention")
+                      for c in ({"model_overrides": o} for o in mixers.IMPLS.values())},
+                     {"attention", *mixers.RECURRENT})
+
+  def test_one_case_in_process(self):
+    result = mixers.mixer_case("retnet", 64, 1, 32, repeats=1, budget_s=5, memory_budget=None)
+    self.assertGreater(result["tokens_per_s"], 0)
+    self.assertGreater(result["train_footprint_bytes"], 0)
+    self.assertGreater(result["decode_ms_per_token"], 0)
+
+  def test_ratios_and_targets(self):
+    results = [_row("attention", 1024, 1000.0, 100, 1.0), _row("attention", 32768, 10.0, 4000, 9.0),
+               _row("linear", 1024, 2000.0, 80, 0.5), _row("linear", 32768, 1900.0, 90, 0.52),
+               _row("linear_scan", 1024, 500.0, 80, 0.5), _row("linear_scan", 32768, 400.0, 90,
+                                                               0.5)]
+    summary = mixers.derive(results)
+    linear_long = results[3]
+    self.assertAlmostEqual(linear_long["speedup_vs_attention"], 190.0)
+    self.assertAlmostEqual(linear_long["speedup_vs_scan"], 1900.0 / 400.0)
+    self.assertAlmostEqual(linear_long["memory_vs_attention"], 90 / 4000)
+    targets = {t["target"]: t for t in summary["targets"]}
+    flat = targets["linear tokens/s at T=32768 >= 0.9x at T=1024 (flat)"]
+    self.assertEqual((flat["measured"], flat["met"]), ("0.95", True))
+    decode = targets["linear decode ms/token at T=32768 within 1.1x of T=1024"]
+    self.assertEqual((decode["measured"], decode["met"]), ("1.04", True))
+    self.assertTrue(targets["linear train memory at T=32768 <= 1/4 of attention's"]["met"])
+    self.assertIn("| 32768 | linear (auto: chunked) |", mixers.markdown(results, summary))
+
+
+if __name__ == "__main__":
+  absltest.main()

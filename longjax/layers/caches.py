@@ -1,7 +1,9 @@
 """Typed decode caches: small pytree dataclasses, one per kind of mixer state.
 
 Every cache has `end`, the number of tokens the layer has consumed (int32 []); the model reads
-only that (to continue positions), so it never depends on a mixer's layout. Updates return a new
+only that (to continue positions), so it never depends on a mixer's layout. Every cache also
+says `state_bytes_per_sequence`, the memory one sequence's state takes (what a recall study
+plots against). Updates return a new
 cache with `dataclasses.replace`.
 """
 
@@ -31,6 +33,11 @@ class KVCache:
                positions=jnp.zeros((batch_size, max_length), jnp.int32),
                end=jnp.zeros((), jnp.int32))
 
+  @property
+  def state_bytes_per_sequence(self) -> int:
+    """Bytes one sequence's keys and values take at this capacity (grows with the context)."""
+    return 2 * self.k[0].size * self.k.dtype.itemsize
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +63,11 @@ class RollingCache:
                token_index=jnp.full((capacity,), -1, jnp.int32),
                positions=jnp.zeros((batch_size, capacity), jnp.int32),
                end=jnp.zeros((), jnp.int32))
+
+  @property
+  def state_bytes_per_sequence(self) -> int:
+    """Bytes one sequence's kept keys and values take (sinks + window: constant)."""
+    return 2 * self.k[0].size * self.k.dtype.itemsize
 
 
 @jax.tree_util.register_dataclass

@@ -4,7 +4,10 @@ made-up registry, so the parser is checked apart from any real mixer."""
 from absl.testing import absltest
 import ml_collections
 
+import jax.numpy as jnp
+
 from longjax.errors import ConfigError
+from longjax.layers import caches
 from longjax.layers import mixer
 
 
@@ -52,6 +55,19 @@ class ParsePatternTest(absltest.TestCase):
         self.assertEqual(ctx.exception.field, "model.mixers")
         self.assertIn(message, str(ctx.exception))
         self.assertNotIn("\n", str(ctx.exception))
+
+
+class CacheBytesTest(absltest.TestCase):
+
+  def test_state_bytes_per_sequence(self):
+    # K/V caches grow with their capacity (2 tensors x S x K x H x itemsize); a rolling cache
+    # and a recurrent state do not.
+    self.assertEqual(caches.KVCache.empty(3, 16, 2, 8, jnp.bfloat16).state_bytes_per_sequence,
+                     2 * 16 * 2 * 8 * 2)
+    self.assertEqual(caches.RollingCache.empty(3, 6, 2, 8, jnp.float32).state_bytes_per_sequence,
+                     2 * 6 * 2 * 8 * 4)
+    self.assertEqual(caches.RecurrentState.empty((3, 4, 8, 9)).state_bytes_per_sequence,
+                     4 * 8 * 9 * 4)
 
 
 if __name__ == "__main__":

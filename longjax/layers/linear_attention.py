@@ -3,10 +3,13 @@
 softmax(q k^T) v is replaced by phi(q) (phi(k)^T v) with a feature map phi, so the causal sum
 becomes a recurrence over a [Dk, Dv] state and decoding costs O(1) per token whatever the
 context. Normalised (the paper's form), o_t = phi(q_t) S_t / (phi(q_t) . z_t); unnormalised, the
-output is scaled by Dk ** -0.5 instead. The maths is `longjax.ops.linear_attention`; this module
-holds the projections. Linear attention takes no rotary or bias position encoding: the causal
-sum orders the tokens (`model.posenc` applies to the model's attention layers; an
-embedding-level encoding such as `learned` applies to every layer).
+output is scaled by Dk ** -0.5 instead. With `feature_map="taylor2"` and a small `feature_dim`
+it is Based's linear attention (Arora et al. 2024): phi(q) . phi(k) = 1 + u + u^2/2 with
+u = q . k / sqrt(F), exp(u) to second order, on q and k projected to F (16) features. The
+maths is `longjax.ops.linear_attention`; this module holds the projections. Linear attention
+takes no rotary or bias position encoding: the causal sum orders the tokens (`model.posenc`
+applies to the model's attention layers; an embedding-level encoding such as `learned` applies
+to every layer).
 
 Config: `model.linear` (`defaults` below); `--config.model.mixers=linear`.
 """
@@ -30,27 +33,34 @@ class LinearAttention(nnx.Module):
   """Multi-head causal linear attention with a feature map; decodes from a constant state."""
 
   def __init__(self, width: int, num_heads: int, head_dim: int, *, feature_map: str = "elu1",
-               normalize: bool = True, impl: str = "auto", chunk_size: int = 0,
-               out_init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
-    # q, k and v share one [D, 3, N, H] matrix: one matmul instead of three.
-    self.w_qkv = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2, 3)),
-                              (width, 3, num_heads, head_dim),
-                              (params.EMBED, None, params.HEADS, params.HEAD_DIM))
+               feature_dim: int = 0, normalize: bool = True, impl: str = "auto",
+               chunk_size: int = 0, out_init_scale: float = 1.0, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    # q and k are projected to `feature_dim` features before the map (Based: 16, so that its
+    # 1 + F + F^2 Taylor features stay small); values keep the head dim.
+    feature_dim = feature_dim or head_dim
+    self.w_qk = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2, 3)),
+                             (width, 2, num_heads, feature_dim),
+                             (params.EMBED, None, params.HEADS, params.HEAD_DIM))
+    self.w_v = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2)),
+                            (width, num_heads, head_dim),
+                            (params.EMBED, params.HEADS, params.HEAD_DIM))
     self.w_out = params.param(rngs, params.fan_in_init(out_init_scale, in_axis=(0, 1), out_axis=2),
                               (num_heads, head_dim, width),
                               (params.HEADS, params.HEAD_DIM, params.EMBED))
     self.num_heads = num_heads
     self.head_dim = head_dim
     self.feature_map = feature_map
+    self.key_dim = ops.feature_size(feature_map, feature_dim)  # Dk of the state
     self.normalize = normalize
     self.impl = impl
     self.chunk_size = chunk_size or None
     self.dtype = dtype
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> caches.RecurrentState:
-    """The [B, N, H, H (+1)] state, whatever `max_length` (the recurrence needs no history)."""
+    """The [B, N, Dk, H (+1)] state, whatever `max_length` (the recurrence needs no history)."""
     del max_length, dtype  # the state is float32 and constant in the length
-    return caches.RecurrentState.empty(ops.state_shape(batch_size, self.num_heads, self.head_dim,
+    return caches.RecurrentState.empty(ops.state_shape(batch_size, self.num_heads, self.key_dim,
                                                        self.head_dim, self.normalize))
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
@@ -63,12 +73,13 @@ class LinearAttention(nnx.Module):
       raise ValueError("segment_ids are for packed training batches; a cache holds one sequence "
                        "per row")
     x = x.astype(self.dtype)
-    qkv = jnp.einsum("btd,dcnh->btcnh", x, self.w_qkv.value.astype(self.dtype))
+    qk = jnp.einsum("btd,dcnh->btcnh", x, self.w_qk.value.astype(self.dtype))
+    v = jnp.einsum("btd,dnh->btnh", x, self.w_v.value.astype(self.dtype))
     phi = ops.FEATURE_MAPS[self.feature_map]
-    q, k, v = phi(qkv[:, :, 0]), phi(qkv[:, :, 1]), qkv[:, :, 2]
+    q, k = phi(qk[:, :, 0]), phi(qk[:, :, 1])
     out, state = ops.linear_attention(
         q, k, v, segment_ids=segment_ids, initial_state=None if cache is None else cache.state,
-        normalize=self.normalize, scale=1.0 if self.normalize else self.head_dim ** -0.5,
+        normalize=self.normalize, scale=1.0 if self.normalize else self.key_dim ** -0.5,
         impl=self.impl, chunk_size=self.chunk_size)
     if cache is not None:
       cache = dataclasses.replace(cache, state=state, end=cache.end + x.shape[1])
@@ -77,7 +88,8 @@ class LinearAttention(nnx.Module):
 
 def defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.feature_map = "elu1"  # identity | elu1 (elu(x) + 1) | relu
+  c.feature_map = "elu1"  # identity | elu1 (elu(x) + 1) | relu | taylor2 (Based)
+  c.feature_dim = 0       # q/k width before the map; 0 = the head dim (Based: 16 with taylor2)
   c.normalize = True      # divide by phi(q) . sum phi(k) (needs a non-negative feature map)
   c.impl = "auto"         # auto | reference | recurrent | chunked | pallas
   c.chunk_size = 0        # chunked forms' C; 0 = the op's default (64)
@@ -93,16 +105,26 @@ def validate(model, c, prefix: str = "model.linear") -> None:
     raise ConfigError(f"{prefix}.normalize", c.normalize,
                       f"needs a non-negative feature map (phi(q) . sum phi(k) > 0), but "
                       f"{prefix}.feature_map={c.feature_map!r}", [False])
+  limit = 64 if c.feature_map == "taylor2" else 4096
+  if not isinstance(c.feature_dim, int) or not 0 <= c.feature_dim <= limit:
+    raise ConfigError(f"{prefix}.feature_dim", c.feature_dim,
+                      f"must be in 0..{limit} for feature_map={c.feature_map!r} (0 = the head "
+                      "dim; taylor2's state grows as the square)")
+  if c.feature_map == "taylor2" and not c.feature_dim and dims.head_dim(model) > limit:
+    raise ConfigError(f"{prefix}.feature_dim", c.feature_dim,
+                      f"taylor2 on the head dim {dims.head_dim(model)} would carry "
+                      f"{ops.feature_size('taylor2', dims.head_dim(model))} features per head; "
+                      f"set a feature_dim in 1..{limit} (Based: 16)")
   if c.impl not in ops.IMPLS:
     raise ConfigError(f"{prefix}.impl", c.impl, "unknown choice", ops.IMPLS)
   if c.chunk_size < 0:
     raise ConfigError(f"{prefix}.chunk_size", c.chunk_size, "must be >= 0 (0 = the default)")
-  del model
 
 
 def build(model, c, rngs) -> LinearAttention:
   return LinearAttention(model.width, model.num_heads, dims.head_dim(model),
-                         feature_map=c.feature_map, normalize=c.normalize, impl=c.impl,
+                         feature_map=c.feature_map, feature_dim=c.feature_dim,
+                         normalize=c.normalize, impl=c.impl,
                          chunk_size=c.chunk_size, out_init_scale=dims.out_init_scale(model),
                          dtype=dims.DTYPES[model.dtype], rngs=rngs)
 

@@ -42,13 +42,31 @@ from longjax.ops import dispatch
 NORMALIZER_EPS = 1e-6
 DEFAULT_CHUNK = 64
 
+
+
+def taylor2_features(x: jax.Array) -> jax.Array:
+  """Based's 2nd-order Taylor map (Arora et al. 2024): [..., F] -> [..., 1 + F + F^2] with
+  phi(q) . phi(k) = 1 + u + u^2 / 2, u = q . k / sqrt(F): exp(u) to second order."""
+  f = x.shape[-1]
+  outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], f * f)
+  return jnp.concatenate([jnp.ones(x.shape[:-1] + (1,), x.dtype), x * f ** -0.25,
+                          outer * (0.5 ** 0.5 * f ** -0.5)], axis=-1)
+
+
 FEATURE_MAPS = {
     "identity": lambda x: x,
     "elu1": lambda x: jax.nn.elu(x) + 1.0,  # Katharopoulos et al. 2020: positive features
     "relu": jax.nn.relu,
+    "taylor2": taylor2_features,
 }
-# Feature maps whose values are >= 0, so q . z > 0 and normalisation is well defined.
-POSITIVE_FEATURE_MAPS = ("elu1", "relu")
+# Feature maps whose dot products phi(q) . phi(k) are >= 0 (> 0 for taylor2: 1 + u + u^2/2 is
+# at least 1/2), so q . z > 0 and normalisation is well defined.
+POSITIVE_FEATURE_MAPS = ("elu1", "relu", "taylor2")
+
+
+def feature_size(feature_map: str, dim: int) -> int:
+  """The width of phi(x) for x of width `dim`."""
+  return 1 + dim + dim * dim if feature_map == "taylor2" else dim
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,18 @@ class VariantTest(absltest.TestCase):
     np.testing.assert_allclose(decoded, full, atol=2e-5, rtol=0)
     self.assertEqual(cache[0].state.shape, (2, 4, 8, 8))  # no normaliser column
 
+  def test_based_taylor_map_prefill_equals_decode(self):
+    # Based's linear attention: q, k projected to F=4 features, 1 + 4 + 16 Taylor features.
+    cfg = tiny_model_config(mixers="linear", **{"linear.feature_map": "taylor2",
+                                                "linear.feature_dim": 4})
+    model = build_model(cfg, vocab_size=50, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, 50, (2, 7)), jnp.int32)
+    full, _ = _forward(graphdef, params, tokens)
+    decoded, cache = decode_one_by_one(graphdef, params, tokens, model.init_cache(2, 8))
+    np.testing.assert_allclose(decoded, full, atol=2e-5, rtol=0)
+    self.assertEqual(cache[0].state.shape, (2, 4, 21, 9))
+
   def test_normalized_state_has_the_normalizer_column(self):
     layer = LinearAttention(32, 4, 8, rngs=nnx.Rngs(0))
     cache = layer.init_cache(2, 16)
@@ -41,13 +53,19 @@ class ConfigTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("unknown_feature_map", {"model.linear.feature_map": "cos"},
-       r"model\.linear\.feature_map='cos': unknown choice \(valid: elu1, identity, relu\)"),
+       r"model\.linear\.feature_map='cos': unknown choice \(valid: elu1, identity, relu, taylor2\)"),
       ("normalized_identity", {"model.linear.feature_map": "identity"},
        r"model\.linear\.normalize=True: needs a non-negative feature map"),
       ("unknown_impl", {"model.linear.impl": "flash"},
        r"model\.linear\.impl='flash': unknown choice \(valid: auto, .*chunked"),
       ("negative_chunk", {"model.linear.chunk_size": -1},
        r"model\.linear\.chunk_size=-1: must be >= 0"),
+      ("feature_dim_too_large", {"model.linear.feature_map": "taylor2",
+                                 "model.linear.feature_dim": 65},
+       r"model\.linear\.feature_dim=65: must be in 0\.\.64 for feature_map='taylor2'"),
+      ("taylor2_on_a_wide_head", {"model.linear.feature_map": "taylor2", "model.width": 256,
+                                  "model.num_heads": 2},
+       r"model\.linear\.feature_dim=0: taylor2 on the head dim 128 would carry 16513"),
       ("option_it_does_not_have", {"model.mixers": "linear(window=8)"},
        r"model\.mixers=.*linear has no field 'window'"),
       ("per_layer_bad_value", {"model.mixers": "linear(feature_map=cos),attention"},

@@ -183,6 +183,18 @@ class DocumentsTest(absltest.TestCase):
     np.testing.assert_allclose(state, want_final, atol=2e-5, rtol=2e-5)
 
 
+class FeatureMapTest(absltest.TestCase):
+
+  def test_taylor2_dot_products_are_exp_to_second_order(self):
+    rng = np.random.default_rng(7)
+    q, k = rng.normal(size=(5, 16)), rng.normal(size=(5, 16))
+    got = np.sum(np.asarray(la.taylor2_features(jnp.asarray(q)), np.float64)
+                 * np.asarray(la.taylor2_features(jnp.asarray(k)), np.float64), axis=-1)
+    u = np.sum(q * k, axis=-1) / 4.0  # sqrt(F) = 4
+    np.testing.assert_allclose(got, 1 + u + u * u / 2, rtol=1e-5)
+    self.assertEqual(la.feature_size("taylor2", 16), 273)
+
+
 class DispatchTest(absltest.TestCase):
 
   def test_auto_and_forced_choices(self):

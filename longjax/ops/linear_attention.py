@@ -24,7 +24,8 @@ Implementations (`LINEAR_ATTENTION`, chosen by `longjax.ops.dispatch`):
   pallas     `kernels_pallas.linear` (chunked in VMEM / SRAM; TPU and GPU); it has no document
              resets, so packed batches take the chunked form.
 
-Shapes: q, k [B, T, N, Dk]; v [B, T, N, Dv]; log_decay [N] (per head) or [B, T, N] (per step);
+Shapes: q, k [B, T, N, Dk]; v [B, T, N, Dv]; log_decay [N] (per head), [B, T, N] (per step)
+or [B, T, N, Dk] (per step and key channel: GLA's diag(a_t) S_{t-1});
 segment_ids [B, T] int; initial_state [B, N, Dk, Dv (+1 normalised)] float32. Arithmetic is
 float32 inside; the output has q's dtype, the final state is float32.
 """
@@ -41,6 +42,9 @@ from longjax.ops import dispatch
 # Keeps q . z away from 0 where a normalised row has (almost) no mass.
 NORMALIZER_EPS = 1e-6
 DEFAULT_CHUNK = 64
+# Per-channel decay materialises [C, C, Dk] decays per chunk (no matmul form is stable when a
+# channel decays fast): smaller chunks, as GLA's own kernels use 16-step sub-chunks.
+DEFAULT_CHUNK_PER_CHANNEL = 16
 
 
 
@@ -74,13 +78,15 @@ class LinearAttentionCall:
   """What the dispatcher's checks read: T, whether documents reset the state, the decay form."""
   length: int
   has_segments: bool
-  decay: str  # "none" | "head" ([N]) | "step" ([B, T, N])
+  decay: str  # "none" | "head" ([N]) | "step" ([B, T, N]) | "channel" ([B, T, N, Dk])
 
 
 def _pallas_unsupported(call: LinearAttentionCall, context: dispatch.Context) -> str | None:
   del context
   if call.has_segments:
     return "document resets (segment_ids) are not in the kernel"
+  if call.decay == "channel":
+    return "the kernel's decay is one scalar per step and head, not per channel (GLA)"
   return None
 
 
@@ -124,9 +130,9 @@ def _check(q, k, v, log_decay, segment_ids, initial_state, normalize):
     raise ValueError(f"q and k must be [B, T, N, Dk] and v [B, T, N, Dv], got {q.shape}, "
                      f"{k.shape}, {v.shape}")
   b, t, n, dk = q.shape
-  if log_decay is not None and jnp.shape(log_decay) not in ((n,), (b, t, n)):
-    raise ValueError(f"log_decay must be [N={n}] or [B={b}, T={t}, N={n}], got "
-                     f"{jnp.shape(log_decay)}")
+  if log_decay is not None and jnp.shape(log_decay) not in ((n,), (b, t, n), (b, t, n, dk)):
+    raise ValueError(f"log_decay must be [N={n}], [B={b}, T={t}, N={n}] or [B, T, N, Dk={dk}], "
+                     f"got {jnp.shape(log_decay)}")
   if segment_ids is not None and jnp.shape(segment_ids) != (b, t):
     raise ValueError(f"segment_ids must be [B={b}, T={t}], got {jnp.shape(segment_ids)}")
   want = state_shape(b, n, dk, v.shape[3], normalize)
@@ -135,19 +141,28 @@ def _check(q, k, v, log_decay, segment_ids, initial_state, normalize):
                      f"{jnp.shape(initial_state)}")
 
 
+def _decay_kind(log_decay) -> str:
+  if log_decay is None:
+    return "none"
+  return {1: "head", 3: "step", 4: "channel"}[jnp.ndim(log_decay)]
+
+
 def _prepare(q, k, v, log_decay, segment_ids, initial_state, normalize):
   """Head-major f32 q, k, v [B, N, T, D] (v with its ones column when normalised), log decay
-  [B, N, T], keep [B, T] (0 where a document starts), initial state [B, N, Dk, Dv']."""
+  [B, N, T, G] (G = 1 for a scalar decay, Dk per channel), keep [B, T] (0 where a document
+  starts), initial state [B, N, Dk, Dv']."""
   b, t, n, dk = q.shape
   qh, kh, vh = (x.astype(jnp.float32).transpose(0, 2, 1, 3) for x in (q, k, v))
   if normalize:
     vh = jnp.concatenate([vh, jnp.ones(vh.shape[:3] + (1,), jnp.float32)], axis=-1)
   if log_decay is None:
-    g = jnp.zeros((b, n, t), jnp.float32)
+    g = jnp.zeros((b, n, t, 1), jnp.float32)
   elif jnp.ndim(log_decay) == 1:
-    g = jnp.broadcast_to(jnp.asarray(log_decay, jnp.float32)[None, :, None], (b, n, t))
+    g = jnp.broadcast_to(jnp.asarray(log_decay, jnp.float32)[None, :, None, None], (b, n, t, 1))
+  elif jnp.ndim(log_decay) == 3:
+    g = jnp.asarray(log_decay, jnp.float32).transpose(0, 2, 1)[..., None]
   else:
-    g = jnp.asarray(log_decay, jnp.float32).transpose(0, 2, 1)
+    g = jnp.asarray(log_decay, jnp.float32).transpose(0, 2, 1, 3)
   if segment_ids is None:
     keep = jnp.ones((b, t), jnp.float32)
   else:
@@ -165,34 +180,45 @@ def _finish(out, q, normalize, v_dim):
   return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
+def _decayed_scores(q, k, cum, visible):
+  """sum_d q_td k_sd exp(cum_td - cum_sd) where visible[t, s], else 0.
+
+  q, k [..., T, Dk]; cum [..., T, G] (G = 1: one decay for every channel, a matmul; G = Dk:
+  per channel, through a [..., T, T, Dk] tensor); visible [..., T, T] broadcastable.
+  """
+  diff = cum[..., :, None, :] - cum[..., None, :, :]  # [..., T, T, G]
+  decay = jnp.exp(jnp.where(visible[..., None], diff, -jnp.inf))
+  if cum.shape[-1] == 1:
+    return jnp.einsum("...td,...sd->...ts", q, k) * decay[..., 0]
+  return jnp.einsum("...td,...sd,...tsd->...ts", q, k, decay)
+
+
 def _reference(qh, kh, vh, g, keep, s0, scale):
   t = qh.shape[2]
-  cum = jnp.cumsum(g, axis=-1)  # G_t, [B, N, T]
+  cum = jnp.cumsum(g, axis=2)  # G_t, [B, N, T, G]
   document = jnp.cumsum(1.0 - keep, axis=-1)  # which document of the row t is in, [B, T]
   same = document[:, :, None] == document[:, None, :]
   visible = (jnp.tril(jnp.ones((t, t), bool)) & same)[:, None]  # [B, 1, T, T]
-  decay = jnp.exp(jnp.where(visible, cum[..., :, None] - cum[..., None, :], -jnp.inf))
-  hi = lax.Precision.HIGHEST
-  scores = jnp.einsum("bntd,bnsd->bnts", qh, kh, precision=hi) * decay
-  first = (document == 0)[:, None, :]  # t still in the initial state's document
-  carried = jnp.where(first, jnp.exp(cum), 0.0)[..., None]
-  out = jnp.einsum("bnts,bnse->bnte", scores, vh, precision=hi)
-  out = scale * (out + carried * jnp.einsum("bntd,bnde->bnte", qh, s0, precision=hi))
-  last = document[:, -1:]
-  to_end = jnp.where((document == last)[:, None, :], jnp.exp(cum[..., -1:] - cum), 0.0)
-  final = jnp.einsum("bnsd,bnse->bnde", kh * to_end[..., None], vh, precision=hi)
-  final = final + jnp.where(last == 0, jnp.exp(cum[..., -1]), 0.0)[..., None, None] * s0
-  return out, final
+  with jax.default_matmul_precision("highest"):
+    scores = _decayed_scores(qh, kh, cum, visible)
+    first = (document == 0)[:, None, :, None]  # t still in the initial state's document
+    carried = jnp.where(first, jnp.exp(cum), 0.0)
+    out = jnp.einsum("bnts,bnse->bnte", scores, vh)
+    out = scale * (out + jnp.einsum("bntd,bnde->bnte", qh * carried, s0))
+    last = document[:, -1:]
+    to_end = jnp.where((document == last)[:, None, :, None], jnp.exp(cum[:, :, -1:] - cum), 0.0)
+    final = jnp.einsum("bnsd,bnse->bnde", kh * to_end, vh)
+  through = jnp.where((last == 0)[..., None], jnp.exp(cum[:, :, -1]), 0.0)  # [B, N, G]
+  return out, final + through[..., None] * s0
 
 
 def _recurrent(qh, kh, vh, g, keep, s0, scale):
-  hi = lax.Precision.HIGHEST
-
   def step(state, xs):
-    q_t, k_t, v_t, g_t, keep_t = xs  # [B, N, Dk], [B, N, Dk], [B, N, Dv], [B, N], [B]
-    factor = jnp.exp(g_t) * keep_t[:, None]
-    state = factor[..., None, None] * state + k_t[..., :, None] * v_t[..., None, :]
-    return state, scale * jnp.einsum("bnd,bnde->bne", q_t, state, precision=hi)
+    q_t, k_t, v_t, g_t, keep_t = xs  # [B, N, Dk], [B, N, Dk], [B, N, Dv], [B, N, G], [B]
+    factor = jnp.exp(g_t) * keep_t[:, None, None]
+    state = factor[..., None] * state + k_t[..., :, None] * v_t[..., None, :]
+    out = jnp.einsum("bnd,bnde->bne", q_t, state, precision=lax.Precision.HIGHEST)
+    return state, scale * out
 
   time_major = lambda x: jnp.moveaxis(x, 2, 0)
   final, out = lax.scan(step, s0, (time_major(qh), time_major(kh), time_major(vh),
@@ -201,50 +227,46 @@ def _recurrent(qh, kh, vh, g, keep, s0, scale):
 
 
 def _chunked(qh, kh, vh, g, keep, s0, scale, chunk):
-  b, n, t, dk = qh.shape
+  b, n, t, _ = qh.shape
   c = min(chunk, t)
   pad = -t % c
   # Padded steps have zero q, k, v, decay 1 and no reset: the state passes through unchanged.
-  qh, kh, vh, g = (jnp.pad(x, [(0, 0)] * 2 + [(0, pad)] + [(0, 0)] * (x.ndim - 3))
-                   for x in (qh, kh, vh, g))
+  qh, kh, vh, g = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (qh, kh, vh, g))
   keep = jnp.pad(keep, ((0, 0), (0, pad)), constant_values=1.0)
   nc = (t + pad) // c
-  chunks = lambda x: x.reshape(b, n, nc, c, *x.shape[3:])
+  chunks = lambda x: x.reshape(b, n, nc, c, x.shape[-1])
   qc, kc, vc = chunks(qh), chunks(kh), chunks(vh)
-  cum = jnp.cumsum(chunks(g), axis=-1)  # b_t: log decay from the chunk's start, [B, N, Nc, C]
+  cum = jnp.cumsum(chunks(g), axis=3)  # log decay from the chunk's start, [B, N, Nc, C, G]
   # Resets so far inside the chunk, [B, 1, Nc, C]: equal counts = same document.
   resets = jnp.cumsum(1.0 - keep.reshape(b, 1, nc, c), axis=-1)
-  causal = jnp.tril(jnp.ones((c, c), bool))
-  visible = causal & (resets[..., :, None] == resets[..., None, :])
-  decay = jnp.exp(jnp.where(visible, cum[..., :, None] - cum[..., None, :], -jnp.inf))
-  scores = jnp.einsum("bnctd,bncsd->bncts", qc, kc) * decay
-  inner = jnp.einsum("bncts,bncse->bncte", scores, vc)
+  visible = jnp.tril(jnp.ones((c, c), bool)) & (resets[..., :, None] == resets[..., None, :])
+  inner = jnp.einsum("bncts,bncse->bncte", _decayed_scores(qc, kc, cum, visible), vc)
 
   # What each chunk adds to the state, and how the state entering it decays through it.
-  last_doc = resets[..., -1:] == resets
-  to_end = jnp.where(last_doc, jnp.exp(cum[..., -1:] - cum), 0.0)
-  added = jnp.einsum("bncsd,bncse->bncde", kc * to_end[..., None], vc)  # [B, N, Nc, Dk, Dv]
-  through = jnp.where(resets[..., -1] == 0, jnp.exp(cum[..., -1]), 0.0)  # [B, N, Nc]
+  last = cum[:, :, :, -1:]  # [B, N, Nc, 1, G]
+  to_end = jnp.where((resets[..., -1:] == resets)[..., None], jnp.exp(last - cum), 0.0)
+  added = jnp.einsum("bncsd,bncse->bncde", kc * to_end, vc)  # [B, N, Nc, Dk, Dv]
+  through = jnp.where((resets[..., -1] == 0)[..., None], jnp.exp(last[:, :, :, 0]), 0.0)
 
   def pass_state(state, xs):
-    added_c, through_c = xs
-    return through_c[..., None, None] * state + added_c, state
+    added_c, through_c = xs  # [B, N, Dk, Dv], [B, N, G]
+    return through_c[..., None] * state + added_c, state
 
   final, entering = lax.scan(pass_state, s0, (jnp.moveaxis(added, 2, 0),
                                               jnp.moveaxis(through, 2, 0)))
   entering = jnp.moveaxis(entering, 0, 2)  # the state before each chunk, [B, N, Nc, Dk, Dv]
-  from_start = jnp.where(resets == 0, jnp.exp(cum), 0.0)[..., None]
-  outer = from_start * jnp.einsum("bnctd,bncde->bncte", qc, entering)
+  from_start = jnp.where((resets == 0)[..., None], jnp.exp(cum), 0.0)
+  outer = jnp.einsum("bnctd,bncde->bncte", qc * from_start, entering)
   out = scale * (inner + outer).reshape(b, n, t + pad, -1)[:, :, :t]
   return out, final
 
 
 def _pallas(qh, kh, vh, g, s0, scale, chunk):
-  """The Pallas kernel on head-major inputs (no resets)."""
+  """The Pallas kernel on head-major inputs (scalar decay, no resets)."""
   to_btnd = lambda x: x.transpose(0, 2, 1, 3)
   out, final = linear_kernel.linear_attention(
-      to_btnd(qh), to_btnd(kh), to_btnd(vh), log_decay=g.transpose(0, 2, 1), initial_state=s0,
-      chunk_size=chunk, scale=scale)
+      to_btnd(qh), to_btnd(kh), to_btnd(vh), log_decay=g[..., 0].transpose(0, 2, 1),
+      initial_state=s0, chunk_size=chunk, scale=scale)
   return to_btnd(out), final
 
 
@@ -257,22 +279,24 @@ def linear_attention(q, k, v, *, log_decay=None, segment_ids=None, initial_state
     q: [B, T, N, Dk] queries, after the mixer's feature map.
     k: [B, T, N, Dk] keys, after the feature map.
     v: [B, T, N, Dv] values.
-    log_decay: None (no decay), [N] or [B, T, N]: log a_t, the factor the state is multiplied
-      by before step t adds to it (<= 0 for a decay). Differentiable.
+    log_decay: None (no decay), [N], [B, T, N] or [B, T, N, Dk] (per key channel: GLA):
+      log a_t, the factor the state (its rows, per channel) is multiplied by before step t adds
+      to it (<= 0 for a decay). Differentiable.
     segment_ids: [B, T] document ids of a packed batch (None: one document per row); the state
       restarts from zero where the id changes.
     initial_state: the state before step 0 (`state_shape`), e.g. a decode cache's; None = 0.
     normalize: divide by q_t . z_t (z the decayed sum of keys); the state gains a column.
     scale: multiplies q (1 = the recurrence as written; RetNet and Lightning use Dk ** -0.5).
     impl: "auto" or one of `LINEAR_ATTENTION.names`.
-    chunk_size: C of the chunked forms (None: 64, or T when shorter; the kernel's default).
+    chunk_size: C of the chunked forms (None: 64, 16 with a per-channel decay, or T when
+      shorter; the kernel's default).
 
   Returns:
     (out [B, T, N, Dv] in q.dtype, final_state [B, N, Dk, Dv (+1)] float32).
   """
   _check(q, k, v, log_decay, segment_ids, initial_state, normalize)
   b, t = q.shape[:2]
-  decay = "none" if log_decay is None else ("head" if jnp.ndim(log_decay) == 1 else "step")
+  decay = _decay_kind(log_decay)
   call = LinearAttentionCall(length=t, has_segments=segment_ids is not None, decay=decay)
   name = dispatch.resolve(LINEAR_ATTENTION, impl, call).impl
   qh, kh, vh, g, keep, s0 = _prepare(q, k, v, log_decay, segment_ids, initial_state, normalize)
@@ -281,7 +305,8 @@ def linear_attention(q, k, v, *, log_decay=None, segment_ids=None, initial_state
   elif name == "recurrent":
     out, final = _recurrent(qh, kh, vh, g, keep, s0, scale)
   elif name == "chunked":
-    out, final = _chunked(qh, kh, vh, g, keep, s0, scale, chunk_size or DEFAULT_CHUNK)
+    default = DEFAULT_CHUNK_PER_CHANNEL if decay == "channel" else DEFAULT_CHUNK
+    out, final = _chunked(qh, kh, vh, g, keep, s0, scale, chunk_size or default)
   else:
     out, final = _pallas(qh, kh, vh, g, s0, scale, chunk_size)
   return _finish(out, q, normalize, v.shape[3]), final

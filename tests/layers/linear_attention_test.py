@@ -53,7 +53,8 @@ class ConfigTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("unknown_feature_map", {"model.linear.feature_map": "cos"},
-       r"model\.linear\.feature_map='cos': unknown choice \(valid: elu1, identity, relu, taylor2\)"),
+       r"model\.linear\.feature_map='cos': unknown choice "
+       r"\(valid: elu1, identity, relu, taylor2\)"),
       ("normalized_identity", {"model.linear.feature_map": "identity"},
        r"model\.linear\.normalize=True: needs a non-negative feature map"),
       ("unknown_impl", {"model.linear.impl": "flash"},

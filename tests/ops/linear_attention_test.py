@@ -32,7 +32,10 @@ def _inputs(seed=0, dtype=jnp.float32, t=T, decay="step", segments=False, state=
           for _ in range(2))
   v = jnp.asarray(rng.normal(size=(B, t, N, DV)), jnp.float32)
   log_decay = {"none": None, "head": jnp.asarray(np.log([0.9, 0.6]), jnp.float32),
-               "step": jnp.asarray(-rng.uniform(0.0, 0.5, size=(B, t, N)), jnp.float32)}[decay]
+               "step": jnp.asarray(-rng.uniform(0.0, 0.5, size=(B, t, N)), jnp.float32),
+               # per key channel (GLA), some channels decaying fast (a = e^-4 per step)
+               "channel": jnp.asarray(-rng.uniform(0.0, 4.0, size=(B, t, N, DK)),
+                                      jnp.float32)}[decay]
   segment_ids = None
   if segments:  # row 0: three documents; row 1: one document starting at 0 and a second one
     segment_ids = jnp.asarray([[0] * 3 + [1] * (t - 7) + [2] * 4, [5] * (t - 2) + [6] * 2])
@@ -56,12 +59,13 @@ def _numpy_loop(q, k, v, log_decay, segment_ids, initial_state, normalize, scale
       state = (np.zeros((dk, dv + int(normalize))) if initial_state is None
                else np.asarray(initial_state, np.float64)[i, h])
       for s in range(t):
-        a = 1.0
+        a = np.ones((dk, 1))  # the factor of each state row (key channel)
         if log_decay is not None:
           g = np.asarray(log_decay, np.float64)
-          a = np.exp(g[h] if g.ndim == 1 else g[i, s, h])
+          a = a * np.exp({1: lambda: g[h], 3: lambda: g[i, s, h],
+                          4: lambda: g[i, s, h][:, None]}[g.ndim]())
         if segment_ids is not None and s > 0 and segment_ids[i, s] != segment_ids[i, s - 1]:
-          a = 0.0
+          a = 0.0 * a
         value = np.append(v[i, s, h], 1.0) if normalize else v[i, s, h]
         state = a * state + np.outer(k[i, s, h], value)
         o = scale * q[i, s, h] @ state
@@ -74,7 +78,8 @@ class FormsTest(parameterized.TestCase):
 
   # Each option alone and together (every combination would compile 24 programs).
   @parameterized.parameters(("none", False, False, False), ("head", True, True, True),
-                            ("step", True, False, True), ("step", False, True, False))
+                            ("step", True, False, True), ("step", False, True, False),
+                            ("channel", True, True, True))
   def test_recurrent_equals_a_numpy_loop(self, decay, segments, state, normalize):
     args = _inputs(decay=decay, segments=segments, state=state, normalize=normalize)
     out, final = _op(**args, impl="recurrent", scale=0.5)
@@ -85,7 +90,8 @@ class FormsTest(parameterized.TestCase):
     np.testing.assert_allclose(final, want_final, atol=2e-5, rtol=2e-5)
 
   @parameterized.product(impl=("reference", "chunked"),
-                         options=(("none", False, False), ("step", True, True)))
+                         options=(("none", False, False), ("step", True, True),
+                                  ("channel", True, True)))
   def test_forms_equal_the_recurrence_forward_and_gradients(self, impl, options):
     decay, segments, normalize = options
     args = _inputs(seed=1, decay=decay, segments=segments, state=True, normalize=normalize)
@@ -210,10 +216,15 @@ class DispatchTest(absltest.TestCase):
     self.assertIn("segment_ids", resolution.reason)
     with self.assertRaisesRegex(ValueError, "impl='pallas' cannot serve .*segment_ids"):
       dispatch.resolve(la.LINEAR_ATTENTION, "pallas", packed, backend="cpu")
+    per_channel = dataclasses.replace(call, decay="channel")
+    resolution = dispatch.resolve(la.LINEAR_ATTENTION, "auto", per_channel, backend="gpu")
+    self.assertEqual(resolution.impl, "chunked")
+    self.assertIn("not per channel", resolution.reason)
 
   def test_bad_shapes_name_the_argument(self):
     args = _inputs()
-    with self.assertRaisesRegex(ValueError, r"log_decay must be \[N=2\]"):
+    with self.assertRaisesRegex(ValueError,
+                                r"log_decay must be \[N=2\], .* or \[B, T, N, Dk=4\]"):
       _op(args["q"], args["k"], args["v"], log_decay=jnp.zeros(3))
     with self.assertRaisesRegex(ValueError, r"initial_state must be \[2, 2, 4, 4\]"):
       _op(args["q"], args["k"], args["v"], normalize=True,

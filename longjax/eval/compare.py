@@ -13,6 +13,7 @@ import os
 
 from longjax import configuration
 from longjax.eval import harness, plots
+from longjax.models import registry
 from longjax.training import state as state_lib
 
 Overrides = dict[str, object]
@@ -73,7 +74,15 @@ def method_overrides(name: str, config, target_length: int) -> Overrides:
   if name not in EVAL_METHODS:
     raise configuration.ConfigError("--compare", name, "unknown evaluation method",
                                     sorted(EVAL_METHODS))
-  return EVAL_METHODS[name](config, target_length)
+  overrides = EVAL_METHODS[name](config, target_length)
+  # Every method changes softmax attention layers or the encoding they apply: on a model
+  # without one (e.g. mixers="retnet") it would silently measure the unchanged model.
+  if overrides and not any(entry.spec is registry.MIXERS["attention"]
+                           for entry in registry.parse_mixers(config.model.mixers, config.model)):
+    raise configuration.ConfigError(
+        "--compare", name, "changes softmax attention layers (their window, scaling or position "
+        f"encoding), but model.mixers={config.model.mixers!r} has none", ["none"])
+  return overrides
 
 
 def apply_overrides(config, overrides: Overrides):

@@ -77,6 +77,17 @@ class MethodOverridesTest(absltest.TestCase):
                                 "^model.attention.normalizer='softmax': --compare=reweight"):
       compare.method_overrides("reweight", testing.tiny_config(), 128)
 
+  def test_methods_need_an_attention_layer(self):
+    retnet = testing.tiny_config(**{"model.mixers": "retnet"})
+    self.assertEqual(compare.method_overrides("none", retnet, 128), {})
+    for method in ("yarn", "window", "log_n"):
+      with self.assertRaisesRegex(configuration.ConfigError,
+                                  f"^--compare='{method}': changes softmax attention layers .* "
+                                  "model.mixers='retnet' has none"):
+        compare.method_overrides(method, retnet, 128)
+    hybrid = testing.tiny_config(**{"model.mixers": "retnet,attention"})
+    self.assertIn("model.attention.window", compare.method_overrides("window", hybrid, 128))
+
 
 if __name__ == "__main__":
   absltest.main()

@@ -18,8 +18,6 @@ paper's per-head norm).
 Config: `model.gla` (`defaults` below); `--config.model.mixers=gla`.
 """
 
-import dataclasses
-
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -29,10 +27,9 @@ from longjax.errors import ConfigError
 from longjax.layers import caches
 from longjax.layers import dims
 from longjax.layers import params
+from longjax.layers import recurrent
 from longjax.layers.mixer import MixerSpec
 from longjax.ops import linear_attention as ops
-
-_NORM_EPS = 1e-6
 
 
 def key_dim(head_dim: int, key_factor: float) -> int:
@@ -40,7 +37,7 @@ def key_dim(head_dim: int, key_factor: float) -> int:
   return max(1, int(round(key_factor * head_dim)))
 
 
-class GatedLinearAttention(nnx.Module):
+class GatedLinearAttention(recurrent.RecurrentMixer):
   """GLA: linear attention with a data-dependent per-channel decay and an output gate."""
 
   def __init__(self, width: int, num_heads: int, head_dim: int, *, key_factor: float = 0.5,
@@ -68,18 +65,12 @@ class GatedLinearAttention(nnx.Module):
                               (num_heads, head_dim, width),
                               (params.HEADS, params.HEAD_DIM, params.EMBED))
     self.num_heads = num_heads
-    self.head_dim = head_dim
-    self.key_dim = dk
+    self.key_dim, self.value_dim = dk, head_dim
+    self.normalize = False
     self.gate_temperature = float(gate_temperature)
     self.impl = impl
     self.chunk_size = chunk_size or None
     self.dtype = dtype
-
-  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> caches.RecurrentState:
-    """The [B, N, Dk, H] state, whatever `max_length`."""
-    del max_length, dtype  # the state is float32 and constant in the length
-    return caches.RecurrentState.empty(ops.state_shape(batch_size, self.num_heads, self.key_dim,
-                                                       self.head_dim, normalize=False))
 
   def log_decay(self, x: jax.Array) -> jax.Array:
     """log alpha_t = log sigmoid(x W_a1 W_a2 + b) / tau: [B, T, N, Dk] float32, < 0."""
@@ -94,24 +85,14 @@ class GatedLinearAttention(nnx.Module):
     [B, T] (packed documents: the state restarts at each); cache from `init_cache` or a
     previous call. Returns (y [B, T, D], the new cache or None)."""
     del positions
-    if cache is not None and segment_ids is not None:
-      raise ValueError("segment_ids are for packed training batches; a cache holds one sequence "
-                       "per row")
     x = x.astype(self.dtype)
     qk = jnp.einsum("btd,dcnh->btcnh", x, self.w_qk.value.astype(self.dtype))
     vr = jnp.einsum("btd,dcnh->btcnh", x, self.w_vr.value.astype(self.dtype))
-    out, state = ops.linear_attention(
-        qk[:, :, 0], qk[:, :, 1], vr[:, :, 0], log_decay=self.log_decay(x),
-        segment_ids=segment_ids, initial_state=None if cache is None else cache.state,
-        scale=self.key_dim ** -0.5, impl=self.impl, chunk_size=self.chunk_size)
-    out32 = out.astype(jnp.float32)
-    normed = out32 * jax.lax.rsqrt(jnp.mean(out32 * out32, axis=-1, keepdims=True) + _NORM_EPS)
-    gated = jax.nn.swish(vr[:, :, 1].astype(jnp.float32)) * normed * self.norm_scale.value
-    if cache is not None:
-      cache = dataclasses.replace(cache, state=state, end=cache.end + x.shape[1])
-    y = jnp.einsum("btnh,nhd->btd", gated.astype(self.dtype), self.w_out.value.astype(self.dtype))
-    return y, cache
-
+    out, cache = self._attend(qk[:, :, 0], qk[:, :, 1], vr[:, :, 0], segment_ids=segment_ids,
+                              cache=cache, log_decay=self.log_decay(x),
+                              scale=self.key_dim ** -0.5)
+    normed = recurrent.rms_normalize(out) * self.norm_scale.value
+    return self._project_out(jax.nn.swish(vr[:, :, 1].astype(jnp.float32)) * normed), cache
 
 def defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()

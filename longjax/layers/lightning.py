@@ -20,8 +20,6 @@ The maths is `longjax.ops.linear_attention` (chunked: Lightning Attention-2's in
 split; the Pallas kernel on TPU/GPU). Config: `model.lightning`.
 """
 
-import dataclasses
-
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -31,11 +29,10 @@ from longjax.errors import ConfigError
 from longjax.layers import caches
 from longjax.layers import dims
 from longjax.layers import params
+from longjax.layers import recurrent
 from longjax.layers.mixer import MixerSpec
 from longjax.ops import linear_attention as ops
 from longjax.posenc import alibi
-
-_NORM_EPS = 1e-6
 
 
 def lightning_log_decay(num_heads: int, decay_scale: float) -> jax.Array:
@@ -43,7 +40,7 @@ def lightning_log_decay(num_heads: int, decay_scale: float) -> jax.Array:
   return -jnp.asarray(alibi.alibi_slopes(num_heads)) * decay_scale
 
 
-class Lightning(nnx.Module):
+class Lightning(recurrent.RecurrentMixer):
   """Gated linear attention with per-head decay and SRMSNorm (TransNormerLLM's token mixer)."""
 
   def __init__(self, width: int, num_heads: int, head_dim: int, *, decay_scale: float = 1.0,
@@ -57,17 +54,12 @@ class Lightning(nnx.Module):
                               (num_heads, head_dim, width),
                               (params.HEADS, params.HEAD_DIM, params.EMBED))
     self.num_heads = num_heads
-    self.head_dim = head_dim
+    self.key_dim = self.value_dim = head_dim
+    self.normalize = False
     self.decay_scale = float(decay_scale)
     self.impl = impl
     self.chunk_size = chunk_size or None
     self.dtype = dtype
-
-  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> caches.RecurrentState:
-    """The [B, N, H, H] state, whatever `max_length`."""
-    del max_length, dtype  # the state is float32 and constant in the length
-    return caches.RecurrentState.empty(ops.state_shape(batch_size, self.num_heads, self.head_dim,
-                                                       self.head_dim, normalize=False))
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
                cache: caches.RecurrentState | None = None):
@@ -75,26 +67,15 @@ class Lightning(nnx.Module):
     [B, T] (packed documents: the state restarts at each); cache from `init_cache` or a
     previous call. Returns (y [B, T, D], the new cache or None)."""
     del positions
-    if cache is not None and segment_ids is not None:
-      raise ValueError("segment_ids are for packed training batches; a cache holds one sequence "
-                       "per row")
     x = x.astype(self.dtype)
     qkvu = jnp.einsum("btd,dcnh->btcnh", x, self.w_qkvu.value.astype(self.dtype))
     q, k = jax.nn.swish(qkvu[:, :, 0]), jax.nn.swish(qkvu[:, :, 1])
-    out, state = ops.linear_attention(
-        q, k, qkvu[:, :, 2], log_decay=lightning_log_decay(self.num_heads, self.decay_scale),
-        segment_ids=segment_ids, initial_state=None if cache is None else cache.state,
-        impl=self.impl, chunk_size=self.chunk_size)
-    out32 = out.astype(jnp.float32)
+    out, cache = self._attend(
+        q, k, qkvu[:, :, 2], segment_ids=segment_ids, cache=cache,
+        log_decay=lightning_log_decay(self.num_heads, self.decay_scale))
     # SRMSNorm over all heads' features of a token (the concatenated [N * H] vector).
-    normed = out32 * jax.lax.rsqrt(jnp.mean(out32 * out32, axis=(-2, -1), keepdims=True)
-                                   + _NORM_EPS)
-    gated = qkvu[:, :, 3].astype(jnp.float32) * normed
-    if cache is not None:
-      cache = dataclasses.replace(cache, state=state, end=cache.end + x.shape[1])
-    y = jnp.einsum("btnh,nhd->btd", gated.astype(self.dtype), self.w_out.value.astype(self.dtype))
-    return y, cache
-
+    gated = qkvu[:, :, 3].astype(jnp.float32) * recurrent.rms_normalize(out, axis=(-2, -1))
+    return self._project_out(gated), cache
 
 def defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()

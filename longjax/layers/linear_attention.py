@@ -14,8 +14,6 @@ to every layer).
 Config: `model.linear` (`defaults` below); `--config.model.mixers=linear`.
 """
 
-import dataclasses
-
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -25,11 +23,12 @@ from longjax.errors import ConfigError
 from longjax.layers import caches
 from longjax.layers import dims
 from longjax.layers import params
+from longjax.layers import recurrent
 from longjax.layers.mixer import MixerSpec
 from longjax.ops import linear_attention as ops
 
 
-class LinearAttention(nnx.Module):
+class LinearAttention(recurrent.RecurrentMixer):
   """Multi-head causal linear attention with a feature map; decodes from a constant state."""
 
   def __init__(self, width: int, num_heads: int, head_dim: int, *, feature_map: str = "elu1",
@@ -49,7 +48,7 @@ class LinearAttention(nnx.Module):
                               (num_heads, head_dim, width),
                               (params.HEADS, params.HEAD_DIM, params.EMBED))
     self.num_heads = num_heads
-    self.head_dim = head_dim
+    self.value_dim = head_dim
     self.feature_map = feature_map
     self.key_dim = ops.feature_size(feature_map, feature_dim)  # Dk of the state
     self.normalize = normalize
@@ -57,33 +56,20 @@ class LinearAttention(nnx.Module):
     self.chunk_size = chunk_size or None
     self.dtype = dtype
 
-  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> caches.RecurrentState:
-    """The [B, N, Dk, H (+1)] state, whatever `max_length` (the recurrence needs no history)."""
-    del max_length, dtype  # the state is float32 and constant in the length
-    return caches.RecurrentState.empty(ops.state_shape(batch_size, self.num_heads, self.key_dim,
-                                                       self.head_dim, self.normalize))
-
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
                cache: caches.RecurrentState | None = None):
     """Args: x [B, T, D]; positions [B, T] (unused: see the module docstring); segment_ids
     [B, T] (packed documents: the state restarts at each); cache from `init_cache` or a
     previous call. Returns (y [B, T, D], the new cache or None)."""
     del positions
-    if cache is not None and segment_ids is not None:
-      raise ValueError("segment_ids are for packed training batches; a cache holds one sequence "
-                       "per row")
     x = x.astype(self.dtype)
     qk = jnp.einsum("btd,dcnh->btcnh", x, self.w_qk.value.astype(self.dtype))
     v = jnp.einsum("btd,dnh->btnh", x, self.w_v.value.astype(self.dtype))
     phi = ops.FEATURE_MAPS[self.feature_map]
     q, k = phi(qk[:, :, 0]), phi(qk[:, :, 1])
-    out, state = ops.linear_attention(
-        q, k, v, segment_ids=segment_ids, initial_state=None if cache is None else cache.state,
-        normalize=self.normalize, scale=1.0 if self.normalize else self.key_dim ** -0.5,
-        impl=self.impl, chunk_size=self.chunk_size)
-    if cache is not None:
-      cache = dataclasses.replace(cache, state=state, end=cache.end + x.shape[1])
-    return jnp.einsum("btnh,nhd->btd", out, self.w_out.value.astype(self.dtype)), cache
+    out, cache = self._attend(q, k, v, segment_ids=segment_ids, cache=cache,
+                              scale=1.0 if self.normalize else self.key_dim ** -0.5)
+    return self._project_out(out), cache
 
 
 def defaults() -> ml_collections.ConfigDict:

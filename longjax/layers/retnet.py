@@ -17,7 +17,6 @@ The parallel, chunked and recurrent forms are `longjax.ops.linear_attention` wit
 Config: `model.retnet` (`defaults` below); `--config.model.mixers=retnet`.
 """
 
-import dataclasses
 import math
 
 from flax import nnx
@@ -29,11 +28,10 @@ from longjax.errors import ConfigError
 from longjax.layers import caches
 from longjax.layers import dims
 from longjax.layers import params
+from longjax.layers import recurrent
 from longjax.layers.mixer import MixerSpec
 from longjax.ops import linear_attention as ops
 from longjax.posenc import rope
-
-_NORM_EPS = 1e-6
 
 
 def retention_log_decay(num_heads: int) -> jax.Array:
@@ -41,7 +39,7 @@ def retention_log_decay(num_heads: int) -> jax.Array:
   return jnp.log1p(-(2.0 ** (-5.0 - jnp.arange(num_heads, dtype=jnp.float32))))
 
 
-class Retention(nnx.Module):
+class Retention(recurrent.RecurrentMixer):
   """Multi-scale retention with the swish gate and per-head normalisation."""
 
   def __init__(self, width: int, num_heads: int, head_dim: int, *, value_factor: int = 2,
@@ -59,43 +57,29 @@ class Retention(nnx.Module):
                               (num_heads, value_dim, width),
                               (params.HEADS, params.HEAD_DIM, params.EMBED))
     self.num_heads = num_heads
-    self.head_dim = head_dim
+    self.key_dim = head_dim
     self.value_dim = value_dim
+    self.normalize = False
     self.rope_theta = float(rope_theta)
     self.impl = impl
     self.chunk_size = chunk_size or None
     self.dtype = dtype
-
-  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> caches.RecurrentState:
-    """The [B, N, H, Hv] state, whatever `max_length`."""
-    del max_length, dtype  # the state is float32 and constant in the length
-    return caches.RecurrentState.empty(ops.state_shape(batch_size, self.num_heads, self.head_dim,
-                                                       self.value_dim, normalize=False))
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
                cache: caches.RecurrentState | None = None):
     """Args: x [B, T, D]; positions [B, T] int32; segment_ids [B, T] (packed documents: the
     state restarts at each); cache from `init_cache` or a previous call. Returns (y [B, T, D],
     the new cache or None)."""
-    if cache is not None and segment_ids is not None:
-      raise ValueError("segment_ids are for packed training batches; a cache holds one sequence "
-                       "per row")
     x = x.astype(self.dtype)
     qk = jnp.einsum("btd,dcnh->btcnh", x, self.w_qk.value.astype(self.dtype))
     vg = jnp.einsum("btd,dcnh->btcnh", x, self.w_vg.value.astype(self.dtype))
-    inv_freq = rope.rope_inv_freq(self.head_dim, self.rope_theta)
+    inv_freq = rope.rope_inv_freq(self.key_dim, self.rope_theta)
     q, k = (rope.apply_rope(qk[:, :, i], positions, inv_freq) for i in (0, 1))
-    out, state = ops.linear_attention(
-        q, k, vg[:, :, 0], log_decay=retention_log_decay(self.num_heads),
-        segment_ids=segment_ids, initial_state=None if cache is None else cache.state,
-        scale=self.head_dim ** -0.5, impl=self.impl, chunk_size=self.chunk_size)
-    out32 = out.astype(jnp.float32)
-    normed = out32 * jax.lax.rsqrt(jnp.mean(out32 * out32, axis=-1, keepdims=True) + _NORM_EPS)
-    gated = jax.nn.swish(vg[:, :, 1].astype(jnp.float32)) * normed
-    if cache is not None:
-      cache = dataclasses.replace(cache, state=state, end=cache.end + x.shape[1])
-    y = jnp.einsum("btnh,nhd->btd", gated.astype(self.dtype), self.w_out.value.astype(self.dtype))
-    return y, cache
+    out, cache = self._attend(q, k, vg[:, :, 0], segment_ids=segment_ids, cache=cache,
+                              log_decay=retention_log_decay(self.num_heads),
+                              scale=self.key_dim ** -0.5)
+    gated = jax.nn.swish(vg[:, :, 1].astype(jnp.float32)) * recurrent.rms_normalize(out)
+    return self._project_out(gated), cache
 
 
 def defaults() -> ml_collections.ConfigDict:

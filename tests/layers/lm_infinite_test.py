@@ -162,10 +162,11 @@ class LmInfiniteDecodeTest(parameterized.TestCase):
     _, graphdef, params = _lm_infinite_model(kind, 4)
     prompt = jnp.asarray(np.random.RandomState(4).randint(0, 50, (2, 5)), jnp.int32)
     out = generate(graphdef, params, prompt, jax.random.key(0), max_new_tokens=8)
-    seq = prompt
-    for _ in range(8):
+    # One compiled length: the causal model's logits at i ignore the zeros after i.
+    seq = jnp.zeros((2, 13), jnp.int32).at[:, :5].set(prompt)
+    for i in range(5, 13):
       logits, _ = _forward(graphdef, params, seq)
-      seq = jnp.concatenate([seq, jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)], 1)
+      seq = seq.at[:, i].set(jnp.argmax(logits[:, i - 1], -1).astype(jnp.int32))
     np.testing.assert_array_equal(out, seq)
 
 

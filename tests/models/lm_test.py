@@ -246,10 +246,11 @@ class GenerateTest(absltest.TestCase):
     graphdef, params = nnx.split(model)
     prompt = jnp.asarray(np.random.RandomState(4).randint(0, 50, (2, 5)), jnp.int32)
     out = generate(graphdef, params, prompt, jax.random.key(0), max_new_tokens=6)
-    seq = prompt
-    for _ in range(6):
+    # One compiled length: the causal model's logits at i ignore the zeros after i.
+    seq = jnp.zeros((2, 11), jnp.int32).at[:, :5].set(prompt)
+    for i in range(5, 11):
       logits, _ = _forward(graphdef, params, seq)
-      seq = jnp.concatenate([seq, jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)], 1)
+      seq = seq.at[:, i].set(jnp.argmax(logits[:, i - 1], -1).astype(jnp.int32))
     np.testing.assert_array_equal(out, seq)
 
   def test_top_k_samples_only_top_k(self):

@@ -265,15 +265,18 @@ class CliSmokeTest(absltest.TestCase):
     self.assertIn("Matmul peak", proc.stdout)
 
   def test_kernels_suite_tiny(self):
+    # The CLI, child processes, report and plots on two groups; every case function of every
+    # group runs in CasesTest (in-process: no interpreter start per case).
     out = os.path.join(self.create_tempdir().full_path, "kernels.json")
-    proc = _run_cli("--suite=kernels", "--sizes=tiny", f"--out={out}", "--plot")
+    proc = _run_cli("--suite=kernels", "--sizes=tiny", "--groups=attention,scan", f"--out={out}",
+                    "--plot")
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     with open(out) as f:
       report = json.load(f)
     self.assertGreater(report["peak_f32_gflops_per_s"], 0)
     self.assertEqual(report["machine"]["cpu_count"], os.cpu_count())
     seen = {(c["group"], c["impl"]): c for c in report["cases"]}
-    expected = {(g, i) for g, impls in kernels.IMPLS.items() for i in impls}
+    expected = {(g, i) for g in ("attention", "scan") for i in kernels.IMPLS[g]}
     self.assertEqual(set(seen), expected)
     for (group, impl), case in seen.items():
       with self.subTest(group=group, impl=impl):
@@ -297,6 +300,28 @@ class CliSmokeTest(absltest.TestCase):
     for plot in report["plots"]:
       self.assertTrue(os.path.exists(plot), plot)
 
+
+class CasesTest(absltest.TestCase):
+
+  def test_every_case_runs_in_process(self):
+    from longjax.benchmarks import kernel_cases  # pylint: disable=g-import-not-at-top
+    done = set()
+    for case in kernels.plan("tiny"):
+      impl = case["impl"]
+      size = {k: case[k] for k in ("t", "cache", "length", "d_model") if k in case}
+      key = (case["function"], impl, tuple(size.items()))
+      if key in done or (impl.startswith("torch") and not _torch_installed()):
+        continue
+      done.add(key)
+      with self.subTest(group=case["group"], impl=impl):
+        result = getattr(kernel_cases, case["function"])(impl, **size, repeats=1, budget_s=1,
+                                                         memory_budget=None)
+        self.assertTrue(math.isfinite(result["time_s"]) and result["time_s"] > 0)
+        if not impl.startswith("torch"):
+          self.assertGreaterEqual(result["temp_bytes"], 0)
+    self.assertContainsSubset({(g, i) for g, impls in kernels.IMPLS.items() for i in impls
+                               if not i.startswith("torch")},
+                              {(f.split("_case")[0], i) for f, i, _ in done})
 
 if __name__ == "__main__":
   absltest.main()

@@ -1,7 +1,6 @@
 """Config validation: each mistake is one line naming the field, the value and the choices."""
 
 import os
-import subprocess
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -128,11 +127,9 @@ class CommandLineErrorTest(absltest.TestCase):
 
   def test_one_line_error_and_nothing_written(self):
     workdir = os.path.join(self.create_tempdir().full_path, "run")
-    proc = subprocess.run(
-        [testing.PYTHON, "-m", "experiments.train", "--config=configs/quickstart.py:tiny",
-         f"--workdir={workdir}", "--config.model.posenc.kind=rotary"],
-        cwd=testing.REPO_ROOT, env=testing.python_env(), capture_output=True, text=True,
-        timeout=300, check=False)
+    proc = testing.run_module("experiments.train", "--config=configs/quickstart.py:tiny",
+                              f"--workdir={workdir}", "--config.model.posenc.kind=rotary",
+                              timeout=300)
     self.assertEqual(proc.returncode, 2)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     self.assertEqual(lines[-1], "error: config: model.posenc.kind='rotary': unknown choice (valid: "

@@ -98,7 +98,7 @@ def serve() -> None:
     replies.flush()
 
 
-def _jax_variables(env: dict) -> dict:
+def jax_variables(env: dict) -> dict:
   return {k: v for k, v in env.items() if k.startswith(("JAX_", "XLA_"))}
 
 
@@ -107,13 +107,13 @@ class EntryPointServer:
 
   def __init__(self, python: str, env: dict, cwd: str):
     # jax reads its JAX_* and XLA_* variables when the server imports it, before any request.
-    self._jax_env = _jax_variables(env)
+    self._jax_env = jax_variables(env)
     self._proc = subprocess.Popen([python, "-m", "tests.entry_point_server"], cwd=cwd, env=env,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
   def run(self, argv: list[str], *, cwd: str, env: dict, timeout: int = 300) -> Completed:
     """`python -m argv[0] argv[1:]` with this working directory and environment."""
-    if _jax_variables(env) != self._jax_env:
+    if jax_variables(env) != self._jax_env:
       raise ValueError("the JAX_*/XLA_* variables differ from the server's: jax read those at "
                        "import; start a server with this environment")
     request = {"argv": list(argv), "cwd": cwd, "env": env, "timeout": int(timeout)}

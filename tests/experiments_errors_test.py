@@ -10,7 +10,6 @@ import tempfile
 from absl.testing import absltest
 from absl.testing import parameterized
 
-from tests import entry_point_server
 from tests import testing
 
 _TRAIN = ("experiments.train", "--config=configs/quickstart.py:tiny")
@@ -199,14 +198,6 @@ class EntryPointErrorsTest(parameterized.TestCase):
       for rel, data in files.items():
         with open(os.path.join(cls._root, name, rel), "wb") as f:
           f.write(data)
-    # Each case is a `python -m` process of its own, forked from one that imported jax once.
-    cls._server = entry_point_server.EntryPointServer(testing.PYTHON, testing.python_env(),
-                                                      testing.REPO_ROOT)
-
-  @classmethod
-  def tearDownClass(cls):
-    cls._server.close()
-    super().tearDownClass()
 
   def _expand(self, arg, tmp):
     def run(kind):
@@ -240,7 +231,7 @@ class EntryPointErrorsTest(parameterized.TestCase):
     watched = [w for w in watched if w] + [self._root]
     before = {w: testing.tree_bytes(w) if os.path.isdir(w) else os.path.exists(w)
               for w in watched}
-    done = self._server.run([*command, *args], cwd=testing.REPO_ROOT, env=testing.python_env())
+    done = testing.run_module(*command, *args, timeout=300)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     self.assertEqual(done.returncode, code, done.stderr[-3000:])
     self.assertLen(lines, 1, done.stderr[-3000:])
@@ -257,7 +248,7 @@ class EntryPointErrorsTest(parameterized.TestCase):
     # validates it and writes nothing: the same exit code, the same output.
     tmp = self.create_tempdir().full_path
     argv = [*_TRAIN, *_data(tmp, []), "--config.train.steps=0", f"--workdir={tmp}/run"]
-    served = self._server.run(argv, cwd=testing.REPO_ROOT, env=testing.python_env())
+    served = testing.run_module(*argv, timeout=300)
     started = subprocess.run([testing.PYTHON, "-m", *argv], cwd=testing.REPO_ROOT,
                              env=testing.python_env(), capture_output=True, text=True,
                              timeout=300, check=False)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -11,9 +10,7 @@ from tests import testing
 
 
 def _run(*args, timeout=600):
-  return subprocess.run([testing.PYTHON, "-m", *args], cwd=testing.REPO_ROOT,
-                        env=testing.python_env(), capture_output=True, text=True,
-                        timeout=timeout, check=False)
+  return testing.run_module(*args, timeout=timeout)
 
 
 class HelpTest(parameterized.TestCase):

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from unittest import mock
 
 from absl.testing import absltest
@@ -115,10 +114,8 @@ class ResumeTest(absltest.TestCase):
     before = testing.tree_bytes(workdir)
     flags = testing.cli_overrides(testing.tiny_config()) + [
         f"--config.{field}={value}" for field, value in _BASE.items()]
-    done = subprocess.run(
-        [testing.PYTHON, "-m", "experiments.train", "--config=configs/quickstart.py:tiny",
-         f"--workdir={workdir}", *flags], cwd=testing.REPO_ROOT, env=testing.python_env(),
-        capture_output=True, text=True, timeout=300, check=False)
+    done = testing.run_module("experiments.train", "--config=configs/quickstart.py:tiny",
+                              f"--workdir={workdir}", *flags, timeout=300)
     self.assertEqual(done.returncode, 0, done.stderr[-3000:])
     self.assertIn("already complete at step 6 (train.steps=6); nothing to do", done.stdout)
     self.assertNotIn("Traceback", done.stderr)

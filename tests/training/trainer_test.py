@@ -18,7 +18,15 @@ def _losses(workdir):
   return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
 
 
+def _train(workdir, *extra, env=None):
+  """Runs the train entry point to its end (forked from a warm server: testing.run_module)."""
+  return testing.run_module("experiments.train", "--config=configs/quickstart.py:tiny",
+                            f"--workdir={workdir}", *testing.cli_overrides(testing.tiny_config()),
+                            *extra, env=env)
+
+
 def _train_cli(workdir, *extra, env=None):
+  """The train entry point as a cold process of its own, for tests that signal it."""
   cmd = [testing.PYTHON, "-m", "experiments.train", "--config=configs/quickstart.py:tiny",
          f"--workdir={workdir}", *testing.cli_overrides(testing.tiny_config()), *extra]
   return subprocess.Popen(cmd, cwd=testing.REPO_ROOT, env=env or testing.python_env(),
@@ -69,16 +77,14 @@ class TrainerTest(absltest.TestCase):
     resumed = self.create_tempdir().full_path
     env = testing.python_env()
     env[checkpoints._SIGKILL_IN_SAVE_ENV] = "15"  # pylint: disable=protected-access
-    proc = _train_cli(resumed, *flags, env=env)
-    proc.communicate(timeout=600)
+    proc = _train(resumed, *flags, env=env)
     self.assertEqual(proc.returncode, -signal.SIGKILL)
     self.assertGreaterEqual(max(_losses(resumed)), 15)
     self.assertEqual(sorted(os.listdir(os.path.join(resumed, "checkpoints"))),
                      ["10", "15.orbax-checkpoint-tmp", "5"])  # killed mid-save
-    proc = _train_cli(resumed, *flags)
-    _, err = proc.communicate(timeout=600)
-    self.assertEqual(proc.returncode, 0, err[-2000:])
-    self.assertIn("resuming from the checkpoint of step 10", err)
+    proc = _train(resumed, *flags)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    self.assertIn("resuming from the checkpoint of step 10", proc.stderr)
 
     a, b = _losses(straight), _losses(resumed)
     self.assertEqual(sorted(b), list(range(1, 21)))  # steps 11..15+ were not logged twice
@@ -101,10 +107,9 @@ class TrainerTest(absltest.TestCase):
       for name in files:
         with open(os.path.join(root, name), "r+b") as f:
           f.truncate(max(os.path.getsize(os.path.join(root, name)) // 3, 1))
-    proc = _train_cli(resumed, *flags)
-    _, err = proc.communicate(timeout=600)
-    self.assertEqual(proc.returncode, 0, err[-2000:])
-    self.assertIn("checkpoint step 20 could not be restored", err)
+    proc = _train(resumed, *flags)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    self.assertIn("checkpoint step 20 could not be restored", proc.stderr)
     self.assertTrue(os.path.isdir(os.path.join(resumed, "checkpoints_corrupt", "20")))
     self.assertEqual(_losses(resumed), a)
     flat_c = testing.checkpoint_arrays(resumed, 20)

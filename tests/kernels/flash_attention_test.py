@@ -248,9 +248,12 @@ class FlashAttentionPropertyTest(absltest.TestCase):
     if segments:
       kwargs.update(q_segment_ids=packed_segments(t, b, t, num_docs=2),
                     kv_segment_ids=packed_segments(s, b, s, num_docs=2))
-    out, lse = flash_attention(q, k, v, block_q=block_q, block_k=block_k, backend=variant,
-                               return_lse=True, **kwargs)
-    want_out, want_lse = flash_attention_reference(q, k, v, return_lse=True, **kwargs)
+    # One jitted program per example (kernel and reference), not one per op.
+    out, lse = jax.jit(lambda q, k, v: flash_attention(
+        q, k, v, block_q=block_q, block_k=block_k, backend=variant, return_lse=True,
+        **kwargs))(q, k, v)
+    want_out, want_lse = jax.jit(lambda q, k, v: flash_attention_reference(
+        q, k, v, return_lse=True, **kwargs))(q, k, v)
     assert_close(self, out, want_out, 2e-5, "out")
     assert_close(self, lse, want_lse, 2e-5, "lse")
 

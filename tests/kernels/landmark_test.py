@@ -118,7 +118,9 @@ class ReferenceTest(parameterized.TestCase):
       is_landmark[0, [2, 3, 7]] = True
       is_landmark[1, [4, 9]] = True
       kwargs = dict(is_landmark=jnp.asarray(is_landmark))
-    out, lse = landmark_attention_reference(q, k, v, return_lse=True, **kwargs)
+    # Jitted: one compiled program instead of one per op.
+    out, lse = jax.jit(lambda q, k, v: landmark_attention_reference(
+        q, k, v, return_lse=True, **kwargs))(q, k, v)
     want_out, want_lse = naive_landmark(q, k, v, is_landmark, h ** -0.5)
     assert_close(self, out, want_out, 1e-5, "out")
     assert_close(self, lse, want_lse, 1e-5, "lse")
@@ -174,11 +176,14 @@ class LandmarkAttentionTest(parameterized.TestCase):
     q = q.at[..., 0].set(1.0)
     k = k.at[..., 0].set(jnp.where(is_landmark, -1e4 / h ** -0.5, 0.0)[None, :, None])
     blocks = jnp.broadcast_to(jnp.arange(t) // landmark_block, (b, t))
-    want = flash_attention_reference(
-        q, k, v, q_segment_ids=blocks, kv_segment_ids=jnp.where(is_landmark, -1, blocks))
+    # Each form jitted: one compiled program instead of one per op.
+    want = jax.jit(lambda q, k, v: flash_attention_reference(
+        q, k, v, q_segment_ids=blocks, kv_segment_ids=jnp.where(is_landmark, -1, blocks)))(
+            q, k, v)
     for fn in (landmark_attention_reference,
                functools.partial(landmark_attention, block_q=8, block_k=8)):
-      assert_close(self, fn(q, k, v, landmark_block=landmark_block), want, 2e-5, str(fn))
+      got = jax.jit(functools.partial(fn, landmark_block=landmark_block))(q, k, v)
+      assert_close(self, got, want, 2e-5, str(fn))
 
   def test_rejects_bad_inputs(self):
     q, k, v = random_inputs(0, 1, 8, 2, 1, 8, jnp.float32)

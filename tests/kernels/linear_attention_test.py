@@ -76,6 +76,18 @@ def f32_reference(q, k, v, **kwargs):
                                     v.astype(jnp.float32), **kwargs)
 
 
+# The forms jitted once for the module: one compiled program per call signature (shared by the
+# cases that differ only in the kernel's chunk or variant) instead of one per op.
+_STATIC = ("scale", "return_final_state")
+jit_kernel = jax.jit(linear_attention,
+                     static_argnames=_STATIC + ("chunk_size", "interpret", "backend"))
+jit_recurrent = jax.jit(linear_attention_recurrent, static_argnames=_STATIC)
+jit_reference = jax.jit(linear_attention_reference, static_argnames=_STATIC)
+jit_f32_reference = jax.jit(f32_reference, static_argnames=_STATIC)
+# One object, so that `outputs_and_grads` (static in `fn`) compiles it once per signature.
+_F32_REFERENCE_HALF = functools.partial(f32_reference, scale=0.5)
+
+
 class ReferenceTest(parameterized.TestCase):
 
   @parameterized.product(decay=DECAYS, with_state=(False, True))
@@ -83,8 +95,8 @@ class ReferenceTest(parameterized.TestCase):
     q, k, v, log_decay, state = random_inputs(0, 2, 37, 4, 2, 6, 5, jnp.float32, decay,
                                               with_state)
     kwargs = dict(log_decay=log_decay, initial_state=state, scale=0.7)
-    out, final = linear_attention_reference(q, k, v, **kwargs)
-    want_out, want_final = linear_attention_recurrent(q, k, v, **kwargs)
+    out, final = jit_reference(q, k, v, **kwargs)
+    want_out, want_final = jit_recurrent(q, k, v, **kwargs)
     assert_close(self, out, want_out, 1e-5, "out")
     assert_close(self, final, want_final, 1e-5, "final state")
 
@@ -98,11 +110,10 @@ class ForwardTest(parameterized.TestCase):
     q, k, v, log_decay, state = random_inputs(1, 2, 50, 2, 2, 12, 8, jnp.float32, decay,
                                               with_state)
     kwargs = dict(log_decay=log_decay, initial_state=state)
-    out, final = linear_attention(q, k, v, chunk_size=chunk, backend=variant, **kwargs)
+    out, final = jit_kernel(q, k, v, chunk_size=chunk, backend=variant, **kwargs)
     self.assertEqual(out.dtype, jnp.float32)
     self.assertEqual(final.dtype, jnp.float32)
-    for name, fn in (("recurrent", linear_attention_recurrent),
-                     ("reference", linear_attention_reference)):
+    for name, fn in (("recurrent", jit_recurrent), ("reference", jit_reference)):
       want_out, want_final = fn(q, k, v, **kwargs)
       assert_close(self, out, want_out, 1e-5, f"out vs {name}")
       assert_close(self, final, want_final, 1e-5, f"final state vs {name}")
@@ -111,9 +122,9 @@ class ForwardTest(parameterized.TestCase):
   def test_bf16_matches_reference(self, decay, variant):
     q, k, v, log_decay, state = random_inputs(2, 1, 45, 4, 2, 16, 16, jnp.bfloat16, decay, True)
     kwargs = dict(log_decay=log_decay, initial_state=state)
-    out, final = linear_attention(q, k, v, chunk_size=16, backend=variant, **kwargs)
+    out, final = jit_kernel(q, k, v, chunk_size=16, backend=variant, **kwargs)
     self.assertEqual(out.dtype, jnp.bfloat16)
-    want_out, want_final = f32_reference(q, k, v, **kwargs)
+    want_out, want_final = jit_f32_reference(q, k, v, **kwargs)
     assert_close(self, out, want_out, 3e-2, "out")
     assert_close(self, final, want_final, 3e-2, "final state")
 
@@ -121,7 +132,7 @@ class ForwardTest(parameterized.TestCase):
   def test_split_sequence_with_state_passing_equals_one_call(self, variant):
     # The sequence-parallel identity: the second half starts from the first half's state.
     q, k, v, log_decay, state = random_inputs(3, 1, 70, 2, 1, 8, 8, jnp.float32, "data", True)
-    call = functools.partial(linear_attention, chunk_size=16, backend=variant)
+    call = functools.partial(jit_kernel, chunk_size=16, backend=variant)
     out, final = call(q, k, v, log_decay=log_decay, initial_state=state)
     cut = 37  # not a chunk boundary: both halves are padded
     out1, mid = call(q[:, :cut], k[:, :cut], v[:, :cut], log_decay=log_decay[:, :cut],
@@ -150,14 +161,13 @@ class ForwardTest(parameterized.TestCase):
 
   def test_options(self):
     q, k, v, log_decay, _ = random_inputs(5, 1, 20, 2, 2, 8, 8, jnp.float32, "constant", False)
-    out = linear_attention(q, k, v, log_decay=log_decay, scale=0.25, chunk_size=16,
-                           return_final_state=False)
-    want = linear_attention_reference(q, k, v, log_decay=log_decay, scale=0.25,
-                                      return_final_state=False)
+    out = jit_kernel(q, k, v, log_decay=log_decay, scale=0.25, chunk_size=16,
+                     return_final_state=False)
+    want = jit_reference(q, k, v, log_decay=log_decay, scale=0.25, return_final_state=False)
     assert_close(self, out, want, 1e-5, "out")
     # Default chunk size, one chunk covering the sequence.
-    out, final = linear_attention(q, k, v, log_decay=log_decay, backend="tpu")
-    want_out, want_final = linear_attention_reference(q, k, v, log_decay=log_decay)
+    out, final = jit_kernel(q, k, v, log_decay=log_decay, backend="tpu")
+    want_out, want_final = jit_reference(q, k, v, log_decay=log_decay)
     assert_close(self, out, want_out, 1e-5, "out (default chunk)")
     assert_close(self, final, want_final, 1e-5, "final state (default chunk)")
 
@@ -199,7 +209,7 @@ class GradientTest(parameterized.TestCase):
       # Still differentiated: the gradient of a zero initial state is not zero.
       state = jnp.zeros_like(state)
     kernel = functools.partial(linear_attention, chunk_size=chunk, backend=variant, scale=0.5)
-    reference = functools.partial(f32_reference, scale=0.5)
+    reference = _F32_REFERENCE_HALF
     out, final, grads = outputs_and_grads(kernel, q, k, v, log_decay, state)
     want_out, want_final, want_grads = outputs_and_grads(reference, q, k, v, log_decay, state)
     tol = TOLERANCES[dtype]

@@ -68,27 +68,40 @@ def assert_close(test, actual, expected, tol, name):
   np.testing.assert_allclose(actual, expected, atol=tol * scale, rtol=0, err_msg=name)
 
 
+# The forms jitted once for the module (one compiled program per call signature, shared by the
+# kernel variants' cases) instead of one program per op.
+jit_reference = jax.jit(selective_scan_reference,
+                        static_argnames=("delta_softplus", "return_final_state"))
+jit_kernel = jax.jit(selective_scan, static_argnames=(
+    "delta_softplus", "chunk_size", "block_d", "return_final_state", "interpret", "backend"))
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "num_args", "positions", "flags"))
+def _grads_of_loss(arrays, extra, *, fn, num_args, positions, flags):
+  """`loss_and_grads`' compiled part: static in `fn` and the call's layout, so that the reference
+  (one function object) compiles once for the cases of both kernel variants."""
+
+  def loss(arrays, extra):
+    full = [None] * num_args
+    for i, x in zip(positions, arrays):
+      full[i] = x
+    y, h = fn(*full, **dict(flags), **extra)
+    wy = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+    wh = jnp.sin(jnp.arange(h.size, dtype=jnp.float32)).reshape(h.shape)
+    return (y.astype(jnp.float32) * wy).sum() + (h * wh).sum(), (y, h)
+
+  return jax.grad(loss, argnums=(0, 1), has_aux=True)(arrays, extra)
+
+
 def loss_and_grads(fn, args, kwargs):
   """(y, h_L) and the gradients of a loss weighting every entry of both, w.r.t. every array
   argument (positional and keyword)."""
   names = [k for k in ("delta_bias", "initial_state") if k in kwargs]
-  flags = {k: v for k, v in kwargs.items() if k not in names}
-  positions = [i for i, x in enumerate(args) if x is not None]
-
-  @jax.jit
-  def run(arrays, extra):
-    def loss(arrays, extra):
-      full = list(args)
-      for i, x in zip(positions, arrays):
-        full[i] = x
-      y, h = fn(*full, **flags, **extra)
-      wy = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
-      wh = jnp.sin(jnp.arange(h.size, dtype=jnp.float32)).reshape(h.shape)
-      return (y.astype(jnp.float32) * wy).sum() + (h * wh).sum(), (y, h)
-    return jax.grad(loss, argnums=(0, 1), has_aux=True)(arrays, extra)
-
-  (grads, extra_grads), (y, h) = run([args[i] for i in positions],
-                                     {k: kwargs[k] for k in names})
+  flags = tuple(sorted((k, v) for k, v in kwargs.items() if k not in names))
+  positions = tuple(i for i, x in enumerate(args) if x is not None)
+  (grads, extra_grads), (y, h) = _grads_of_loss(
+      [args[i] for i in positions], {k: kwargs[k] for k in names}, fn=fn, num_args=len(args),
+      positions=positions, flags=flags)
   labels = [("u", "delta", "A", "B", "C", "D")[i] for i in positions] + names
   return y, h, dict(zip(labels, list(grads) + [extra_grads[k] for k in names]))
 
@@ -121,7 +134,7 @@ class SelectiveScanTest(parameterized.TestCase):
   def test_reference_matches_naive_loop(self):
     args, kwargs = random_inputs(1, 2, 6, 4, 3, jnp.float32, groups=2, skip=True, bias=True,
                                  state_in=True)
-    y, h = selective_scan_reference(*args, **kwargs)
+    y, h = jit_reference(*args, **kwargs)
     y_naive, h_naive = naive_scan(*args, kwargs["delta_bias"], True, kwargs["initial_state"])
     assert_close(self, y, y_naive, 1e-5, "y")
     assert_close(self, h, h_naive, 1e-5, "h")
@@ -132,7 +145,7 @@ class SelectiveScanTest(parameterized.TestCase):
     args, kwargs, blocks = config_inputs(config, dtype)
     y, h = jax.jit(functools.partial(selective_scan, backend=variant, **blocks, **kwargs))(
         *args)
-    y_ref, h_ref = selective_scan_reference(*args, **kwargs)
+    y_ref, h_ref = jit_reference(*args, **kwargs)
     self.assertEqual(y.dtype, dtype)
     self.assertEqual(h.dtype, jnp.float32)
     assert_close(self, y, y_ref, TOLERANCES[dtype], "y")
@@ -163,7 +176,7 @@ class SelectiveScanTest(parameterized.TestCase):
     # previous call's final state continues the same recurrence.
     args, kwargs = random_inputs(2, 2, 21, 16, 4, jnp.float32, skip=True, bias=True,
                                  state_in=True)
-    scan = functools.partial(selective_scan, backend=variant, chunk_size=8, block_d=8)
+    scan = functools.partial(jit_kernel, backend=variant, chunk_size=8, block_d=8)
     y, h = scan(*args, **kwargs)
     u, delta, a, b, c, d_skip = args
     split = 13
@@ -179,7 +192,7 @@ class SelectiveScanTest(parameterized.TestCase):
   def test_length_one_is_a_decode_step(self, variant):
     (u, delta, a, b, c, d_skip), kwargs = random_inputs(3, 2, 1, 16, 4, jnp.float32, skip=True,
                                                          bias=True, state_in=True)
-    y, h = selective_scan(u, delta, a, b, c, d_skip, backend=variant, block_d=8, **kwargs)
+    y, h = jit_kernel(u, delta, a, b, c, d_skip, backend=variant, block_d=8, **kwargs)
     dt = jax.nn.softplus(delta[:, 0] + kwargs["delta_bias"])  # [Bt, D]
     h_step = (jnp.exp(dt[..., None] * a) * kwargs["initial_state"]
               + (dt * u[:, 0])[..., None] * b[:, 0, None, :])
@@ -192,8 +205,8 @@ class SelectiveScanTest(parameterized.TestCase):
     # D = 20 channels and P = 3 states pad to the variant's tiles (and to a power of two on
     # GPU); the defaults pick the chunk and channel block.
     args, kwargs = random_inputs(4, 1, 19, 20, 3, jnp.float32, skip=True, state_in=True)
-    y = selective_scan(*args, backend=variant, return_final_state=False, **kwargs)
-    y_ref = selective_scan_reference(*args, return_final_state=False, **kwargs)
+    y = jit_kernel(*args, backend=variant, return_final_state=False, **kwargs)
+    y_ref = jit_reference(*args, return_final_state=False, **kwargs)
     assert_close(self, y, y_ref, 1e-5, "y")
 
   def test_rejects_bad_inputs(self):

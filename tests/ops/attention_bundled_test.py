@@ -40,9 +40,18 @@ MASKS = {
 
 
 def _grads(attn, q, k, v, weight):
-  """Output and (dq, dk, dv) of a loss that weights every output entry."""
-  loss = lambda q, k, v: (attn(q, k, v).astype(jnp.float32) * weight).sum()  # noqa: E731
-  return attn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  """Output and (dq, dk, dv) of a loss that weights every output entry.
+
+  Jitted: one compiled program (the interpreted kernels and the reference's ops together)
+  instead of one per op; the values are those of the same ops.
+  """
+
+  @jax.jit
+  def output_and_grads(q, k, v, weight):
+    loss = lambda q, k, v: (attn(q, k, v).astype(jnp.float32) * weight).sum()  # noqa: E731
+    return attn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  return output_and_grads(q, k, v, weight)
 
 
 def _assert_close(test, got, want, dtype):

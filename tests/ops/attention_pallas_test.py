@@ -58,10 +58,11 @@ class PallasDispatchTest(parameterized.TestCase):
                                        return_lse=True)
       return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse)
 
-    (_, (out, lse)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
-        q, k, v, "pallas")
-    (_, (ref_out, ref_lse)), ref_grads = jax.value_and_grad(
-        loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, "reference")
+    # Jitted: one compiled program per impl instead of hundreds of op-by-op ones.
+    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
+                      static_argnums=3)
+    (_, (out, lse)), grads = grad_fn(q, k, v, "pallas")
+    (_, (ref_out, ref_lse)), ref_grads = grad_fn(q, k, v, "reference")
     np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=0)
     np.testing.assert_allclose(lse, ref_lse, atol=2e-5, rtol=0)
     for got, want in zip(grads, ref_grads):
@@ -75,9 +76,13 @@ class PallasDispatchTest(parameterized.TestCase):
       return dot_product_attention(q, k, v, mask=AttentionMask(causal=True, q_offset=offset),
                                    impl="pallas", block_size=16)
 
-    for offset in (0, 17, 39):
-      want = dot_product_attention(q, k, v, mask=AttentionMask(causal=True, q_offset=offset),
+    @jax.jit  # one compiled reference for the three offsets
+    def reference(offset):
+      return dot_product_attention(q, k, v, mask=AttentionMask(causal=True, q_offset=offset),
                                    impl="reference")
+
+    for offset in (0, 17, 39):
+      want = reference(jnp.int32(offset))
       np.testing.assert_allclose(step(jnp.int32(offset)), want, atol=2e-5, rtol=0)
     self.assertEqual(step._cache_size(), 1)  # pylint: disable=protected-access
 
@@ -96,12 +101,14 @@ class PallasDispatchTest(parameterized.TestCase):
                                        return_lse=True)
       return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
 
+    # Jitted (the kernel is called once, while tracing): one program per impl.
+    grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
     decode = mock.patch.object(kernels_pallas, "decode_attention",
                                side_effect=kernels_pallas.decode_attention)
     with decode as decode_calls:
-      grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, "pallas")
+      grads = grad_fn(q, k, v, "pallas")
     self.assertEqual(decode_calls.call_count, 1)
-    want = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, "reference")
+    want = grad_fn(q, k, v, "reference")
     for got, ref in zip(grads, want):  # f32
       np.testing.assert_allclose(got, ref, atol=5e-5, rtol=0)
     # Keys past the last query's position get no gradient.
@@ -115,18 +122,22 @@ class PallasDispatchTest(parameterized.TestCase):
       self.addCleanup(patcher.stop)
       calls.append(patcher.start())
     decode, flash = calls
+    # Each call jitted (one program, not one per op); the kernels are called while tracing.
     q, k, v = _inputs(2, 40, 2)
-    dot_product_attention(q, k, v, mask=AttentionMask(causal=True, q_offset=30), impl="pallas",
-                          block_size=16)
+    jax.jit(lambda q, k, v: dot_product_attention(
+        q, k, v, mask=AttentionMask(causal=True, q_offset=30), impl="pallas",
+        block_size=16))(q, k, v)
     self.assertEqual((decode.call_count, flash.call_count), (1, 0))
     q, k, v = _inputs(40, 40, 2)
-    dot_product_attention(q, k, v, mask=AttentionMask(causal=True), impl="pallas", block_size=16)
+    jax.jit(lambda q, k, v: dot_product_attention(
+        q, k, v, mask=AttentionMask(causal=True), impl="pallas", block_size=16))(q, k, v)
     self.assertEqual((decode.call_count, flash.call_count), (1, 1))
     # A biased decode call goes to the flash kernel (the decode kernel has no position biases).
     q, k, v = _inputs(2, 40, 2)
     pos = jnp.broadcast_to(jnp.arange(40), (2, 40))
-    dot_product_attention(q, k, v, mask=AttentionMask(causal=True, q_offset=30), impl="pallas",
-                          block_size=16, bias=AlibiBias(jnp.ones(4), pos[:, 30:32], pos))
+    jax.jit(lambda q, k, v: dot_product_attention(
+        q, k, v, mask=AttentionMask(causal=True, q_offset=30), impl="pallas", block_size=16,
+        bias=AlibiBias(jnp.ones(4), pos[:, 30:32], pos)))(q, k, v)
     self.assertEqual((decode.call_count, flash.call_count), (1, 2))
 
   def test_other_biases_are_refused_in_one_line(self):
@@ -183,7 +194,7 @@ class PallasDispatchTest(parameterized.TestCase):
           table=params[0], q_positions=q_pos, kv_positions=kv_pos, max_distance=24,
           bidirectional=kind == "t5_bidirectional")
     elif kind == "fire":
-      hidden = 5
+      hidden = 3  # the kernel unrolls the MLP per hidden unit: few units compile faster
       w1 = jnp.asarray(np.abs(rng.normal(size=hidden)) + 0.5, jnp.float32)
       # A threshold at a query's position: max(L, i) ties there, and rows below it see L.
       params = relative_bias.FireParams(
@@ -204,7 +215,9 @@ class PallasDispatchTest(parameterized.TestCase):
                                        block_size=16, return_lse=True)
       return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse)
 
-    grad_fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+    # Jitted: one compiled program per impl instead of hundreds of op-by-op ones.
+    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True),
+                      static_argnums=4)
     (_, (out, lse)), grads = grad_fn(q, k, v, params, "pallas")
     (_, (ref_out, ref_lse)), ref_grads = grad_fn(q, k, v, params, "reference")
     np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=0)
@@ -224,11 +237,15 @@ class PallasModelTest(parameterized.TestCase):
   # gradient comparison.
   @parameterized.parameters("default", "alibi", "kerple_log", "t5", "fire")
   def test_model_prefill_decode_and_gradients_match_blockwise(self, posenc):
-    overrides = {"num_kv_heads": 2, "attention.block_size": 16}
+    # One layer: nothing here depends on depth, and decoding unrolls the layers (each one more
+    # interpreted kernel to compile).
+    overrides = {"num_kv_heads": 2, "attention.block_size": 16, "num_layers": 1}
     if posenc != "default":
       overrides["posenc.kind"] = posenc
     if posenc == "t5":  # 21 tokens reach the log-spaced buckets
       overrides.update({"posenc.t5_num_buckets": 8, "posenc.t5_max_distance": 16})
+    if posenc == "fire":  # the kernel unrolls the MLP per hidden unit: 4 (of 32) compile faster
+      overrides["posenc.fire_hidden"] = 4
     cfg = tiny_model_config(**{"attention.impl": "pallas", **overrides})
     model = build_model(cfg, vocab_size=50, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
@@ -238,7 +255,8 @@ class PallasModelTest(parameterized.TestCase):
           lambda path, x: x + rng.normal(size=x.shape).astype(x.dtype)
           if "table" in jax.tree_util.keystr(path) else x, params)
     cfg_xla = tiny_model_config(**{"attention.impl": "blockwise", **overrides})
-    graphdef_xla, _ = nnx.split(build_model(cfg_xla, vocab_size=50, rngs=nnx.Rngs(0)))
+    graphdef_xla, _ = nnx.split(nnx.eval_shape(
+        lambda: build_model(cfg_xla, vocab_size=50, rngs=nnx.Rngs(0))))
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, 50, (2, 21)), jnp.int32)
     full, _ = _forward(graphdef, params, tokens)
     np.testing.assert_allclose(full, _forward(graphdef_xla, params, tokens)[0],
@@ -252,8 +270,9 @@ class PallasModelTest(parameterized.TestCase):
       logits, _ = nnx.merge(graphdef, params)(tokens)
       return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
-    grads = jax.grad(loss)(params, graphdef)
-    grads_xla = jax.grad(loss)(params, graphdef_xla)
+    grad_fn = jax.jit(jax.grad(loss), static_argnums=1)
+    grads = grad_fn(params, graphdef)
+    grads_xla = grad_fn(params, graphdef_xla)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_xla)):
       np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
 

@@ -19,7 +19,7 @@ from longjax.benchmarks import timing
 from longjax.benchmarks import train
 
 ATTENTION = "attention"
-RECURRENT = ("linear", "retnet", "lightning", "gla")
+RECURRENT = ("linear", "retnet", "lightning", "gla", "based")
 # Implementation name -> `model` overrides. NAME_scan: the mixer's lax.scan recurrence.
 IMPLS = {ATTENTION: {},
          **{name: {"mixers": name} for name in RECURRENT},

@@ -89,3 +89,25 @@ class RecurrentState:
   def state_bytes_per_sequence(self) -> int:
     """Bytes of state one sequence carries (what the recall study plots against)."""
     return self.state[0].size * self.state.dtype.itemsize
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BasedState:
+  """Based's decode state (`longjax.layers.based`), constant in the length: the linear
+  attention's state, the short convolution's last inputs and the window's last keys and values.
+
+  state: [B, N, F', H + 1] float32; conv: [B, K-1, D] (the last K-1 layer inputs); k, v:
+  [B, W, N, H] the last W tokens' keys (rotated) and values, oldest first (slots before the
+  first token are zeros and masked); end: int32 [], the tokens consumed.
+  """
+  state: jax.Array
+  conv: jax.Array
+  k: jax.Array
+  v: jax.Array
+  end: jax.Array
+
+  @property
+  def state_bytes_per_sequence(self) -> int:
+    """Bytes one sequence carries: linear state, convolution history and window."""
+    return sum(a[0].size * a.dtype.itemsize for a in (self.state, self.conv, self.k, self.v))

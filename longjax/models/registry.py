@@ -6,6 +6,7 @@ positional encoding is one line in `longjax.layers.positional.POSENCS`.
 """
 
 from longjax.layers import attention_config
+from longjax.layers import based
 from longjax.layers import gla
 from longjax.layers import lightning
 from longjax.layers import linear_attention
@@ -20,6 +21,7 @@ MIXERS: dict[str, mixer.MixerSpec] = {spec.name: spec for spec in (
     retnet.SPEC,
     lightning.SPEC,
     gla.SPEC,
+    based.SPEC,
 )}
 
 

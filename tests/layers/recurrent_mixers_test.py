@@ -23,17 +23,19 @@ from tests.models.lm_test import _forward
 from tests.models.lm_test import decode_one_by_one
 from tests.models.lm_test import tiny_model_config
 
-RECURRENT = sorted(name for name, spec in MIXERS.items()
-                   if caches.RecurrentState in spec.cache_types)
-# Chunks of 4 over 11 tokens: a prefill of 5 crosses a chunk edge and ends in a partial chunk.
+# Every mixer whose cache is not softmax attention's growing KV cache.
+RECURRENT = sorted(name for name, spec in MIXERS.items() if caches.KVCache not in spec.cache_types)
+# Chunks of 4 over 11 tokens: a prefill of 5 crosses a chunk edge and ends in a partial chunk;
+# Based's window of 3 slides within the prefill and the decode.
 _SMALL_CHUNKS = {f"{MIXERS[name].section}.chunk_size": 4 for name in RECURRENT}
+_SMALL_CHUNKS["based.window"] = 3
 HYBRID = ",".join(RECURRENT + ["attention"])
 
 
 class DecodeTest(parameterized.TestCase):
 
   def test_the_registry_has_recurrent_mixers(self):
-    self.assertContainsSubset({"gla", "lightning", "linear", "retnet"}, RECURRENT)
+    self.assertContainsSubset({"based", "gla", "lightning", "linear", "retnet"}, RECURRENT)
 
   # Each mixer alone, and one hybrid holding every recurrent mixer and softmax attention (one
   # compiled model covers "in a hybrid" for all of them).
@@ -55,7 +57,7 @@ class DecodeTest(parameterized.TestCase):
   def test_state_is_constant_in_the_length(self, name):
     model = build_model(tiny_model_config(mixers=name), vocab_size=50, rngs=nnx.Rngs(0))
     short, long = model.init_cache(2, 16), model.init_cache(2, 1 << 20)
-    self.assertIsInstance(short[0], caches.RecurrentState)
+    self.assertIsInstance(short[0], MIXERS[name].cache_types)
     self.assertEqual(jax.tree.map(jnp.shape, short), jax.tree.map(jnp.shape, long))
     self.assertGreater(short[0].state_bytes_per_sequence, 0)
 

@@ -1,7 +1,8 @@
 """Chunked linear attention kernels written for Triton on GPU (also run by the interpreter).
 
 Layout as in the TPU variant, except that the cumulative log decay is [B, N, Tp] (Triton has
-1-D vectors) and every feature dim is a power of two >= 16 (the wrapper pads with zeros).
+1-D vectors; per channel [B, N, Tp, Dk] as on TPU) and every feature dim is a power of two
+>= 16 (the wrapper pads with zeros).
 Triton has no sequential grid axes, so each program owns one (batch, head) and walks the chunks
 in a loop, carrying the [Dk, Dv] f32 state in registers; the sequence blocks stay in global
 memory and the body loads one chunk at a time with `pl.ds`.
@@ -25,7 +26,8 @@ def _specs(spec, tp, dk, dv):
   return (pl.BlockSpec((None, None, tp, dk), lambda b, n: (b, n, 0, 0)),
           pl.BlockSpec((None, None, tp, dk), lambda b, n: (b, kv_head(n, g), 0, 0)),
           pl.BlockSpec((None, None, tp, dv), lambda b, n: (b, kv_head(n, g), 0, 0)),
-          pl.BlockSpec((None, None, tp), lambda b, n: (b, n, 0)),
+          (pl.BlockSpec((None, None, tp, dk), lambda b, n: (b, n, 0, 0)) if spec.per_channel
+           else pl.BlockSpec((None, None, tp), lambda b, n: (b, n, 0))),
           pl.BlockSpec((None, None, dk, dv), lambda b, n: (b, n, 0, 0)))
 
 
@@ -39,15 +41,18 @@ def _chunk(spec, i):
 
 
 def _decay_views(spec, b_ref, rows):
-  """(b_col, b_row, b_last) of a chunk; without a decay the tile maths reads none of them."""
+  """The chunk's decay views (`tiles.chunk_forward`); without a decay the tile maths reads
+  none of them."""
+  if spec.per_channel:
+    return tiles.channel_views(b_ref[rows, :])
   return tiles.vector_views(b_ref[rows]) if spec.has_decay else (None, None, None)
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, o_ref, st_ref, *, spec, num_chunks):
   def body(i, state):
     rows = _chunk(spec, i)
-    out, state = tiles.forward_chunk(spec, q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
-                                     state, *_decay_views(spec, b_ref, rows))
+    out, state = tiles.chunk_forward(spec, q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
+                                     state, _decay_views(spec, b_ref, rows))
     o_ref[rows, :] = out.astype(o_ref.dtype)
     return state
 
@@ -79,10 +84,10 @@ def forward(spec, q, k, v, b, s0, *, interpret):
 def _dq_kernel(k_ref, v_ref, do_ref, b_ref, s0_ref, dq_ref, *, spec, num_chunks):
   def body(i, state):
     rows = _chunk(spec, i)
-    b_col, b_row, b_last = _decay_views(spec, b_ref, rows)
+    views = _decay_views(spec, b_ref, rows)
     k, v = k_ref[rows, :], v_ref[rows, :]
-    dq_ref[rows, :] = tiles.dq_chunk(spec, k, v, do_ref[rows, :], state, b_col, b_row)
-    return tiles.next_state(spec, k, v, state, b_col, b_last)
+    dq_ref[rows, :] = tiles.chunk_dq(spec, k, v, do_ref[rows, :], state, views)
+    return tiles.chunk_next_state(spec, k, v, state, views)
 
   lax.fori_loop(0, num_chunks, body, s0_ref[...])
 
@@ -91,8 +96,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, dst_ref, dk_ref, dv_ref, ds0
                 num_chunks):
   def body(i, dstate):
     rows = _chunk(spec, num_chunks - 1 - i)
-    dk, dv, dstate = tiles.dkv_chunk(spec, q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
-                                     do_ref[rows, :], dstate, *_decay_views(spec, b_ref, rows))
+    dk, dv, dstate = tiles.chunk_dkv(spec, q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
+                                     do_ref[rows, :], dstate, _decay_views(spec, b_ref, rows))
     dk_ref[rows, :] = dk
     dv_ref[rows, :] = dv
     return dstate

@@ -12,6 +12,12 @@ only in how they load chunks and carry the state (Mosaic grid axis + scratch vs 
 The decay views come in as a column b_col [C, 1], a row b_row [1, C] and b_last (broadcastable
 to [1, 1]), which each variant builds in the way its compiler handles best.
 
+With a decay per key channel (GLA), b is a [C, Dk] tile and exp(b_t - b_s) differs per channel:
+no single matmul computes the within-chunk scores. They are formed exactly as a masked
+[C, C, Dk] product summed over channels (every exponent <= 0, so no channel that decays fast
+can overflow, where the factorised (q e^b) (k e^-b)^T would), which is why per-channel chunks
+are small (16, GLA's sub-chunk); everything that crosses a chunk edge stays a matmul.
+
 Matmuls are NT (a @ b.T), NN (a @ b) and NN with an explicitly transposed lhs, which both Mosaic
 and Triton lower. Products of two input tiles (q k^T, dO v^T) stay in the input dtype (bf16
 products are exact in f32, so nothing is lost); everything that touches a decay or the state is
@@ -37,11 +43,14 @@ class LinearSpec:
     has_decay: whether a log decay is given; without it every decay is 1 and the kernels skip
       the exponentials (and the gradient of the decay).
     groups: query heads per key/value head (N // K).
+    per_channel: the decay is per key channel (GLA: S_t = diag(a_t) S_{t-1} + k_t^T v_t), and
+      the chunk functions below take `channel_views` instead of the scalar views.
   """
   chunk: int
   scale: float
   has_decay: bool
   groups: int
+  per_channel: bool = False
 
 
 def _dot(a, b, dims):
@@ -180,3 +189,102 @@ def vector_views(b):
   c = b.shape[0]
   b_last = jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1, b, 0.0))
   return b[:, None], b[None, :], b_last
+
+
+def channel_views(b):
+  """(b [C, Dk], b_last_row [1, Dk], b_last_col [Dk, 1]) of a per-channel decay tile, by masked
+  reductions (and one aligned 2-D transpose) rather than slices."""
+  c = b.shape[0]
+  last_row = lax.broadcasted_iota(jnp.int32, b.shape, 0) == c - 1
+  b_last_row = jnp.sum(jnp.where(last_row, b, 0.0), axis=0, keepdims=True)
+  bt = b.T
+  last_col = lax.broadcasted_iota(jnp.int32, bt.shape, 1) == c - 1
+  b_last_col = jnp.sum(jnp.where(last_col, bt, 0.0), axis=1, keepdims=True)
+  return b, b_last_row, b_last_col
+
+
+def _channel_decays(b):
+  """E[t, s, d] = exp(b_td - b_sd) for s <= t, else 0: [C, C, Dk] f32, masked before the exp."""
+  c = b.shape[0]
+  causal = (lax.broadcasted_iota(jnp.int32, (c, c, 1), 0)
+            >= lax.broadcasted_iota(jnp.int32, (c, c, 1), 1))
+  return jnp.exp(jnp.where(causal, b[:, None, :] - b[None, :, :], -jnp.inf))
+
+
+def _f32(*xs):
+  return tuple(x.astype(jnp.float32) for x in xs)
+
+
+def channel_next_state(k, v, state, b, b_last_row, b_last_col):
+  """S_out = diag(exp(b_last)) S + sum_s (k_s * exp(b_last - b_s))^T v_s: [Dk, Dv] f32."""
+  return jnp.exp(b_last_col) * state + dot_tn(k.astype(jnp.float32) * jnp.exp(b_last_row - b), v)
+
+
+def channel_forward_chunk(spec: LinearSpec, q, k, v, state, b, b_last_row, b_last_col):
+  """`forward_chunk` with a per-channel decay tile b [C, Dk] (`channel_views`)."""
+  q32, k32 = _f32(q, k)
+  scores = jnp.sum(q32[:, None, :] * k32[None, :, :] * _channel_decays(b), axis=-1)
+  out = (dot_nn(scores, v) + dot_nn(q32 * jnp.exp(b), state)) * spec.scale
+  return out, channel_next_state(k, v, state, b, b_last_row, b_last_col)
+
+
+def channel_dq_chunk(spec: LinearSpec, k, v, do, state, b):
+  """`dq_chunk` with a per-channel decay: dq_td = scale * (sum_{s<=t} (dO_t . v_s) k_sd
+  exp(b_td - b_sd) + exp(b_td) (dO_t S^T)_d). Returns [C, Dk] f32."""
+  dp = dot_nt(do, v)
+  (k32,) = _f32(k)
+  intra = jnp.sum(dp[:, :, None] * k32[None, :, :] * _channel_decays(b), axis=1)
+  return (intra + jnp.exp(b) * dot_nt(do, state)) * spec.scale
+
+
+def channel_dkv_chunk(spec: LinearSpec, q, k, v, do, dstate, b, b_last_row, b_last_col):
+  """`dkv_chunk` with a per-channel decay; with E[t, s, d] = exp(b_td - b_sd) (s <= t):
+    dk_sd = scale * sum_t (dO_t . v_s) q_td E_tsd + exp(b_last,d - b_sd) (v_s dS^T)_d
+    dv_s = scale * sum_t (sum_d q_td k_sd E_tsd) dO_t + (k_s * exp(b_last - b_s)) dS
+    dS_in = diag(exp(b_last)) dS + scale * sum_t (q_t * exp(b_t))^T dO_t
+
+  Returns:
+    (dk [C, Dk] f32, dv [C, Dv] f32, dS_in [Dk, Dv] f32).
+  """
+  q32, k32 = _f32(q, k)
+  decays = _channel_decays(b)
+  dp = dot_nt(do, v)  # [t, s]
+  to_end = jnp.exp(b_last_row - b)
+  dk = (jnp.sum(dp[:, :, None] * q32[:, None, :] * decays, axis=0) * spec.scale
+        + to_end * dot_nt(v, dstate))
+  scores = jnp.sum(q32[:, None, :] * k32[None, :, :] * decays, axis=-1)  # [t, s]
+  dv = dot_tn(scores, do) * spec.scale + dot_nn(k32 * to_end, dstate)
+  dstate_in = (jnp.exp(b_last_col) * dstate
+               + dot_tn(q32 * jnp.exp(b) * spec.scale, do))
+  return dk, dv, dstate_in
+
+
+# The variants call these with `views`: (b_col, b_row, b_last) for a scalar decay (or Nones
+# without one), (b, b_last_row, b_last_col) from `channel_views` for a per-channel decay.
+
+def chunk_forward(spec: LinearSpec, q, k, v, state, views):
+  """(out [C, Dv] f32, state leaving the chunk): `forward_chunk` or its per-channel form."""
+  if spec.per_channel:
+    return channel_forward_chunk(spec, q, k, v, state, *views)
+  return forward_chunk(spec, q, k, v, state, *views)
+
+
+def chunk_next_state(spec: LinearSpec, k, v, state, views):
+  """The state leaving the chunk: `next_state` or its per-channel form."""
+  if spec.per_channel:
+    return channel_next_state(k, v, state, *views)
+  return next_state(spec, k, v, state, views[0], views[2])
+
+
+def chunk_dq(spec: LinearSpec, k, v, do, state, views):
+  """dq [C, Dk] f32: `dq_chunk` or its per-channel form."""
+  if spec.per_channel:
+    return channel_dq_chunk(spec, k, v, do, state, views[0])
+  return dq_chunk(spec, k, v, do, state, views[0], views[1])
+
+
+def chunk_dkv(spec: LinearSpec, q, k, v, do, dstate, views):
+  """(dk, dv, dS_in): `dkv_chunk` or its per-channel form."""
+  if spec.per_channel:
+    return channel_dkv_chunk(spec, q, k, v, do, dstate, *views)
+  return dkv_chunk(spec, q, k, v, do, dstate, *views)

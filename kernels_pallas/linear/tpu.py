@@ -2,7 +2,8 @@
 
 Layout: q [B, N, Tp, Dk]; k [B, K, Tp, Dk], v [B, K, Tp, Dv] (query head n reads key/value
 head n // G through the index maps); the within-chunk cumulative log decay as rows
-[B, N, 1, Tp] (positions on lanes); states [B, N, Dk, Dv] f32.
+[B, N, 1, Tp] (positions on lanes), or per channel as [B, N, Tp, Dk] blocks shaped like q;
+states [B, N, Dk, Dv] f32.
 
 Grid (B, N, chunks): the chunk axis is sequential ("arbitrary") and the state lives in a VMEM
 scratch [Dk, Dv] f32 that carries from one chunk to the next; the final state's output block has
@@ -36,8 +37,24 @@ def _specs(spec, dk, dv, num_chunks, reverse=False):
   return (pl.BlockSpec((None, None, c, dk), lambda b, n, i: (b, n, chunk(i), 0)),
           pl.BlockSpec((None, None, c, dk), lambda b, n, i: (b, kv_head(n, g), chunk(i), 0)),
           pl.BlockSpec((None, None, c, dv), lambda b, n, i: (b, kv_head(n, g), chunk(i), 0)),
-          pl.BlockSpec((None, None, 1, c), lambda b, n, i: (b, n, 0, chunk(i))),
+          (pl.BlockSpec((None, None, c, dk), lambda b, n, i: (b, n, chunk(i), 0))
+           if spec.per_channel else
+           pl.BlockSpec((None, None, 1, c), lambda b, n, i: (b, n, 0, chunk(i)))),
           pl.BlockSpec((None, None, dk, dv), lambda b, n, i: (b, n, 0, 0)))
+
+
+def _views(spec, b_ref):
+  """The chunk's decay views (`tiles.chunk_forward`): per-channel tile or row."""
+  if spec.per_channel:
+    return tiles.channel_views(b_ref[...])
+  b_row = b_ref[...]
+  b_col, b_last = tiles.row_views(b_row)
+  return b_col, b_row, b_last
+
+
+def _decay_operand(spec, b):
+  """[B, N, Tp, Dk] per channel as it is; a scalar decay [B, N, Tp] as rows [B, N, 1, Tp]."""
+  return b if spec.per_channel else b[:, :, None, :]
 
 
 def _params(dk, dv):
@@ -51,10 +68,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, o_ref, st_ref, state_scr, *,
   def _init():
     state_scr[...] = s0_ref[...]
 
-  b_row = b_ref[...]
-  b_col, b_last = tiles.row_views(b_row)
-  out, state = tiles.forward_chunk(spec, q_ref[...], k_ref[...], v_ref[...], state_scr[...],
-                                   b_col, b_row, b_last)
+  out, state = tiles.chunk_forward(spec, q_ref[...], k_ref[...], v_ref[...], state_scr[...],
+                                   _views(spec, b_ref))
   o_ref[...] = out.astype(o_ref.dtype)
   state_scr[...] = state
 
@@ -69,7 +84,8 @@ def forward(spec, q, k, v, b, s0, *, interpret):
   Args:
     spec: the static `LinearSpec`.
     q: [B, N, Tp, Dk]; k: [B, K, Tp, Dk]; v: [B, K, Tp, Dv].
-    b: [B, N, Tp] f32 within-chunk inclusive cumulative log decay.
+    b: [B, N, Tp] (or [B, N, Tp, Dk] per channel) f32 within-chunk inclusive cumulative log
+      decay.
     s0: [B, N, Dk, Dv] f32 initial state.
     interpret: run the Pallas interpreter.
   """
@@ -89,7 +105,7 @@ def forward(spec, q, k, v, b, s0, *, interpret):
       compiler_params=_params(dk, dv),
       interpret=interpret,
       name="linear_attention_fwd",
-  )(q, k, v, b[:, :, None, :], s0)
+  )(q, k, v, _decay_operand(spec, b), s0)
 
 
 def _dq_kernel(k_ref, v_ref, do_ref, b_ref, s0_ref, dq_ref, state_scr, *, spec):
@@ -97,11 +113,10 @@ def _dq_kernel(k_ref, v_ref, do_ref, b_ref, s0_ref, dq_ref, state_scr, *, spec):
   def _init():
     state_scr[...] = s0_ref[...]
 
-  b_row = b_ref[...]
-  b_col, b_last = tiles.row_views(b_row)
+  views = _views(spec, b_ref)
   k, v, state = k_ref[...], v_ref[...], state_scr[...]
-  dq_ref[...] = tiles.dq_chunk(spec, k, v, do_ref[...], state, b_col, b_row)
-  state_scr[...] = tiles.next_state(spec, k, v, state, b_col, b_last)
+  dq_ref[...] = tiles.chunk_dq(spec, k, v, do_ref[...], state, views)
+  state_scr[...] = tiles.chunk_next_state(spec, k, v, state, views)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, dst_ref, dk_ref, dv_ref, ds0_ref, dstate_scr,
@@ -112,10 +127,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, dst_ref, dk_ref, dv_ref, ds0
   def _init():
     dstate_scr[...] = dst_ref[...]
 
-  b_row = b_ref[...]
-  b_col, b_last = tiles.row_views(b_row)
-  dk, dv, dstate = tiles.dkv_chunk(spec, q_ref[...], k_ref[...], v_ref[...], do_ref[...],
-                                   dstate_scr[...], b_col, b_row, b_last)
+  dk, dv, dstate = tiles.chunk_dkv(spec, q_ref[...], k_ref[...], v_ref[...], do_ref[...],
+                                   dstate_scr[...], _views(spec, b_ref))
   dk_ref[...] = dk
   dv_ref[...] = dv
   dstate_scr[...] = dstate
@@ -139,7 +152,7 @@ def backward(spec, q, k, v, b, s0, do, dst, *, interpret):
   bsz, n, tp, dk = q.shape
   dv = v.shape[-1]
   num_chunks = tp // spec.chunk
-  b = b[:, :, None, :]
+  b = _decay_operand(spec, b)
   grid = (bsz, n, num_chunks)
   f32 = jnp.float32
 

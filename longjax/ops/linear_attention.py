@@ -21,8 +21,9 @@ Implementations (`LINEAR_ATTENTION`, chosen by `longjax.ops.dispatch`):
   chunked    XLA, Lightning Attention-2's tiling: the masked quadratic form inside chunks of C
              steps, the [Dk, Dv] state passed between chunks by a scan over T / C chunks;
              O(T C) memory, matmul-shaped work. The CPU default and the fallback everywhere.
-  pallas     `kernels_pallas.linear` (chunked in VMEM / SRAM; TPU and GPU); it has no document
-             resets, so packed batches take the chunked form.
+  pallas     `kernels_pallas.linear` (chunked in VMEM / SRAM; TPU and GPU; every decay form,
+             per channel in 16-step chunks); it has no document resets, so packed batches
+             take the chunked form.
 
 Shapes: q, k [B, T, N, Dk]; v [B, T, N, Dv]; log_decay [N] (per head), [B, T, N] (per step)
 or [B, T, N, Dk] (per step and key channel: GLA's diag(a_t) S_{t-1});
@@ -85,8 +86,6 @@ def _pallas_unsupported(call: LinearAttentionCall, context: dispatch.Context) ->
   del context
   if call.has_segments:
     return "document resets (segment_ids) are not in the kernel"
-  if call.decay == "channel":
-    return "the kernel's decay is one scalar per step and head, not per channel (GLA)"
   return None
 
 
@@ -261,12 +260,13 @@ def _chunked(qh, kh, vh, g, keep, s0, scale, chunk):
   return out, final
 
 
-def _pallas(qh, kh, vh, g, s0, scale, chunk):
-  """The Pallas kernel on head-major inputs (scalar decay, no resets)."""
+def _pallas(qh, kh, vh, g, s0, scale, chunk, decay):
+  """The Pallas kernel on head-major inputs (no resets)."""
   to_btnd = lambda x: x.transpose(0, 2, 1, 3)
+  log_decay = {"none": None, "channel": to_btnd(g)}.get(decay, g[..., 0].transpose(0, 2, 1))
   out, final = linear_kernel.linear_attention(
-      to_btnd(qh), to_btnd(kh), to_btnd(vh), log_decay=g[..., 0].transpose(0, 2, 1),
-      initial_state=s0, chunk_size=chunk, scale=scale)
+      to_btnd(qh), to_btnd(kh), to_btnd(vh), log_decay=log_decay, initial_state=s0,
+      chunk_size=chunk, scale=scale)
   return to_btnd(out), final
 
 
@@ -308,5 +308,5 @@ def linear_attention(q, k, v, *, log_decay=None, segment_ids=None, initial_state
     default = DEFAULT_CHUNK_PER_CHANNEL if decay == "channel" else DEFAULT_CHUNK
     out, final = _chunked(qh, kh, vh, g, keep, s0, scale, chunk_size or default)
   else:
-    out, final = _pallas(qh, kh, vh, g, s0, scale, chunk_size)
+    out, final = _pallas(qh, kh, vh, g, s0, scale, chunk_size, decay)
   return _finish(out, q, normalize, v.shape[3]), final

@@ -25,7 +25,7 @@ class LoweringTest(parameterized.TestCase):
       dict(testcase_name=f"{variant}_{decay}_{jnp.dtype(dtype).name}_{mode}", variant=variant,
            decay=decay, dtype=dtype, mode=mode)
       for variant, decay, dtype, mode in itertools.product(
-          ("tpu", "gpu"), ("none", "constant", "data"), (jnp.float32, jnp.bfloat16),
+          ("tpu", "gpu"), ("none", "constant", "data", "channel"), (jnp.float32, jnp.bfloat16),
           ("fwd", "bwd")))
   def test_lowers(self, variant, decay, dtype, mode):
     platform, custom_call, d = _TARGETS[variant]
@@ -42,7 +42,8 @@ class LoweringTest(parameterized.TestCase):
         return out.astype(jnp.float32).sum() + final.sum()
       fn = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
     x = jax.ShapeDtypeStruct((b, t, n, d), dtype)
-    log_decay = jax.ShapeDtypeStruct((n,) if decay == "constant" else (b, t, n), jnp.float32)
+    shapes = {"constant": (n,), "channel": (b, t, n, d)}
+    log_decay = jax.ShapeDtypeStruct(shapes.get(decay, (b, t, n)), jnp.float32)
     state = jax.ShapeDtypeStruct((b, n, d, d), jnp.float32)
     text = lowering.export(fn, platform, x, x, x, log_decay, state).mlir_module()
     kernels = set(re.findall(r"linear_attention_(fwd|dq|dkv)\b", text))

@@ -25,7 +25,7 @@ from kernels_pallas.linear.kernel import linear_attention_reference
 # rounded inputs as the f32 reference, then round outputs and gradients to bf16 (2^-8 ~ 4e-3),
 # so a few bf16 ulps.
 TOLERANCES = {jnp.float32: 1e-5, jnp.bfloat16: 3e-2}
-DECAYS = ("none", "constant", "data")
+DECAYS = ("none", "constant", "data", "channel")
 
 
 def random_inputs(seed, b, t, n, nk, dk, dv, dtype, decay, with_state):
@@ -41,6 +41,8 @@ def random_inputs(seed, b, t, n, nk, dk, dv, dtype, decay, with_state):
       "constant": jnp.log(1.0 - 2.0 ** (-1.0 - jnp.arange(n, dtype=jnp.float32))),
       # Mamba-2 style: -softplus(x), from near 0 to strong forgetting.
       "data": -jax.nn.softplus(jnp.asarray(normal(b, t, n) * 2.0)),
+      # GLA style: per key channel, each row of the state forgetting at its own rate.
+      "channel": -jax.nn.softplus(jnp.asarray(normal(b, t, n, dk) * 2.0)),
   }[decay]
   state = jnp.asarray(normal(b, n, dk, dv)) if with_state else None
   return q, k, v, log_decay, state
@@ -159,6 +161,22 @@ class ForwardTest(parameterized.TestCase):
     for name, grad, want in zip(("dq", "dk", "dv", "dlog_decay", "dstate"), grads, want_grads):
       assert_close(self, grad, want, 2e-4, name)
 
+  @parameterized.parameters("gpu", "tpu")
+  def test_strong_per_channel_decay_stays_finite(self, variant):
+    # Half the key channels forget at -30 per step, the others hardly at all: the exact
+    # [C, C, Dk] scores never exponentiate a positive number, where the factorised
+    # (q e^b)(k e^-b)^T would overflow within a chunk (e^{30 * 15}).
+    q, k, v, _, state = random_inputs(4, 1, 40, 2, 2, 8, 8, jnp.float32, "none", True)
+    log_decay = jnp.broadcast_to(jnp.where(jnp.arange(8) % 2 == 0, -30.0, -0.01), (1, 40, 2, 8))
+    fn = functools.partial(linear_attention, chunk_size=16, backend=variant)
+    out, final, grads = outputs_and_grads(fn, q, k, v, log_decay, state)
+    want_out, want_final, want_grads = outputs_and_grads(
+        linear_attention_recurrent, q, k, v, log_decay, state)
+    assert_close(self, out, want_out, 2e-4, "out")
+    assert_close(self, final, want_final, 2e-4, "final state")
+    for name, grad, want in zip(("dq", "dk", "dv", "dlog_decay", "dstate"), grads, want_grads):
+      assert_close(self, grad, want, 2e-4, name)
+
   def test_options(self):
     q, k, v, log_decay, _ = random_inputs(5, 1, 20, 2, 2, 8, 8, jnp.float32, "constant", False)
     out = jit_kernel(q, k, v, log_decay=log_decay, scale=0.25, chunk_size=16,
@@ -182,6 +200,9 @@ class ForwardTest(parameterized.TestCase):
       linear_attention(q, k, v, initial_state=jnp.zeros((1, 2, 8, 4)))
     with self.assertRaisesRegex(ValueError, "TPU kernels need"):
       linear_attention(q, k, v, chunk_size=4, backend="tpu", interpret=False)
+    with self.assertRaisesRegex(ValueError, r"chunk_size % 8 == 0 with a per-channel decay"):
+      linear_attention(q, k, v, log_decay=jnp.zeros((1, 8, 2, 8)), chunk_size=12, backend="tpu",
+                       interpret=False)
     with self.assertRaisesRegex(ValueError, "power-of-two"):
       linear_attention(q, k, v, chunk_size=24, backend="gpu", interpret=False)
 

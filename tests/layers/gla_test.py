@@ -41,7 +41,7 @@ class GlaTest(absltest.TestCase):
     self.assertEqual(layer.key_dim, 4)  # key_factor 0.5
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 11, 16)), jnp.float32)
     want = _recurrence(layer, x)
-    for impl in ("chunked", "recurrent", "reference"):
+    for impl in ("chunked", "recurrent", "reference", "pallas"):
       layer.impl = impl
       y, _ = layer(x, positions=jnp.arange(11)[None])
       np.testing.assert_allclose(y, want, atol=2e-5, rtol=2e-4, err_msg=impl)
@@ -55,8 +55,7 @@ class ConfigTest(parameterized.TestCase):
       ("zero_rank", {"model.gla.gate_rank": 0}, r"model\.gla\.gate_rank=0: must be an integer"),
       ("low_temperature", {"model.gla.gate_temperature": 0.5},
        r"model\.gla\.gate_temperature=0\.5: must be >= 1"),
-      ("pallas", {"model.gla.impl": "pallas"},
-       r"model\.gla\.impl='pallas': unknown choice \(the Pallas kernel has no per-channel"),
+      ("impl", {"model.gla.impl": "fast"}, r"model\.gla\.impl='fast': unknown choice"),
       ("option_it_does_not_have", {"model.mixers": "gla(window=4)"},
        r"gla has no field 'window'"),
   )

@@ -107,9 +107,10 @@ class FormsTest(parameterized.TestCase):
       for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5, err_msg=f"chunk={chunk}")
 
-  def test_pallas_kernel_equals_the_recurrence(self):
-    # The kernel has no resets: a batch without segment ids, with per-step decay and a state.
-    args = _inputs(seed=3, decay="step", state=True, normalize=True)
+  @parameterized.parameters("step", "channel")
+  def test_pallas_kernel_equals_the_recurrence(self, decay):
+    # The kernel has no resets: a batch without segment ids, with a decay and a state.
+    args = _inputs(seed=3, decay=decay, state=True, normalize=True)
     self._check_against_recurrent(args, "pallas", {"chunk_size": 8})
 
   @parameterized.parameters(jnp.bfloat16, jnp.float32)
@@ -216,10 +217,9 @@ class DispatchTest(absltest.TestCase):
     self.assertIn("segment_ids", resolution.reason)
     with self.assertRaisesRegex(ValueError, "impl='pallas' cannot serve .*segment_ids"):
       dispatch.resolve(la.LINEAR_ATTENTION, "pallas", packed, backend="cpu")
-    per_channel = dataclasses.replace(call, decay="channel")
-    resolution = dispatch.resolve(la.LINEAR_ATTENTION, "auto", per_channel, backend="gpu")
-    self.assertEqual(resolution.impl, "chunked")
-    self.assertIn("not per channel", resolution.reason)
+    per_channel = dataclasses.replace(call, decay="channel")  # GLA: the kernel has it too
+    self.assertEqual(dispatch.resolve(la.LINEAR_ATTENTION, "auto", per_channel,
+                                      backend="gpu").impl, "pallas")
 
   def test_bad_shapes_name_the_argument(self):
     args = _inputs()

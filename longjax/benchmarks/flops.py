@@ -89,3 +89,30 @@ def lm_train_flops(*, matmul_params: int, layers: int, heads: int, head_dim: int
   attention = 3 * layers * attention_flops(t, t, heads, head_dim, causal=True, backward=False,
                                            batch=batch)
   return dense + attention
+
+
+def window_pairs(t: int, window: int) -> int:
+  """Query/key pairs of causal attention over the last `window` tokens (itself included)."""
+  w = min(window, t)
+  return w * (w + 1) // 2 + (t - w) * w
+
+
+def chunked_linear_attention_flops(t: int, heads: int, key_dim: int, value_dim: int, chunk: int,
+                                   backward: bool, batch: int = 1) -> int:
+  """FLOPs of the chunked (Lightning Attention-2) form of causal linear attention.
+
+  Per head, within each chunk the two masked products q k^T and (q k^T) v over the causal pairs
+  of the chunk (Dk and Dv multiply-adds per pair), and per token the two state products q S and
+  k^T v (Dk Dv multiply-adds each). The backward pass has twice the forward's products (the
+  gradients of both operands of each), so forward + backward = 3x the forward. A per-channel
+  decay (GLA) makes the within-chunk scores an elementwise [C, C, Dk] product instead of a
+  matmul; it is counted the same (the same multiply-adds).
+
+  Args:
+    t: T; heads: N; key_dim: Dk (the feature size); value_dim: Dv (with the normaliser's
+    column when normalised); chunk: C; backward: forward + backward; batch: B.
+  """
+  full, rest = divmod(t, chunk)
+  pairs = full * chunk * (chunk + 1) // 2 + rest * (rest + 1) // 2
+  forward = 2 * batch * heads * (pairs * (key_dim + value_dim) + 2 * t * key_dim * value_dim)
+  return 3 * forward if backward else forward

@@ -12,6 +12,7 @@ naive recurrence a researcher would write first, the peer of the chunked form).
 """
 
 from longjax.benchmarks import decode
+from longjax.benchmarks import flops as flops_lib
 from longjax.benchmarks import lm
 from longjax.benchmarks import reports
 from longjax.benchmarks import suites
@@ -39,6 +40,42 @@ SIZES = {
 _JAX_MODULES = ("jax", "flax", "optax", "longjax.models", "longjax.training.step")
 
 
+def train_flops(impl: str, width: int, layers: int, t: int) -> int:
+  """Model FLOPs of one train step (forward + backward) of `impl`'s decoder, for MFU.
+
+  6 * T * the parameters in a matmul (the mixer's projections `w_*`, the MLP, the head), plus
+  each layer's sequence mixing: causal attention's visible pairs (`flops.lm_train_flops`'s
+  count), or the chunked linear-attention form's products (`chunked_linear_attention_flops`,
+  Based adding its window's pairs). The `lax.scan` peers are charged the same model FLOPs as
+  their mixer (MFU is about the model, not the program).
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from longjax.layers import gla  # pylint: disable=g-import-not-at-top
+  from longjax.layers import recurrent  # pylint: disable=g-import-not-at-top
+  from longjax.ops import linear_attention as ops  # pylint: disable=g-import-not-at-top
+  from longjax.models import MIXERS  # pylint: disable=g-import-not-at-top
+  shape = lm.LMShape(width, layers, t, 1)
+  model = lm.longjax_config(shape, model_overrides=IMPLS[impl]).model
+  spec = MIXERS[model.mixers.split(",")[0].split("(")[0]]
+  mixer = nnx.eval_shape(lambda: spec.build(model, model[spec.section], nnx.Rngs(0)))
+  projections = sum(p.value.size for name, p in vars(mixer).items()
+                    if name.startswith("w_") and isinstance(p, nnx.Param))
+  attention_projections = 4 * width * shape.heads * lm.HEAD_DIM  # in lm.matmul_params
+  dense = 6 * t * (lm.matmul_params(shape) + layers * (projections - attention_projections))
+  if not isinstance(mixer, recurrent.RecurrentMixer):
+    return dense + flops_lib.lm_train_flops(matmul_params=0, layers=layers, heads=shape.heads,
+                                            head_dim=lm.HEAD_DIM, t=t, batch=1)
+  per_channel = isinstance(mixer, gla.GatedLinearAttention)
+  chunk = mixer.chunk_size or (ops.DEFAULT_CHUNK_PER_CHANNEL if per_channel else ops.DEFAULT_CHUNK)
+  mixing = flops_lib.chunked_linear_attention_flops(
+      t, mixer.num_heads, mixer.key_dim, mixer.value_dim + int(mixer.normalize), min(chunk, t),
+      backward=True)
+  window = getattr(mixer, "window", 0)
+  if window:  # Based's softmax branch: 2 products per pair, 3x for forward + backward
+    mixing += 3 * 2 * 2 * mixer.num_heads * mixer.head_dim * flops_lib.window_pairs(t, window)
+  return dense + layers * mixing
+
+
 def mixer_case(impl: str, width: int, layers: int, t: int, *, repeats: int, budget_s: float,
                memory_budget: int | None) -> dict:
   """Train step (tokens/s, footprint) and cached decode (ms/token) of `impl` at length t."""
@@ -48,7 +85,9 @@ def mixer_case(impl: str, width: int, layers: int, t: int, *, repeats: int, budg
       shape, overrides, repeats=repeats, budget_s=budget_s, memory_budget=memory_budget)
   dec = decode._longjax_timing(  # pylint: disable=protected-access
       shape, repeats=repeats, budget_s=budget_s, memory_budget=memory_budget, **overrides)
+  model_flops = train_flops(impl, width, layers, t)
   return {"time_s": step["time_s"], "tokens_per_s": t / step["time_s"],
+          "flops": model_flops, "gflops_per_s": model_flops / step["time_s"] / 1e9,
           "train_footprint_bytes": timing.footprint_bytes(step),
           "decode_ms_per_token": 1e3 * dec["decode"]["time_s"] / decode.NEW_TOKENS,
           "params": step["params"], "train": step, "decode": dec["decode"]}
@@ -77,9 +116,12 @@ def _find(results, impl, t):
   return next((r for r in results if r["impl"] == impl and r["t"] == t), None)
 
 
-def derive(results: list[dict]) -> dict:
-  """Adds ratios in place (vs attention and vs the lax.scan peer); returns the targets."""
+def derive(results: list[dict], peak_gflops: float | None = None) -> dict:
+  """Adds ratios in place (vs attention, vs the lax.scan peer, the train step's model FLOP/s
+  vs the measured f32 matmul peak); returns the targets."""
   for r in results:
+    r["fraction_of_peak"] = (r["gflops_per_s"] / peak_gflops
+                             if peak_gflops and _ok(r) and r.get("gflops_per_s") else None)
     attention, scan = _find(results, ATTENTION, r["t"]), _find(results, f"{r['impl']}_scan",
                                                                   r["t"])
     ok = _ok(r)
@@ -130,7 +172,8 @@ def markdown(results: list[dict], summary: dict) -> str:
     rows.append([r["t"], LABELS[r["impl"]], r.get("tokens_per_s") if ok else None,
                  r.get("speedup_vs_attention"), r.get("speedup_vs_scan"),
                  reports.mib(r.get("train_footprint_bytes")) if ok else None,
-                 r.get("memory_vs_attention"), r.get("decode_ms_per_token") if ok else None,
+                 r.get("memory_vs_attention"), r.get("gflops_per_s") if ok else None,
+                 r.get("fraction_of_peak"), r.get("decode_ms_per_token") if ok else None,
                  "ok" if ok else f"{r.get('status')}: {r.get('reason', '')}"])
   widths = sorted({(r["width"], r["layers"]) for r in results})
   model = ", ".join(f"d{w} L{n}" for w, n in widths)
@@ -140,6 +183,7 @@ def markdown(results: list[dict], summary: dict) -> str:
       "mixer's lax.scan recurrence; memory: the train step's compiled footprint.\n",
       reports.markdown_table(["T", "mixer", "train tokens/s", "x attention", "x scan",
                               "train footprint (MiB)", "memory x attention",
+                              "train GFLOP/s", "x f32 matmul peak",
                               f"decode ms/token ({decode.NEW_TOKENS} tokens)", "status"], rows),
       "\n### Targets\n",
       reports.targets_table(summary["targets"]) if summary["targets"] else
@@ -180,5 +224,5 @@ def run_suite(sizes: str, out: str, *, argv: list[str], make_plots: bool = False
   return suites.run_suite_with(
       "mixers", sizes, out, argv=argv, memory_budget_gb=memory_budget_gb,
       run=lambda budget: run(sizes, impls=impls, memory_budget=budget, timeout_s=timeout_s),
-      derive=lambda results, peak_gflops: derive(results), markdown=markdown,
+      derive=derive, markdown=markdown,
       plot=plot if make_plots else None)

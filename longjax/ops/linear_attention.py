@@ -19,8 +19,9 @@ Implementations (`LINEAR_ATTENTION`, chosen by `longjax.ops.dispatch`):
   reference  the quadratic masked form: [B, N, T, T] decays; for tests and short sequences.
   recurrent  the recurrence itself, a `lax.scan` over time: the independent check of the others.
   chunked    XLA, Lightning Attention-2's tiling: the masked quadratic form inside chunks of C
-             steps, the [Dk, Dv] state passed between chunks by a scan over T / C chunks;
-             O(T C) memory, matmul-shaped work. The CPU default and the fallback everywhere.
+             steps, the [Dk, Dv] state passed between chunks by a scan over T / C chunks,
+             in rematerialised blocks of 1024 steps (temporaries O(1024 C) whatever T);
+             matmul-shaped work. The CPU default and the fallback everywhere.
   pallas     `kernels_pallas.linear` (chunked in VMEM / SRAM; TPU and GPU; every decay form,
              per channel in 16-step chunks); it has no document resets, so packed batches
              take the chunked form.
@@ -46,6 +47,8 @@ DEFAULT_CHUNK = 64
 # Per-channel decay materialises [C, C, Dk] decays per chunk (no matmul form is stable when a
 # channel decays fast): smaller chunks, as GLA's own kernels use 16-step sub-chunks.
 DEFAULT_CHUNK_PER_CHANNEL = 16
+# The chunked form runs on blocks of this many steps, one after another (`_blocked`).
+BLOCK = 1024
 
 
 
@@ -260,6 +263,37 @@ def _chunked(qh, kh, vh, g, keep, s0, scale, chunk):
   return out, final
 
 
+def _blocked(qh, kh, vh, g, keep, s0, scale, chunk):
+  """`_chunked` on blocks of `BLOCK` steps, a rematerialised scan carrying the state.
+
+  The chunked form's temporaries ([C, C] decayed scores per chunk, per-chunk states, and with a
+  per-channel decay [C, C, Dk] per chunk) are O(T C); in blocks they are O(BLOCK C) whatever T,
+  and the backward pass keeps only each block's inputs and entering state. On the 2-core CPU at
+  T = 8192 (B 1, N 4, D 64, fwd + bwd): temporaries 72 -> 41 MiB and 0.111 -> 0.091 s with a
+  per-head decay; 507 -> 105 MiB and 0.356 -> 0.233 s per channel (blocks fit in cache).
+  """
+  b, n, t, _ = qh.shape
+  block = max(chunk, BLOCK // chunk * chunk)
+  if t <= block:
+    return _chunked(qh, kh, vh, g, keep, s0, scale, chunk)
+  pad = -t % block
+  qh, kh, vh, g = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (qh, kh, vh, g))
+  keep = jnp.pad(keep, ((0, 0), (0, pad)), constant_values=1.0)
+  nb = (t + pad) // block
+  blocks = lambda x: jnp.moveaxis(x.reshape(b, n, nb, block, x.shape[-1]), 2, 0)
+  keep_blocks = jnp.moveaxis(keep.reshape(b, nb, block), 1, 0)
+
+  @jax.checkpoint
+  def body(state, xs):
+    q, k, v, g_, keep_ = xs
+    out, state = _chunked(q, k, v, g_, keep_, state, scale, chunk)
+    return state, out
+
+  final, out = lax.scan(body, s0, (blocks(qh), blocks(kh), blocks(vh), blocks(g), keep_blocks))
+  out = jnp.moveaxis(out, 0, 2).reshape(b, n, t + pad, -1)[:, :, :t]
+  return out, final
+
+
 def _pallas(qh, kh, vh, g, s0, scale, chunk, decay):
   """The Pallas kernel on head-major inputs (no resets)."""
   to_btnd = lambda x: x.transpose(0, 2, 1, 3)
@@ -306,7 +340,7 @@ def linear_attention(q, k, v, *, log_decay=None, segment_ids=None, initial_state
     out, final = _recurrent(qh, kh, vh, g, keep, s0, scale)
   elif name == "chunked":
     default = DEFAULT_CHUNK_PER_CHANNEL if decay == "channel" else DEFAULT_CHUNK
-    out, final = _chunked(qh, kh, vh, g, keep, s0, scale, chunk_size or default)
+    out, final = _blocked(qh, kh, vh, g, keep, s0, scale, chunk_size or default)
   else:
     out, final = _pallas(qh, kh, vh, g, s0, scale, chunk_size, decay)
   return _finish(out, q, normalize, v.shape[3]), final

@@ -4,6 +4,7 @@ reports its figures, and the ratios and targets follow from the numbers (synthet
 from absl.testing import absltest
 
 from longjax import configuration
+from longjax.benchmarks import flops
 from longjax.benchmarks import lm
 from longjax.benchmarks import mixers
 
@@ -30,13 +31,38 @@ class MixersSuiteTest(absltest.TestCase):
     self.assertGreater(result["train_footprint_bytes"], 0)
     self.assertGreater(result["decode_ms_per_token"], 0)
 
+  def test_flop_counts(self):
+    # The chunked form's count against a brute-force count of its products.
+    t, c, n, dk, dv = 150, 64, 2, 5, 3
+    pairs = sum(1 for i in range(t) for j in range(i + 1) if i // c == j // c)
+    want = 3 * 2 * n * (pairs * (dk + dv) + 2 * t * dk * dv)
+    self.assertEqual(flops.chunked_linear_attention_flops(t, n, dk, dv, c, backward=True), want)
+    self.assertEqual(flops.window_pairs(10, 4), sum(min(i + 1, 4) for i in range(10)))
+    # `linear` has attention's projections (q, k, v, out: 4 d n), so the two models differ only
+    # in the sequence mixing: the chunked form with the normaliser's column vs causal softmax.
+    shape = lm.LMShape(64, 2, 256, 1)
+    attention = mixers.train_flops("attention", 64, 2, 256)
+    self.assertEqual(attention, flops.lm_train_flops(
+        matmul_params=lm.matmul_params(shape), layers=2, heads=shape.heads,
+        head_dim=lm.HEAD_DIM, t=256, batch=1))
+    linear_mixing = flops.chunked_linear_attention_flops(256, shape.heads, lm.HEAD_DIM,
+                                                         lm.HEAD_DIM + 1, 64, backward=True)
+    causal = 3 * flops.attention_flops(256, 256, shape.heads, lm.HEAD_DIM, causal=True,
+                                       backward=False)
+    self.assertEqual(mixers.train_flops("linear", 64, 2, 256) - attention,
+                     2 * (linear_mixing - causal))
+    self.assertEqual(mixers.train_flops("linear_scan", 64, 2, 256),
+                     mixers.train_flops("linear", 64, 2, 256))
+
   def test_ratios_and_targets(self):
     results = [_row("attention", 1024, 1000.0, 100, 1.0), _row("attention", 32768, 10.0, 4000, 9.0),
                _row("linear", 1024, 2000.0, 80, 0.5), _row("linear", 32768, 1900.0, 90, 0.52),
                _row("linear_scan", 1024, 500.0, 80, 0.5), _row("linear_scan", 32768, 400.0, 90,
                                                                0.5)]
-    summary = mixers.derive(results)
+    results[3]["gflops_per_s"] = 25.0
+    summary = mixers.derive(results, peak_gflops=100.0)
     linear_long = results[3]
+    self.assertAlmostEqual(linear_long["fraction_of_peak"], 0.25)
     self.assertAlmostEqual(linear_long["speedup_vs_attention"], 190.0)
     self.assertAlmostEqual(linear_long["speedup_vs_scan"], 1900.0 / 400.0)
     self.assertAlmostEqual(linear_long["memory_vs_attention"], 90 / 4000)

@@ -7,6 +7,7 @@ the recurrent one, forward and gradients; packed documents against each document
 
 import dataclasses
 import functools
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -98,6 +99,25 @@ class FormsTest(parameterized.TestCase):
     # Chunks of 4 over T=11: a padded last chunk and documents that cross chunk edges.
     kwargs = {"chunk_size": 4} if impl == "chunked" else {}
     self._check_against_recurrent(args, impl, kwargs)
+
+  @parameterized.parameters("head", "channel")
+  def test_blocks_of_the_chunked_form(self, decay):
+    # Blocks of 8 steps over T = 23 (padded to 24), chunks of 4: documents and the state cross
+    # block edges; forward and gradients against the recurrence.
+    args = _inputs(seed=6, t=23, decay=decay, segments=True, state=True, normalize=True)
+    diff = {k: args[k] for k in ("q", "k", "v", "log_decay", "initial_state")}
+    weights = np.random.default_rng(1).normal(size=(B, 23, N, DV)).astype(np.float32)
+
+    def loss(impl, diff):
+      out, final = la.linear_attention(**diff, segment_ids=args["segment_ids"], normalize=True,
+                                       impl=impl, chunk_size=4)
+      return jnp.sum(out * weights) + jnp.sum(jnp.sin(final)), (out, final)
+
+    with mock.patch.object(la, "BLOCK", 8):
+      got = jax.jit(jax.grad(functools.partial(loss, "chunked"), has_aux=True))(diff)
+    want = jax.jit(jax.grad(functools.partial(loss, "recurrent"), has_aux=True))(diff)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
 
   def test_chunk_sizes_one_and_longer_than_the_sequence(self):
     args = _inputs(seed=2, decay="head", segments=True, state=True)

@@ -5,7 +5,8 @@
   python -m experiments.benchmark --suite=train|decode|memory --out=docs/benchmarks/X.json \
       --sizes=full [--plot]      # longjax vs HF LlamaForCausalLM (docs/benchmarks.md)
   python -m experiments.benchmark --suite=mixers --out=docs/benchmarks/mixers_small.json \
-      --sizes=small --plot       # every mixer's train step, memory and decode vs length
+      --sizes=small --plot [--groups=attention,mamba2,mamba2_scan]
+                                 # every mixer's train step, memory and decode vs length
   python -m experiments.benchmark --suite=peak --out=peak.json
 
 Every run first measures the jitted matmul GFLOP/s (f32, bf16): the machine's ceiling, used for
@@ -35,7 +36,8 @@ _MEMORY = flags.DEFINE_float("memory_budget_gb", None,
 _TIMEOUT = flags.DEFINE_float("case_timeout_s", None,
                               "Kill a case after this many seconds (default: per size set).")
 _GROUPS = flags.DEFINE_list("groups", None,
-                            "kernels suite only: a subset of attention,decode,linear,scan.")
+                            "kernels suite: a subset of attention,decode,linear,scan; mixers "
+                            "suite: a subset of its rows (attention, NAME, NAME_scan).")
 flags.mark_flag_as_required("out")
 
 
@@ -52,6 +54,12 @@ def main(argv):
       common.fail(f"--groups: unknown {sorted(unknown)}; choose from "
                   f"{','.join(benchmarks.kernels.GROUPS)}")
     kwargs = {"groups": tuple(groups)}
+  if _SUITE.value == "mixers" and _GROUPS.value:
+    unknown = set(_GROUPS.value) - set(benchmarks.mixers.IMPLS)
+    if unknown:
+      common.fail(f"--groups: unknown {sorted(unknown)}; choose from "
+                  f"{','.join(benchmarks.mixers.IMPLS)}")
+    kwargs = {"impls": tuple(_GROUPS.value)}
   if _SUITE.value != "peak":
     kwargs.update(memory_budget_gb=_MEMORY.value, timeout_s=_TIMEOUT.value,
                   make_plots=_PLOT.value)

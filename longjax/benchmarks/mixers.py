@@ -20,7 +20,7 @@ from longjax.benchmarks import timing
 from longjax.benchmarks import train
 
 ATTENTION = "attention"
-RECURRENT = ("linear", "retnet", "lightning", "gla", "based")
+RECURRENT = ("linear", "retnet", "lightning", "gla", "based", "mamba2")
 # Implementation name -> `model` overrides. NAME_scan: the mixer's lax.scan recurrence.
 IMPLS = {ATTENTION: {},
          **{name: {"mixers": name} for name in RECURRENT},

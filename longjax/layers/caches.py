@@ -111,3 +111,22 @@ class BasedState:
   def state_bytes_per_sequence(self) -> int:
     """Bytes one sequence carries: linear state, convolution history and window."""
     return sum(a[0].size * a.dtype.itemsize for a in (self.state, self.conv, self.k, self.v))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SSMState:
+  """A state-space mixer's decode state (Mamba-2): the recurrence's state and the short
+  convolution's last inputs, constant in the length.
+
+  state: [B, N, S, P] float32 (heads, state size, head dim); conv: [B, K-1, C] the last K-1
+  inputs of the convolution; end: int32 [], the tokens consumed.
+  """
+  state: jax.Array
+  conv: jax.Array
+  end: jax.Array
+
+  @property
+  def state_bytes_per_sequence(self) -> int:
+    """Bytes one sequence carries: the recurrence's state and the convolution history."""
+    return sum(a[0].size * a.dtype.itemsize for a in (self.state, self.conv))

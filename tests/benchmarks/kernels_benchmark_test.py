@@ -250,6 +250,9 @@ class CliSmokeTest(absltest.TestCase):
     proc = _run_cli("--suite=kernels", "--sizes=tiny", "--groups=attention,nope", f"--out={out}")
     self.assertEqual(proc.returncode, 2)
     self.assertIn("--groups: unknown ['nope']", proc.stderr)
+    proc = _run_cli("--suite=mixers", "--sizes=tiny", "--groups=attention,mamba3", f"--out={out}")
+    self.assertEqual(proc.returncode, 2)
+    self.assertIn("--groups: unknown ['mamba3']; choose from attention,linear,", proc.stderr)
 
   def test_peak_suite(self):
     out = os.path.join(self.create_tempdir().full_path, "peak.json")

@@ -20,14 +20,18 @@ from longjax.benchmarks import timing
 from longjax.benchmarks import train
 
 ATTENTION = "attention"
-RECURRENT = ("linear", "retnet", "lightning", "gla", "based", "mamba2")
+RECURRENT = ("linear", "retnet", "lightning", "gla", "based", "mamba2", "mamba")
+# Mixers whose CPU default is a chunked form, with the lax.scan recurrence as a second row
+# (Mamba's CPU default is the recurrence itself).
+CHUNKED = RECURRENT[:-1]
 # Implementation name -> `model` overrides. NAME_scan: the mixer's lax.scan recurrence.
 IMPLS = {ATTENTION: {},
          **{name: {"mixers": name} for name in RECURRENT},
-         **{f"{name}_scan": {"mixers": name, f"{name}.impl": "recurrent"} for name in RECURRENT}}
+         **{f"{name}_scan": {"mixers": name, f"{name}.impl": "recurrent"} for name in CHUNKED}}
 LABELS = {ATTENTION: "softmax attention (auto)",
-          **{name: f"{name} (auto: chunked)" for name in RECURRENT},
-          **{f"{name}_scan": f"{name} (lax.scan recurrence)" for name in RECURRENT}}
+          **{name: f"{name} (auto: chunked)" for name in CHUNKED},
+          "mamba": "mamba (auto: lax.scan recurrence)",
+          **{f"{name}_scan": f"{name} (lax.scan recurrence)" for name in CHUNKED}}
 
 SIZES = {
     "tiny": {"width": 64, "layers": 2, "ts": [128], "repeats": 2, "budget_s": 5,
@@ -62,9 +66,11 @@ def train_flops(impl: str, width: int, layers: int, t: int) -> int:
                     if name.startswith("w_") and isinstance(p, nnx.Param))
   attention_projections = 4 * width * shape.heads * lm.HEAD_DIM  # in lm.matmul_params
   dense = 6 * t * (lm.matmul_params(shape) + layers * (projections - attention_projections))
-  if not isinstance(mixer, recurrent.RecurrentMixer):
+  if spec.name == ATTENTION:
     return dense + flops_lib.lm_train_flops(matmul_params=0, layers=layers, heads=shape.heads,
                                             head_dim=lm.HEAD_DIM, t=t, batch=1)
+  if not isinstance(mixer, recurrent.RecurrentMixer):
+    return dense  # Mamba: the selective scan is elementwise work, no matmul
   per_channel = isinstance(mixer, gla.GatedLinearAttention)
   chunk = mixer.chunk_size or (ops.DEFAULT_CHUNK_PER_CHANNEL if per_channel else ops.DEFAULT_CHUNK)
   mixing = flops_lib.chunked_linear_attention_flops(

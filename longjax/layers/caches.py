@@ -116,11 +116,12 @@ class BasedState:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SSMState:
-  """A state-space mixer's decode state (Mamba-2): the recurrence's state and the short
+  """A state-space mixer's decode state (Mamba, Mamba-2): the recurrence's state and the short
   convolution's last inputs, constant in the length.
 
-  state: [B, N, S, P] float32 (heads, state size, head dim); conv: [B, K-1, C] the last K-1
-  inputs of the convolution; end: int32 [], the tokens consumed.
+  state: float32, [B, N, S, P] for Mamba-2 (heads, state size, head dim), [B, E, S] for Mamba
+  (inner channels, state size); conv: [B, K-1, C] the last K-1 inputs of the convolution; end:
+  int32 [], the tokens consumed.
   """
   state: jax.Array
   conv: jax.Array

@@ -44,11 +44,11 @@ from longjax.ops import short_conv
 _DT_FLOOR = 1e-4
 
 
-def _uniform(low: float, high: float):
+def uniform_init(low: float, high: float):
   return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, low, high)
 
 
-def _dt_bias_init(dt_min: float, dt_max: float):
+def dt_bias_init(dt_min: float, dt_max: float):
   """softplus^-1(dt), dt log-uniform in [dt_min, dt_max]: softplus(dt_bias) starts at dt."""
   def init(key, shape, dtype):
     log_dt = jax.random.uniform(key, shape, jnp.float32, math.log(dt_min), math.log(dt_max))
@@ -71,13 +71,13 @@ class Mamba2(recurrent.RecurrentMixer):
                              (width, inner + self.conv_channels + num_heads),
                              (params.EMBED, params.MLP))
     bound = conv_size ** -0.5
-    self.conv_kernel = params.param(rngs, _uniform(-bound, bound), (conv_size, self.conv_channels),
-                                    (None, params.MLP))
-    self.conv_bias = params.param(rngs, _uniform(-bound, bound), (self.conv_channels,),
+    self.conv_kernel = params.param(rngs, uniform_init(-bound, bound),
+                                    (conv_size, self.conv_channels), (None, params.MLP))
+    self.conv_bias = params.param(rngs, uniform_init(-bound, bound), (self.conv_channels,),
                                   (params.MLP,))
-    self.dt_bias = params.param(rngs, _dt_bias_init(dt_min, dt_max), (num_heads,),
+    self.dt_bias = params.param(rngs, dt_bias_init(dt_min, dt_max), (num_heads,),
                                 (params.HEADS,))
-    self.a_log = params.param(rngs, lambda k, s, d: jnp.log(_uniform(1.0, 16.0)(k, s, d)),
+    self.a_log = params.param(rngs, lambda k, s, d: jnp.log(uniform_init(1.0, 16.0)(k, s, d)),
                               (num_heads,), (params.HEADS,))
     self.d_skip = params.param(rngs, jax.nn.initializers.ones, (num_heads,), (params.HEADS,))
     self.norm_scale = params.param(rngs, jax.nn.initializers.ones, (inner,), (params.MLP,))

@@ -10,6 +10,7 @@ from longjax.layers import based
 from longjax.layers import gla
 from longjax.layers import lightning
 from longjax.layers import linear_attention
+from longjax.layers import mamba
 from longjax.layers import mamba2
 from longjax.layers import mixer
 from longjax.layers import retnet
@@ -23,6 +24,7 @@ MIXERS: dict[str, mixer.MixerSpec] = {spec.name: spec for spec in (
     lightning.SPEC,
     gla.SPEC,
     based.SPEC,
+    mamba.SPEC,
     mamba2.SPEC,
 )}
 

@@ -25,6 +25,13 @@ class MixersSuiteTest(absltest.TestCase):
                       for c in ({"model_overrides": o} for o in mixers.IMPLS.values())},
                      {"attention", *mixers.RECURRENT})
 
+  def test_full_plan_runs_the_scan_peers_at_the_first_length_only(self):
+    cases = mixers.plan("full")
+    skipped = {(c["labels"]["impl"], c["labels"]["t"]) for c in cases if "skip" in c}
+    self.assertEqual(skipped, {(f"{name}_scan", t) for name in mixers.CHUNKED
+                               for t in (4096, 16384, 32768)})
+    self.assertEmpty([c for c in mixers.plan("small") if "skip" in c])
+
   def test_one_case_in_process(self):
     result = mixers.mixer_case("retnet", 64, 1, 32, repeats=1, budget_s=5, memory_budget=None)
     self.assertGreater(result["tokens_per_s"], 0)

@@ -5,8 +5,11 @@ becomes a recurrence over a [Dk, Dv] state and decoding costs O(1) per token wha
 context. Normalised (the paper's form), o_t = phi(q_t) S_t / (phi(q_t) . z_t); unnormalised, the
 output is scaled by Dk ** -0.5 instead. With `feature_map="taylor2"` and a small `feature_dim`
 it is Based's linear attention (Arora et al. 2024): phi(q) . phi(k) = 1 + u + u^2/2 with
-u = q . k / sqrt(F), exp(u) to second order, on q and k projected to F (16) features. The
-maths is `longjax.ops.linear_attention`; this module holds the projections. Linear attention
+u = q . k / sqrt(F), exp(u) to second order, on q and k projected to F (16) features. With
+`feature_map="hedgehog"` it is Hedgehog's learnable map (Zhang et al. 2024): per head
+phi(x) = [softmax(x W + b), softmax(-(x W + b))], separate W, b for queries and keys, the
+identity at init. The maths is `longjax.ops.linear_attention`; this module holds the
+projections. Linear attention
 takes no rotary or bias position encoding: the causal sum orders the tokens (`model.posenc`
 applies to the model's attention layers; an embedding-level encoding such as `learned` applies
 to every layer).
@@ -47,6 +50,13 @@ class LinearAttention(recurrent.RecurrentMixer):
     self.w_out = params.param(rngs, params.fan_in_init(out_init_scale, in_axis=(0, 1), out_axis=2),
                               (num_heads, head_dim, width),
                               (params.HEADS, params.HEAD_DIM, params.EMBED))
+    if feature_map == "hedgehog":
+      # Separate maps for queries and keys, per head; the identity at init (Hedgehog's).
+      self.feature_weight = params.param(
+          rngs, lambda k, s, d: jnp.broadcast_to(jnp.eye(s[-1], dtype=d), s),
+          (2, num_heads, feature_dim, feature_dim), (None, params.HEADS, None, None))
+      self.feature_bias = params.param(rngs, jax.nn.initializers.zeros,
+                                       (2, num_heads, feature_dim), (None, params.HEADS, None))
     self.num_heads = num_heads
     self.value_dim = head_dim
     self.feature_map = feature_map
@@ -65,8 +75,12 @@ class LinearAttention(recurrent.RecurrentMixer):
     x = x.astype(self.dtype)
     qk = jnp.einsum("btd,dcnh->btcnh", x, self.w_qk.value.astype(self.dtype))
     v = jnp.einsum("btd,dnh->btnh", x, self.w_v.value.astype(self.dtype))
-    phi = ops.FEATURE_MAPS[self.feature_map]
-    q, k = phi(qk[:, :, 0]), phi(qk[:, :, 1])
+    if self.feature_map == "hedgehog":
+      w, b = self.feature_weight.value, self.feature_bias.value
+      q, k = (ops.hedgehog_features(qk[:, :, i], w[i], b[i]) for i in (0, 1))
+    else:
+      phi = ops.FEATURE_MAPS[self.feature_map]
+      q, k = phi(qk[:, :, 0]), phi(qk[:, :, 1])
     out, cache = self._attend(q, k, v, segment_ids=segment_ids, cache=cache,
                               scale=1.0 if self.normalize else self.key_dim ** -0.5)
     return self._project_out(out), cache
@@ -74,7 +88,7 @@ class LinearAttention(recurrent.RecurrentMixer):
 
 def defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.feature_map = "elu1"  # identity | elu1 (elu(x) + 1) | relu | taylor2 (Based)
+  c.feature_map = "elu1"  # identity | elu1 (elu(x) + 1) | relu | taylor2 (Based) | hedgehog
   c.feature_dim = 0       # q/k width before the map; 0 = the head dim (Based: 16 with taylor2)
   c.normalize = True      # divide by phi(q) . sum phi(k) (needs a non-negative feature map)
   c.impl = "auto"         # auto | reference | recurrent | chunked | pallas
@@ -84,9 +98,9 @@ def defaults() -> ml_collections.ConfigDict:
 
 def validate(model, c, prefix: str = "model.linear") -> None:
   """Raises ConfigError for the first bad field of the section `c` of `model`."""
-  if c.feature_map not in ops.FEATURE_MAPS:
-    raise ConfigError(f"{prefix}.feature_map", c.feature_map, "unknown choice",
-                      sorted(ops.FEATURE_MAPS))
+  maps = sorted((*ops.FEATURE_MAPS, *ops.LEARNABLE_FEATURE_MAPS))
+  if c.feature_map not in maps:
+    raise ConfigError(f"{prefix}.feature_map", c.feature_map, "unknown choice", maps)
   if c.normalize and c.feature_map not in ops.POSITIVE_FEATURE_MAPS:
     raise ConfigError(f"{prefix}.normalize", c.normalize,
                       f"needs a non-negative feature map (phi(q) . sum phi(k) > 0), but "

@@ -61,20 +61,36 @@ def taylor2_features(x: jax.Array) -> jax.Array:
                           outer * (0.5 ** 0.5 * f ** -0.5)], axis=-1)
 
 
+def hedgehog_features(x: jax.Array, weight: jax.Array, bias: jax.Array) -> jax.Array:
+  """Hedgehog's learnable map (Zhang, Bhatia, Kumbong & Ré 2024, "The Hedgehog & the
+  Porcupine"): [..., N, F] -> [..., N, 2F], per head n with z = x W_n + b_n,
+  phi(x) = [softmax(z), softmax(-z)]: positive features whose dot products can learn to mimic
+  softmax attention's spikiness. weight [N, F, F], bias [N, F]."""
+  z = (jnp.einsum("...nf,nfg->...ng", x.astype(jnp.float32), weight.astype(jnp.float32))
+       + bias.astype(jnp.float32))
+  return jnp.concatenate([jax.nn.softmax(z, axis=-1), jax.nn.softmax(-z, axis=-1)],
+                         axis=-1).astype(x.dtype)
+
+
+# Parameter-free maps by name; "hedgehog" (learnable, `hedgehog_features`) lives in the module
+# that owns its weights.
 FEATURE_MAPS = {
     "identity": lambda x: x,
     "elu1": lambda x: jax.nn.elu(x) + 1.0,  # Katharopoulos et al. 2020: positive features
     "relu": jax.nn.relu,
     "taylor2": taylor2_features,
 }
+LEARNABLE_FEATURE_MAPS = ("hedgehog",)
 # Feature maps whose dot products phi(q) . phi(k) are >= 0 (> 0 for taylor2: 1 + u + u^2/2 is
-# at least 1/2), so q . z > 0 and normalisation is well defined.
-POSITIVE_FEATURE_MAPS = ("elu1", "relu", "taylor2")
+# at least 1/2; hedgehog's softmaxes are > 0), so q . z > 0 and normalisation is well defined.
+POSITIVE_FEATURE_MAPS = ("elu1", "relu", "taylor2", "hedgehog")
 
 
 def feature_size(feature_map: str, dim: int) -> int:
   """The width of phi(x) for x of width `dim`."""
-  return 1 + dim + dim * dim if feature_map == "taylor2" else dim
+  if feature_map == "taylor2":
+    return 1 + dim + dim * dim
+  return 2 * dim if feature_map == "hedgehog" else dim
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,12 +49,52 @@ class VariantTest(absltest.TestCase):
     self.assertEqual(cache.state_bytes_per_sequence, 4 * 8 * 9 * 4)
 
 
+class HedgehogTest(absltest.TestCase):
+
+  def test_layer_equals_softmax_features_written_out(self):
+    layer = LinearAttention(16, 2, 8, feature_map="hedgehog", feature_dim=4, chunk_size=4,
+                            rngs=nnx.Rngs(0))
+    # Move the maps away from their identity init, so that W and b are exercised.
+    rng = np.random.default_rng(1)
+    layer.feature_weight.value = jnp.asarray(rng.normal(size=(2, 2, 4, 4)), jnp.float32)
+    layer.feature_bias.value = jnp.asarray(rng.normal(size=(2, 2, 4)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(1, 9, 16)), jnp.float32)
+    y, _ = layer(x, positions=jnp.arange(9)[None])
+
+    def softmax(z):
+      e = np.exp(z - z.max())
+      return e / e.sum()
+
+    w_qk, w_v, w_out, fw, fb = (np.asarray(p.value, np.float64) for p in (
+        layer.w_qk, layer.w_v, layer.w_out, layer.feature_weight, layer.feature_bias))
+    x64 = np.asarray(x, np.float64)[0]
+    want = np.zeros((9, 16))
+    for n in range(2):
+      phi = [np.stack([np.concatenate([softmax(z), softmax(-z)]) for z in
+                       (x64 @ w_qk[:, i, n]) @ fw[i, n] + fb[i, n]]) for i in (0, 1)]
+      v = x64 @ w_v[:, n]
+      for t in range(9):
+        weights = phi[1][:t + 1] @ phi[0][t]
+        want[t] += (weights @ v[:t + 1] / (weights.sum() + 1e-6)) @ w_out[n]
+    np.testing.assert_allclose(y[0], want, atol=2e-5, rtol=2e-4)
+    self.assertEqual(layer.init_cache(1, 8).state.shape, (1, 2, 8, 9))  # 2F features
+
+  def test_prefill_equals_decode(self):
+    cfg = tiny_model_config(mixers="linear", **{"linear.feature_map": "hedgehog"})
+    model = build_model(cfg, vocab_size=50, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tokens = jnp.asarray(np.random.RandomState(2).randint(0, 50, (2, 7)), jnp.int32)
+    full, _ = _forward(graphdef, params, tokens)
+    decoded, _ = decode_one_by_one(graphdef, params, tokens, model.init_cache(2, 8))
+    np.testing.assert_allclose(decoded, full, atol=2e-5, rtol=0)
+
+
 class ConfigTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("unknown_feature_map", {"model.linear.feature_map": "cos"},
        r"model\.linear\.feature_map='cos': unknown choice "
-       r"\(valid: elu1, identity, relu, taylor2\)"),
+       r"\(valid: elu1, hedgehog, identity, relu, taylor2\)"),
       ("normalized_identity", {"model.linear.feature_map": "identity"},
        r"model\.linear\.normalize=True: needs a non-negative feature map"),
       ("unknown_impl", {"model.linear.impl": "flash"},

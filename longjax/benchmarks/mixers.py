@@ -20,9 +20,9 @@ from longjax.benchmarks import timing
 from longjax.benchmarks import train
 
 ATTENTION = "attention"
-RECURRENT = ("linear", "retnet", "lightning", "gla", "based", "mamba2", "mamba")
-# Mixers whose CPU default is a chunked form, with the lax.scan recurrence as a second row
-# (Mamba's CPU default is the recurrence itself).
+RECURRENT = ("linear", "retnet", "lightning", "gla", "based", "mamba2", "s4d", "mamba")
+# Mixers whose CPU default is a parallel form (chunked; S4D's FFT convolution), with the lax.scan
+# recurrence as a second row (Mamba's CPU default is the recurrence itself).
 CHUNKED = RECURRENT[:-1]
 # Implementation name -> `model` overrides. NAME_scan: the mixer's lax.scan recurrence.
 IMPLS = {ATTENTION: {},
@@ -30,6 +30,7 @@ IMPLS = {ATTENTION: {},
          **{f"{name}_scan": {"mixers": name, f"{name}.impl": "recurrent"} for name in CHUNKED}}
 LABELS = {ATTENTION: "softmax attention (auto)",
           **{name: f"{name} (auto: chunked)" for name in CHUNKED},
+          "s4d": "s4d (auto: FFT convolution)",
           "mamba": "mamba (auto: lax.scan recurrence)",
           **{f"{name}_scan": f"{name} (lax.scan recurrence)" for name in CHUNKED}}
 
@@ -73,7 +74,7 @@ def train_flops(impl: str, width: int, layers: int, t: int) -> int:
     return dense + flops_lib.lm_train_flops(matmul_params=0, layers=layers, heads=shape.heads,
                                             head_dim=lm.HEAD_DIM, t=t, batch=1)
   if not isinstance(mixer, recurrent.RecurrentMixer):
-    return dense  # Mamba: the selective scan is elementwise work, no matmul
+    return dense  # Mamba's scan and S4D's FFT convolution: no matmul
   per_channel = isinstance(mixer, gla.GatedLinearAttention)
   chunk = mixer.chunk_size or (ops.DEFAULT_CHUNK_PER_CHANNEL if per_channel else ops.DEFAULT_CHUNK)
   mixing = flops_lib.chunked_linear_attention_flops(

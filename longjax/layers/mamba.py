@@ -50,7 +50,8 @@ class Mamba(nnx.Module):
   """The Mamba-1 block as a sequence mixer."""
 
   def __init__(self, width: int, *, state_dim: int = 16, expand: int = 2, conv_size: int = 4,
-               dt_min: float = 1e-3, dt_max: float = 0.1, impl: str = "auto",
+               dt_min: float = 1e-3, dt_max: float = 0.1, decay_scale: float = 1.0,
+               impl: str = "auto",
                out_init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
     inner, rank = expand * width, dt_rank(width)
     self.w_in = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2)),
@@ -71,6 +72,8 @@ class Mamba(nnx.Module):
     self.w_out = params.param(rngs, params.fan_in_init(out_init_scale, in_axis=0, out_axis=1),
                               (inner, width), (params.MLP, params.EMBED))
     self.inner, self.rank, self.state_dim, self.conv_size = inner, rank, state_dim, conv_size
+    # Multiplies A (the log decay dt A) at evaluation time: Stuffed Mamba's stronger forgetting.
+    self.decay_scale = float(decay_scale)
     self.impl = impl
     self.dtype = dtype
 
@@ -101,7 +104,8 @@ class Mamba(nnx.Module):
     dt_low, b_in, c_out = jnp.split(proj, [self.rank, self.rank + self.state_dim], axis=-1)
     delta = jnp.einsum("btr,re->bte", dt_low, self.w_dt.value.astype(self.dtype))
     y, state = ops.selective_scan(
-        xs, delta, -jnp.exp(self.a_log.value), b_in, c_out, self.d_skip.value,
+        xs, delta, -self.decay_scale * jnp.exp(self.a_log.value), b_in, c_out,
+        self.d_skip.value,
         delta_bias=self.dt_bias.value, segment_ids=segment_ids,
         initial_state=None if cache is None else cache.state, impl=self.impl)
     gated = y.astype(jnp.float32) * jax.nn.silu(xz[:, :, 1].astype(jnp.float32))
@@ -118,6 +122,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.conv_size = 4       # K taps of the short convolution
   c.dt_min = 0.001      # the initial step sizes dt are log-uniform in [dt_min, dt_max]
   c.dt_max = 0.1
+  c.decay_scale = 1.0   # multiplies A: > 1 forgets faster (a training-free state-collapse fix)
   c.impl = "auto"       # auto | recurrent | pallas
   return c
 
@@ -133,13 +138,15 @@ def validate(model, c, prefix: str = "model.mamba") -> None:
   if not 0 < c.dt_min < c.dt_max:
     raise ConfigError(f"{prefix}.dt_min", c.dt_min,
                       f"must satisfy 0 < dt_min < dt_max (dt_max={c.dt_max})")
+  if not isinstance(c.decay_scale, (int, float)) or not 0 < c.decay_scale <= 1e3:
+    raise ConfigError(f"{prefix}.decay_scale", c.decay_scale, "must be in (0, 1000]")
   if c.impl not in ops.IMPLS:
     raise ConfigError(f"{prefix}.impl", c.impl, "unknown choice", ops.IMPLS)
 
 
 def build(model, c, rngs) -> Mamba:
   return Mamba(model.width, state_dim=c.state_dim, expand=c.expand, conv_size=c.conv_size,
-               dt_min=c.dt_min, dt_max=c.dt_max, impl=c.impl,
+               dt_min=c.dt_min, dt_max=c.dt_max, decay_scale=c.decay_scale, impl=c.impl,
                out_init_scale=dims.out_init_scale(model), dtype=dims.DTYPES[model.dtype],
                rngs=rngs)
 

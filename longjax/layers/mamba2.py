@@ -62,8 +62,8 @@ class Mamba2(recurrent.RecurrentMixer):
 
   def __init__(self, width: int, *, state_dim: int = 64, head_dim: int = 64, expand: int = 2,
                groups: int = 1, conv_size: int = 4, dt_min: float = 1e-3, dt_max: float = 0.1,
-               impl: str = "auto", chunk_size: int = 0, out_init_scale: float = 1.0,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               decay_scale: float = 1.0, impl: str = "auto", chunk_size: int = 0,
+               out_init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
     inner = expand * width
     num_heads = inner // head_dim
     self.conv_channels = inner + 2 * groups * state_dim
@@ -87,6 +87,8 @@ class Mamba2(recurrent.RecurrentMixer):
     self.inner, self.groups, self.conv_size = inner, groups, conv_size
     self.num_heads, self.key_dim, self.value_dim = num_heads, state_dim, head_dim
     self.normalize = False
+    # Multiplies A (the log decay dt A) at evaluation time: Stuffed Mamba's stronger forgetting.
+    self.decay_scale = float(decay_scale)
     self.impl = impl
     self.chunk_size = chunk_size or None
     self.dtype = dtype
@@ -101,7 +103,7 @@ class Mamba2(recurrent.RecurrentMixer):
 
   def log_decay(self, dt: jax.Array) -> jax.Array:
     """log a_t = dt_t A per head: [B, T, N] float32 (< 0)."""
-    return dt * -jnp.exp(self.a_log.value)
+    return dt * -self.decay_scale * jnp.exp(self.a_log.value)
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
                cache: caches.SSMState | None = None):
@@ -146,6 +148,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.conv_size = 4       # K taps of the short convolution
   c.dt_min = 0.001      # the initial step sizes dt are log-uniform in [dt_min, dt_max]
   c.dt_max = 0.1
+  c.decay_scale = 1.0   # multiplies A: > 1 forgets faster (a training-free state-collapse fix)
   c.impl = "auto"       # auto | reference | recurrent | chunked | pallas
   c.chunk_size = 0      # chunked forms' C; 0 = the op's default (64)
   return c
@@ -168,6 +171,8 @@ def validate(model, c, prefix: str = "model.mamba2") -> None:
   if not 0 < c.dt_min < c.dt_max:
     raise ConfigError(f"{prefix}.dt_min", c.dt_min,
                       f"must satisfy 0 < dt_min < dt_max (dt_max={c.dt_max})")
+  if not isinstance(c.decay_scale, (int, float)) or not 0 < c.decay_scale <= 1e3:
+    raise ConfigError(f"{prefix}.decay_scale", c.decay_scale, "must be in (0, 1000]")
   if c.impl not in ops.IMPLS:
     raise ConfigError(f"{prefix}.impl", c.impl, "unknown choice", ops.IMPLS)
   if c.chunk_size < 0:
@@ -177,6 +182,7 @@ def validate(model, c, prefix: str = "model.mamba2") -> None:
 def build(model, c, rngs) -> Mamba2:
   return Mamba2(model.width, state_dim=c.state_dim, head_dim=c.head_dim, expand=c.expand,
                 groups=c.groups, conv_size=c.conv_size, dt_min=c.dt_min, dt_max=c.dt_max,
+                decay_scale=c.decay_scale,
                 impl=c.impl, chunk_size=c.chunk_size, out_init_scale=dims.out_init_scale(model),
                 dtype=dims.DTYPES[model.dtype], rngs=rngs)
 

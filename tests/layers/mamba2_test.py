@@ -63,6 +63,20 @@ class Mamba2Test(absltest.TestCase):
       y, _ = layer(x, positions=jnp.arange(11)[None])
       np.testing.assert_allclose(y, want, atol=2e-5, rtol=2e-4, err_msg=impl)
 
+  def test_decay_scale_multiplies_a(self):
+    # Stuffed Mamba's stronger forgetting at evaluation time: decay_scale s is the model with
+    # A -> s A, i.e. A_log + log s.
+    layer = Mamba2(16, state_dim=6, head_dim=8, groups=2, chunk_size=4, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 9, 16)), jnp.float32)
+    layer.decay_scale = 3.0
+    scaled, _ = layer(x, positions=jnp.arange(9)[None])
+    layer.decay_scale = 1.0
+    base, _ = layer(x, positions=jnp.arange(9)[None])
+    layer.a_log.value = layer.a_log.value + np.log(3.0)
+    shifted, _ = layer(x, positions=jnp.arange(9)[None])
+    np.testing.assert_allclose(scaled, shifted, atol=1e-5, rtol=1e-5)
+    self.assertGreater(float(jnp.abs(scaled - base).max()), 1e-3)
+
   def test_initialisation_follows_the_reference(self):
     layer = Mamba2(64, head_dim=8, dt_min=0.001, dt_max=0.1, rngs=nnx.Rngs(0))
     dt = np.log1p(np.exp(np.asarray(layer.dt_bias.value)))
@@ -83,6 +97,8 @@ class ConfigTest(parameterized.TestCase):
       ("state_dim", {"model.mamba2.state_dim": 0},
        r"model\.mamba2\.state_dim=0: must be an integer >= 1"),
       ("dt", {"model.mamba2.dt_min": 0.5}, r"model\.mamba2\.dt_min=0\.5: must satisfy"),
+      ("decay_scale", {"model.mamba2.decay_scale": 0.0},
+       r"model\.mamba2\.decay_scale=0\.0: must be in \(0, 1000\]"),
       ("impl", {"model.mamba2.impl": "fast"}, r"model\.mamba2\.impl='fast': unknown choice"),
       ("option_it_does_not_have", {"model.mixers": "mamba2(window=4)"},
        r"mamba2 has no field 'window'"),

@@ -52,6 +52,20 @@ class MambaTest(absltest.TestCase):
       y, _ = layer(x, positions=jnp.arange(11)[None])
       np.testing.assert_allclose(y, want, atol=2e-5, rtol=2e-4, err_msg=impl)
 
+  def test_decay_scale_multiplies_a(self):
+    # Stuffed Mamba's stronger forgetting at evaluation time: decay_scale s is the model with
+    # A -> s A, i.e. A_log + log s.
+    layer = Mamba(16, state_dim=4, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 9, 16)), jnp.float32)
+    layer.decay_scale = 3.0
+    scaled, _ = layer(x, positions=jnp.arange(9)[None])
+    layer.decay_scale = 1.0
+    base, _ = layer(x, positions=jnp.arange(9)[None])
+    layer.a_log.value = layer.a_log.value + np.log(3.0)
+    shifted, _ = layer(x, positions=jnp.arange(9)[None])
+    np.testing.assert_allclose(scaled, shifted, atol=1e-5, rtol=1e-5)
+    self.assertGreater(float(jnp.abs(scaled - base).max()), 1e-3)
+
   def test_initialisation_follows_the_reference(self):
     layer = Mamba(64, state_dim=16, rngs=nnx.Rngs(0))
     self.assertEqual(layer.rank, 4)  # ceil(64 / 16)
@@ -70,6 +84,8 @@ class ConfigTest(parameterized.TestCase):
        r"model\.mamba\.state_dim=0: must be an integer >= 1"),
       ("conv_size", {"model.mamba.conv_size": 0}, r"model\.mamba\.conv_size=0: must be in 1\.\.16"),
       ("dt", {"model.mamba.dt_max": 0.0001}, r"model\.mamba\.dt_min=0\.001: must satisfy"),
+      ("decay_scale", {"model.mamba.decay_scale": 0.0},
+       r"model\.mamba\.decay_scale=0\.0: must be in \(0, 1000\]"),
       ("impl", {"model.mamba.impl": "chunked"}, r"model\.mamba\.impl='chunked': unknown choice"),
       ("option_it_does_not_have", {"model.mixers": "mamba(window=4)"},
        r"mamba has no field 'window'"),

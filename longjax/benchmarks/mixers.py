@@ -20,8 +20,8 @@ from longjax.benchmarks import timing
 from longjax.benchmarks import train
 
 ATTENTION = "attention"
-RECURRENT = ("linear", "retnet", "lightning", "gla", "based", "mamba2", "s4d", "mamba")
-# Mixers whose CPU default is a parallel form (chunked; S4D's FFT convolution), with the lax.scan
+RECURRENT = ("linear", "retnet", "lightning", "gla", "based", "mamba2", "s4d", "s4", "mamba")
+# Mixers whose CPU default is a parallel form (chunked; S4's and S4D's FFT), with the lax.scan
 # recurrence as a second row (Mamba's CPU default is the recurrence itself).
 CHUNKED = RECURRENT[:-1]
 # Implementation name -> `model` overrides. NAME_scan: the mixer's lax.scan recurrence.
@@ -30,7 +30,7 @@ IMPLS = {ATTENTION: {},
          **{f"{name}_scan": {"mixers": name, f"{name}.impl": "recurrent"} for name in CHUNKED}}
 LABELS = {ATTENTION: "softmax attention (auto)",
           **{name: f"{name} (auto: chunked)" for name in CHUNKED},
-          "s4d": "s4d (auto: FFT convolution)",
+          "s4d": "s4d (auto: FFT convolution)", "s4": "s4 (auto: FFT convolution)",
           "mamba": "mamba (auto: lax.scan recurrence)",
           **{f"{name}_scan": f"{name} (lax.scan recurrence)" for name in CHUNKED}}
 

@@ -62,14 +62,7 @@ class S4D(nnx.Module):
                               (width, 3, width), (params.EMBED, None, params.MLP))
     self.shift_kernel = params.param(rngs, params.normal(shift_size ** -0.5),
                                      (shift_size, width), (None, params.MLP))
-    real, imag = initial_a(init, state_dim)
-    # -exp(a_real_log) keeps Re A < 0 (a stable system) whatever the optimiser does.
-    self.a_real_log = params.param(rngs, lambda k, s, d: jnp.broadcast_to(jnp.log(-real), s),
-                                   (width, half), (params.MLP, None))
-    self.a_imag = params.param(rngs, lambda k, s, d: jnp.broadcast_to(imag, s), (width, half),
-                               (params.MLP, None))
-    self.b = params.param(rngs, lambda k, s, d: jnp.zeros(s, d).at[..., 0].set(1.0),
-                          (width, half, 2), (params.MLP, None, None))
+    self._init_ssm(width, state_dim, init, rngs)
     self.c = params.param(rngs, params.normal(0.5 ** 0.5), (width, half, 2),
                           (params.MLP, None, None))
     self.log_dt = params.param(
@@ -82,6 +75,24 @@ class S4D(nnx.Module):
     self.discretization = discretization
     self.impl = impl
     self.dtype = dtype
+
+  def _init_ssm(self, width: int, state_dim: int, init: str, rngs: nnx.Rngs) -> None:
+    """A (its log real part and imaginary part) and B, each [E, N/2] (B as real pairs)."""
+    half = state_dim // 2
+    real, imag = initial_a(init, state_dim)
+    # -exp(a_real_log) keeps Re A < 0 (a stable system) whatever the optimiser does.
+    self.a_real_log = params.param(rngs, lambda k, s, d: jnp.broadcast_to(jnp.log(-real), s),
+                                   (width, half), (params.MLP, None))
+    self.a_imag = params.param(rngs, lambda k, s, d: jnp.broadcast_to(imag, s), (width, half),
+                               (params.MLP, None))
+    self.b = params.param(rngs, lambda k, s, d: jnp.zeros(s, d).at[..., 0].set(1.0),
+                          (width, half, 2), (params.MLP, None, None))
+
+  def _run_ssm(self, u, segment_ids, initial_state):
+    """The SSM over u [B, T, E]: (y [B, T, E], final state)."""
+    dt, a, b, c = self.ssm_parameters()
+    return ops.diagonal_ssm(u, dt, a, b, c, self.d_skip.value, method=self.discretization,
+                            segment_ids=segment_ids, initial_state=initial_state, impl=self.impl)
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> caches.SSMState:
     """Zeros of the [B, E, N/2] complex state and the shift filter's history."""
@@ -111,11 +122,8 @@ class S4D(nnx.Module):
     k, history = short_conv.causal_conv(qkv[:, :, 1], self.shift_kernel.value,
                                         segment_ids=segment_ids,
                                         history=None if cache is None else cache.conv)
-    dt, a, b, c = self.ssm_parameters()
-    y, state = ops.diagonal_ssm(
-        k.astype(jnp.float32) * qkv[:, :, 2].astype(jnp.float32), dt, a, b, c, self.d_skip.value,
-        method=self.discretization, segment_ids=segment_ids,
-        initial_state=None if cache is None else cache.state, impl=self.impl)
+    y, state = self._run_ssm(k.astype(jnp.float32) * qkv[:, :, 2].astype(jnp.float32),
+                             segment_ids, None if cache is None else cache.state)
     out = (qkv[:, :, 0].astype(jnp.float32) * y).astype(self.dtype)
     out = jnp.einsum("bte,ed->btd", out, self.w_out.value.astype(self.dtype))
     if cache is not None:

@@ -14,6 +14,7 @@ from longjax.layers import mamba
 from longjax.layers import mamba2
 from longjax.layers import mixer
 from longjax.layers import retnet
+from longjax.layers import s4
 from longjax.layers import s4d
 # Re-exported: sizes and dtypes derived from config.model (they live below the layers).
 from longjax.layers.dims import DTYPES, head_dim, num_kv_heads, out_init_scale  # noqa: F401
@@ -28,6 +29,7 @@ MIXERS: dict[str, mixer.MixerSpec] = {spec.name: spec for spec in (
     mamba.SPEC,
     mamba2.SPEC,
     s4d.SPEC,
+    s4.SPEC,
 )}
 
 

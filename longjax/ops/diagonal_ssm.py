@@ -56,7 +56,7 @@ def vandermonde_kernel(da: jax.Array, db: jax.Array, c: jax.Array, length: int) 
   return 2.0 * jnp.real(jnp.einsum("hn,hnl->hl", c * db, powers))
 
 
-def _fft_conv(u: jax.Array, k: jax.Array) -> jax.Array:
+def fft_conv(u: jax.Array, k: jax.Array) -> jax.Array:
   """Causal convolution y_t = sum_{s<=t} K_{t-s} u_s: u [B, T, H], k [H, T] -> [B, T, H]."""
   t = u.shape[1]
   n = 2 * t  # zero padding: no wrap-around
@@ -66,7 +66,7 @@ def _fft_conv(u: jax.Array, k: jax.Array) -> jax.Array:
 
 def _fft(u, da, db, c, h0):
   t = u.shape[1]
-  y = _fft_conv(u, vandermonde_kernel(da, db, c, t))
+  y = fft_conv(u, vandermonde_kernel(da, db, c, t))
   steps = jnp.arange(t)
   # The initial state decays into every output: 2 Re(sum_n C_n dA_n^{t+1} h0_n).
   y = y + 2.0 * jnp.real(jnp.einsum("hn,hnt,bhn->bth", c, _powers(da, steps + 1), h0))

@@ -231,8 +231,8 @@ class StructureTest(parameterized.TestCase):
     self.assertEqual(logits.shape, (1, 3, 50))
 
   def test_bad_pattern_and_depth(self):
-    with self.assertRaisesRegex(ValueError, "unknown mixer 'mamba'.*valid: attention"):
-      build_model(tiny_model_config(mixers="attn,mamba"), vocab_size=50, rngs=nnx.Rngs(0))
+    with self.assertRaisesRegex(ValueError, "unknown mixer 'hyena'.*valid: attention"):
+      build_model(tiny_model_config(mixers="attn,hyena"), vocab_size=50, rngs=nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, "num_layers=3 is not a multiple"):
       build_model(tiny_model_config(mixers="attn,attn", num_layers=3), vocab_size=50,
                   rngs=nnx.Rngs(0))

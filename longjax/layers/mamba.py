@@ -36,6 +36,7 @@ from longjax.layers import dims
 from longjax.layers import params
 from longjax.layers.mamba2 import dt_bias_init
 from longjax.layers.mamba2 import uniform_init
+from longjax.layers.mamba2 import validate_selective
 from longjax.layers.mixer import MixerSpec
 from longjax.ops import selective_scan as ops
 from longjax.ops import short_conv
@@ -133,15 +134,7 @@ def validate(model, c, prefix: str = "model.mamba") -> None:
   for field in ("state_dim", "expand"):
     if not isinstance(c[field], int) or c[field] < 1:
       raise ConfigError(f"{prefix}.{field}", c[field], "must be an integer >= 1")
-  if not isinstance(c.conv_size, int) or not 1 <= c.conv_size <= 16:
-    raise ConfigError(f"{prefix}.conv_size", c.conv_size, "must be in 1..16 (a short convolution)")
-  if not 0 < c.dt_min < c.dt_max:
-    raise ConfigError(f"{prefix}.dt_min", c.dt_min,
-                      f"must satisfy 0 < dt_min < dt_max (dt_max={c.dt_max})")
-  if not isinstance(c.decay_scale, (int, float)) or not 0 < c.decay_scale <= 1e3:
-    raise ConfigError(f"{prefix}.decay_scale", c.decay_scale, "must be in (0, 1000]")
-  if c.impl not in ops.IMPLS:
-    raise ConfigError(f"{prefix}.impl", c.impl, "unknown choice", ops.IMPLS)
+  validate_selective(c, prefix, ops.IMPLS)
 
 
 def build(model, c, rngs) -> Mamba:

@@ -154,6 +154,19 @@ def defaults() -> ml_collections.ConfigDict:
   return c
 
 
+def validate_selective(c, prefix: str, impls) -> None:
+  """The fields Mamba and Mamba-2 share: conv_size, dt_min/dt_max, decay_scale, impl."""
+  if not isinstance(c.conv_size, int) or not 1 <= c.conv_size <= 16:
+    raise ConfigError(f"{prefix}.conv_size", c.conv_size, "must be in 1..16 (a short convolution)")
+  if not 0 < c.dt_min < c.dt_max:
+    raise ConfigError(f"{prefix}.dt_min", c.dt_min,
+                      f"must satisfy 0 < dt_min < dt_max (dt_max={c.dt_max})")
+  if not isinstance(c.decay_scale, (int, float)) or not 0 < c.decay_scale <= 1e3:
+    raise ConfigError(f"{prefix}.decay_scale", c.decay_scale, "must be in (0, 1000]")
+  if c.impl not in impls:
+    raise ConfigError(f"{prefix}.impl", c.impl, "unknown choice", impls)
+
+
 def validate(model, c, prefix: str = "model.mamba2") -> None:
   """Raises ConfigError for the first bad field of the section `c` of `model`."""
   for field in ("state_dim", "head_dim", "expand", "groups"):
@@ -166,15 +179,7 @@ def validate(model, c, prefix: str = "model.mamba2") -> None:
   if (inner // c.head_dim) % c.groups:
     raise ConfigError(f"{prefix}.groups", c.groups,
                       f"must divide the {inner // c.head_dim} heads (inner width / head_dim)")
-  if not isinstance(c.conv_size, int) or not 1 <= c.conv_size <= 16:
-    raise ConfigError(f"{prefix}.conv_size", c.conv_size, "must be in 1..16 (a short convolution)")
-  if not 0 < c.dt_min < c.dt_max:
-    raise ConfigError(f"{prefix}.dt_min", c.dt_min,
-                      f"must satisfy 0 < dt_min < dt_max (dt_max={c.dt_max})")
-  if not isinstance(c.decay_scale, (int, float)) or not 0 < c.decay_scale <= 1e3:
-    raise ConfigError(f"{prefix}.decay_scale", c.decay_scale, "must be in (0, 1000]")
-  if c.impl not in ops.IMPLS:
-    raise ConfigError(f"{prefix}.impl", c.impl, "unknown choice", ops.IMPLS)
+  validate_selective(c, prefix, ops.IMPLS)
   if c.chunk_size < 0:
     raise ConfigError(f"{prefix}.chunk_size", c.chunk_size, "must be >= 0 (0 = the default)")
 

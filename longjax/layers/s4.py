@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from longjax.errors import ConfigError
 from longjax.layers import caches
 from longjax.layers import dims
 from longjax.layers import params
@@ -66,16 +65,7 @@ def defaults() -> ml_collections.ConfigDict:
 def validate(model, c, prefix: str = "model.s4") -> None:
   """Raises ConfigError for the first bad field of the section `c` of `model`."""
   del model
-  if not isinstance(c.state_dim, int) or c.state_dim < 2 or c.state_dim % 2:
-    raise ConfigError(f"{prefix}.state_dim", c.state_dim,
-                      "must be an even integer >= 2 (conjugate pairs of complex states)")
-  if not isinstance(c.shift_size, int) or not 1 <= c.shift_size <= 64:
-    raise ConfigError(f"{prefix}.shift_size", c.shift_size, "must be in 1..64")
-  if not 0 < c.dt_min < c.dt_max:
-    raise ConfigError(f"{prefix}.dt_min", c.dt_min,
-                      f"must satisfy 0 < dt_min < dt_max (dt_max={c.dt_max})")
-  if c.impl not in ops.IMPLS:
-    raise ConfigError(f"{prefix}.impl", c.impl, "unknown choice", ops.IMPLS)
+  s4d.validate_h3(c, prefix, ops.IMPLS)
 
 
 def build(model, c, rngs) -> S4:

@@ -143,24 +143,29 @@ def defaults() -> ml_collections.ConfigDict:
   return c
 
 
-def validate(model, c, prefix: str = "model.s4d") -> None:
-  """Raises ConfigError for the first bad field of the section `c` of `model`."""
-  del model
+def validate_h3(c, prefix: str, impls) -> None:
+  """The fields S4 and S4D share: state_dim, shift_size, dt_min/dt_max, impl."""
   if not isinstance(c.state_dim, int) or c.state_dim < 2 or c.state_dim % 2:
     raise ConfigError(f"{prefix}.state_dim", c.state_dim,
                       "must be an even integer >= 2 (conjugate pairs of complex states)")
-  if c.init not in INITS:
-    raise ConfigError(f"{prefix}.init", c.init, "unknown choice", INITS)
-  if c.discretization not in ops.DISCRETIZATIONS:
-    raise ConfigError(f"{prefix}.discretization", c.discretization, "unknown choice",
-                      ops.DISCRETIZATIONS)
   if not isinstance(c.shift_size, int) or not 1 <= c.shift_size <= 64:
     raise ConfigError(f"{prefix}.shift_size", c.shift_size, "must be in 1..64")
   if not 0 < c.dt_min < c.dt_max:
     raise ConfigError(f"{prefix}.dt_min", c.dt_min,
                       f"must satisfy 0 < dt_min < dt_max (dt_max={c.dt_max})")
-  if c.impl not in ops.IMPLS:
-    raise ConfigError(f"{prefix}.impl", c.impl, "unknown choice", ops.IMPLS)
+  if c.impl not in impls:
+    raise ConfigError(f"{prefix}.impl", c.impl, "unknown choice", impls)
+
+
+def validate(model, c, prefix: str = "model.s4d") -> None:
+  """Raises ConfigError for the first bad field of the section `c` of `model`."""
+  del model
+  validate_h3(c, prefix, ops.IMPLS)
+  if c.init not in INITS:
+    raise ConfigError(f"{prefix}.init", c.init, "unknown choice", INITS)
+  if c.discretization not in ops.DISCRETIZATIONS:
+    raise ConfigError(f"{prefix}.discretization", c.discretization, "unknown choice",
+                      ops.DISCRETIZATIONS)
 
 
 def build(model, c, rngs) -> S4D:

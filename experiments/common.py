@@ -2,7 +2,6 @@
 
 import ast
 import os
-import signal
 import sys
 
 from absl import app
@@ -76,22 +75,11 @@ def quiet_logs():
     logging.set_verbosity(logging.WARNING)
 
 
-def _raise_keyboard_interrupt(signum, frame):
-  del signum, frame
-  raise KeyboardInterrupt
-
-
 def run(main) -> None:
   """`app.run(main)` for every entry point: a mistake in the flags (an unknown config field, a
   config file that does not load, a bad flag value) is one line and exit 2, not a traceback;
   Ctrl-C outside the training loop (which saves a checkpoint itself) is one line and exit 130.
   """
-  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    # A handler of our own with the same effect: `asyncio.run` (used inside libraries, e.g.
-    # orbax) replaces only the default one, with a handler that cancels its task instead, and
-    # a library that swallows the cancellation then loses the Ctrl-C (a run interrupted during
-    # start-up went on to finish). Ignored SIGINT (nohup, background jobs) stays ignored.
-    signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
   try:
     app.run(main, flags_parser=_parse_flags)
   except KeyboardInterrupt:

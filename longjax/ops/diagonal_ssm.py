@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from longjax.ops import dispatch
+from longjax.ops.masks import document_keep
 
 DISCRETIZATIONS = ("zoh", "bilinear")
 
@@ -151,11 +152,7 @@ def diagonal_ssm(u, dt, a, b, c, d=None, *, method: str = "zoh", segment_ids=Non
   if name == "fft":
     y, final = _fft(u32, da, db, c, h0)
   else:
-    keep = jnp.ones((bsz, t), jnp.float32)
-    if segment_ids is not None:
-      starts = segment_ids[:, 1:] != segment_ids[:, :-1]
-      keep = jnp.concatenate([jnp.ones((bsz, 1), bool), ~starts], axis=1).astype(jnp.float32)
-    y, final = _recurrent(u32, da, db, c, keep, h0)
+    y, final = _recurrent(u32, da, db, c, document_keep(segment_ids, bsz, t), h0)
   if d is not None:
     y = y + d.astype(jnp.float32) * u32
   return y.astype(u.dtype), final

@@ -40,6 +40,7 @@ from jax import lax
 
 from kernels_pallas import linear as linear_kernel
 from longjax.ops import dispatch
+from longjax.ops.masks import document_keep
 
 # Keeps q . z away from 0 where a normalised row has (almost) no mass.
 NORMALIZER_EPS = 1e-6
@@ -181,11 +182,7 @@ def _prepare(q, k, v, log_decay, segment_ids, initial_state, normalize):
     g = jnp.asarray(log_decay, jnp.float32).transpose(0, 2, 1)[..., None]
   else:
     g = jnp.asarray(log_decay, jnp.float32).transpose(0, 2, 1, 3)
-  if segment_ids is None:
-    keep = jnp.ones((b, t), jnp.float32)
-  else:
-    starts = segment_ids[:, 1:] != segment_ids[:, :-1]
-    keep = jnp.concatenate([jnp.ones((b, 1), bool), ~starts], axis=1).astype(jnp.float32)
+  keep = document_keep(segment_ids, b, t)
   s0 = (jnp.zeros((b, n, dk, vh.shape[-1]), jnp.float32) if initial_state is None
         else jnp.asarray(initial_state, jnp.float32))
   return qh, kh, vh, g, keep, s0

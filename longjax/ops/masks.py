@@ -313,3 +313,13 @@ class AttentionMask:
                  & (kv_ids.min(axis=1) <= q_ids.max(axis=1)))
       result &= jnp.any(overlap)
     return result
+
+
+def document_keep(segment_ids, batch: int, length: int) -> jax.Array:
+  """[B, T] float32: 0 where a new document starts (`segment_ids[t] != segment_ids[t-1]`,
+  t > 0), else 1 — the factor a recurrence multiplies its state by so that no state crosses a
+  document boundary. All ones when `segment_ids` is None."""
+  if segment_ids is None:
+    return jnp.ones((batch, length), jnp.float32)
+  starts = segment_ids[:, 1:] != segment_ids[:, :-1]
+  return jnp.concatenate([jnp.ones((batch, 1), bool), ~starts], axis=1).astype(jnp.float32)

@@ -29,6 +29,7 @@ from jax import lax
 
 from longjax.ops import diagonal_ssm
 from longjax.ops import dispatch
+from longjax.ops.masks import document_keep
 
 
 def hippo_legs(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,10 +154,7 @@ def dplr_ssm(u, lam, p, b, c, dt, d=None, *, segment_ids=None, initial_state=Non
   else:
     da, db = discrete_dense(lam, p, b, dt)
     c = c.astype(jnp.complex64)
-    keep = jnp.ones((bsz, t), jnp.float32)
-    if segment_ids is not None:
-      starts = segment_ids[:, 1:] != segment_ids[:, :-1]
-      keep = jnp.concatenate([jnp.ones((bsz, 1), bool), ~starts], axis=1).astype(jnp.float32)
+    keep = document_keep(segment_ids, bsz, t)
 
     def step(state, xs):
       u_t, keep_t = xs  # [B, H], [B]

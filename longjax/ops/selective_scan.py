@@ -27,6 +27,7 @@ from jax import lax
 
 from kernels_pallas import scan as scan_kernel
 from longjax.ops import dispatch
+from longjax.ops.masks import document_keep
 
 # Steps per rematerialised block of the recurrence.
 BLOCK = 64
@@ -153,11 +154,7 @@ def selective_scan(u, delta, a, b, c, d_skip=None, *, delta_bias=None, segment_i
                                       initial_state=h0)
   dt = delta.astype(jnp.float32) + (0.0 if delta_bias is None else delta_bias)
   dt = jax.nn.softplus(dt)
-  if segment_ids is None:
-    keep = jnp.ones((bsz, t), jnp.float32)
-  else:
-    starts = segment_ids[:, 1:] != segment_ids[:, :-1]
-    keep = jnp.concatenate([jnp.ones((bsz, 1), bool), ~starts], axis=1).astype(jnp.float32)
+  keep = document_keep(segment_ids, bsz, t)
   u32 = u.astype(jnp.float32)
   y, final = _recurrent(u32, dt, a.astype(jnp.float32), b, c, keep, h0)
   if d_skip is not None:

@@ -7,5 +7,8 @@ CPU backend, these close the gap between XLA's CPU code and PyTorch's fused CPU 
 from kernels_cpu.build import unavailable_reason
 from kernels_cpu.flash_attention import flash_attention
 from kernels_cpu.flash_attention import unsupported as flash_attention_unsupported
+from kernels_cpu.selective_scan import selective_scan
+from kernels_cpu.selective_scan import unsupported as selective_scan_unsupported
 
-__all__ = ["flash_attention", "flash_attention_unsupported", "unavailable_reason"]
+__all__ = ["flash_attention", "flash_attention_unsupported", "selective_scan",
+           "selective_scan_unsupported", "unavailable_reason"]

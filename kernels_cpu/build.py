@@ -26,11 +26,12 @@ import tempfile
 
 import jax
 
-_SOURCES = ("flash_attention.cc",)  # compiled; it includes the headers below
+_SOURCES = ("flash_attention.cc", "selective_scan.cc")  # compiled; they include the headers
 _HEADERS = ("simd.h", "gemm.h", "mask.h", "thread_pool.h", "blocks.h", "decode.h", "forward.h",
-            "backward.h")
+            "backward.h", "selective_scan.h")
 # FFI handler symbols in the library, registered under the same names.
-TARGETS = ("LongjaxFlashForward", "LongjaxFlashBackward")
+TARGETS = ("LongjaxFlashForward", "LongjaxFlashBackward", "LongjaxSelectiveScanForward",
+           "LongjaxSelectiveScanBackward")
 
 
 def _cache_dir() -> pathlib.Path:

@@ -124,7 +124,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.dt_min = 0.001      # the initial step sizes dt are log-uniform in [dt_min, dt_max]
   c.dt_max = 0.1
   c.decay_scale = 1.0   # multiplies A: > 1 forgets faster (a training-free state-collapse fix)
-  c.impl = "auto"       # auto | recurrent | pallas
+  c.impl = "auto"       # auto | cpu | recurrent | pallas
   return c
 
 

@@ -393,13 +393,16 @@ class BuildTest(absltest.TestCase):
       self.skipTest("this CPU has no AVX-512: the default build already is the 8-lane code")
     # ~35 cases: lengths off every tile edge (the hypothesis search, T in 1..200, head dims 16
     # to 128), GQA, the split decode path, ALiBi, segments, bfloat16 and empty rows.
+    # With them, the selective-scan kernel's checkpointed backward (lane sums of 8 and of 3).
     cases = ("test_hypothesis or test_head_dims or test_decode_splits_a_long_cache or "
              "test_alibi or test_bfloat16 or test_segment_ids or test_scale or "
-             "test_rows_without_visible_keys")
+             "test_rows_without_visible_keys or test_cpu_kernel_over_several_checkpoint_chunks")
+    scan_tests = os.path.join(testing.REPO_ROOT, "tests", "ops", "selective_scan_test.py")
     with tempfile.TemporaryDirectory() as cache:
       env = dict(os.environ, CXXFLAGS="-mno-avx512f", LONGJAX_CACHE=cache, JAX_PLATFORMS="cpu")
       done = subprocess.run(
-          [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", cases, __file__],
+          [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", cases, __file__,
+           scan_tests],
           capture_output=True, text=True, env=env, cwd=testing.REPO_ROOT, timeout=900)
       built = os.listdir(os.path.join(cache, "cpu_kernels"))
     self.assertEqual(done.returncode, 0, done.stdout[-3000:] + done.stderr[-2000:])

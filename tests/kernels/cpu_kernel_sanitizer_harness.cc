@@ -1,6 +1,6 @@
 // Runs the CPU flash attention kernel's forward (blocked and split-cache decode paths) and
-// backward over random shapes, masks and biases, on a small std::thread pool that stands in for
-// XLA's. cpu_kernel_sanitizer_test.py builds it twice: with AddressSanitizer and
+// backward over random shapes, masks and biases, and the selective scan's forward and backward
+// over random shapes, groups and resets, on a small std::thread pool that stands in for XLA's. cpu_kernel_sanitizer_test.py builds it twice: with AddressSanitizer and
 // UndefinedBehaviorSanitizer (any read or write outside a buffer aborts with a report) and with
 // ThreadSanitizer (a data race between tasks, or in ParallelFor's hand-off, aborts). jaxlib
 // cannot be loaded under the sanitizers, so the kernel's drivers are called here directly.
@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "flash_attention.cc"
+#include "selective_scan.cc"
 
 // The two members of ffi::ThreadPool that ParallelFor uses, on `threads` worker threads.
 class TestPool {
@@ -154,6 +155,34 @@ int main(int argc, char** argv) {
     BackwardAll(pool, sh, mask, alibi, 0.25f, by_head(q).data(), k.data(), v.data(),
                 by_head(dout).data(), lse.data(), delta.data(), dq.data(), dk.data(), dv.data(),
                 dslopes.data());
+
+    // The selective scan: lengths around its 64-step checkpoints, 1 to 3 groups of 16 to 64
+    // channels, state sizes off the lane count, resets anywhere.
+    const int64_t groups = pick(1, 3), per_group = 16 * pick(1, 4);
+    const int64_t blocks_of[] = {64, 32, 16};
+    int64_t block = 16;
+    for (int64_t b : blocks_of) {
+      if (per_group % b == 0) {
+        block = b;
+        break;
+      }
+    }
+    const ScanShape ss{pick(1, 2), length(200), groups * per_group, pick(1, 20), groups, block};
+    std::vector<float> u(ss.B * ss.T * ss.E), dt(u.size()), a_t(ss.N * ss.E),
+        bc(ss.B * ss.T * ss.G * ss.N), cc(bc.size()), keep(ss.B * ss.T), h0(ss.B * ss.E * ss.N);
+    for (auto* x : {&u, &bc, &cc, &h0}) fill(*x);
+    for (float& x : dt) x = 0.5f + 0.5f * std::uniform_real_distribution<float>(0.f, 1.f)(rng);
+    for (float& x : a_t) x = -std::uniform_real_distribution<float>(0.1f, 2.f)(rng);
+    for (float& x : keep) x = pick(0, 9) ? 1.f : 0.f;
+    const ScanInputs in{u.data(), dt.data(), a_t.data(), bc.data(), cc.data(), keep.data(),
+                        h0.data()};
+    std::vector<float> y(u.size()), final_state(h0.size());
+    ScanForwardAll(pool, ss, in, y.data(), final_state.data());
+    std::vector<float> du(u.size()), ddt(u.size()), da(ss.B * ss.N * ss.E),
+        db(ss.B * ss.T * ss.Blocks() * ss.N), dc(db.size()), dh0(h0.size());
+    ScanBackwardAll(pool, ss, in, y.data(), final_state.data(),
+                    ScanGrads{du.data(), ddt.data(), da.data(), db.data(), dc.data(),
+                              dh0.data()});
   }
   std::puts("ok");
   return 0;

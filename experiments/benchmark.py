@@ -5,7 +5,7 @@
   python -m experiments.benchmark --suite=train|decode|memory --out=docs/benchmarks/X.json \
       --sizes=full [--plot]      # longjax vs HF LlamaForCausalLM (docs/benchmarks.md)
   python -m experiments.benchmark --suite=mixers --out=docs/benchmarks/mixers_small.json \
-      --sizes=small --plot [--groups=attention,mamba2,mamba2_scan]
+      --sizes=small --plot [--groups=attention,mamba2,mamba2_scan] [--lengths=2048,8192]
                                  # every mixer's train step, memory and decode vs length
   python -m experiments.benchmark --suite=peak --out=peak.json
 
@@ -38,6 +38,9 @@ _TIMEOUT = flags.DEFINE_float("case_timeout_s", None,
 _GROUPS = flags.DEFINE_list("groups", None,
                             "kernels suite: a subset of attention,decode,linear,scan; mixers "
                             "suite: a subset of its rows (attention, NAME, NAME_scan).")
+_LENGTHS = flags.DEFINE_list("lengths", None,
+                             "mixers suite: sequence lengths to run instead of the size set's "
+                             "(its width, depth and repeats stay).")
 flags.mark_flag_as_required("out")
 
 
@@ -60,6 +63,15 @@ def main(argv):
       common.fail(f"--groups: unknown {sorted(unknown)}; choose from "
                   f"{','.join(benchmarks.mixers.IMPLS)}")
     kwargs = {"impls": tuple(_GROUPS.value)}
+  if _LENGTHS.value:
+    if _SUITE.value != "mixers":
+      common.fail(f"--lengths applies to --suite=mixers only, not {_SUITE.value!r}")
+    try:
+      kwargs["lengths"] = [int(t) for t in _LENGTHS.value]
+    except ValueError:
+      common.fail(f"--lengths: {','.join(_LENGTHS.value)!r} is not a list of integers")
+    if min(kwargs["lengths"]) < 1:
+      common.fail(f"--lengths: every length must be >= 1, got {','.join(_LENGTHS.value)}")
   if _SUITE.value != "peak":
     kwargs.update(memory_budget_gb=_MEMORY.value, timeout_s=_TIMEOUT.value,
                   make_plots=_PLOT.value)

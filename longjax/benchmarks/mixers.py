@@ -7,8 +7,9 @@ mixer swapped (`model.mixers`), batch 1. At each length T, in one child process 
   * decode: prefill T tokens, then `decode.NEW_TOKENS` tokens one at a time (ms/token), what
     `longjax.generate` runs.
 Rows: softmax attention (`auto`: the fused CPU flash kernel on CPU), and each recurrent mixer
-with `auto` (the chunked form on CPU) and with `impl=recurrent` (a `lax.scan` over time: the
-naive recurrence a researcher would write first, the peer of the chunked form).
+with `auto` (on CPU: the chunked form; S4's and S4D's FFT convolution; Mamba's C++ scan kernel)
+and with `impl=recurrent` (a `lax.scan` over time: the naive recurrence a researcher would write
+first, the peer of the fast form).
 """
 
 from longjax.benchmarks import decode
@@ -21,18 +22,15 @@ from longjax.benchmarks import train
 
 ATTENTION = "attention"
 RECURRENT = ("linear", "retnet", "lightning", "gla", "based", "mamba2", "s4d", "s4", "mamba")
-# Mixers whose CPU default is a parallel form (chunked; S4's and S4D's FFT), with the lax.scan
-# recurrence as a second row (Mamba's CPU default is the recurrence itself).
-CHUNKED = RECURRENT[:-1]
 # Implementation name -> `model` overrides. NAME_scan: the mixer's lax.scan recurrence.
 IMPLS = {ATTENTION: {},
          **{name: {"mixers": name} for name in RECURRENT},
-         **{f"{name}_scan": {"mixers": name, f"{name}.impl": "recurrent"} for name in CHUNKED}}
+         **{f"{name}_scan": {"mixers": name, f"{name}.impl": "recurrent"} for name in RECURRENT}}
 LABELS = {ATTENTION: "softmax attention (auto)",
-          **{name: f"{name} (auto: chunked)" for name in CHUNKED},
+          **{name: f"{name} (auto: chunked)" for name in RECURRENT},
           "s4d": "s4d (auto: FFT convolution)", "s4": "s4 (auto: FFT convolution)",
-          "mamba": "mamba (auto: lax.scan recurrence)",
-          **{f"{name}_scan": f"{name} (lax.scan recurrence)" for name in CHUNKED}}
+          "mamba": "mamba (auto: C++ scan kernel)",
+          **{f"{name}_scan": f"{name} (lax.scan recurrence)" for name in RECURRENT}}
 
 SIZES = {
     "tiny": {"width": 64, "layers": 2, "ts": [128], "repeats": 2, "budget_s": 5,
@@ -104,19 +102,21 @@ def mixer_case(impl: str, width: int, layers: int, t: int, *, repeats: int, budg
 
 
 def run(sizes: str, *, impls=tuple(IMPLS), memory_budget: int | None,
-        timeout_s: float | None = None) -> list[dict]:
+        timeout_s: float | None = None, lengths=None) -> list[dict]:
   """Every (length, impl) case at `sizes`, each in a child process, in plan order."""
   cfg = SIZES[sizes]
-  return suites.run_cases(__name__, plan(sizes, impls, memory_budget), desc="mixers",
+  return suites.run_cases(__name__, plan(sizes, impls, memory_budget, lengths), desc="mixers",
                           jax_modules=_JAX_MODULES,
                           timeout_s=cfg["timeout_s"] if timeout_s is None else timeout_s)
 
 
-def plan(sizes: str, impls=tuple(IMPLS), memory_budget: int | None = None) -> list[dict]:
-  """The (length, impl) cases of `sizes`, lengths outermost; skipped ones say why."""
+def plan(sizes: str, impls=tuple(IMPLS), memory_budget: int | None = None,
+         lengths=None) -> list[dict]:
+  """The (length, impl) cases of `sizes` (its lengths, or `lengths`), lengths outermost; skipped
+  ones say why."""
   cfg = SIZES[sizes]
   cases = []
-  for t in cfg["ts"]:
+  for t in lengths or cfg["ts"]:
     for impl in impls:
       size = {"width": cfg["width"], "layers": cfg["layers"], "t": t}
       case = {"function": "mixer_case", "labels": {"impl": impl, **size},
@@ -155,10 +155,30 @@ def derive(results: list[dict], peak_gflops: float | None = None) -> dict:
   return {"targets": targets(results)}
 
 
+# Mamba's own bars (the SSM issue), at the lengths they name: its train step over the lax.scan
+# recurrence's, and over softmax attention's of the same width and depth.
+MAMBA_TARGETS = ((2048, "speedup_vs_scan", 2.0), (8192, "speedup_vs_scan", 2.0),
+                 (2048, "speedup_vs_attention", 0.5), (8192, "speedup_vs_attention", 1.0))
+
+
+def _mamba_targets(results: list[dict]) -> list[dict]:
+  out = []
+  for t, key, bound in MAMBA_TARGETS:
+    row = _find(results, "mamba", t)
+    if row is None:
+      continue
+    value = row.get(key)
+    peer = "its lax.scan recurrence" if key == "speedup_vs_scan" else "softmax attention"
+    out.append({"target": f"mamba train tokens/s >= {bound:g}x {peer} at T={t}",
+                "measured": "not measured" if value is None else f"{value:.2f}",
+                "met": None if value is None else value >= bound})
+  return out
+
+
 def targets(results: list[dict]) -> list[dict]:
   """The issue's targets per recurrent mixer (auto), measured between the shortest and longest
-  length of the run; "met" None where a target's lengths were not run."""
-  out = []
+  length of the run ("met" None where a target's lengths were not run), and Mamba's own."""
+  out = _mamba_targets(results)
   ts = sorted({r["t"] for r in results})
   if not ts:
     return out
@@ -239,11 +259,12 @@ def plot(results: list[dict], stem: str) -> list[str]:
 
 def run_suite(sizes: str, out: str, *, argv: list[str], make_plots: bool = False,
               memory_budget_gb: float | None = None, timeout_s: float | None = None,
-              impls=tuple(IMPLS), **unused) -> str:
+              impls=tuple(IMPLS), lengths=None, **unused) -> str:
   """Measures the peak, runs the mixers suite, writes OUT (JSON), OUT.md and, with plots, PNG."""
   del unused
   return suites.run_suite_with(
       "mixers", sizes, out, argv=argv, memory_budget_gb=memory_budget_gb,
-      run=lambda budget: run(sizes, impls=impls, memory_budget=budget, timeout_s=timeout_s),
+      run=lambda budget: run(sizes, impls=impls, memory_budget=budget, timeout_s=timeout_s,
+                             lengths=lengths),
       derive=derive, markdown=markdown,
       plot=plot if make_plots else None)

@@ -28,9 +28,13 @@ class MixersSuiteTest(absltest.TestCase):
   def test_full_plan_runs_the_scan_peers_at_the_first_length_only(self):
     cases = mixers.plan("full")
     skipped = {(c["labels"]["impl"], c["labels"]["t"]) for c in cases if "skip" in c}
-    self.assertEqual(skipped, {(f"{name}_scan", t) for name in mixers.CHUNKED
+    self.assertEqual(skipped, {(f"{name}_scan", t) for name in mixers.RECURRENT
                                for t in (4096, 16384, 32768)})
     self.assertEmpty([c for c in mixers.plan("small") if "skip" in c])
+    # --lengths replaces the set's lengths, keeping its width and depth.
+    lengths = {(c["labels"]["t"], c["labels"]["width"]) for c in mixers.plan("full",
+                                                                            lengths=[2048])}
+    self.assertEqual(lengths, {(2048, 512)})
 
   def test_one_case_in_process(self):
     result = mixers.mixer_case("retnet", 64, 1, 32, repeats=1, budget_s=5, memory_budget=None)
@@ -80,6 +84,19 @@ class MixersSuiteTest(absltest.TestCase):
     self.assertEqual((decode["measured"], decode["met"]), ("1.04", True))
     self.assertTrue(targets["linear train memory at T=32768 <= 1/4 of attention's"]["met"])
     self.assertIn("| 32768 | linear (auto: chunked) |", mixers.markdown(results, summary))
+
+  def test_mamba_targets_at_the_lengths_they_name(self):
+    results = [_row("attention", 2048, 1000.0, 100, 1.0), _row("mamba", 2048, 600.0, 80, 0.5),
+               _row("mamba_scan", 2048, 200.0, 80, 0.5), _row("attention", 8192, 300.0, 400, 1.0),
+               _row("mamba", 8192, 290.0, 90, 0.5)]
+    targets = {t["target"]: t for t in mixers.derive(results)["targets"]}
+    got = {name: (t["measured"], t["met"]) for name, t in targets.items()
+           if name.startswith("mamba train tokens")}
+    self.assertEqual(got, {
+        "mamba train tokens/s >= 2x its lax.scan recurrence at T=2048": ("3.00", True),
+        "mamba train tokens/s >= 2x its lax.scan recurrence at T=8192": ("not measured", None),
+        "mamba train tokens/s >= 0.5x softmax attention at T=2048": ("0.60", True),
+        "mamba train tokens/s >= 1x softmax attention at T=8192": ("0.97", False)})
 
 
 if __name__ == "__main__":

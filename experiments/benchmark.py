@@ -37,7 +37,8 @@ _TIMEOUT = flags.DEFINE_float("case_timeout_s", None,
                               "Kill a case after this many seconds (default: per size set).")
 _GROUPS = flags.DEFINE_list("groups", None,
                             "kernels suite: a subset of attention,decode,linear,scan; mixers "
-                            "suite: a subset of its rows (attention, NAME, NAME_scan).")
+                            "suite: a subset of its rows (attention, NAME, NAME_scan, "
+                            "mamba_pure, mamba2_pure, hf_mamba, hf_mamba2).")
 _LENGTHS = flags.DEFINE_list("lengths", None,
                              "mixers suite: sequence lengths to run instead of the size set's "
                              "(its width, depth and repeats stay).")
@@ -58,10 +59,10 @@ def main(argv):
                   f"{','.join(benchmarks.kernels.GROUPS)}")
     kwargs = {"groups": tuple(groups)}
   if _SUITE.value == "mixers" and _GROUPS.value:
-    unknown = set(_GROUPS.value) - set(benchmarks.mixers.IMPLS)
+    unknown = set(_GROUPS.value) - set(benchmarks.mixers.ROWS)
     if unknown:
       common.fail(f"--groups: unknown {sorted(unknown)}; choose from "
-                  f"{','.join(benchmarks.mixers.IMPLS)}")
+                  f"{','.join(benchmarks.mixers.ROWS)}")
     kwargs = {"impls": tuple(_GROUPS.value)}
   if _LENGTHS.value:
     if _SUITE.value != "mixers":

@@ -70,9 +70,12 @@ def validate_model(model) -> None:
     # keeps every activation alive: d1024 L8 T8192, remat=full, 1842 MiB scanned, 6081 unrolled.
     raise ConfigError("model.scan_layers", model.scan_layers,
                       f"model.remat={model.remat!r} needs the layer scan (scan_layers=True)")
-  for name in ("num_layers", "width", "num_heads", "mlp_hidden"):
+  for name in ("num_layers", "width", "num_heads"):
     if model[name] <= 0:
       raise ConfigError(f"model.{name}", model[name], "must be positive")
+  if model.mlp_hidden < 0:
+    raise ConfigError("model.mlp_hidden", model.mlp_hidden,
+                      "must be >= 0 (0 = no MLP: mixer-only layers, as Mamba's models)")
   if model.head_dim < 0:
     raise ConfigError("model.head_dim", model.head_dim,
                       "must be >= 0 (0 = model.width // model.num_heads)")

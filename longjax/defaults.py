@@ -36,7 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.num_kv_heads = 0          # 0 = num_heads (MHA); fewer = GQA
   c.model.head_dim = 0              # 0 = width // num_heads
-  c.model.mlp_hidden = 704          # SwiGLU hidden width (~ 8/3 * width)
+  c.model.mlp_hidden = 704          # SwiGLU hidden width (~ 8/3 * width); 0 = no MLP
   c.model.tie_embeddings = False
   c.model.dtype = "float32"         # compute dtype: float32 | bfloat16 (parameters stay float32)
   c.model.remat = "none"            # none | full | dots | dots_no_batch

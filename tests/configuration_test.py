@@ -21,6 +21,7 @@ BAD_VALUES = [
     ({"model.num_heads": 3}, "model.num_heads", "must divide model.width=64"),
     ({"model.num_kv_heads": 3, "model.num_heads": 4}, "model.num_kv_heads", "must divide"),
     ({"model.num_layers": 3, "model.mixers": "attn,attn"}, "model.num_layers", "multiple of"),
+    ({"model.mlp_hidden": -1}, "model.mlp_hidden", "must be >= 0 (0 = no MLP"),
     ({"model.mixers": "attention(windw=4),attention"}, "model.mixers",
      "attention has no field 'windw' (valid: block_size, distance_ceiling, impl"),
     ({"model.mixers": "attention(window=four),attention"}, "model.mixers",

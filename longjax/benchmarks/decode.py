@@ -95,21 +95,23 @@ def _longjax_timing(shape, *, repeats, budget_s, memory_budget, **config_kwargs)
           "temp_bytes": prefill_timing.get("temp_bytes"), "params": lm.count(params)}
 
 
-def _hf_timing(shape, *, repeats, budget_s) -> dict:
-  model = lm.build_hf_llama(shape)
+def _hf_timing(shape, *, repeats, budget_s, model=None, cache_arg="past_key_values") -> dict:
+  """Prefill and decode timings of an HF causal LM (`model`; default the Llama of `shape`),
+  whose cache is the argument and output field `cache_arg` (Mamba's: "cache")."""
+  model = lm.build_hf_llama(shape) if model is None else model
   torch = __import__("torch")
   model.eval()
   prompt = torch.from_numpy(_prompt(shape)).long()
 
   def prefill():
     out = model(input_ids=prompt, use_cache=True)
-    return out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+    return out.logits[:, -1].argmax(-1, keepdim=True), getattr(out, cache_arg)
 
   def decode(token, cache):
     tokens = []
     for _ in range(NEW_TOKENS):
-      out = model(input_ids=token, past_key_values=cache, use_cache=True)
-      cache = out.past_key_values
+      out = model(input_ids=token, use_cache=True, **{cache_arg: cache})
+      cache = getattr(out, cache_arg)
       token = out.logits[:, -1].argmax(-1, keepdim=True)
       tokens.append(token)
     return torch.cat(tokens, dim=1)

@@ -10,6 +10,12 @@ Rows: softmax attention (`auto`: the fused CPU flash kernel on CPU), and each re
 with `auto` (on CPU: the chunked form; S4's and S4D's FFT convolution; Mamba's C++ scan kernel)
 and with `impl=recurrent` (a `lax.scan` over time: the naive recurrence a researcher would write
 first, the peer of the fast form).
+Mamba's own peers: the same models with mixer-only layers (`model.mlp_hidden=0`, as Mamba's
+language models are built), rows `mamba_pure` and `mamba2_pure`, beside HF transformers'
+`MambaForCausalLM` and `Mamba2ForCausalLM` of the same configuration (torch, f32; on CPU
+transformers runs its PyTorch reference path, a Python loop over the steps for Mamba-1), rows
+`hf_mamba` and `hf_mamba2`. HF's cases run under the suite's per-case timeout and are recorded
+as timed out where they exceed it.
 """
 
 from longjax.benchmarks import decode
@@ -23,14 +29,22 @@ from longjax.benchmarks import train
 ATTENTION = "attention"
 RECURRENT = ("linear", "retnet", "lightning", "gla", "based", "mamba2", "s4d", "s4", "mamba")
 # Implementation name -> `model` overrides. NAME_scan: the mixer's lax.scan recurrence.
+# HF peer -> the longjax row of the same model (mixer-only layers).
+HF_PEERS = {"hf_mamba": "mamba_pure", "hf_mamba2": "mamba2_pure"}
 IMPLS = {ATTENTION: {},
          **{name: {"mixers": name} for name in RECURRENT},
-         **{f"{name}_scan": {"mixers": name, f"{name}.impl": "recurrent"} for name in RECURRENT}}
+         **{f"{name}_scan": {"mixers": name, f"{name}.impl": "recurrent"} for name in RECURRENT},
+         "mamba_pure": {"mixers": "mamba", "mlp_hidden": 0},
+         "mamba2_pure": {"mixers": "mamba2", "mlp_hidden": 0}}
+ROWS = (*IMPLS, *HF_PEERS)
 LABELS = {ATTENTION: "softmax attention (auto)",
           **{name: f"{name} (auto: chunked)" for name in RECURRENT},
           "s4d": "s4d (auto: FFT convolution)", "s4": "s4 (auto: FFT convolution)",
           "mamba": "mamba (auto: C++ scan kernel)",
-          **{f"{name}_scan": f"{name} (lax.scan recurrence)" for name in RECURRENT}}
+          **{f"{name}_scan": f"{name} (lax.scan recurrence)" for name in RECURRENT},
+          "mamba_pure": "mamba, no MLP (auto)", "mamba2_pure": "mamba2, no MLP (auto)",
+          "hf_mamba": "HF MambaForCausalLM (torch, f32)",
+          "hf_mamba2": "HF Mamba2ForCausalLM (torch, f32)"}
 
 SIZES = {
     "tiny": {"width": 64, "layers": 2, "ts": [128], "repeats": 2, "budget_s": 5,
@@ -84,10 +98,57 @@ def train_flops(impl: str, width: int, layers: int, t: int) -> int:
   return dense + layers * mixing
 
 
+def build_hf_mamba(impl: str, shape: lm.LMShape):
+  """HF `MambaForCausalLM` (hf_mamba) or `Mamba2ForCausalLM` (hf_mamba2) with the configuration
+  of longjax's `mamba` / `mamba2` defaults at `shape`'s width and depth (float32, seed 0).
+
+  Raises:
+    processes.Skip: torch or transformers is not installed (the `bench` extra).
+  """
+  from longjax.benchmarks import peers  # pylint: disable=g-import-not-at-top
+  from longjax.benchmarks import processes  # pylint: disable=g-import-not-at-top
+  from longjax.layers import mamba  # pylint: disable=g-import-not-at-top
+  from longjax.layers import mamba2  # pylint: disable=g-import-not-at-top
+  torch = peers.import_torch()
+  try:
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise processes.Skip(f"transformers is not installed ({e}); pip install -e '.[bench]'") from e
+  torch.manual_seed(0)
+  common = dict(vocab_size=shape.vocab, hidden_size=shape.width, num_hidden_layers=shape.layers,
+                tie_word_embeddings=False, use_bias=False, use_conv_bias=True, use_cache=False)
+  if impl == "hf_mamba":
+    c = mamba.defaults()
+    return transformers.MambaForCausalLM(transformers.MambaConfig(
+        state_size=c.state_dim, expand=c.expand, conv_kernel=c.conv_size, **common))
+  c = mamba2.defaults()
+  return transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+      num_heads=c.expand * shape.width // c.head_dim, head_dim=c.head_dim,
+      state_size=c.state_dim, expand=c.expand, n_groups=c.groups, conv_kernel=c.conv_size,
+      **common))
+
+
+def _hf_case(impl: str, shape: lm.LMShape, *, repeats: int, budget_s: float) -> dict:
+  model = build_hf_mamba(impl, shape)
+  step = train._hf_step_timing(  # pylint: disable=protected-access
+      shape, repeats=repeats, budget_s=budget_s, model=model)
+  dec = decode._hf_timing(  # pylint: disable=protected-access
+      shape, repeats=repeats, budget_s=budget_s, model=model, cache_arg="cache")
+  return {"train": step, "decode": dec["decode"], "params": step["params"],
+          "train_footprint_bytes": None}
+
+
 def mixer_case(impl: str, width: int, layers: int, t: int, *, repeats: int, budget_s: float,
                memory_budget: int | None) -> dict:
   """Train step (tokens/s, footprint) and cached decode (ms/token) of `impl` at length t."""
   shape = lm.LMShape(width, layers, t, 1)
+  if impl in HF_PEERS:
+    result = _hf_case(impl, shape, repeats=repeats, budget_s=budget_s)
+    step = result["train"]
+    model_flops = train_flops(HF_PEERS[impl], width, layers, t)
+    return {**result, "time_s": step["time_s"], "tokens_per_s": t / step["time_s"],
+            "flops": model_flops, "gflops_per_s": model_flops / step["time_s"] / 1e9,
+            "decode_ms_per_token": 1e3 * result["decode"]["time_s"] / decode.NEW_TOKENS}
   overrides = {"model_overrides": IMPLS[impl]}
   step = train._longjax_step_timing(  # pylint: disable=protected-access
       shape, overrides, repeats=repeats, budget_s=budget_s, memory_budget=memory_budget)
@@ -101,7 +162,7 @@ def mixer_case(impl: str, width: int, layers: int, t: int, *, repeats: int, budg
           "params": step["params"], "train": step, "decode": dec["decode"]}
 
 
-def run(sizes: str, *, impls=tuple(IMPLS), memory_budget: int | None,
+def run(sizes: str, *, impls=ROWS, memory_budget: int | None,
         timeout_s: float | None = None, lengths=None) -> list[dict]:
   """Every (length, impl) case at `sizes`, each in a child process, in plan order."""
   cfg = SIZES[sizes]
@@ -110,10 +171,10 @@ def run(sizes: str, *, impls=tuple(IMPLS), memory_budget: int | None,
                           timeout_s=cfg["timeout_s"] if timeout_s is None else timeout_s)
 
 
-def plan(sizes: str, impls=tuple(IMPLS), memory_budget: int | None = None,
+def plan(sizes: str, impls=ROWS, memory_budget: int | None = None,
          lengths=None) -> list[dict]:
-  """The (length, impl) cases of `sizes` (its lengths, or `lengths`), lengths outermost; skipped
-  ones say why."""
+  """The (length, impl) cases of `sizes` (its lengths, or `lengths`: then every case runs, the
+  lax.scan peers too), lengths outermost; skipped ones say why."""
   cfg = SIZES[sizes]
   cases = []
   for t in lengths or cfg["ts"]:
@@ -122,7 +183,7 @@ def plan(sizes: str, impls=tuple(IMPLS), memory_budget: int | None = None,
       case = {"function": "mixer_case", "labels": {"impl": impl, **size},
               "kwargs": {"impl": impl, **size, "repeats": cfg["repeats"],
                          "budget_s": cfg["budget_s"], "memory_budget": memory_budget}}
-      if impl.endswith("_scan") and t > cfg.get("scan_max_t", t):
+      if not lengths and impl.endswith("_scan") and t > cfg.get("scan_max_t", t):
         case["skip"] = (f"the lax.scan peers run up to T={cfg['scan_max_t']} in the "
                         f"{sizes!r} set")
       cases.append(case)
@@ -149,7 +210,13 @@ def derive(results: list[dict], peak_gflops: float | None = None) -> dict:
     r["speedup_vs_attention"] = (r["tokens_per_s"] / attention["tokens_per_s"]
                                  if ok and _ok(attention) else None)
     r["memory_vs_attention"] = (r["train_footprint_bytes"] / attention["train_footprint_bytes"]
-                                if ok and _ok(attention) else None)
+                                if ok and _ok(attention) and r.get("train_footprint_bytes")
+                                else None)
+    hf = next((_find(results, peer, r["t"]) for peer, ours in HF_PEERS.items()
+               if ours == r["impl"]), None)
+    r["speedup_vs_hf"] = r["tokens_per_s"] / hf["tokens_per_s"] if ok and _ok(hf) else None
+    r["decode_vs_hf"] = (r["decode_ms_per_token"] / hf["decode_ms_per_token"]
+                         if ok and _ok(hf) else None)
     r["speedup_vs_scan"] = (r["tokens_per_s"] / scan["tokens_per_s"]
                             if ok and _ok(scan) else None)
   return {"targets": targets(results)}
@@ -161,8 +228,27 @@ MAMBA_TARGETS = ((2048, "speedup_vs_scan", 2.0), (8192, "speedup_vs_scan", 2.0),
                  (2048, "speedup_vs_attention", 0.5), (8192, "speedup_vs_attention", 1.0))
 
 
-def _mamba_targets(results: list[dict]) -> list[dict]:
+def _hf_targets(results: list[dict]) -> list[dict]:
+  """Against HF's Mamba models: Mamba's train step >= 1.5x, every decode no slower."""
   out = []
+  for peer, ours in HF_PEERS.items():
+    for t in sorted({r["t"] for r in results if r["impl"] == peer}):
+      row, label = _find(results, ours, t), LABELS[peer].split(" (")[0]
+      checks = [(f"{ours} decode ms/token <= {label}'s at T={t}", "decode_vs_hf", 1.0, "<=")]
+      if peer == "hf_mamba":
+        checks.insert(0, (f"{ours} train tokens/s >= 1.5x {label} at T={t}", "speedup_vs_hf",
+                          1.5, ">="))
+      for target, key, bound, op in checks:
+        value = None if row is None else row.get(key)
+        out.append({"target": target,
+                    "measured": "not measured" if value is None else f"{value:.2f}",
+                    "met": None if value is None else (value >= bound if op == ">="
+                                                       else value <= bound)})
+  return out
+
+
+def _mamba_targets(results: list[dict]) -> list[dict]:
+  out = _hf_targets(results)
   for t, key, bound in MAMBA_TARGETS:
     row = _find(results, "mamba", t)
     if row is None:
@@ -211,7 +297,7 @@ def markdown(results: list[dict], summary: dict) -> str:
   for r in results:
     ok = _ok(r)
     rows.append([r["t"], LABELS[r["impl"]], r.get("tokens_per_s") if ok else None,
-                 r.get("speedup_vs_attention"), r.get("speedup_vs_scan"),
+                 r.get("speedup_vs_attention"), r.get("speedup_vs_scan"), r.get("speedup_vs_hf"),
                  reports.mib(r.get("train_footprint_bytes")) if ok else None,
                  r.get("memory_vs_attention"), r.get("gflops_per_s") if ok else None,
                  r.get("fraction_of_peak"), r.get("decode_ms_per_token") if ok else None,
@@ -221,8 +307,9 @@ def markdown(results: list[dict], summary: dict) -> str:
   return "\n".join([
       f"### Mixers: train step and cached decode ({model}, head dim {lm.HEAD_DIM}, batch 1)\n",
       "x attention: tokens/s over softmax attention's at the same T; x scan: over the same "
-      "mixer's lax.scan recurrence; memory: the train step's compiled footprint.\n",
-      reports.markdown_table(["T", "mixer", "train tokens/s", "x attention", "x scan",
+      "mixer's lax.scan recurrence; x HF: over HF's model of the same configuration (mixer-only "
+      "rows); memory: the train step's compiled footprint (XLA's plan: none for torch).\n",
+      reports.markdown_table(["T", "mixer", "train tokens/s", "x attention", "x scan", "x HF",
                               "train footprint (MiB)", "memory x attention",
                               "train GFLOP/s", "x f32 matmul peak",
                               f"decode ms/token ({decode.NEW_TOKENS} tokens)", "status"], rows),
@@ -237,7 +324,7 @@ def plot(results: list[dict], stem: str) -> list[str]:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for impl in IMPLS:
+  for impl in ROWS:
     rows = sorted((r for r in results if r["impl"] == impl and _ok(r)), key=lambda r: r["t"])
     if rows:
       style = "o--" if impl.endswith("_scan") else "o-"
@@ -259,7 +346,7 @@ def plot(results: list[dict], stem: str) -> list[str]:
 
 def run_suite(sizes: str, out: str, *, argv: list[str], make_plots: bool = False,
               memory_budget_gb: float | None = None, timeout_s: float | None = None,
-              impls=tuple(IMPLS), lengths=None, **unused) -> str:
+              impls=ROWS, lengths=None, **unused) -> str:
   """Measures the peak, runs the mixers suite, writes OUT (JSON), OUT.md and, with plots, PNG."""
   del unused
   return suites.run_suite_with(

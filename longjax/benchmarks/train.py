@@ -99,8 +99,9 @@ def _longjax_step_timing(shape, overrides, *, repeats, budget_s, memory_budget) 
   return {**measured, "params": lm.count(params)}
 
 
-def _hf_step_timing(shape, *, repeats, budget_s) -> dict:
-  model = lm.build_hf_llama(shape)
+def _hf_step_timing(shape, *, repeats, budget_s, model=None) -> dict:
+  """An AdamW train step of an HF causal LM (`model`; default the Llama of `shape`)."""
+  model = lm.build_hf_llama(shape) if model is None else model
   torch = __import__("torch")
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8,

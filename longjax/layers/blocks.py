@@ -1,4 +1,5 @@
-"""Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+"""Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)) (no MLP when its width is
+0: the mixer-only layers of Mamba's and S4's language models)."""
 
 from flax import nnx
 import jax
@@ -16,8 +17,11 @@ class Block(nnx.Module):
                dtype=jnp.float32, rngs: nnx.Rngs):
     self.mixer_norm = RMSNorm(width, dtype=dtype, rngs=rngs)
     self.mixer = mixer
-    self.mlp_norm = RMSNorm(width, dtype=dtype, rngs=rngs)
-    self.mlp = SwiGLU(width, mlp_hidden, out_init_scale=out_init_scale, dtype=dtype, rngs=rngs)
+    if mlp_hidden:
+      self.mlp_norm = RMSNorm(width, dtype=dtype, rngs=rngs)
+      self.mlp = SwiGLU(width, mlp_hidden, out_init_scale=out_init_scale, dtype=dtype, rngs=rngs)
+    else:
+      self.mlp_norm = self.mlp = None
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
                cache=None):
@@ -25,5 +29,6 @@ class Block(nnx.Module):
     h, cache = self.mixer(self.mixer_norm(x), positions=positions, segment_ids=segment_ids,
                           cache=cache)
     x = x + h.astype(x.dtype)
-    x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+    if self.mlp is not None:
+      x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
     return x, cache

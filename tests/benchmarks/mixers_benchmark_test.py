@@ -85,6 +85,33 @@ class MixersSuiteTest(absltest.TestCase):
     self.assertTrue(targets["linear train memory at T=32768 <= 1/4 of attention's"]["met"])
     self.assertIn("| 32768 | linear (auto: chunked) |", mixers.markdown(results, summary))
 
+  def test_hf_peers_have_longjax_mixer_only_models_parameter_for_parameter(self):
+    # The like-for-like claim of the x HF column: same configuration, so the same parameters.
+    from longjax.benchmarks import peers  # pylint: disable=g-import-not-at-top
+    missing = peers.torch_missing(("torch", "transformers"))
+    if missing:
+      self.skipTest(missing)
+    shape = lm.LMShape(64, 2, 128, 1)
+    for peer, ours in mixers.HF_PEERS.items():
+      hf = sum(p.numel() for p in mixers.build_hf_mamba(peer, shape).parameters())
+      _, params, _ = lm.build_longjax(shape, model_overrides=mixers.IMPLS[ours])
+      self.assertEqual(lm.count(params), hf, peer)
+
+  def test_hf_ratios_and_targets(self):
+    results = [_row("mamba_pure", 2048, 900.0, 80, 4.0), _row("hf_mamba", 2048, 100.0, None, 5.0),
+               _row("mamba2_pure", 2048, 800.0, 80, 6.0), _row("hf_mamba2", 2048, 400.0, None,
+                                                                5.0)]
+    targets = {t["target"]: t for t in mixers.derive(results)["targets"]}
+    self.assertAlmostEqual(results[0]["speedup_vs_hf"], 9.0)
+    self.assertIsNone(results[1]["memory_vs_attention"])
+    got = {name: (t["measured"], t["met"]) for name, t in targets.items() if "HF" in name}
+    self.assertEqual(got, {
+        "mamba_pure train tokens/s >= 1.5x HF MambaForCausalLM at T=2048": ("9.00", True),
+        "mamba_pure decode ms/token <= HF MambaForCausalLM's at T=2048": ("0.80", True),
+        "mamba2_pure decode ms/token <= HF Mamba2ForCausalLM's at T=2048": ("1.20", False)})
+    self.assertIn("| 2048 | HF MambaForCausalLM (torch, f32) |", mixers.markdown(
+        results, {"targets": []}))
+
   def test_mamba_targets_at_the_lengths_they_name(self):
     results = [_row("attention", 2048, 1000.0, 100, 1.0), _row("mamba", 2048, 600.0, 80, 0.5),
                _row("mamba_scan", 2048, 200.0, 80, 0.5), _row("attention", 8192, 300.0, 400, 1.0),

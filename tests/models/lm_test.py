@@ -223,6 +223,22 @@ class StructureTest(parameterized.TestCase):
                  loss_and_grads(remat="none", scan_layers=True),
                  loss_and_grads(remat=remat, scan_layers=scan_layers))
 
+  def test_mlp_hidden_zero_gives_mixer_only_layers(self):
+    # Mamba's own LMs: each layer is x + mixer(norm(x)) alone.
+    model = build_model(tiny_model_config(mlp_hidden=0, num_layers=2), vocab_size=50,
+                        rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.RandomState(4).randint(0, 50, (1, 6)), jnp.int32)
+    logits, _ = model(tokens)
+    x = jnp.take(model.embed.value, tokens, axis=0)
+    positions = jnp.arange(6)[None]
+    graphdef, state = nnx.split(model.groups)
+    for g in range(2):
+      (block,) = nnx.merge(graphdef, jax.tree.map(lambda a, g=g: a[g], state))
+      self.assertIsNone(block.mlp)
+      x = x + block.mixer(block.mixer_norm(x), positions=positions)[0]
+    want = model.final_norm(x) @ model.head.value
+    np.testing.assert_allclose(logits, want, atol=1e-5, rtol=1e-5)
+
   def test_tied_embeddings_have_no_head(self):
     model = build_model(tiny_model_config(tie_embeddings=True), vocab_size=50,
                         rngs=nnx.Rngs(0))

@@ -40,6 +40,8 @@ from longjax.layers.mamba2 import validate_selective
 from longjax.layers.mixer import MixerSpec
 from longjax.ops import selective_scan as ops
 from longjax.ops import short_conv
+from longjax.ops import state_collapse
+from longjax.ops.masks import document_keep
 
 
 def dt_rank(width: int) -> int:
@@ -52,7 +54,7 @@ class Mamba(nnx.Module):
 
   def __init__(self, width: int, *, state_dim: int = 16, expand: int = 2, conv_size: int = 4,
                dt_min: float = 1e-3, dt_max: float = 0.1, decay_scale: float = 1.0,
-               impl: str = "auto",
+               state_window: int = 0, state_norm_max: float = 0.0, impl: str = "auto",
                out_init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
     inner, rank = expand * width, dt_rank(width)
     self.w_in = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2)),
@@ -75,6 +77,8 @@ class Mamba(nnx.Module):
     self.inner, self.rank, self.state_dim, self.conv_size = inner, rank, state_dim, conv_size
     # Multiplies A (the log decay dt A) at evaluation time: Stuffed Mamba's stronger forgetting.
     self.decay_scale = float(decay_scale)
+    # Stuffed Mamba's other two mitigations (`longjax.ops.state_collapse`); 0 = off.
+    self.state_window, self.state_norm_max = int(state_window), float(state_norm_max)
     self.impl = impl
     self.dtype = dtype
 
@@ -104,16 +108,34 @@ class Mamba(nnx.Module):
     proj = jnp.einsum("bte,ef->btf", xs, self.w_x.value.astype(self.dtype))
     dt_low, b_in, c_out = jnp.split(proj, [self.rank, self.rank + self.state_dim], axis=-1)
     delta = jnp.einsum("btr,re->bte", dt_low, self.w_dt.value.astype(self.dtype))
-    y, state = ops.selective_scan(
-        xs, delta, -self.decay_scale * jnp.exp(self.a_log.value), b_in, c_out,
-        self.d_skip.value,
-        delta_bias=self.dt_bias.value, segment_ids=segment_ids,
-        initial_state=None if cache is None else cache.state, impl=self.impl)
+    a = -self.decay_scale * jnp.exp(self.a_log.value)
+    initial_state = None if cache is None else cache.state
+    if self.state_window or self.state_norm_max:
+      y, state = self._mitigated_scan(xs, delta, a, b_in, c_out, segment_ids, initial_state)
+    else:
+      y, state = ops.selective_scan(
+          xs, delta, a, b_in, c_out, self.d_skip.value, delta_bias=self.dt_bias.value,
+          segment_ids=segment_ids, initial_state=initial_state, impl=self.impl)
     gated = y.astype(jnp.float32) * jax.nn.silu(xz[:, :, 1].astype(jnp.float32))
     out = jnp.einsum("bte,ed->btd", gated.astype(self.dtype), self.w_out.value.astype(self.dtype))
     if cache is not None:
       cache = dataclasses.replace(cache, state=state, conv=history, end=cache.end + x.shape[1])
     return out, cache
+
+  def _mitigated_scan(self, xs, delta, a, b_in, c_out, segment_ids, initial_state):
+    """The selective scan with `state_window` or `state_norm_max` (a `lax.scan` over time)."""
+    if self.state_window and initial_state is not None:
+      raise ValueError(f"model.mamba.state_window={self.state_window} applies to whole "
+                       "sequences (experiments.evaluate), not to decoding from a cache")
+    u = xs.astype(jnp.float32)
+    dt = jax.nn.softplus(delta.astype(jnp.float32) + self.dt_bias.value)
+    inputs = {"u": u, "dt": dt, "b": b_in.astype(jnp.float32), "c": c_out.astype(jnp.float32)}
+    y, state = state_collapse.decaying_scan(
+        dt, a, lambda x: (x["dt"] * x["u"])[..., None] * x["b"][:, None, :],
+        lambda h, x: jnp.sum(h * x["c"][:, None, :], axis=-1), inputs,
+        keep=document_keep(segment_ids, *u.shape[:2]), h0=initial_state,
+        window=self.state_window, norm_max=self.state_norm_max)
+    return (y + self.d_skip.value * u).astype(xs.dtype), state
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -124,6 +146,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.dt_min = 0.001      # the initial step sizes dt are log-uniform in [dt_min, dt_max]
   c.dt_max = 0.1
   c.decay_scale = 1.0   # multiplies A: > 1 forgets faster (a training-free state-collapse fix)
+  c.state_window = 0    # > 0: the state of the last w steps only, exactly (whole sequences)
+  c.state_norm_max = 0.0  # > 0: each channel's state scaled to at most this norm per step
   c.impl = "auto"       # auto | cpu | recurrent | pallas
   return c
 
@@ -139,7 +163,8 @@ def validate(model, c, prefix: str = "model.mamba") -> None:
 
 def build(model, c, rngs) -> Mamba:
   return Mamba(model.width, state_dim=c.state_dim, expand=c.expand, conv_size=c.conv_size,
-               dt_min=c.dt_min, dt_max=c.dt_max, decay_scale=c.decay_scale, impl=c.impl,
+               dt_min=c.dt_min, dt_max=c.dt_max, decay_scale=c.decay_scale,
+               state_window=c.state_window, state_norm_max=c.state_norm_max, impl=c.impl,
                out_init_scale=dims.out_init_scale(model), dtype=dims.DTYPES[model.dtype],
                rngs=rngs)
 

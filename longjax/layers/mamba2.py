@@ -40,6 +40,8 @@ from longjax.layers import recurrent
 from longjax.layers.mixer import MixerSpec
 from longjax.ops import linear_attention as ops
 from longjax.ops import short_conv
+from longjax.ops import state_collapse
+from longjax.ops.masks import document_keep
 
 _DT_FLOOR = 1e-4
 
@@ -62,7 +64,8 @@ class Mamba2(recurrent.RecurrentMixer):
 
   def __init__(self, width: int, *, state_dim: int = 64, head_dim: int = 64, expand: int = 2,
                groups: int = 1, conv_size: int = 4, dt_min: float = 1e-3, dt_max: float = 0.1,
-               decay_scale: float = 1.0, impl: str = "auto", chunk_size: int = 0,
+               decay_scale: float = 1.0, state_window: int = 0, state_norm_max: float = 0.0,
+               impl: str = "auto", chunk_size: int = 0,
                out_init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
     inner = expand * width
     num_heads = inner // head_dim
@@ -89,6 +92,8 @@ class Mamba2(recurrent.RecurrentMixer):
     self.normalize = False
     # Multiplies A (the log decay dt A) at evaluation time: Stuffed Mamba's stronger forgetting.
     self.decay_scale = float(decay_scale)
+    # Stuffed Mamba's other two mitigations (`longjax.ops.state_collapse`); 0 = off.
+    self.state_window, self.state_norm_max = int(state_window), float(state_norm_max)
     self.impl = impl
     self.chunk_size = chunk_size or None
     self.dtype = dtype
@@ -126,8 +131,12 @@ class Mamba2(recurrent.RecurrentMixer):
     b_in, c_out = (jnp.repeat(y, per_group, axis=2) for y in (b_in, c_out))
     dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias.value)  # [B, T, N]
     linear_cache = None if cache is None else caches.RecurrentState(cache.state, cache.end)
-    y, linear_cache = self._attend(c_out, b_in, xs * dt[..., None], segment_ids=segment_ids,
-                                   cache=linear_cache, log_decay=self.log_decay(dt))
+    if self.state_window or self.state_norm_max:
+      y, linear_cache = self._mitigated_scan(c_out, b_in, xs * dt[..., None], dt, segment_ids,
+                                             linear_cache)
+    else:
+      y, linear_cache = self._attend(c_out, b_in, xs * dt[..., None], segment_ids=segment_ids,
+                                     cache=linear_cache, log_decay=self.log_decay(dt))
     y = y.astype(jnp.float32) + self.d_skip.value[:, None] * xs
     gated = y.reshape(b, t, self.inner) * jax.nn.silu(z.astype(jnp.float32))
     # Normalised per group of heads (the reference's RMSNormGated, group size E / G).
@@ -137,6 +146,28 @@ class Mamba2(recurrent.RecurrentMixer):
       cache = dataclasses.replace(cache, state=linear_cache.state, conv=history,
                                   end=linear_cache.end)
     return self._project_out(normed.reshape(b, t, self.num_heads, self.value_dim)), cache
+
+  def _mitigated_scan(self, q, k, v, dt, segment_ids, cache):
+    """SSD's recurrence with `state_window` or `state_norm_max` (a `lax.scan` over time):
+    (y [B, T, N, P], cache)."""
+    if self.state_window and cache is not None:
+      raise ValueError(f"model.mamba2.state_window={self.state_window} applies to whole "
+                       "sequences (experiments.evaluate), not to decoding from a cache")
+    if cache is not None and segment_ids is not None:
+      raise ValueError("segment_ids are for packed training batches; a cache holds one sequence "
+                       "per row")
+    a = (-self.decay_scale * jnp.exp(self.a_log.value))[:, None, None]
+    inputs = {"q": q.astype(jnp.float32), "k": k.astype(jnp.float32),
+              "v": v.astype(jnp.float32)}
+    y, state = state_collapse.decaying_scan(
+        dt, a, lambda x: x["k"][..., None] * x["v"][..., None, :],
+        lambda h, x: jnp.einsum("bns,bnsp->bnp", x["q"], h), inputs,
+        keep=document_keep(segment_ids, *dt.shape[:2]),
+        h0=None if cache is None else cache.state,
+        window=self.state_window, norm_max=self.state_norm_max)
+    if cache is not None:
+      cache = dataclasses.replace(cache, state=state, end=cache.end + q.shape[1])
+    return y, cache
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -149,13 +180,16 @@ def defaults() -> ml_collections.ConfigDict:
   c.dt_min = 0.001      # the initial step sizes dt are log-uniform in [dt_min, dt_max]
   c.dt_max = 0.1
   c.decay_scale = 1.0   # multiplies A: > 1 forgets faster (a training-free state-collapse fix)
+  c.state_window = 0    # > 0: the state of the last w steps only, exactly (whole sequences)
+  c.state_norm_max = 0.0  # > 0: each head's state scaled to at most this norm per step
   c.impl = "auto"       # auto | reference | recurrent | chunked | pallas
   c.chunk_size = 0      # chunked forms' C; 0 = the op's default (64)
   return c
 
 
 def validate_selective(c, prefix: str, impls) -> None:
-  """The fields Mamba and Mamba-2 share: conv_size, dt_min/dt_max, decay_scale, impl."""
+  """The fields Mamba and Mamba-2 share: conv_size, dt_min/dt_max, decay_scale, the state
+  window and normalisation, impl."""
   if not isinstance(c.conv_size, int) or not 1 <= c.conv_size <= 16:
     raise ConfigError(f"{prefix}.conv_size", c.conv_size, "must be in 1..16 (a short convolution)")
   if not 0 < c.dt_min < c.dt_max:
@@ -163,6 +197,15 @@ def validate_selective(c, prefix: str, impls) -> None:
                       f"must satisfy 0 < dt_min < dt_max (dt_max={c.dt_max})")
   if not isinstance(c.decay_scale, (int, float)) or not 0 < c.decay_scale <= 1e3:
     raise ConfigError(f"{prefix}.decay_scale", c.decay_scale, "must be in (0, 1000]")
+  if not isinstance(c.state_window, int) or c.state_window < 0:
+    raise ConfigError(f"{prefix}.state_window", c.state_window,
+                      "must be an integer >= 0 (0 = off)")
+  if not isinstance(c.state_norm_max, (int, float)) or c.state_norm_max < 0:
+    raise ConfigError(f"{prefix}.state_norm_max", c.state_norm_max, "must be >= 0 (0 = off)")
+  if c.state_window and c.state_norm_max:
+    raise ConfigError(f"{prefix}.state_norm_max", c.state_norm_max,
+                      f"cannot be combined with {prefix}.state_window={c.state_window} (the "
+                      "window's subtraction is exact only for the plain recurrence)")
   if c.impl not in impls:
     raise ConfigError(f"{prefix}.impl", c.impl, "unknown choice", impls)
 
@@ -187,8 +230,9 @@ def validate(model, c, prefix: str = "model.mamba2") -> None:
 def build(model, c, rngs) -> Mamba2:
   return Mamba2(model.width, state_dim=c.state_dim, head_dim=c.head_dim, expand=c.expand,
                 groups=c.groups, conv_size=c.conv_size, dt_min=c.dt_min, dt_max=c.dt_max,
-                decay_scale=c.decay_scale,
-                impl=c.impl, chunk_size=c.chunk_size, out_init_scale=dims.out_init_scale(model),
+                decay_scale=c.decay_scale, state_window=c.state_window,
+                state_norm_max=c.state_norm_max, impl=c.impl, chunk_size=c.chunk_size,
+                out_init_scale=dims.out_init_scale(model),
                 dtype=dims.DTYPES[model.dtype], rngs=rngs)
 
 

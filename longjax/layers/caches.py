@@ -8,6 +8,7 @@ cache with `dataclasses.replace`.
 """
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -121,13 +122,18 @@ class SSMState:
 
   state: float32, [B, N, S, P] for Mamba-2 (heads, state size, head dim), [B, E, S] for Mamba
   (inner channels, state size); conv: [B, K-1, C] the last K-1 inputs of the convolution; end:
-  int32 [], the tokens consumed.
+  int32 [], the tokens consumed; window: with a state window of w steps
+  (`longjax.ops.state_collapse`), the last w steps' inputs the window subtracts again (a pytree
+  of [B, w, ...] arrays), else None.
   """
   state: jax.Array
   conv: jax.Array
   end: jax.Array
+  window: Any = None
 
   @property
   def state_bytes_per_sequence(self) -> int:
-    """Bytes one sequence carries: the recurrence's state and the convolution history."""
-    return sum(a[0].size * a.dtype.itemsize for a in (self.state, self.conv))
+    """Bytes one sequence carries: the recurrence's state, the convolution history and the
+    state window's inputs."""
+    arrays = (self.state, self.conv, *jax.tree.leaves(self.window))
+    return sum(a[0].size * a.dtype.itemsize for a in arrays)

@@ -86,9 +86,15 @@ class Mamba(nnx.Module):
     """Zeros of the [B, E, N] state and the convolution history, whatever `max_length`."""
     del max_length
     history = short_conv.history_shape(batch_size, self.conv_size, self.inner)
+    window = None
+    if self.state_window:  # the last w steps' (u, dt, B): O(w), constant in the length
+      per_step = jax.ShapeDtypeStruct((batch_size, 1, self.inner), jnp.float32)
+      window = state_collapse.empty_history(self.state_window, per_step, {
+          "u": per_step, "dt": per_step,
+          "b": jax.ShapeDtypeStruct((batch_size, 1, self.state_dim), jnp.float32)})
     return caches.SSMState(state=jnp.zeros((batch_size, self.inner, self.state_dim), jnp.float32),
                            conv=jnp.zeros(history, dtype or self.dtype),
-                           end=jnp.zeros((), jnp.int32))
+                           end=jnp.zeros((), jnp.int32), window=window)
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
                cache: caches.SSMState | None = None):
@@ -110,8 +116,9 @@ class Mamba(nnx.Module):
     delta = jnp.einsum("btr,re->bte", dt_low, self.w_dt.value.astype(self.dtype))
     a = -self.decay_scale * jnp.exp(self.a_log.value)
     initial_state = None if cache is None else cache.state
+    window = None
     if self.state_window or self.state_norm_max:
-      y, state = self._mitigated_scan(xs, delta, a, b_in, c_out, segment_ids, initial_state)
+      y, state, window = self._mitigated_scan(xs, delta, a, b_in, c_out, segment_ids, cache)
     else:
       y, state = ops.selective_scan(
           xs, delta, a, b_in, c_out, self.d_skip.value, delta_bias=self.dt_bias.value,
@@ -119,23 +126,24 @@ class Mamba(nnx.Module):
     gated = y.astype(jnp.float32) * jax.nn.silu(xz[:, :, 1].astype(jnp.float32))
     out = jnp.einsum("bte,ed->btd", gated.astype(self.dtype), self.w_out.value.astype(self.dtype))
     if cache is not None:
-      cache = dataclasses.replace(cache, state=state, conv=history, end=cache.end + x.shape[1])
+      cache = dataclasses.replace(cache, state=state, conv=history, end=cache.end + x.shape[1],
+                                  window=window)
     return out, cache
 
-  def _mitigated_scan(self, xs, delta, a, b_in, c_out, segment_ids, initial_state):
-    """The selective scan with `state_window` or `state_norm_max` (a `lax.scan` over time)."""
-    if self.state_window and initial_state is not None:
-      raise ValueError(f"model.mamba.state_window={self.state_window} applies to whole "
-                       "sequences (experiments.evaluate), not to decoding from a cache")
+  def _mitigated_scan(self, xs, delta, a, b_in, c_out, segment_ids, cache):
+    """The selective scan with `state_window` or `state_norm_max` (a `lax.scan` over time):
+    (y [B, T, E], the final state, the window's history or None)."""
     u = xs.astype(jnp.float32)
     dt = jax.nn.softplus(delta.astype(jnp.float32) + self.dt_bias.value)
-    inputs = {"u": u, "dt": dt, "b": b_in.astype(jnp.float32), "c": c_out.astype(jnp.float32)}
-    y, state = state_collapse.decaying_scan(
-        dt, a, lambda x: (x["dt"] * x["u"])[..., None] * x["b"][:, None, :],
-        lambda h, x: jnp.sum(h * x["c"][:, None, :], axis=-1), inputs,
-        keep=document_keep(segment_ids, *u.shape[:2]), h0=initial_state,
+    y, state, window = state_collapse.decaying_scan(
+        dt, a, lambda w: (w["dt"] * w["u"])[..., None] * w["b"][:, None, :],
+        lambda h, r: jnp.sum(h * r["c"][:, None, :], axis=-1),
+        {"u": u, "dt": dt, "b": b_in.astype(jnp.float32)}, {"c": c_out.astype(jnp.float32)},
+        keep=document_keep(segment_ids, *u.shape[:2]),
+        h0=None if cache is None else cache.state,
+        history=None if cache is None else cache.window,
         window=self.state_window, norm_max=self.state_norm_max)
-    return (y + self.d_skip.value * u).astype(xs.dtype), state
+    return (y + self.d_skip.value * u).astype(xs.dtype), state, window
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -146,7 +154,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.dt_min = 0.001      # the initial step sizes dt are log-uniform in [dt_min, dt_max]
   c.dt_max = 0.1
   c.decay_scale = 1.0   # multiplies A: > 1 forgets faster (a training-free state-collapse fix)
-  c.state_window = 0    # > 0: the state of the last w steps only, exactly (whole sequences)
+  c.state_window = 0    # > 0: the state of the last w steps only, exactly (cache: O(w))
   c.state_norm_max = 0.0  # > 0: each channel's state scaled to at most this norm per step
   c.impl = "auto"       # auto | cpu | recurrent | pallas
   return c

@@ -103,8 +103,13 @@ class Mamba2(recurrent.RecurrentMixer):
     del max_length
     linear = super().init_cache(batch_size, 0)
     history = short_conv.history_shape(batch_size, self.conv_size, self.conv_channels)
+    window = None
+    if self.state_window:  # the last w steps' (dt, B, dt x): O(w), constant in the length
+      step = lambda *s: jax.ShapeDtypeStruct((batch_size, 1, self.num_heads, *s), jnp.float32)  # noqa: E731
+      window = state_collapse.empty_history(
+          self.state_window, step(), {"k": step(self.key_dim), "v": step(self.value_dim)})
     return caches.SSMState(state=linear.state, conv=jnp.zeros(history, dtype or self.dtype),
-                           end=linear.end)
+                           end=linear.end, window=window)
 
   def log_decay(self, dt: jax.Array) -> jax.Array:
     """log a_t = dt_t A per head: [B, T, N] float32 (< 0)."""
@@ -130,43 +135,40 @@ class Mamba2(recurrent.RecurrentMixer):
     per_group = self.num_heads // self.groups
     b_in, c_out = (jnp.repeat(y, per_group, axis=2) for y in (b_in, c_out))
     dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias.value)  # [B, T, N]
-    linear_cache = None if cache is None else caches.RecurrentState(cache.state, cache.end)
     if self.state_window or self.state_norm_max:
-      y, linear_cache = self._mitigated_scan(c_out, b_in, xs * dt[..., None], dt, segment_ids,
-                                             linear_cache)
+      y, cache = self._mitigated_scan(c_out, b_in, xs * dt[..., None], dt, segment_ids, cache)
     else:
+      linear_cache = None if cache is None else caches.RecurrentState(cache.state, cache.end)
       y, linear_cache = self._attend(c_out, b_in, xs * dt[..., None], segment_ids=segment_ids,
                                      cache=linear_cache, log_decay=self.log_decay(dt))
+      if cache is not None:
+        cache = dataclasses.replace(cache, state=linear_cache.state, end=linear_cache.end)
     y = y.astype(jnp.float32) + self.d_skip.value[:, None] * xs
     gated = y.reshape(b, t, self.inner) * jax.nn.silu(z.astype(jnp.float32))
     # Normalised per group of heads (the reference's RMSNormGated, group size E / G).
     normed = recurrent.rms_normalize(gated.reshape(b, t, self.groups, -1)).reshape(b, t, -1)
     normed = normed * self.norm_scale.value
     if cache is not None:
-      cache = dataclasses.replace(cache, state=linear_cache.state, conv=history,
-                                  end=linear_cache.end)
+      cache = dataclasses.replace(cache, conv=history)
     return self._project_out(normed.reshape(b, t, self.num_heads, self.value_dim)), cache
 
   def _mitigated_scan(self, q, k, v, dt, segment_ids, cache):
     """SSD's recurrence with `state_window` or `state_norm_max` (a `lax.scan` over time):
-    (y [B, T, N, P], cache)."""
-    if self.state_window and cache is not None:
-      raise ValueError(f"model.mamba2.state_window={self.state_window} applies to whole "
-                       "sequences (experiments.evaluate), not to decoding from a cache")
+    (y [B, T, N, P], the cache with its state, window history and end advanced)."""
     if cache is not None and segment_ids is not None:
       raise ValueError("segment_ids are for packed training batches; a cache holds one sequence "
                        "per row")
     a = (-self.decay_scale * jnp.exp(self.a_log.value))[:, None, None]
-    inputs = {"q": q.astype(jnp.float32), "k": k.astype(jnp.float32),
-              "v": v.astype(jnp.float32)}
-    y, state = state_collapse.decaying_scan(
-        dt, a, lambda x: x["k"][..., None] * x["v"][..., None, :],
-        lambda h, x: jnp.einsum("bns,bnsp->bnp", x["q"], h), inputs,
+    y, state, window = state_collapse.decaying_scan(
+        dt, a, lambda w: w["k"][..., None] * w["v"][..., None, :],
+        lambda h, r: jnp.einsum("bns,bnsp->bnp", r["q"], h),
+        {"k": k.astype(jnp.float32), "v": v.astype(jnp.float32)}, {"q": q.astype(jnp.float32)},
         keep=document_keep(segment_ids, *dt.shape[:2]),
         h0=None if cache is None else cache.state,
+        history=None if cache is None else cache.window,
         window=self.state_window, norm_max=self.state_norm_max)
     if cache is not None:
-      cache = dataclasses.replace(cache, state=state, end=cache.end + q.shape[1])
+      cache = dataclasses.replace(cache, state=state, window=window, end=cache.end + q.shape[1])
     return y, cache
 
 
@@ -180,7 +182,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.dt_min = 0.001      # the initial step sizes dt are log-uniform in [dt_min, dt_max]
   c.dt_max = 0.1
   c.decay_scale = 1.0   # multiplies A: > 1 forgets faster (a training-free state-collapse fix)
-  c.state_window = 0    # > 0: the state of the last w steps only, exactly (whole sequences)
+  c.state_window = 0    # > 0: the state of the last w steps only, exactly (cache: O(w))
   c.state_norm_max = 0.0  # > 0: each head's state scaled to at most this norm per step
   c.impl = "auto"       # auto | reference | recurrent | chunked | pallas
   c.chunk_size = 0      # chunked forms' C; 0 = the op's default (64)

@@ -61,11 +61,11 @@ def _numpy_normalised(u, dt, b, c, a, keep, norm_max):
 
 def _scan(x, keep, **options):
   f32 = {k: jnp.asarray(v, jnp.float32) for k, v in x.items()}
-  inputs = {k: f32[k] for k in ("u", "dt", "b", "c")}
   return state_collapse.decaying_scan(
-      f32["dt"], f32["a"], lambda s: (s["dt"] * s["u"])[..., None] * s["b"][:, None, :],
-      lambda h, s: jnp.sum(h * s["c"][:, None, :], axis=-1), inputs,
-      keep=jnp.asarray(keep, jnp.float32), **options)
+      f32["dt"], f32["a"], lambda w: (w["dt"] * w["u"])[..., None] * w["b"][:, None, :],
+      lambda h, r: jnp.sum(h * r["c"][:, None, :], axis=-1),
+      {k: f32[k] for k in ("u", "dt", "b")}, {"c": f32["c"]},
+      keep=None if keep is None else jnp.asarray(keep, jnp.float32), **options)
 
 
 class DecayingScanTest(parameterized.TestCase):
@@ -74,7 +74,7 @@ class DecayingScanTest(parameterized.TestCase):
   def test_window_equals_the_sum_over_the_last_w_steps(self, window):
     x = _inputs()
     keep = _keep(np.asarray([[0] * 5 + [1] * 8, [0] * T]))
-    y, _ = _scan(x, keep, window=window)
+    y, _, _ = _scan(x, keep, window=window)
     # f32 recurrence with a subtraction per step against a from-scratch float64 sum.
     np.testing.assert_allclose(y, _numpy_window(**x, keep=keep, window=window), atol=2e-5,
                                rtol=2e-5)
@@ -82,7 +82,7 @@ class DecayingScanTest(parameterized.TestCase):
   def test_window_longer_than_the_sequence_is_the_plain_scan(self):
     x = _inputs(seed=1)
     keep = np.ones((B, T))
-    y, final = _scan(x, keep, window=T)
+    y, final, _ = _scan(x, keep, window=T)
     want_y, want_final = selective_scan.selective_scan(
         *(jnp.asarray(x[k], jnp.float32) for k in ("u",)),
         jnp.log(jnp.expm1(jnp.asarray(x["dt"], jnp.float32))),  # softplus^-1: the op's dt
@@ -93,7 +93,7 @@ class DecayingScanTest(parameterized.TestCase):
   def test_normalised_state_equals_the_clipped_recurrence(self):
     x = _inputs(seed=2)
     keep = _keep(np.asarray([[0] * 9 + [1] * 4, [0] * T]))
-    y, final = _scan(x, keep, norm_max=0.7)
+    y, final, _ = _scan(x, keep, norm_max=0.7)
     want_y, want_final = _numpy_normalised(**x, keep=keep, norm_max=0.7)
     np.testing.assert_allclose(y, want_y, atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(final, want_final, atol=2e-5, rtol=2e-5)
@@ -104,8 +104,21 @@ class DecayingScanTest(parameterized.TestCase):
     keep = np.ones((B, T))
     with self.assertRaisesRegex(ValueError, "cannot be combined"):
       _scan(x, keep, window=3, norm_max=1.0)
-    with self.assertRaisesRegex(ValueError, "initial state"):
+    with self.assertRaisesRegex(ValueError, "needs that state's window history"):
       _scan(x, keep, window=3, h0=jnp.zeros((B, E, N)))
+
+  def test_window_continues_from_its_history(self):
+    # Three calls of 6, 1 and 6 steps, each from the previous call's state and history, equal
+    # one call over the 13 steps (one sequence per row: no resets).
+    x = _inputs(seed=5)
+    whole, final, _ = _scan(x, None, window=4)
+    h, history, pieces = None, None, []
+    for start, stop in ((0, 6), (6, 7), (7, T)):
+      part = {k: (v[:, start:stop] if k != "a" else v) for k, v in x.items()}
+      y, h, history = _scan(part, None, window=4, h0=h, history=history)
+      pieces.append(y)
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), whole, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(h, final, atol=1e-5, rtol=1e-5)
 
 
 def _layer(module, **options):
@@ -126,27 +139,22 @@ class MixerMitigationsTest(parameterized.TestCase):
     np.testing.assert_allclose(windowed[:, :5], plain[:, :5], atol=2e-5, rtol=2e-5)
     self.assertGreater(float(jnp.max(jnp.abs(windowed[:, 5:] - plain[:, 5:]))), 1e-4)
 
-  @parameterized.parameters(mamba, mamba2)
-  def test_normalised_prefill_equals_token_by_token_decode(self, module):
-    layer = _layer(module, state_norm_max=0.05)
-    x = jnp.asarray(np.random.default_rng(4).normal(size=(1, 7, 16)), jnp.float32)
-    positions = jnp.arange(7)[None]
+  @parameterized.product(module=(mamba, mamba2),
+                         options=({"state_norm_max": 0.05}, {"state_window": 3}))
+  def test_prefill_then_token_by_token_decode_equals_the_full_pass(self, module, options):
+    layer = _layer(module, **options)
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(1, 8, 16)), jnp.float32)
+    positions = jnp.arange(8)[None]
     full, _ = layer(x, positions=positions)
-    cache, steps = layer.init_cache(1, 7), []
-    for t in range(7):
+    cache = layer.init_cache(1, 8)
+    y, cache = layer(x[:, :2], positions=positions[:, :2], cache=cache)  # prefill 2 tokens
+    steps = [y]
+    for t in range(2, 8):
       y, cache = layer(x[:, t:t + 1], positions=positions[:, t:t + 1], cache=cache)
       steps.append(y)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=2e-5)
     plain, _ = _layer(module)(x, positions=positions)
-    self.assertGreater(float(jnp.max(jnp.abs(full - plain))), 1e-4)  # the clip is active
-
-  @parameterized.parameters(mamba, mamba2)
-  def test_window_refuses_a_cache_in_one_line(self, module):
-    layer = _layer(module, state_window=4)
-    with self.assertRaisesRegex(ValueError, rf"model\.{module.SPEC.section}\.state_window=4 "
-                                r"applies to whole sequences"):
-      layer(jnp.zeros((1, 1, 16)), positions=jnp.zeros((1, 1), jnp.int32),
-            cache=layer.init_cache(1, 4))
+    self.assertGreater(float(jnp.max(jnp.abs(full - plain))), 1e-4)  # the option is active
 
   @parameterized.parameters(("mamba", {"state_window": -1}, "state_window", ">= 0"),
                             ("mamba2", {"state_norm_max": -0.5}, "state_norm_max", ">= 0"),

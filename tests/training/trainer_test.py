@@ -25,12 +25,23 @@ def _train(workdir, *extra, env=None):
                             *extra, env=env)
 
 
+def _default_sigint():
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _train_cli(workdir, *extra, env=None):
-  """The train entry point as a cold process of its own, for tests that signal it."""
+  """The train entry point as a cold process of its own, for tests that signal it.
+
+  SIGINT is reset to its default in the child: a test run started in the background of a
+  non-interactive shell (`pytest ... &`, as CI scripts may) has SIGINT ignored, a child
+  inherits that, and Python then never installs its Ctrl-C handler; the SIGINT tests would
+  see a run that ignores Ctrl-C and finishes with exit 0 (they did, until 2026-12-07).
+  """
   cmd = [testing.PYTHON, "-m", "experiments.train", "--config=configs/quickstart.py:tiny",
          f"--workdir={workdir}", *testing.cli_overrides(testing.tiny_config()), *extra]
   return subprocess.Popen(cmd, cwd=testing.REPO_ROOT, env=env or testing.python_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=_default_sigint)
 
 
 class TrainerTest(absltest.TestCase):
@@ -144,11 +155,6 @@ class TrainerTest(absltest.TestCase):
     saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
     self.assertEqual(saved, [max(_losses(workdir))])
 
-  # Passes alone (also with -n 2 on this file, and under CPU load) but fails inside the full
-  # `pytest -n 2 tests` run since 2026-12-07: the child finishes with exit 0 as if the SIGINT
-  # never arrived. Open bug (session note of 2026-12-07); skipped only inside an xdist worker.
-  @absltest.skipIf(bool(os.environ.get("PYTEST_XDIST_WORKER")),
-                   "loses the SIGINT inside the full -n 2 suite; run this file alone")
   def test_sigint_during_start_up_exits_130_in_one_line(self):
     # The run folder appears once the dataset is loaded, before the state is created and the
     # step compiled: Ctrl-C then used to end in a KeyboardInterrupt traceback and a segfault.

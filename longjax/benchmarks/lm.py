@@ -102,13 +102,7 @@ def build_hf_llama(shape: LMShape, *, attn_implementation: str = "sdpa"):
     processes.Skip: torch or transformers is not installed (the `bench` extra).
   """
   from longjax.benchmarks import peers  # pylint: disable=g-import-not-at-top
-  from longjax.benchmarks import processes  # pylint: disable=g-import-not-at-top
-  torch = peers.import_torch()
-  try:
-    import transformers  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise processes.Skip(f"transformers is not installed ({e}); pip install -e '.[bench]'") from e
-  torch.manual_seed(0)
+  _, transformers = peers.import_transformers()
   config = transformers.LlamaConfig(
       vocab_size=shape.vocab, hidden_size=shape.width, intermediate_size=shape.mlp_hidden,
       num_hidden_layers=shape.layers, num_attention_heads=shape.heads,

@@ -106,15 +106,9 @@ def build_hf_mamba(impl: str, shape: lm.LMShape):
     processes.Skip: torch or transformers is not installed (the `bench` extra).
   """
   from longjax.benchmarks import peers  # pylint: disable=g-import-not-at-top
-  from longjax.benchmarks import processes  # pylint: disable=g-import-not-at-top
   from longjax.layers import mamba  # pylint: disable=g-import-not-at-top
   from longjax.layers import mamba2  # pylint: disable=g-import-not-at-top
-  torch = peers.import_torch()
-  try:
-    import transformers  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise processes.Skip(f"transformers is not installed ({e}); pip install -e '.[bench]'") from e
-  torch.manual_seed(0)
+  _, transformers = peers.import_transformers()
   common = dict(vocab_size=shape.vocab, hidden_size=shape.width, num_hidden_layers=shape.layers,
                 tie_word_embeddings=False, use_bias=False, use_conv_bias=True, use_cache=False)
   if impl == "hf_mamba":
@@ -315,7 +309,7 @@ def markdown(results: list[dict], summary: dict) -> str:
                               f"decode ms/token ({decode.NEW_TOKENS} tokens)", "status"], rows),
       "\n### Targets\n",
       reports.targets_table(summary["targets"]) if summary["targets"] else
-      "(one length only: no target applies)"])
+      "(no target's lengths were measured)"])
 
 
 def plot(results: list[dict], stem: str) -> list[str]:

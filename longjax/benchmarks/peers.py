@@ -35,3 +35,15 @@ def import_torch():
   except ImportError as e:
     raise Skip(f"torch is not installed ({e}); pip install -e '.[bench]'") from e
   return torch
+
+
+def import_transformers():
+  """(torch, transformers), seeded (torch.manual_seed(0)) for building a model, or raises `Skip`
+  with the reason (both are in the optional `bench` extra)."""
+  torch = import_torch()
+  try:
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise Skip(f"transformers is not installed ({e}); pip install -e '.[bench]'") from e
+  torch.manual_seed(0)
+  return torch, transformers

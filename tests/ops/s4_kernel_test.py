@@ -48,6 +48,11 @@ class CauchyKernelTest(absltest.TestCase):
         a = np.diag(lam) - np.outer(p, p.conj())
         left = np.linalg.inv(np.eye(4) - dt[i] / 2 * a)
         da, db = left @ (np.eye(4) + dt[i] / 2 * a), left @ (dt[i] * b)
+        # The decode recurrence's matrices (Sherman-Morrison, not an inverse) equal them.
+        got_da, got_db = s4_kernel.discrete_dense(*(jnp.asarray(x[i:i + 1]) for x in
+                                                    (lam_h, p_h, b_h, dt)))
+        np.testing.assert_allclose(got_da[0], da, atol=1e-5)
+        np.testing.assert_allclose(got_db[0], db, atol=1e-5)
         x = db
         for step in range(length):
           want[i, step] = 2 * np.real(c[i] @ x)

@@ -19,6 +19,7 @@ from longjax.layers import lm_infinite
 from longjax.layers import params
 from longjax.layers import streaming
 from longjax.layers.caches import KVCache
+from longjax.layers.caches import refuse_segments_with_cache
 from longjax.layers.positional_base import AttentionPositions
 from longjax.ops import AttentionMask, add_learned_sink, dot_product_attention
 from longjax.ops import softplus_attention
@@ -124,9 +125,7 @@ class Attention(nnx.Module):
     kv = jnp.einsum("btd,dckh->btckh", x, self.w_kv.value.astype(self.dtype))
     k, v = kv[:, :, 0], kv[:, :, 1]
     if cache is not None and self.distance_ceiling:
-      if segment_ids is not None:
-        raise ValueError("segment_ids are for packed training batches; a cache holds one sequence"
-                         " per row")
+      refuse_segments_with_cache(cache, segment_ids)
       # Checked before the streaming cache: same slots, but LM-Infinite's true positions.
       out, cache = lm_infinite.lm_infinite_decode(
           q, k, v, positions, cache, window=self.window, global_tokens=self.sink_tokens,
@@ -159,9 +158,7 @@ class Attention(nnx.Module):
                            kv_segment_ids=segment_ids, **sinks)
       kv_positions = positions
     else:
-      if segment_ids is not None:
-        raise ValueError("segment_ids are for packed training batches; a cache holds one sequence"
-                         " per row")
+      refuse_segments_with_cache(cache, segment_ids)
       end = cache.end
       k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, end, 0, 0))
       v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, end, 0, 0))

@@ -96,9 +96,7 @@ class Based(recurrent.RecurrentMixer):
     """Args: x [B, T, D]; positions [B, T] int32 (the window's rotation); segment_ids [B, T]
     (packed documents: every state restarts at each); cache from `init_cache` or a previous
     call. Returns (y [B, T, D], the new cache or None)."""
-    if cache is not None and segment_ids is not None:
-      raise ValueError("segment_ids are for packed training batches; a cache holds one sequence "
-                       "per row")
+    caches.refuse_segments_with_cache(cache, segment_ids)
     x = x.astype(self.dtype)
     conv, history = short_conv.causal_conv(
         x, self.conv_kernel.value, segment_ids=segment_ids,

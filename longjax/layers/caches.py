@@ -14,6 +14,13 @@ import jax
 import jax.numpy as jnp
 
 
+def refuse_segments_with_cache(cache, segment_ids) -> None:
+  """Raises ValueError when a mixer gets both a decode cache and packed-document segment ids."""
+  if cache is not None and segment_ids is not None:
+    raise ValueError("segment_ids are for packed training batches; a cache holds one sequence "
+                     "per row")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:

@@ -102,9 +102,7 @@ class Mamba(nnx.Module):
     [B, T] (packed documents: state and convolution restart at each); cache from `init_cache` or
     a previous call. Returns (y [B, T, D], the new cache or None)."""
     del positions
-    if cache is not None and segment_ids is not None:
-      raise ValueError("segment_ids are for packed training batches; a cache holds one sequence "
-                       "per row")
+    caches.refuse_segments_with_cache(cache, segment_ids)
     x = x.astype(self.dtype)
     xz = jnp.einsum("btd,dce->btce", x, self.w_in.value.astype(self.dtype))
     xs, history = short_conv.causal_conv(xz[:, :, 0], self.conv_kernel.value,

@@ -155,9 +155,7 @@ class Mamba2(recurrent.RecurrentMixer):
   def _mitigated_scan(self, q, k, v, dt, segment_ids, cache):
     """SSD's recurrence with `state_window` or `state_norm_max` (a `lax.scan` over time):
     (y [B, T, N, P], the cache with its state, window history and end advanced)."""
-    if cache is not None and segment_ids is not None:
-      raise ValueError("segment_ids are for packed training batches; a cache holds one sequence "
-                       "per row")
+    caches.refuse_segments_with_cache(cache, segment_ids)
     a = (-self.decay_scale * jnp.exp(self.a_log.value))[:, None, None]
     y, state, window = state_collapse.decaying_scan(
         dt, a, lambda w: w["k"][..., None] * w["v"][..., None, :],

@@ -36,9 +36,7 @@ class RecurrentMixer(nnx.Module):
 
   def _attend(self, q, k, v, *, segment_ids, cache, log_decay=None, scale: float = 1.0):
     """`ops.linear_attention` from the cache's state (or zeros): (out [B, T, N, Dv], cache)."""
-    if cache is not None and segment_ids is not None:
-      raise ValueError("segment_ids are for packed training batches; a cache holds one sequence "
-                       "per row")
+    caches.refuse_segments_with_cache(cache, segment_ids)
     out, state = ops.linear_attention(
         q, k, v, log_decay=log_decay, segment_ids=segment_ids,
         initial_state=None if cache is None else cache.state, normalize=self.normalize,

@@ -114,9 +114,7 @@ class S4D(nnx.Module):
     [B, T] (packed documents: state and shift filter restart at each); cache from `init_cache`
     or a previous call. Returns (y [B, T, D], the new cache or None)."""
     del positions
-    if cache is not None and segment_ids is not None:
-      raise ValueError("segment_ids are for packed training batches; a cache holds one sequence "
-                       "per row")
+    caches.refuse_segments_with_cache(cache, segment_ids)
     x = x.astype(self.dtype)
     qkv = jnp.einsum("btd,dce->btce", x, self.w_qkv.value.astype(self.dtype))
     k, history = short_conv.causal_conv(qkv[:, :, 1], self.shift_kernel.value,

@@ -57,7 +57,8 @@ def selective_scan(u, dt, a, b, c, keep, h0):
 
 
 def _fwd(u, dt, a, b, c, keep, h0):
-  return selective_scan(u, dt, a, b, c, keep, h0), (u, dt, a, b, c, keep, h0)
+  build.ensure_loaded()
+  return _forward_call(u, dt, a, b, c, keep, h0), (u, dt, a, b, c, keep, h0)
 
 
 def _bwd(residuals, cotangents):

@@ -222,6 +222,14 @@ MAMBA_TARGETS = ((2048, "speedup_vs_scan", 2.0), (8192, "speedup_vs_scan", 2.0),
                  (2048, "speedup_vs_attention", 0.5), (8192, "speedup_vs_attention", 1.0))
 
 
+def _target(name: str, value, bound: float, op: str, *, judged: bool = True) -> dict:
+  """One row of the targets table: `value` against `bound` (op ">=" or "<="); "met" None when
+  the value was not measured or the run does not reach the target's lengths (`judged`)."""
+  met = None if value is None else (value >= bound if op == ">=" else value <= bound)
+  return {"target": name, "measured": "not measured" if value is None else f"{value:.2f}",
+          "met": met if judged else None}
+
+
 def _hf_targets(results: list[dict]) -> list[dict]:
   """Against HF's Mamba models: Mamba's train step >= 1.5x, every decode no slower."""
   out = []
@@ -233,11 +241,7 @@ def _hf_targets(results: list[dict]) -> list[dict]:
         checks.insert(0, (f"{ours} train tokens/s >= 1.5x {label} at T={t}", "speedup_vs_hf",
                           1.5, ">="))
       for target, key, bound, op in checks:
-        value = None if row is None else row.get(key)
-        out.append({"target": target,
-                    "measured": "not measured" if value is None else f"{value:.2f}",
-                    "met": None if value is None else (value >= bound if op == ">="
-                                                       else value <= bound)})
+        out.append(_target(target, None if row is None else row.get(key), bound, op))
   return out
 
 
@@ -247,11 +251,9 @@ def _mamba_targets(results: list[dict]) -> list[dict]:
     row = _find(results, "mamba", t)
     if row is None:
       continue
-    value = row.get(key)
     peer = "its lax.scan recurrence" if key == "speedup_vs_scan" else "softmax attention"
-    out.append({"target": f"mamba train tokens/s >= {bound:g}x {peer} at T={t}",
-                "measured": "not measured" if value is None else f"{value:.2f}",
-                "met": None if value is None else value >= bound})
+    out.append(_target(f"mamba train tokens/s >= {bound:g}x {peer} at T={t}", row.get(key),
+                       bound, ">="))
   return out
 
 
@@ -279,10 +281,8 @@ def targets(results: list[dict]) -> list[dict]:
          hi["memory_vs_attention"], 0.25, "<="),
     ]
     for target, value, bound, op in checks:
-      met = None if value is None else (value >= bound if op == ">=" else value <= bound)
-      out.append({"target": target + ("" if reach else " (issue: 1k -> 32k)"),
-                  "measured": "not measured" if value is None else f"{value:.2f}",
-                  "met": met if reach else None})
+      out.append(_target(target + ("" if reach else " (issue: 1k -> 32k)"), value, bound, op,
+                         judged=reach))
   return out
 
 

@@ -10,7 +10,7 @@ Per batch row, inner channel e and state n, with m_t = 0 where a new document st
 Implementations (`SELECTIVE_SCAN`, chosen by `longjax.ops.dispatch`):
   cpu        `kernels_cpu.selective_scan` (C++ via XLA FFI, vectorised over channels, its own
              backward); every option; channels per group a multiple of 16 and a C++ compiler.
-             The CPU default: 20-40x the recurrence's speed (docs/mixers.md, Mamba).
+             The CPU default: 15-21x the recurrence's speed (docs/kernels.md).
   recurrent  the plain recurrence: a `lax.scan` over time, in rematerialised blocks of `BLOCK`
              steps (the backward pass keeps one [E, N] state per block, not per step); every
              option. The fallback everywhere, and the benchmarks' `lax.scan` peer.

@@ -16,6 +16,7 @@ import ml_collections
 
 from longjax import posenc
 from longjax.errors import ConfigError
+from longjax.layers import mixer as mixer_lib
 from longjax.layers.positional import POSENCS, rope_scaling_hyperparameters
 from longjax.models import registry
 from longjax.models.lm import REMAT_POLICIES
@@ -99,6 +100,7 @@ def validate_model(model) -> None:
   _validate_learned_bias(model.posenc)
   for index, entry in enumerate(pattern):
     entry.spec.validate(model, entry.config(model), entry.field_prefix(index))
+  mixer_lib.landmark_block(pattern, model)
 
 
 def _validate_learned_bias(p) -> None:

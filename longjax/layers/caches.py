@@ -144,3 +144,28 @@ class SSMState:
     state window's inputs."""
     arrays = (self.state, self.conv, *jax.tree.leaves(self.window))
     return sum(a[0].size * a.dtype.itemsize for a in arrays)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockKVCache:
+  """Landmark attention's cache (`longjax.layers.landmark`): every position's key and value,
+  keys *unrotated*, because a retrieved block is re-positioned at every step.
+
+  k, v: [B, S, K, H], blocks of `block_size` positions each ending with its landmark; end:
+  int32 [], the positions written (landmarks included).
+  """
+  k: jax.Array
+  v: jax.Array
+  end: jax.Array
+
+  @classmethod
+  def empty(cls, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int, dtype):
+    shape = (batch_size, max_length, num_kv_heads, head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               end=jnp.zeros((), jnp.int32))
+
+  @property
+  def state_bytes_per_sequence(self) -> int:
+    """Bytes one sequence's keys and values take at this capacity (grows with the context)."""
+    return 2 * self.k[0].size * self.k.dtype.itemsize

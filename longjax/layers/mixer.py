@@ -35,6 +35,9 @@ class MixerSpec:
       (`y, cache = mixer(x, positions=..., segment_ids=..., cache=None)`, `init_cache`).
     cache_types: the dataclasses its `init_cache` may return (`longjax.layers.caches`).
     aliases: other names accepted in `model.mixers`.
+    landmark_block: (section config) -> the block size of the landmark tokens its layers need
+      in the sequence (`longjax.ops.landmarks`), or None for a mixer that needs none. The model
+      inserts them once for all layers, so every such layer must name the same block size.
   """
   name: str
   section: str
@@ -43,6 +46,7 @@ class MixerSpec:
   build: Callable[..., object]
   cache_types: tuple[type, ...]
   aliases: tuple[str, ...] = ()
+  landmark_block: Callable[[ml_collections.ConfigDict], int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +102,20 @@ def _parse_value(text: str, default, where: str):
     raise ConfigError("model.mixers", where, f"{text!r} is not a {type(default).__name__}"
                       ) from None
   return text.strip("'\"")
+
+
+def landmark_block(pattern: list[MixerEntry], model) -> int:
+  """The landmark block size the layers of `pattern` need, 0 for none.
+
+  Raises:
+    ConfigError when two layers need different block sizes.
+  """
+  sizes = {entry.spec.landmark_block(entry.config(model)): entry.text for entry in pattern
+           if entry.spec.landmark_block is not None}
+  if len(sizes) > 1:
+    raise ConfigError("model.mixers", model.mixers, "every landmark layer must use the same "
+                      f"block_size (the model inserts one landmark sequence), got {sorted(sizes)}")
+  return next(iter(sizes), 0)
 
 
 def parse_pattern(spec: str, mixers: dict[str, MixerSpec], model=None) -> list[MixerEntry]:

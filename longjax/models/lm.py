@@ -4,11 +4,13 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from longjax.layers import mixer as mixer_lib
 from longjax.layers import params
 from longjax.layers.blocks import Block
 from longjax.layers.norms import RMSNorm
 from longjax.layers.positional import POSENCS
 from longjax.models import registry
+from longjax.ops import landmarks
 
 # config.model.remat -> jax.checkpoint policy. "none" keeps every activation (fastest, most
 # memory); "full" keeps only each layer's input; the "dots" policies keep matmul outputs.
@@ -41,6 +43,12 @@ class DecoderLM(nnx.Module):
     self.num_groups = cfg.num_layers // len(pattern)
     self.embed = params.param(rngs, params.normal(cfg.width**-0.5), (vocab_size, cfg.width),
                               (params.VOCAB, params.EMBED))
+    # Landmark layers (`longjax.layers.landmark`) need a landmark after every block_size - 1
+    # tokens: one learned input vector, inserted after embedding and dropped before the logits.
+    self.landmark_block = mixer_lib.landmark_block(pattern, cfg)
+    if self.landmark_block:
+      self.landmark_embed = params.param(rngs, params.normal(cfg.width**-0.5), (cfg.width,),
+                                         (params.EMBED,))
     make_input_positions = POSENCS[cfg.posenc.kind].input
     self.input_positions = make_input_positions(cfg, rngs) if make_input_positions else None
 
@@ -67,7 +75,11 @@ class DecoderLM(nnx.Module):
     passed through the layer scan is sliced out (a copy) and stacked back (another copy) at
     every call, i.e. the whole cache copied per decoded token (measured: 77 ms/token at a 4k
     context for a d512 8-layer model, docs/benchmarks.md).
+
+    `max_length` counts tokens; with landmark layers the caches also hold the landmarks.
     """
+    if self.landmark_block:
+      max_length = landmarks.landmarked_length(max_length, self.landmark_block)
     return tuple(block.mixer.init_cache(batch_size, max_length, dtype)
                  for _ in range(self.num_groups) for block in self.groups)
 
@@ -87,11 +99,55 @@ class DecoderLM(nnx.Module):
     batch, length = tokens.shape
     if positions is None:
       start = 0 if cache is None else cache[0].end  # every mixer cache has `end`
+      if self.landmark_block:  # the caches count landmarks too; positions count tokens
+        start = start - start // self.landmark_block
       positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
     x = jnp.take(self.embed.value, tokens, axis=0)
-    if self.input_positions is not None:
-      x = self.input_positions(x, positions)
+    if self.landmark_block:
+      x, cache = self._landmark_layers(x, positions, segment_ids, cache)
+    else:
+      x, cache = self._layers(self._input_positions(x, positions), positions, segment_ids, cache)
+    return self._logits(x), cache
 
+  def _input_positions(self, x, positions):
+    return x if self.input_positions is None else self.input_positions(x, positions)
+
+  def _landmark_layers(self, x, positions, segment_ids, cache):
+    """`_layers` on the sequence with landmarks inserted, returning the regular tokens' outputs.
+
+    Without a cache, or with one at a block boundary (a prefill), the landmarks are inserted
+    after every block_size - 1 tokens. A one-token decode step that completes a block also runs
+    the block's landmark, as a second position, so that later steps can retrieve the block.
+    """
+    block, length = self.landmark_block, x.shape[1]
+    if cache is not None and length == 1:
+      end = cache[0].end
+      pos = positions + positions // (block - 1)
+
+      def token_only(cache):
+        return self._layers(self._input_positions(x, pos), pos, None, cache)
+
+      def with_landmark(cache):
+        both = jnp.concatenate(
+            [x, jnp.broadcast_to(self.landmark_embed.value.astype(x.dtype), x.shape)], axis=1)
+        both_pos = jnp.concatenate([pos, pos + 1], axis=1)
+        y, cache = self._layers(self._input_positions(both, both_pos), both_pos, None, cache)
+        return y[:, :1], cache
+
+      return jax.lax.cond(end % block == block - 2, with_landmark, token_only, cache)
+    lm_positions, lm_segments = landmarks.landmark_layout(positions, segment_ids, block)
+    y = landmarks.insert_landmarks(x, self.landmark_embed.value.astype(x.dtype), block)
+    y, new_cache = self._layers(self._input_positions(y, lm_positions), lm_positions,
+                                lm_segments, cache)
+    y = landmarks.remove_landmarks(y, block, length)
+    if cache is not None:
+      # A multi-token call inserts landmarks as from a block start; anywhere else the result
+      # would be wrong, so it is NaN rather than silently off.
+      y = jnp.where(cache[0].end % block == 0, y, jnp.nan)
+    return y, new_cache
+
+  def _layers(self, x, positions, segment_ids, cache):
+    """The layer stack: x [B, T, D] -> (x [B, T, D], cache)."""
     graphdef, group_state = nnx.split(self.groups)
 
     def apply_group(x, state_and_cache):
@@ -127,6 +183,9 @@ class DecoderLM(nnx.Module):
       if cache is not None:
         cache = tuple(new_cache)
 
+    return x, cache
+
+  def _logits(self, x):
     x = self.final_norm(x)
     if self.head is None:
       logits = jnp.einsum("btd,vd->btv", x, self.embed.value.astype(self.dtype),
@@ -134,4 +193,4 @@ class DecoderLM(nnx.Module):
     else:
       logits = jnp.einsum("btd,dv->btv", x, self.head.value.astype(self.dtype),
                           preferred_element_type=jnp.float32)
-    return logits, cache
+    return logits

@@ -8,6 +8,7 @@ positional encoding is one line in `longjax.layers.positional.POSENCS`.
 from longjax.layers import attention_config
 from longjax.layers import based
 from longjax.layers import gla
+from longjax.layers import landmark
 from longjax.layers import lightning
 from longjax.layers import linear_attention
 from longjax.layers import mamba
@@ -30,6 +31,7 @@ MIXERS: dict[str, mixer.MixerSpec] = {spec.name: spec for spec in (
     mamba2.SPEC,
     s4d.SPEC,
     s4.SPEC,
+    landmark.SPEC,
 )}
 
 

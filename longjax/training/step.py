@@ -72,5 +72,10 @@ def token_losses(graphdef, params, tokens: jax.Array) -> jax.Array:
   """Per-position losses of single documents: tokens [B, T+1] -> [B, T] float32 nats."""
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   model = nnx.merge(graphdef, params)
-  logits, _ = model(inputs)
+  if model.landmark_block:
+    # Landmark models are evaluated as they decode: each token attends to its own block and its
+    # top-k retrieved blocks (`longjax.layers.landmark`), through a prefill into a cache.
+    logits, _ = model(inputs, cache=model.init_cache(*inputs.shape))
+  else:
+    logits, _ = model(inputs)
   return losses.token_cross_entropy(logits, targets)

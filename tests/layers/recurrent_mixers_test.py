@@ -23,8 +23,10 @@ from tests.models.lm_test import _forward
 from tests.models.lm_test import decode_one_by_one
 from tests.models.lm_test import tiny_model_config
 
-# Every mixer whose cache is not softmax attention's growing KV cache.
-RECURRENT = sorted(name for name, spec in MIXERS.items() if caches.KVCache not in spec.cache_types)
+# Every mixer whose cache does not grow with the context (softmax attention's and landmark
+# attention's do).
+RECURRENT = sorted(name for name, spec in MIXERS.items()
+                   if not {caches.KVCache, caches.BlockKVCache} & set(spec.cache_types))
 # Chunks of 4 over 11 tokens: a prefill of 5 crosses a chunk edge and ends in a partial chunk;
 # Based's window of 3 slides within the prefill and the decode.
 _SMALL_CHUNKS = {f"{MIXERS[name].section}.chunk_size": 4 for name in RECURRENT}

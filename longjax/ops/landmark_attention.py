@@ -1,0 +1,257 @@
+"""Landmark Attention (Mohtashami & Jaggi 2023): the grouped softmax for training and prefill,
+and top-k block retrieval for decoding from a long cache.
+
+Sequences are landmarked (`longjax.ops.landmarks`): blocks of `block` positions, the last one
+the block's landmark. Query i attends, in one *main* softmax, to the regular keys of its own
+block (causally) and to the landmarks of earlier blocks; a regular key j of an earlier block g
+then gets the landmark's main probability times the softmax of the block's regular logits. Both
+forms below use the identity of `kernels_pallas/landmark/tiles.py`: that is one ordinary softmax
+over the *shifted logits* z_j = x_j + (x_L(g) - lse_g) of earlier regular keys (x_L(g) the
+landmark's logit, lse_g the log-sum-exp of g's regular logits) and x_j of the current block.
+
+`grouped_softmax_attention` is the training form in XLA (queries in chunks, each chunk
+rematerialised in the backward pass, so memory is O(chunk x T)); it also takes packed
+documents' segment ids, which the Pallas kernel does not. `retrieval_attention` is the
+inference form: each query scores every complete block by its landmark, keeps the top k per
+head and attends to them and to its own block, with the paper's positions for retrieved blocks
+(see there). With k >= the number of blocks it equals the training form.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas import landmark as landmark_kernels
+
+IMPLS = ("auto", "xla", "pallas")
+QUERY_CHUNK = 128  # queries per chunk of both forms: bounds their [chunk, keys] temporaries
+
+
+def _logsumexp(x, axis):
+  """Log-sum-exp that is -inf (with zero gradients, not NaN) where every entry is -inf."""
+  m = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  total = jnp.sum(jnp.exp(x - m), axis=axis, keepdims=True)
+  lse = m + jnp.log(jnp.where(total > 0, total, 1.0))
+  return jnp.squeeze(jnp.where(total > 0, lse, -jnp.inf), axis)
+
+
+def _softmax(z):
+  """Softmax over the last axis; rows that see nothing get zeros."""
+  lse = _logsumexp(z, -1)[..., None]
+  return jnp.exp(z - jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+
+def _shifted_block_logits(x, landmark_visible, regular_visible):
+  """Shifted logits of whole blocks: x [..., G, block] -> [..., G, block - 1].
+
+  Regular key j of block g becomes x_j + x_L(g) - lse_g (lse over the visible regular keys);
+  -inf where the key or its block's landmark is hidden.
+  """
+  regular = jnp.where(regular_visible, x[..., :-1], -jnp.inf)
+  lse = _logsumexp(regular, -1)
+  shift = jnp.where(landmark_visible & jnp.isfinite(lse), x[..., -1] - lse, -jnp.inf)
+  return regular + shift[..., None]
+
+
+def grouped_softmax_attention(q, k, v, *, block: int, segment_ids=None,
+                              scale: float | None = None):
+  """Causal landmark attention over a landmarked sequence, in XLA.
+
+  Args:
+    q: [B, T, N, H] queries (already rotated).
+    k, v: [B, T, K, H] keys (rotated) and values, N % K == 0.
+    block: positions per block including its landmark (landmarks at (i + 1) % block == 0).
+    segment_ids: [B, T] int32 documents of a packed row, or None. A query sees only keys of its
+      own document (its block's regular keys, earlier blocks' landmarks and regular keys); an
+      earlier block without a regular key of the query's document is skipped, landmark too.
+    scale: multiplies q.k; None means H ** -0.5.
+
+  Returns:
+    [B, T, N, H] in q.dtype.
+  """
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  scale = h ** -0.5 if scale is None else scale
+  blocks = -(-t // block)
+  keys = blocks * block
+  pad = [(0, 0), (0, keys - t), (0, 0), (0, 0)]
+  k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+  seg = None if segment_ids is None else jnp.pad(segment_ids, [(0, 0), (0, keys - t)],
+                                                   constant_values=-1)
+  chunk = min(QUERY_CHUNK, t)
+  chunks = -(-t // chunk)
+  qc = jnp.pad(q, [(0, 0), (0, chunks * chunk - t), (0, 0), (0, 0)])
+  qc = qc.reshape(b, chunks, chunk, kv_heads, n // kv_heads, h).transpose(1, 0, 2, 3, 4, 5)
+  key_index = jnp.arange(keys)
+  key_block = (key_index // block).reshape(blocks, block)
+
+  @jax.checkpoint
+  def one_chunk(args):
+    q_chunk, c = args  # q_chunk [B, C, K, G, H]
+    q_index = c * chunk + jnp.arange(chunk)
+    q_block = q_index // block
+    x = jnp.einsum("bckgh,bskh->bkgcs", q_chunk, k, preferred_element_type=jnp.float32) * scale
+    x = x.reshape(*x.shape[:-1], blocks, block)
+    same = jnp.ones((1, chunk, keys), bool) if seg is None else (
+        jnp.pad(segment_ids, [(0, 0), (0, chunks * chunk - t)])[:, q_index][:, :, None]
+        == seg[:, None, :])
+    same = same.reshape(same.shape[0], 1, 1, chunk, blocks, block)
+    earlier = (key_block[:, 0][None, :] < q_block[:, None])[:, :, None]  # [C, G, 1]
+    z_earlier = _shifted_block_logits(x, earlier[..., 0] & same[..., -1],
+                                      earlier & same[..., :-1])
+    current = ((key_block == q_block[:, None, None])
+               & (key_index.reshape(blocks, block) <= q_index[:, None, None])
+               & ((key_index.reshape(blocks, block) + 1) % block != 0))
+    z_current = jnp.where(current & same, x, -jnp.inf)[..., :-1]
+    z = jnp.where(earlier, z_earlier, z_current)  # a block is earlier or current, never both
+    p = _softmax(z.reshape(*z.shape[:-2], -1)).reshape(z.shape)
+    vb = v.reshape(b, blocks, block, kv_heads, h)[:, :, :-1]
+    out = jnp.einsum("bkgcsj,bsjkh->bckgh", p.astype(v.dtype), vb,
+                     preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+  out = jax.lax.map(one_chunk, (qc, jnp.arange(chunks)))  # [chunks, B, C, K, G, H]
+  return out.transpose(1, 0, 2, 3, 4, 5).reshape(b, chunks * chunk, n, h)[:, :t]
+
+
+def landmark_attention(q, k, v, *, block: int, segment_ids=None, impl: str = "auto"):
+  """The training form by `impl`: "xla" (`grouped_softmax_attention`), "pallas"
+  (`kernels_pallas.landmark_attention`; no segment ids) or "auto" (Pallas on TPU and GPU
+  without segment ids, XLA otherwise: on CPU the Pallas interpreter is far slower)."""
+  if impl not in IMPLS:
+    raise ValueError(f"landmark attention impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "pallas" and segment_ids is not None:
+    raise ValueError("the Pallas landmark kernel takes no segment_ids (packed documents); "
+                     "use impl='xla' or 'auto'")
+  if impl == "auto":
+    impl = "pallas" if jax.default_backend() != "cpu" and segment_ids is None else "xla"
+  if impl == "pallas":
+    return landmark_kernels.landmark_attention(q, k, v, landmark_block=block)
+  return grouped_softmax_attention(q, k, v, block=block, segment_ids=segment_ids)
+
+
+def _slots(block_ids, n, m):
+  """Slot of each block in the retrieval layout (see `retrieval_attention`)."""
+  return jnp.where(block_ids < n - m, 0, block_ids - (n - m) + 1)
+
+
+def select_blocks(q, landmark_keys, n, *, top_k: int, block: int, rotate: Callable):
+  """Top-k blocks per query and head, scored by the blocks' landmark keys.
+
+  Args:
+    q: [B, T, N, H] queries rotated at their retrieval position.
+    landmark_keys: [B, G, K, H] unrotated landmark keys of the cache's G block slots.
+    n: [T] int32, complete blocks before each query's block (the candidates are blocks < n).
+    top_k: blocks kept per query and head (static, <= G).
+    block: positions per block.
+    rotate: (x [B', L, heads, H], positions [B', L], is_key) -> x rotated.
+
+  Returns:
+    (ids [B, T, N, top_k] int32 in increasing order, valid [B, T, N, top_k] bool); invalid
+    entries (fewer than top_k candidates) come last.
+  """
+  b, t, n_heads, h = q.shape
+  g, kv_heads = landmark_keys.shape[1], landmark_keys.shape[2]
+  ids = jnp.arange(g)
+  m = jnp.minimum(top_k, n)
+  # Scoring positions: the m most recent blocks keep their place before the query's block, all
+  # older ones share the first slot (the paper's code: a block is not chosen for its position).
+  pos = (_slots(ids[None, :], n[:, None], m[:, None]) * block + block - 1).astype(jnp.int32)
+  keys = jnp.broadcast_to(landmark_keys[:, None], (b, t, g, kv_heads, h))
+  keys = rotate(keys.reshape(b * t, g, kv_heads, h), jnp.tile(pos, (b, 1)), True)
+  keys = keys.reshape(b, t, g, kv_heads, h)
+  groups = n_heads // kv_heads
+  scores = jnp.einsum("btkgh,btskh->btkgs", q.reshape(b, t, kv_heads, groups, h), keys,
+                      preferred_element_type=jnp.float32).reshape(b, t, n_heads, g)
+  scores = jnp.where(ids[None, None, None, :] < n[None, :, None, None], scores, -jnp.inf)
+  best, chosen = jax.lax.top_k(scores, top_k)
+  order = jnp.sort(jnp.where(jnp.isfinite(best), chosen, g), axis=-1)
+  return jnp.minimum(order, g - 1).astype(jnp.int32), order < g
+
+
+def retrieval_attention(q, k_cache, v_cache, q_index, *, block: int, top_k: int,
+                        rotate: Callable, scale: float | None = None):
+  """Landmark attention of queries against a cache, each attending to its top-k blocks.
+
+  Query t (at landmarked index q_index[t], in block n = q_index // block, at offset
+  r = q_index % block) sees the regular keys of its own block up to itself and the top-k
+  complete earlier blocks by landmark score, per query head, through the grouped softmax.
+  Positions follow the paper's inference code: with m = min(k, n) blocks retrieved, the
+  retrieved blocks, in their original order, fill m of m + 1 block slots before the query's
+  block (a block among the m most recent sits one slot later), the query is at (m + 1) * block
+  + r, so no distance exceeds (m + 2) * block whatever the context. With m = n every block keeps
+  its true distance, so k >= n gives exactly `grouped_softmax_attention`.
+
+  Args:
+    q: [B, T, N, H] unrotated queries.
+    k_cache, v_cache: [B, S, K, H] unrotated keys and values; every index <= max(q_index)
+      written.
+    q_index: [T] int32 landmarked indices of the queries.
+    block: positions per block including its landmark.
+    top_k: blocks retrieved per query and head (>= 1; at most S // block are used).
+    rotate: (x [B', L, heads, H], positions [B', L], is_key) -> x rotated by the model's
+      positional encoding.
+    scale: multiplies q.k; None means H ** -0.5.
+
+  Returns:
+    [B, T, N, H] in q.dtype.
+  """
+  b, t, n_heads, h = q.shape
+  s, kv_heads = k_cache.shape[1], k_cache.shape[2]
+  scale = h ** -0.5 if scale is None else scale
+  g = s // block
+  k_top = min(top_k, g)
+  blocks_k = k_cache[:, :g * block].reshape(b, g, block, kv_heads, h)
+  blocks_v = v_cache[:, :g * block].reshape(b, g, block, kv_heads, h)
+  kv_of_head = jnp.arange(n_heads) // (n_heads // kv_heads)
+  chunk = min(QUERY_CHUNK, t)
+  chunks = -(-t // chunk)
+  pad = chunks * chunk - t
+  qc = jnp.pad(q, [(0, 0), (0, pad), (0, 0), (0, 0)]).reshape(b, chunks, chunk, n_heads, h)
+  ic = jnp.pad(q_index, (0, pad), mode="edge").reshape(chunks, chunk)
+
+  def one_chunk(args):
+    q_chunk, index = args  # [B, C, N, H], [C]
+    n = index // block
+    r = index % block
+    m = jnp.minimum(k_top, n)
+    q_rot = rotate(q_chunk, jnp.broadcast_to((m + 1) * block + r, (b, chunk)), False)
+    bi = jnp.arange(b)[:, None, None, None]
+    heads = kv_of_head[None, None, :, None]
+    # Own block: keys n * block + j at (m + 1) * block + j; visible: j <= r, not its landmark.
+    j = jnp.arange(block)
+    local_index = jnp.minimum(n[:, None] * block + j, s - 1)  # [C, block]
+    k_loc = k_cache[bi, local_index[None, :, None, :], heads]  # [B, C, N, block, H]
+    v_loc = v_cache[bi, local_index[None, :, None, :], heads]
+    local_pos = ((m + 1) * block)[:, None] + j
+    k_loc = rotate(k_loc.reshape(b * chunk * n_heads, block, 1, h),
+                   jnp.broadcast_to(local_pos[None, :, None, :], (b, chunk, n_heads, block)
+                                    ).reshape(-1, block), True).reshape(k_loc.shape)
+    x_loc = jnp.einsum("bcnh,bcnjh->bcnj", q_rot, k_loc, preferred_element_type=jnp.float32)
+    visible = (j[None, :] <= r[:, None]) & (j[None, :] != block - 1)
+    z_loc = jnp.where(visible[None, :, None, :], x_loc * scale, -jnp.inf)
+    if k_top == 0:
+      z, values = z_loc, v_loc
+    else:
+      ids, valid = select_blocks(q_rot, blocks_k[:, :, -1], n, top_k=k_top, block=block,
+                                 rotate=rotate)  # [B, C, N, k]
+      slot = jnp.arange(k_top) + (ids >= (n - m)[None, :, None, None])
+      pos = slot[..., None] * block + j  # [B, C, N, k, block]
+      k_ret = blocks_k[bi, ids, :, heads]  # [B, C, N, k, block, H]
+      v_ret = blocks_v[bi, ids, :, heads]
+      k_ret = rotate(k_ret.reshape(-1, block, 1, h), pos.reshape(-1, block), True
+                     ).reshape(k_ret.shape)
+      x_ret = jnp.einsum("bcnh,bcnkjh->bcnkj", q_rot, k_ret,
+                         preferred_element_type=jnp.float32) * scale
+      z_ret = _shifted_block_logits(x_ret, valid, valid[..., None])
+      z = jnp.concatenate([z_loc, z_ret.reshape(b, chunk, n_heads, -1)], axis=-1)
+      values = jnp.concatenate(
+          [v_loc, v_ret[..., :-1, :].reshape(b, chunk, n_heads, -1, h)], axis=-2)
+    p = _softmax(z)
+    return jnp.einsum("bcnj,bcnjh->bcnh", p.astype(values.dtype), values,
+                      preferred_element_type=jnp.float32).astype(q.dtype)
+
+  out = jax.lax.map(one_chunk, (qc.transpose(1, 0, 2, 3, 4), ic))  # [chunks, B, C, N, H]
+  return out.transpose(1, 0, 2, 3, 4).reshape(b, chunks * chunk, n_heads, h)[:, :t]

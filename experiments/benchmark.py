@@ -7,6 +7,8 @@
   python -m experiments.benchmark --suite=mixers --out=docs/benchmarks/mixers_small.json \
       --sizes=small --plot [--groups=attention,mamba2,mamba2_scan] [--lengths=2048,8192]
                                  # every mixer's train step, memory and decode vs length
+  python -m experiments.benchmark --suite=retrieval --out=docs/benchmarks/retrieval_full.json \
+      --sizes=full --plot        # decode ms/token vs cache length: full attention vs retrieval
   python -m experiments.benchmark --suite=peak --out=peak.json
 
 Every run first measures the jitted matmul GFLOP/s (f32, bf16): the machine's ceiling, used for
@@ -24,7 +26,8 @@ from absl import flags
 from experiments import common
 
 _SUITE = flags.DEFINE_enum("suite", "kernels",
-                           ["peak", "kernels", "train", "decode", "memory", "mixers"],
+                           ["peak", "kernels", "train", "decode", "memory", "mixers",
+                            "retrieval"],
                            "Which benchmark suite.")
 _OUT = flags.DEFINE_string("out", None, "Output JSON path; the markdown goes beside it (.md).")
 _SIZES = flags.DEFINE_enum("sizes", "full", ["tiny", "small", "full"],

@@ -1,14 +1,15 @@
 """Typed decode caches: small pytree dataclasses, one per kind of mixer state.
 
 Every cache has `end`, the number of tokens the layer has consumed (int32 []); the model reads
-only that (to continue positions), so it never depends on a mixer's layout. Every cache also
+only that (to continue positions), so it never depends on a mixer's layout. A cache whose class
+says `rewindable` forgets the positions after `end` when `end` is set back. Every cache also
 says `state_bytes_per_sequence`, the memory one sequence's state takes (what a recall study
 plots against). Updates return a new
 cache with `dataclasses.replace`.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,9 @@ class KVCache:
   v: jax.Array
   positions: jax.Array
   end: jax.Array
+  # Setting `end` back forgets the positions after it: nothing reads a slot at or after `end`,
+  # and the next call writes over them (see `DecoderLM._landmark_layers`).
+  rewindable: ClassVar[bool] = True
 
   @classmethod
   def empty(cls, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int, dtype):
@@ -150,22 +154,32 @@ class SSMState:
 @dataclasses.dataclass(frozen=True)
 class BlockKVCache:
   """Landmark attention's cache (`longjax.layers.landmark`): every position's key and value,
-  keys *unrotated*, because a retrieved block is re-positioned at every step.
+  keys rotated at their offset *within their block*, because a retrieved block is re-positioned
+  at every step (`longjax.ops.landmark_attention.in_block_keys`).
 
-  k, v: [B, S, K, H], blocks of `block_size` positions each ending with its landmark; end:
-  int32 [], the positions written (landmarks included).
+  k, v: [B, S, K, H], S a multiple of the block size, blocks each ending with its landmark;
+  landmarks: [B, K, S / block, H] each block's landmark key again, head-major for scoring;
+  end: int32 [], the positions written (landmarks included).
   """
   k: jax.Array
   v: jax.Array
+  landmarks: jax.Array
   end: jax.Array
+  rewindable: ClassVar[bool] = True  # as `KVCache`'s (a landmark slot is written only by one)
 
   @classmethod
-  def empty(cls, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int, dtype):
-    shape = (batch_size, max_length, num_kv_heads, head_dim)
+  def empty(cls, batch_size: int, max_length: int, block: int, num_kv_heads: int,
+            head_dim: int, dtype):
+    """Room for `max_length` positions, rounded up to whole blocks (the blocks are then a free
+    reshape of the buffer)."""
+    blocks = -(-max_length // block)
+    shape = (batch_size, blocks * block, num_kv_heads, head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               landmarks=jnp.zeros((batch_size, num_kv_heads, blocks, head_dim), dtype),
                end=jnp.zeros((), jnp.int32))
 
   @property
   def state_bytes_per_sequence(self) -> int:
-    """Bytes one sequence's keys and values take at this capacity (grows with the context)."""
-    return 2 * self.k[0].size * self.k.dtype.itemsize
+    """Bytes one sequence's keys, values and rotated landmark keys take at this capacity
+    (grows with the context)."""
+    return sum(a[0].size * a.dtype.itemsize for a in (self.k, self.v, self.landmarks))

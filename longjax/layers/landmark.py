@@ -56,9 +56,10 @@ class LandmarkAttention(nnx.Module):
     self.dtype = dtype
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None):
-    """An empty `BlockKVCache` for `max_length` positions of the landmarked sequence."""
-    return caches.BlockKVCache.empty(batch_size, max_length, self.num_kv_heads, self.head_dim,
-                                     dtype or self.dtype)
+    """An empty `BlockKVCache` for `max_length` positions of the landmarked sequence, rounded
+    up to whole blocks (the blocks are then a free reshape of the buffer: no per-step copy)."""
+    return caches.BlockKVCache.empty(batch_size, max_length, self.block_size, self.num_kv_heads,
+                                     self.head_dim, dtype or self.dtype)
 
   def _rotate(self, x, positions, is_key):
     return self.positional.rotate(x, positions, is_key=is_key)
@@ -79,14 +80,18 @@ class LandmarkAttention(nnx.Module):
                                    impl=self.impl)
     else:
       caches.refuse_segments_with_cache(cache, segment_ids)
-      end = cache.end
-      k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, end, 0, 0))
-      v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, end, 0, 0))
-      cache = caches.BlockKVCache(k=k_all, v=v_all, end=end + x.shape[1])
+      end, block = cache.end, self.block_size
       index = end + jnp.arange(x.shape[1], dtype=jnp.int32)
-      out = ops.retrieval_attention(q, k_all.astype(self.dtype), v_all.astype(self.dtype), index,
-                                    block=self.block_size, top_k=self.top_k,
-                                    rotate=self._rotate)
+      k = ops.in_block_keys(k, index, self._rotate, block).astype(cache.k.dtype)
+      k_all = jax.lax.dynamic_update_slice(cache.k, k, (0, end, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, end, 0, 0))
+      # New landmarks' keys also go to the contiguous array scoring reads; others are dropped.
+      slot = jnp.where((index + 1) % block == 0, index // block, cache.landmarks.shape[2])
+      landmarks = cache.landmarks.at[:, :, slot].set(k.transpose(0, 2, 1, 3), mode="drop")
+      cache = caches.BlockKVCache(k=k_all, v=v_all, landmarks=landmarks, end=end + x.shape[1])
+      out = ops.retrieval_attention(q, k_all.astype(self.dtype), v_all.astype(self.dtype),
+                                    landmarks.astype(self.dtype), index, block=block,
+                                    top_k=self.top_k, rotate=self._rotate)
     return jnp.einsum("btnh,nhd->btd", out, self.w_out.value.astype(self.dtype)), cache
 
 

@@ -18,6 +18,7 @@ from kernels_pallas.landmark import landmark_attention_reference
 from longjax import configuration
 from longjax import experiment
 from longjax import runs
+from longjax.models import MIXERS
 from longjax.models import build_model
 from longjax.models.generate import generate
 from longjax.ops import landmark_attention as ops
@@ -156,27 +157,30 @@ class RetrievalTest(parameterized.TestCase):
                 for g in range(i // block)]
       return sorted(np.argsort(scores)[::-1][:top])
 
-    got = ops.retrieval_attention(q, k, v, jnp.arange(t), block=block, top_k=top,
-                                  rotate=_no_rotation)
+    pad = [(0, 0), (0, 32 - t), (0, 0), (0, 0)]  # the cache: whole blocks
+    k_cache, v_cache = jnp.pad(k, pad), jnp.pad(v, pad)
+    landmarks_ = k_cache.reshape(b, 32 // block, block, 2, h)[:, :, -1].transpose(0, 2, 1, 3)
+    got = ops.retrieval_attention(q, k_cache, v_cache, landmarks_, jnp.arange(t), block=block,
+                                  top_k=top, rotate=_no_rotation)
     np.testing.assert_allclose(got, _numpy_grouped(q, k, v, block, blocks_of=blocks_of),
                                atol=ATOL, rtol=0)
 
   def test_the_block_holding_the_matching_key_is_selected(self):
     # Six complete blocks whose landmark keys are orthogonal directions; each query matches one.
     h, blocks = 8, 6
-    landmark_keys = jnp.eye(h)[:blocks][None, :, None, :] * 4.0  # [1, G, K=1, H]
+    landmark_keys = jnp.eye(h)[:blocks][None, None] * 4.0  # [1, K=1, G, H]
     q = jnp.eye(h)[jnp.asarray([4, 1, 5])][None, :, None, :]  # [1, T=3, N=1, H]
-    ids, valid = ops.select_blocks(q, landmark_keys, jnp.asarray([6, 6, 5]), top_k=1, block=4,
-                                   rotate=_no_rotation)
+    ids, valid = ops.select_blocks(q, landmark_keys, jnp.asarray([6, 6, 5]), jnp.zeros(3, int),
+                                   top_k=1, block=4, rotate=_no_rotation)
     np.testing.assert_array_equal(ids[0, :, 0, 0], [4, 1, 0])
     # The third query may only use blocks 0-4, so block 5's match does not count; all its
     # scores tie at 0 and it keeps a valid (earliest) one.
     np.testing.assert_array_equal(valid[0, :, 0, 0], [True, True, True])
 
   def test_fewer_candidates_than_k_are_marked_invalid(self):
-    landmark_keys = jnp.ones((1, 4, 1, 2))
+    landmark_keys = jnp.ones((1, 1, 4, 2))
     ids, valid = ops.select_blocks(jnp.ones((1, 2, 1, 2)), landmark_keys, jnp.asarray([1, 0]),
-                                   top_k=3, block=4, rotate=_no_rotation)
+                                   jnp.zeros(2, int), top_k=3, block=4, rotate=_no_rotation)
     np.testing.assert_array_equal(valid[0, :, 0], [[True, False, False], [False] * 3])
     self.assertEqual(int(ids[0, 0, 0, 0]), 0)
 
@@ -189,10 +193,12 @@ class ModelTest(parameterized.TestCase):
     configuration.validate_model(cfg)
     return build_model(cfg, vocab_size=50, rngs=nnx.Rngs(0))
 
-  def test_prefill_and_decode_equal_the_forward_pass_when_every_block_is_retrieved(self):
+  # Alone, and in hybrids whose other layers (a KV cache, an SSM state) also see the landmarks.
+  @parameterized.parameters("landmark", "landmark,attention", "landmark,mamba")
+  def test_prefill_and_decode_equal_the_forward_pass_when_every_block_is_retrieved(self, mixers):
     # k >= the number of blocks: retrieval keeps every block at its true distance, so decoding
     # (one token at a time, landmarks run when a block completes) is the training forward pass.
-    graphdef, params = nnx.split(self._model(**{"landmark.top_k": 8}))
+    graphdef, params = nnx.split(self._model(**{"landmark.top_k": 8, "mixers": mixers}))
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, 50, (2, 14)), jnp.int32)
     full, _ = _forward(graphdef, params, tokens)
     model = nnx.merge(graphdef, params)
@@ -202,6 +208,15 @@ class ModelTest(parameterized.TestCase):
     rest, cache = decode_one_by_one(graphdef, params, tokens[:, 6:], cache)
     np.testing.assert_allclose(jnp.concatenate([prefix, rest], axis=1), full, atol=ATOL, rtol=0)
     self.assertEqual(int(cache[0].end), landmarks.landmarked_length(14, 4))
+
+  def test_pallas_training_form_equals_xla(self):
+    cfg = tiny_model_config(**{"landmark.block_size": 4, "num_kv_heads": 2})
+    layer = MIXERS["landmark"].build(cfg, cfg.landmark, nnx.Rngs(1))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 13, 32)), jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(13), (2, 13))
+    want, _ = layer(x, positions=positions)
+    layer.impl = "pallas"  # interpreted on CPU
+    np.testing.assert_allclose(layer(x, positions=positions)[0], want, atol=ATOL, rtol=0)
 
   def test_a_prefill_off_a_block_boundary_is_nan_not_wrong(self):
     graphdef, params = nnx.split(self._model())

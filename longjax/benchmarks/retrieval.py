@@ -1,0 +1,195 @@
+"""`--suite=retrieval`: decode ms/token against the cache length, full attention vs retrieval.
+
+One decoder (`longjax.benchmarks.lm`: d512, head dim 64, RoPE), batch 1, greedy, its layers all
+softmax attention (a `KVCache` read whole at every step) or all landmark attention (its own
+block plus the top-k blocks its landmarks score highest, `longjax.layers.landmark`). Each case
+times `NEW_TOKENS` decode steps as one `lax.scan` program, the cache donated (updated in place),
+starting from a cache holding C tokens. The cache is filled with random keys and values rather
+than by a prefill: what a step costs depends on the cache's length, not on what it holds, and a
+prefill of 64k-128k tokens would take most of the suite's time on a CPU.
+"""
+
+from longjax.benchmarks import lm
+from longjax.benchmarks import reports
+from longjax.benchmarks import suites
+from longjax.benchmarks import timing
+
+NEW_TOKENS = 32
+IMPLS = ("attention", "landmark")
+FULL = "attention"
+LABELS = {"attention": "full attention (KV cache)",
+          "landmark": "landmark, top-4 blocks of 64 (longjax.layers.landmark)"}
+# Model overrides per implementation (`lm.longjax_config`).
+OVERRIDES = {"attention": {}, "landmark": {"mixers": "landmark", "landmark.block_size": 64,
+                                           "landmark.top_k": 4}}
+
+SIZES = {
+    "tiny": {"shapes": [lm.LMShape(64, 2, c, 1) for c in (512, 2048)], "repeats": 2,
+             "budget_s": 10, "timeout_s": 300},
+    "small": {"shapes": [lm.LMShape(512, 8, c, 1) for c in (4096, 16384)], "repeats": 3,
+              "budget_s": 30, "timeout_s": 900},
+    "full": {"shapes": [lm.LMShape(512, 8, c, 1) for c in (4096, 16384, 65536, 131072)],
+             "repeats": 3, "budget_s": 60, "timeout_s": 1800},
+}
+_JAX_MODULES = ("jax", "flax", "longjax.models")
+
+
+def filled_cache(model, context: int, capacity: int):
+  """`model.init_cache(1, capacity)` holding `context` tokens of random keys and values."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from longjax.ops import landmarks  # pylint: disable=g-import-not-at-top
+  end = (landmarks.landmarked_length(context, model.landmark_block) if model.landmark_block
+         else context)
+  filled = []
+  for i, cache in enumerate(model.init_cache(1, capacity)):
+    k1, k2 = jax.random.split(jax.random.key(i))
+    fields = {"k": jax.random.normal(k1, cache.k.shape, cache.k.dtype),
+              "v": jax.random.normal(k2, cache.v.shape, cache.v.dtype),
+              "end": jnp.asarray(end, jnp.int32)}
+    if hasattr(cache, "landmarks"):  # the landmark keys as the layer would have stored them
+      fields["landmarks"] = jax.random.normal(k1, cache.landmarks.shape, cache.landmarks.dtype)
+    if hasattr(cache, "positions"):
+      fields["positions"] = jnp.broadcast_to(jnp.arange(cache.k.shape[1], dtype=jnp.int32),
+                                             cache.positions.shape)
+    filled.append(dataclasses.replace(cache, **fields))
+  return tuple(filled)
+
+
+def retrieval_case(impl: str, width: int, layers: int, t: int, batch: int, *, repeats: int,
+                   budget_s: float, memory_budget: int | None) -> dict:
+  """Decode NEW_TOKENS greedily from a cache holding `t` tokens: ms/token and memory."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  shape = lm.LMShape(width, layers, t, batch)
+  graphdef, params, _ = lm.build_longjax(shape, model_overrides=OVERRIDES[impl])
+  model = nnx.merge(graphdef, params)
+
+  def decode(params, cache, token):
+    model = nnx.merge(graphdef, params)
+
+    def one(carry, _):
+      cache, token = carry
+      logits, cache = model(token[:, None], cache=cache)
+      nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+      return (cache, nxt), nxt
+    (cache, _), tokens = jax.lax.scan(one, (cache, token), None, length=NEW_TOKENS)
+    return tokens, cache
+
+  def fresh_args():  # the donated cache is consumed by each call
+    cache = filled_cache(model, t, t + NEW_TOKENS)
+    return jax.block_until_ready((params, cache, jnp.zeros((batch,), jnp.int32)))
+
+  compiled = jax.jit(decode, donate_argnums=1).lower(*fresh_args()).compile()
+  memory = timing.compiled_memory(compiled)
+  if memory_budget is not None and timing.footprint_bytes(memory) > memory_budget:
+    raise timing.OutOfBudget(f"decode needs {timing.footprint_bytes(memory) / 2**30:.1f} GiB")
+  result = timing.time_with_setup(compiled, fresh_args, repeats=repeats, budget_s=budget_s,
+                                  sync=jax.block_until_ready)
+  cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(fresh_args()[1]))
+  return {**result, **memory, "decode_ms_per_token": 1e3 * result["time_s"] / NEW_TOKENS,
+          "cache_bytes": cache_bytes, "params": lm.count(params)}
+
+
+def run(sizes: str, *, impls=IMPLS, memory_budget: int | None,
+        timeout_s: float | None = None) -> list[dict]:
+  """Runs every (context, impl) case at `sizes`, each in a child process."""
+  return lm.run_cases(__name__, "retrieval_case", SIZES[sizes], impls, peer=None,
+                      memory_budget=memory_budget, timeout_s=timeout_s,
+                      jax_modules=_JAX_MODULES)
+
+
+def derive(results: list[dict]) -> dict:
+  """Adds, per row, the speed-up over full attention at the same context and the slow-down
+  from the shortest context; returns the issue's targets."""
+  ok = [r for r in results if r.get("status") == "ok"]
+  for r in results:
+    full = next((p for p in ok if p["impl"] == FULL and p["t"] == r["t"]), None)
+    first = min((p for p in ok if p["impl"] == r["impl"]), key=lambda p: p["t"], default=None)
+    good = r.get("status") == "ok"
+    r["speedup_vs_full"] = (full["decode_ms_per_token"] / r["decode_ms_per_token"]
+                            if good and full else None)
+    r["vs_shortest"] = (r["decode_ms_per_token"] / first["decode_ms_per_token"]
+                        if good and first else None)
+  targets = []
+  for impl in IMPLS:
+    if impl == FULL:
+      continue
+    rows = sorted((r for r in ok if r["impl"] == impl), key=lambda r: r["t"])
+    at = {r["t"]: r for r in rows}
+    flat = at.get(65536) and at.get(4096)
+    targets.append({
+        "target": f"{impl}: ms/token at a 64k cache within 1.5x of a 4k cache",
+        "measured": (f"{at[65536]['decode_ms_per_token']:.2f} vs "
+                     f"{at[4096]['decode_ms_per_token']:.2f} ms/token "
+                     f"({at[65536]['decode_ms_per_token'] / at[4096]['decode_ms_per_token']:.2f}x)"
+                     if flat else "not measured at these sizes"),
+        "met": (at[65536]["decode_ms_per_token"] <= 1.5 * at[4096]["decode_ms_per_token"]
+                if flat else None)})
+    fast = at.get(65536)
+    targets.append({
+        "target": f"{impl}: >= 5x faster than full attention at a 64k cache",
+        "measured": (f"{fast['speedup_vs_full']:.1f}x" if fast and fast["speedup_vs_full"]
+                     else "not measured at these sizes"),
+        "met": (fast["speedup_vs_full"] >= 5.0
+                if fast and fast["speedup_vs_full"] else None)})
+  return {"targets": targets}
+
+
+def markdown(results: list[dict], summary: dict) -> str:
+  rows = []
+  for r in results:
+    ok = r.get("status") == "ok"
+    rows.append([f"d{r['width']} L{r['layers']}", r["t"], LABELS[r["impl"]],
+                 r.get("decode_ms_per_token") if ok else None, r.get("speedup_vs_full"),
+                 r.get("vs_shortest"),
+                 r["cache_bytes"] / 2**20 if ok else None, r.get("rss_peak_mib"),
+                 "ok" if ok else f"{r.get('status')}: {r.get('reason', '')}"])
+  return "\n".join([
+      f"### Decode from a long cache (batch 1, greedy, {NEW_TOKENS} new tokens)\n",
+      "x full: full attention's ms/token over this row's at the same context (> 1: faster); "
+      "x shortest: this row's ms/token over its own at the shortest context.\n",
+      reports.markdown_table(["model", "context", "implementation", "decode ms/token",
+                              "x full", "x shortest", "cache (MiB)", "peak RSS (MiB)",
+                              "status"], rows),
+      "\n### Targets\n",
+      reports.targets_table(summary["targets"])])
+
+
+def plot(results: list[dict], stem: str) -> list[str]:
+  """Decode ms/token against the context length, one line per implementation."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for impl in IMPLS:
+    rows = sorted((r for r in results if r["impl"] == impl and r.get("status") == "ok"),
+                  key=lambda r: r["t"])
+    if rows:
+      ax.plot([r["t"] for r in rows], [r["decode_ms_per_token"] for r in rows], "o-",
+              label=LABELS[impl])
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("context length (tokens in the cache)")
+  ax.set_ylabel("decode ms / token")
+  ax.set_title("Decoding from a long cache, batch 1")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  path = f"{stem}_retrieval.png"
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return [path]
+
+
+def run_suite(sizes: str, out: str, *, argv: list[str], make_plots: bool = False,
+              memory_budget_gb: float | None = None, timeout_s: float | None = None,
+              impls=IMPLS, **unused) -> str:
+  """Runs the retrieval suite; writes OUT (JSON), OUT.md and, with plots, a PNG."""
+  del unused
+  return suites.run_suite_with(
+      "retrieval", sizes, out, argv=argv, memory_budget_gb=memory_budget_gb,
+      run=lambda budget: run(sizes, impls=impls, memory_budget=budget, timeout_s=timeout_s),
+      derive=lambda results, peak_gflops: derive(results), markdown=markdown,
+      plot=plot if make_plots else None)

@@ -236,7 +236,7 @@ class ModelTest(parameterized.TestCase):
     # configs/quickstart.py:tiny with --config.model.mixers=landmark and no other model flag.
     workdir = self.create_tempdir().full_path + "/run"
     cfg = testing.tiny_config(**{"model.mixers": "landmark", "model.landmark.block_size": 8,
-                                 "train.steps": 6})
+                                 "train.steps": 6, "eval.lengths": "2x"})
     result = experiment.train_and_evaluate(cfg, workdir, progress=False)
     self.assertFalse(result.interrupted)
     run = runs.load_run(workdir)

@@ -101,7 +101,8 @@ class TrainTest(parameterized.TestCase):
   def test_quickstart_trains_evaluates_and_generates(self, name):
     # configs/quickstart.py:tiny with --config.model.mixers=NAME --config.train.steps=8.
     workdir = self.create_tempdir().full_path + "/run"
-    cfg = testing.tiny_config(**{"model.mixers": name, "train.steps": 8})
+    # One evaluation length: the sweep's code path is the same at every length.
+    cfg = testing.tiny_config(**{"model.mixers": name, "train.steps": 8, "eval.lengths": "1x"})
     result = experiment.train_and_evaluate(cfg, workdir, progress=False)
     self.assertFalse(result.interrupted)
     run = runs.load_run(workdir)

@@ -134,8 +134,13 @@ class BlockwiseTest(AttentionTestCase):
   # Segment ids are crossed with causal masks here; bidirectional attention with segment ids is
   # in `test_matches_reference_with("everything")` and the property test (the full product
   # would cost ~10 s more test time on two cores).
-  @parameterized.product(dtype=(jnp.float32, jnp.bfloat16), num_kv_heads=(4, 2, 1),
-                         mask_kind=("causal", "bidirectional", "causal_segments"))
+  # float32 on every (heads, mask) pair; bfloat16, whose paths are the same with a looser
+  # tolerance, on one head grouping per mask.
+  @parameterized.parameters(
+      *((jnp.float32, kv, mask) for kv in (4, 2, 1)
+        for mask in ("causal", "bidirectional", "causal_segments")),
+      (jnp.bfloat16, 4, "causal"), (jnp.bfloat16, 2, "bidirectional"),
+      (jnp.bfloat16, 1, "causal_segments"))
   def test_matches_reference(self, dtype, num_kv_heads, mask_kind):
     # 100 is not a multiple of the block (32): padded keys and query rows are exercised.
     batch, length = 2, 100

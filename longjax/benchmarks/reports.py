@@ -78,3 +78,29 @@ def targets_table(targets: list[dict]) -> str:
   return markdown_table(["target", "measured", "met"],
                         [[t["target"], t["measured"], {True: "yes", False: "**no**", None: "—"}
                           [t["met"]]] for t in targets])
+
+
+def plot_decode_vs_context(results: list[dict], impls, labels: dict, path: str, *, title: str,
+                           log_y: bool = False) -> str:
+  """Decode ms/token against the context length, one line per implementation; writes `path`."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for impl in impls:
+    rows = sorted((r for r in results if r["impl"] == impl and r.get("status") == "ok"),
+                  key=lambda r: r["t"])
+    if rows:
+      ax.plot([r["t"] for r in rows], [r["decode_ms_per_token"] for r in rows], "o-",
+              label=labels[impl])
+  ax.set_xscale("log", base=2)
+  if log_y:
+    ax.set_yscale("log")
+  ax.set_xlabel("context length (tokens in the cache)")
+  ax.set_ylabel("decode ms / token")
+  ax.set_title(title)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

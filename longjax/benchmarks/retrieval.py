@@ -160,27 +160,8 @@ def markdown(results: list[dict], summary: dict) -> str:
 
 def plot(results: list[dict], stem: str) -> list[str]:
   """Decode ms/token against the context length, one line per implementation."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for impl in IMPLS:
-    rows = sorted((r for r in results if r["impl"] == impl and r.get("status") == "ok"),
-                  key=lambda r: r["t"])
-    if rows:
-      ax.plot([r["t"] for r in rows], [r["decode_ms_per_token"] for r in rows], "o-",
-              label=LABELS[impl])
-  ax.set_xscale("log", base=2)
-  ax.set_yscale("log")
-  ax.set_xlabel("context length (tokens in the cache)")
-  ax.set_ylabel("decode ms / token")
-  ax.set_title("Decoding from a long cache, batch 1")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  path = f"{stem}_retrieval.png"
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return [path]
+  return [reports.plot_decode_vs_context(results, IMPLS, LABELS, f"{stem}_retrieval.png",
+                                         title="Decoding from a long cache, batch 1", log_y=True)]
 
 
 def run_suite(sizes: str, out: str, *, argv: list[str], make_plots: bool = False,

@@ -48,6 +48,29 @@ def log_scale_queries(q: jax.Array, positions: jax.Array, train_length: int) -> 
   return (q.astype(jnp.float32) * factor[:, :, None, None]).astype(q.dtype)
 
 
+def projection_params(rngs: nnx.Rngs, width: int, num_heads: int, num_kv_heads: int,
+                      head_dim: int, out_init_scale: float = 1.0):
+  """The projections of a softmax-attention layer (also landmark attention's): w_q [D, N, H],
+  w_kv [D, 2, K, H] (keys and values in one matrix: one matmul instead of two) and
+  w_out [N, H, D], with their logical axes."""
+  w_q = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2)),
+                     (width, num_heads, head_dim), (params.EMBED, params.HEADS, params.HEAD_DIM))
+  w_kv = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2, 3)),
+                      (width, 2, num_kv_heads, head_dim),
+                      (params.EMBED, None, params.KV_HEADS, params.HEAD_DIM))
+  w_out = params.param(rngs, params.fan_in_init(out_init_scale, in_axis=(0, 1), out_axis=2),
+                       (num_heads, head_dim, width), (params.HEADS, params.HEAD_DIM, params.EMBED))
+  return w_q, w_kv, w_out
+
+
+def project_qkv(x: jax.Array, w_q, w_kv, dtype):
+  """x [B, T, D] -> (q [B, T, N, H], k [B, T, K, H], v [B, T, K, H]) in `dtype`."""
+  x = x.astype(dtype)
+  q = jnp.einsum("btd,dnh->btnh", x, w_q.value.astype(dtype))
+  kv = jnp.einsum("btd,dckh->btckh", x, w_kv.value.astype(dtype))
+  return q, kv[:, :, 0], kv[:, :, 1]
+
+
 class Attention(nnx.Module):
   """Causal self-attention with N query heads sharing K key/value heads (GQA; MHA when N == K).
 
@@ -65,16 +88,8 @@ class Attention(nnx.Module):
                softplus_length_scale: bool = True, reweight_power: float = 0.0,
                learned_sink: bool = False, out_init_scale: float = 1.0, dtype=jnp.float32,
                rngs: nnx.Rngs):
-    self.w_q = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2)),
-                            (width, num_heads, head_dim),
-                            (params.EMBED, params.HEADS, params.HEAD_DIM))
-    # Keys and values share one [D, 2, K, H] matrix: one matmul instead of two.
-    self.w_kv = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2, 3)),
-                             (width, 2, num_kv_heads, head_dim),
-                             (params.EMBED, None, params.KV_HEADS, params.HEAD_DIM))
-    self.w_out = params.param(rngs, params.fan_in_init(out_init_scale, in_axis=(0, 1), out_axis=2),
-                              (num_heads, head_dim, width),
-                              (params.HEADS, params.HEAD_DIM, params.EMBED))
+    self.w_q, self.w_kv, self.w_out = projection_params(
+        rngs, width, num_heads, num_kv_heads, head_dim, out_init_scale)
     self.positional = positional
     self.num_kv_heads = num_kv_heads
     self.head_dim = head_dim
@@ -120,10 +135,7 @@ class Attention(nnx.Module):
                cache=None):
     """Args: x [B, T, D]; positions [B, T] int32; segment_ids [B, T] int32 (packed documents,
     training only); cache from `init_cache` or a previous call. Returns (y [B, T, D], cache)."""
-    x = x.astype(self.dtype)
-    q = jnp.einsum("btd,dnh->btnh", x, self.w_q.value.astype(self.dtype))
-    kv = jnp.einsum("btd,dckh->btckh", x, self.w_kv.value.astype(self.dtype))
-    k, v = kv[:, :, 0], kv[:, :, 1]
+    q, k, v = project_qkv(x, self.w_q, self.w_kv, self.dtype)
     if cache is not None and self.distance_ceiling:
       refuse_segments_with_cache(cache, segment_ids)
       # Checked before the streaming cache: same slots, but LM-Infinite's true positions.

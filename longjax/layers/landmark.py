@@ -18,9 +18,9 @@ import ml_collections
 
 from longjax import posenc
 from longjax.errors import ConfigError
+from longjax.layers import attention
 from longjax.layers import caches
 from longjax.layers import dims
-from longjax.layers import params
 from longjax.layers.mixer import MixerSpec
 from longjax.layers.positional import POSENCS
 from longjax.layers.positional_base import AttentionPositions
@@ -38,15 +38,8 @@ class LandmarkAttention(nnx.Module):
   def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                positional: AttentionPositions, block_size: int, top_k: int, impl: str = "auto",
                out_init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.w_q = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2)),
-                            (width, num_heads, head_dim),
-                            (params.EMBED, params.HEADS, params.HEAD_DIM))
-    self.w_kv = params.param(rngs, params.fan_in_init(in_axis=0, out_axis=(1, 2, 3)),
-                             (width, 2, num_kv_heads, head_dim),
-                             (params.EMBED, None, params.KV_HEADS, params.HEAD_DIM))
-    self.w_out = params.param(rngs, params.fan_in_init(out_init_scale, in_axis=(0, 1), out_axis=2),
-                              (num_heads, head_dim, width),
-                              (params.HEADS, params.HEAD_DIM, params.EMBED))
+    self.w_q, self.w_kv, self.w_out = attention.projection_params(
+        rngs, width, num_heads, num_kv_heads, head_dim, out_init_scale)
     self.positional = positional
     self.num_kv_heads = num_kv_heads
     self.head_dim = head_dim
@@ -69,10 +62,7 @@ class LandmarkAttention(nnx.Module):
     """Args: x [B, T, D] (landmarked); positions [B, T] int32; segment_ids [B, T] int32 (packed
     documents, training only); cache from `init_cache` or a previous call. Returns
     (y [B, T, D], cache)."""
-    x = x.astype(self.dtype)
-    q = jnp.einsum("btd,dnh->btnh", x, self.w_q.value.astype(self.dtype))
-    kv = jnp.einsum("btd,dckh->btckh", x, self.w_kv.value.astype(self.dtype))
-    k, v = kv[:, :, 0], kv[:, :, 1]
+    q, k, v = attention.project_qkv(x, self.w_q, self.w_kv, self.dtype)
     if cache is None:
       q = self.positional.rotate(q, positions)
       k = self.positional.rotate(k, positions, is_key=True)

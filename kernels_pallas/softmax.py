@@ -6,6 +6,8 @@
   same merge for parts laid out as `dot_product_attention` returns them.
 * `grouped_logits`, `masked_softmax_attention`: the two halves of every dense reference,
   q, k -> logits [B, N, T, S] and masked logits, v -> (out, lse).
+* `logsumexp`, `softmax`: over the last axis of logits already masked with -inf (the grouped
+  softmax of landmark attention builds its rows from both).
 * `online_softmax_init` / `online_softmax_update` / `online_softmax_finish`: the running
   (max, normaliser, accumulator) of the XLA blockwise paths, one key block at a time
   (FlashAttention-2), in their [B, K, G, Cq, ...] layout. The Pallas kernels keep their own
@@ -28,6 +30,23 @@ def _shift(m: jax.Array) -> jax.Array:
   """The stabilising shift: m, without gradient, 0 where m is not finite (no key seen)."""
   m = jax.lax.stop_gradient(m)
   return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def logsumexp(x: jax.Array, axis: int = -1) -> jax.Array:
+  """log sum exp(x) over `axis`; -inf, with zero gradients rather than NaN, where every entry
+  is -inf (a row that sees nothing)."""
+  m = _shift(jnp.max(x, axis=axis, keepdims=True))
+  total = jnp.sum(jnp.exp(x - m), axis=axis, keepdims=True)
+  lse = m + jnp.log(jnp.where(total > 0, total, 1.0))
+  return jnp.squeeze(jnp.where(total > 0, lse, -jnp.inf), axis)
+
+
+def softmax(x: jax.Array) -> jax.Array:
+  """Softmax over the last axis of logits masked with -inf; rows that see nothing give 0.
+
+  exp(x - lse) with the gradient through lse (it is the normaliser, not a shift)."""
+  lse = logsumexp(x)[..., None]
+  return jnp.exp(x - jnp.where(jnp.isfinite(lse), lse, 0.0))
 
 
 def merge_partials(out: jax.Array, lse: jax.Array, axis: int = 0

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import common
+from kernels_pallas.softmax import logsumexp
+from kernels_pallas.softmax import softmax
 from kernels_pallas.landmark import gpu as landmark_gpu
 from kernels_pallas.landmark import tiles as landmark_tiles
 from kernels_pallas.landmark import tpu as landmark_tpu
@@ -207,7 +209,7 @@ def landmark_weights_reference(logits, is_landmark):
     current = (pos[:, None] >= pos[None, :]) & same & ~lm[None, :]
     earlier = gid[None, :] < gid[:, None]
     main = jnp.where(current | (earlier & lm[None, :]), x, -jnp.inf)
-    p_main, lse = _softmax(main)
+    p_main, lse = softmax(main), logsumexp(main)
     # Within-block softmax of the regular keys of earlier blocks, keys on the leading axis.
     xr = jnp.moveaxis(jnp.where(earlier & ~lm[None, :], x, -jnp.inf), -1, 0)  # [S, N, T]
     group_max = jax.lax.stop_gradient(jax.ops.segment_max(xr, gid, num_segments=t))
@@ -222,17 +224,6 @@ def landmark_weights_reference(logits, is_landmark):
     return jnp.where(current, p_main, 0.0) + earlier_weights, lse
 
   return jax.vmap(one)(logits, is_landmark)
-
-
-def _softmax(x):
-  """(softmax, lse) over the last axis; all -inf rows give zeros and -inf (zero gradients)."""
-  m = jax.lax.stop_gradient(x.max(axis=-1, keepdims=True))
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  e = jnp.exp(x - m)
-  total = e.sum(axis=-1, keepdims=True)
-  seen = total > 0
-  total = jnp.where(seen, total, 1.0)
-  return e / total, jnp.where(seen, m + jnp.log(total), -jnp.inf)[..., 0]
 
 
 def landmark_attention_reference(q, k, v, *, landmark_block: int | None = None, is_landmark=None,

@@ -31,8 +31,9 @@ class LandmarkAttention(nnx.Module):
   """Causal landmark attention with N query heads sharing K key/value heads.
 
   Shapes: x [B, T, D] of a landmarked sequence (landmarks at (i + 1) % block_size == 0);
-  projections to [B, T, N, H] and [B, T, K, H]. The cache keeps keys unrotated
-  (`caches.BlockKVCache`): retrieved blocks are rotated at the slots they are given per query.
+  projections to [B, T, N, H] and [B, T, K, H]. The cache keeps keys rotated at their offset
+  within their block (`caches.BlockKVCache`): a retrieved block is re-positioned per query by
+  rotating the query instead (`longjax.ops.landmark_attention.in_block_keys`).
   """
 
   def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int, *,

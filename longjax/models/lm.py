@@ -103,7 +103,7 @@ class DecoderLM(nnx.Module):
     if positions is None:
       start = 0 if cache is None else cache[0].end  # every mixer cache has `end`
       if self.landmark_block:  # the caches count landmarks too; positions count tokens
-        start = start - start // self.landmark_block
+        start = landmarks.regular_length(start, self.landmark_block)
       positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
     x = jnp.take(self.embed.value, tokens, axis=0)
     if self.landmark_block:
@@ -125,7 +125,7 @@ class DecoderLM(nnx.Module):
     block, length = self.landmark_block, x.shape[1]
     if cache is not None and length == 1:
       completes = cache[0].end % block == block - 2
-      pos = positions + positions // (block - 1)
+      pos = landmarks.landmarked_length(positions, block)  # the token's landmarked index
 
       def token_only(cache):
         return self._layers(self._input_positions(x, pos), pos, None, cache)

@@ -23,24 +23,11 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import landmark as landmark_kernels
+from kernels_pallas.softmax import logsumexp
+from kernels_pallas.softmax import softmax
 
 IMPLS = ("auto", "xla", "pallas")
 QUERY_CHUNK = 128  # queries per chunk of both forms: bounds their [chunk, keys] temporaries
-
-
-def _logsumexp(x, axis):
-  """Log-sum-exp that is -inf (with zero gradients, not NaN) where every entry is -inf."""
-  m = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  total = jnp.sum(jnp.exp(x - m), axis=axis, keepdims=True)
-  lse = m + jnp.log(jnp.where(total > 0, total, 1.0))
-  return jnp.squeeze(jnp.where(total > 0, lse, -jnp.inf), axis)
-
-
-def _softmax(z):
-  """Softmax over the last axis; rows that see nothing get zeros."""
-  lse = _logsumexp(z, -1)[..., None]
-  return jnp.exp(z - jnp.where(jnp.isfinite(lse), lse, 0.0))
 
 
 def _shifted_block_logits(x, landmark_visible, regular_visible):
@@ -50,7 +37,7 @@ def _shifted_block_logits(x, landmark_visible, regular_visible):
   -inf where the key or its block's landmark is hidden.
   """
   regular = jnp.where(regular_visible, x[..., :-1], -jnp.inf)
-  lse = _logsumexp(regular, -1)
+  lse = logsumexp(regular)
   shift = jnp.where(landmark_visible & jnp.isfinite(lse), x[..., -1] - lse, -jnp.inf)
   return regular + shift[..., None]
 
@@ -78,14 +65,15 @@ def grouped_softmax_attention(q, k, v, *, block: int, segment_ids=None,
   keys = blocks * block
   pad = [(0, 0), (0, keys - t), (0, 0), (0, 0)]
   k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-  seg = None if segment_ids is None else jnp.pad(segment_ids, [(0, 0), (0, keys - t)],
-                                                   constant_values=-1)
   chunk = min(QUERY_CHUNK, t)
   chunks = -(-t // chunk)
   qc = jnp.pad(q, [(0, 0), (0, chunks * chunk - t), (0, 0), (0, 0)])
   qc = qc.reshape(b, chunks, chunk, kv_heads, n // kv_heads, h).transpose(1, 0, 2, 3, 4, 5)
-  key_index = jnp.arange(keys)
-  key_block = (key_index // block).reshape(blocks, block)
+  if segment_ids is not None:  # keys' documents (padding: none) and the queries' (padded)
+    key_seg = jnp.pad(segment_ids, [(0, 0), (0, keys - t)], constant_values=-1)
+    query_seg = jnp.pad(segment_ids, [(0, 0), (0, chunks * chunk - t)])
+  key_index = jnp.arange(keys).reshape(blocks, block)
+  key_block = key_index // block
 
   @jax.checkpoint
   def one_chunk(args):
@@ -94,19 +82,17 @@ def grouped_softmax_attention(q, k, v, *, block: int, segment_ids=None,
     q_block = q_index // block
     x = jnp.einsum("bckgh,bskh->bkgcs", q_chunk, k, preferred_element_type=jnp.float32) * scale
     x = x.reshape(*x.shape[:-1], blocks, block)
-    same = jnp.ones((1, chunk, keys), bool) if seg is None else (
-        jnp.pad(segment_ids, [(0, 0), (0, chunks * chunk - t)])[:, q_index][:, :, None]
-        == seg[:, None, :])
+    same = jnp.ones((1, chunk, keys), bool) if segment_ids is None else (
+        query_seg[:, q_index][:, :, None] == key_seg[:, None, :])
     same = same.reshape(same.shape[0], 1, 1, chunk, blocks, block)
     earlier = (key_block[:, 0][None, :] < q_block[:, None])[:, :, None]  # [C, G, 1]
     z_earlier = _shifted_block_logits(x, earlier[..., 0] & same[..., -1],
                                       earlier & same[..., :-1])
     current = ((key_block == q_block[:, None, None])
-               & (key_index.reshape(blocks, block) <= q_index[:, None, None])
-               & ((key_index.reshape(blocks, block) + 1) % block != 0))
+               & (key_index <= q_index[:, None, None]) & ((key_index + 1) % block != 0))
     z_current = jnp.where(current & same, x, -jnp.inf)[..., :-1]
     z = jnp.where(earlier, z_earlier, z_current)  # a block is earlier or current, never both
-    p = _softmax(z.reshape(*z.shape[:-2], -1)).reshape(z.shape)
+    p = softmax(z.reshape(*z.shape[:-2], -1)).reshape(z.shape)
     vb = v.reshape(b, blocks, block, kv_heads, h)[:, :, :-1]
     out = jnp.einsum("bkgcsj,bsjkh->bckgh", p.astype(v.dtype), vb,
                      preferred_element_type=jnp.float32)
@@ -277,11 +263,9 @@ def retrieval_attention(q, k_cache, v_cache, landmarks, q_index, *, block: int, 
       z = jnp.concatenate([z_loc, z_ret.reshape(b, chunk, n_heads, -1)], axis=-1)
       values = jnp.concatenate(
           [v_loc, v_ret[..., :-1, :].reshape(b, chunk, n_heads, -1, h)], axis=-2)
-    p = _softmax(z)
+    p = softmax(z)
     return jnp.einsum("bcnj,bcnjh->bcnh", p.astype(values.dtype), values,
                       preferred_element_type=jnp.float32).astype(q.dtype)
 
-  if chunks == 1:  # a decode step: no loop, whose body would take the cache as loop state
-    return one_chunk((qc[:, 0], ic[0]))[:, :t]
   out = jax.lax.map(one_chunk, (qc.transpose(1, 0, 2, 3, 4), ic))  # [chunks, B, C, N, H]
   return out.transpose(1, 0, 2, 3, 4).reshape(b, chunks * chunk, n_heads, h)[:, :t]

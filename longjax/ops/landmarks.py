@@ -16,9 +16,16 @@ import jax
 import jax.numpy as jnp
 
 
-def landmarked_length(length: int, block: int) -> int:
-  """T' = T + T // (block - 1): the length after inserting landmarks into T regular tokens."""
+def landmarked_length(length, block: int):
+  """T' = T + T // (block - 1): the length after inserting landmarks into T regular tokens, or
+  equally the landmarked index of regular token T (ints or int arrays)."""
   return length + length // (block - 1)
+
+
+def regular_length(length, block: int):
+  """Inverse of `landmarked_length`: the regular tokens among the first `length` landmarked
+  positions, a block's landmark counted once it is written (ints or int arrays)."""
+  return length - length // block
 
 
 def _groups(x: jax.Array, block: int) -> jax.Array:

@@ -53,6 +53,28 @@ def decode_case(impl: str, width: int, layers: int, t: int, batch: int, *, repea
   return result
 
 
+def greedy_decode(graphdef):
+  """(params, cache, token [B]) -> (tokens [NEW_TOKENS, B], cache): NEW_TOKENS greedy decode
+  steps of the model as one `lax.scan`, what `longjax.models.generate` runs after its prefill.
+  Returning the cache lets a donated one be updated in place."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  def decode(params, cache, token):
+    model = nnx.merge(graphdef, params)
+
+    def one(carry, _):
+      cache, token = carry
+      logits, cache = model(token[:, None], cache=cache)
+      nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+      return (cache, nxt), nxt
+    (cache, _), tokens = jax.lax.scan(one, (cache, token), None, length=NEW_TOKENS)
+    return tokens, cache
+
+  return decode
+
+
 def _longjax_timing(shape, *, repeats, budget_s, memory_budget, **config_kwargs) -> dict:
   """longjax's prefill and decode timings; `config_kwargs` go to `lm.longjax_config`."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -67,17 +89,7 @@ def _longjax_timing(shape, *, repeats, budget_s, memory_budget, **config_kwargs)
     logits, cache = model(prompt, cache=cache)
     return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
-  def decode(params, cache, token):
-    model = nnx.merge(graphdef, params)
-
-    def one(carry, _):
-      cache, token = carry
-      logits, cache = model(token[:, None], cache=cache)
-      nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-      return (cache, nxt), nxt
-    (cache, _), tokens = jax.lax.scan(one, (cache, token), None, length=NEW_TOKENS)
-    return tokens, cache  # the cache as an output lets the donated one be updated in place
-
+  decode = greedy_decode(graphdef)
   prefill_timing = timing.time_jax(prefill, (params, prompt), repeats=repeats,
                                    budget_s=budget_s, memory_budget_bytes=memory_budget)
   prefill_fn = jax.jit(prefill)

@@ -9,12 +9,13 @@ than by a prefill: what a step costs depends on the cache's length, not on what 
 prefill of 64k-128k tokens would take most of the suite's time on a CPU.
 """
 
+from longjax.benchmarks import decode
 from longjax.benchmarks import lm
 from longjax.benchmarks import reports
 from longjax.benchmarks import suites
 from longjax.benchmarks import timing
 
-NEW_TOKENS = 32
+NEW_TOKENS = decode.NEW_TOKENS
 IMPLS = ("attention", "landmark")
 FULL = "attention"
 LABELS = {"attention": "full attention (KV cache)",
@@ -44,12 +45,12 @@ def filled_cache(model, context: int, capacity: int):
          else context)
   filled = []
   for i, cache in enumerate(model.init_cache(1, capacity)):
-    k1, k2 = jax.random.split(jax.random.key(i))
+    k1, k2, k3 = jax.random.split(jax.random.key(i), 3)
     fields = {"k": jax.random.normal(k1, cache.k.shape, cache.k.dtype),
               "v": jax.random.normal(k2, cache.v.shape, cache.v.dtype),
               "end": jnp.asarray(end, jnp.int32)}
     if hasattr(cache, "landmarks"):  # the landmark keys as the layer would have stored them
-      fields["landmarks"] = jax.random.normal(k1, cache.landmarks.shape, cache.landmarks.dtype)
+      fields["landmarks"] = jax.random.normal(k3, cache.landmarks.shape, cache.landmarks.dtype)
     if hasattr(cache, "positions"):
       fields["positions"] = jnp.broadcast_to(jnp.arange(cache.k.shape[1], dtype=jnp.int32),
                                              cache.positions.shape)
@@ -63,34 +64,25 @@ def retrieval_case(impl: str, width: int, layers: int, t: int, batch: int, *, re
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  from longjax.models import generate  # pylint: disable=g-import-not-at-top
   shape = lm.LMShape(width, layers, t, batch)
   graphdef, params, _ = lm.build_longjax(shape, model_overrides=OVERRIDES[impl])
   model = nnx.merge(graphdef, params)
-
-  def decode(params, cache, token):
-    model = nnx.merge(graphdef, params)
-
-    def one(carry, _):
-      cache, token = carry
-      logits, cache = model(token[:, None], cache=cache)
-      nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-      return (cache, nxt), nxt
-    (cache, _), tokens = jax.lax.scan(one, (cache, token), None, length=NEW_TOKENS)
-    return tokens, cache
 
   def fresh_args():  # the donated cache is consumed by each call
     cache = filled_cache(model, t, t + NEW_TOKENS)
     return jax.block_until_ready((params, cache, jnp.zeros((batch,), jnp.int32)))
 
-  compiled = jax.jit(decode, donate_argnums=1).lower(*fresh_args()).compile()
+  compiled = jax.jit(decode.greedy_decode(graphdef), donate_argnums=1).lower(
+      *fresh_args()).compile()
   memory = timing.compiled_memory(compiled)
   if memory_budget is not None and timing.footprint_bytes(memory) > memory_budget:
     raise timing.OutOfBudget(f"decode needs {timing.footprint_bytes(memory) / 2**30:.1f} GiB")
   result = timing.time_with_setup(compiled, fresh_args, repeats=repeats, budget_s=budget_s,
                                   sync=jax.block_until_ready)
-  cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(fresh_args()[1]))
   return {**result, **memory, "decode_ms_per_token": 1e3 * result["time_s"] / NEW_TOKENS,
-          "cache_bytes": cache_bytes, "params": lm.count(params)}
+          "cache_bytes": generate.cache_bytes(graphdef, params, batch, t + NEW_TOKENS),
+          "params": lm.count(params)}
 
 
 def run(sizes: str, *, impls=IMPLS, memory_budget: int | None,

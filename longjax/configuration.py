@@ -101,6 +101,12 @@ def validate_model(model) -> None:
   for index, entry in enumerate(pattern):
     entry.spec.validate(model, entry.config(model), entry.field_prefix(index))
   mixer_lib.landmark_block(pattern, model)
+  if model.attention.retrieval != "none" and not any(
+      entry.spec.section == "attention" for entry in pattern):
+    # The field would silently change nothing (e.g. model.mixers="retnet").
+    raise ConfigError("model.attention.retrieval", model.attention.retrieval,
+                      f"applies to softmax attention layers, and model.mixers="
+                      f"{model.mixers!r} has none", ["none"])
 
 
 def _validate_learned_bias(p) -> None:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from longjax.layers import lm_infinite
 from longjax.layers import params
+from longjax.layers import retrieval
 from longjax.layers import streaming
 from longjax.layers.caches import KVCache
 from longjax.layers.caches import refuse_segments_with_cache
@@ -86,8 +87,9 @@ class Attention(nnx.Module):
                log_scaling_length: int = 0, window: int = 0, sink_tokens: int = 0,
                distance_ceiling: int = 0, normalizer: str = "softmax",
                softplus_length_scale: bool = True, reweight_power: float = 0.0,
-               learned_sink: bool = False, out_init_scale: float = 1.0, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               learned_sink: bool = False,
+               retrieval_policy: retrieval.RetrievalPolicy | None = None,
+               out_init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
     self.w_q, self.w_kv, self.w_out = projection_params(
         rngs, width, num_heads, num_kv_heads, head_dim, out_init_scale)
     self.positional = positional
@@ -117,12 +119,19 @@ class Attention(nnx.Module):
     self.normalizer = normalizer
     self.softplus_length_scale = softplus_length_scale
     self.reweight_power = reweight_power
+    # A training-free retrieval policy (InfLLM, TokenSelect) for decoding from a cache; None
+    # attends to the whole cache (`longjax.layers.retrieval`).
+    self.retrieval_policy = retrieval_policy
+    self.num_heads = num_heads
     self.dtype = dtype
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None):
     """An empty cache for `max_length` tokens: a `KVCache`, or with sinks a `RollingCache` of
     sinks + window slots whatever `max_length` (`longjax.layers.caches`)."""
     dtype = dtype or self.dtype
+    if self.retrieval_policy is not None:
+      return retrieval.init_cache(self.retrieval_policy, batch_size, max_length, self.num_heads,
+                                  self.num_kv_heads, self.head_dim, dtype)
     if self.distance_ceiling:
       return lm_infinite.init_lm_infinite_cache(batch_size, self.sink_tokens, self.window,
                                                 self.num_kv_heads, self.head_dim, dtype)
@@ -136,6 +145,13 @@ class Attention(nnx.Module):
     """Args: x [B, T, D]; positions [B, T] int32; segment_ids [B, T] int32 (packed documents,
     training only); cache from `init_cache` or a previous call. Returns (y [B, T, D], cache)."""
     q, k, v = project_qkv(x, self.w_q, self.w_kv, self.dtype)
+    if cache is not None and self.retrieval_policy is not None:
+      refuse_segments_with_cache(cache, segment_ids)
+      out, cache = retrieval.retrieval_decode(
+          q, k, v, cache, self.retrieval_policy, rotate=self._rotate,
+          scale_queries=self._scale_queries if self.log_scaling_length else None,
+          dtype=self.dtype)
+      return self._project_out(out), cache
     if cache is not None and self.distance_ceiling:
       refuse_segments_with_cache(cache, segment_ids)
       # Checked before the streaming cache: same slots, but LM-Infinite's true positions.
@@ -197,6 +213,9 @@ class Attention(nnx.Module):
       out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask=mask,
                                   bias=bias, impl=self.impl, block_size=self.block_size)
     return self._project_out(out), cache
+
+  def _rotate(self, x, positions, is_key):
+    return self.positional.rotate(x, positions, is_key=is_key)
 
   def _learned_sink(self):
     """(k_sink, v_sink), each [K, H], or None."""

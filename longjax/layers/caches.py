@@ -183,3 +183,26 @@ class BlockKVCache:
     """Bytes one sequence's keys, values and rotated landmark keys take at this capacity
     (grows with the context)."""
     return sum(a[0].size * a.dtype.itemsize for a in (self.k, self.v, self.landmarks))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RetrievalCache:
+  """The cache of attention with a training-free retrieval policy (`longjax.layers.retrieval`):
+  every token's key and value, keys unrotated (far keys are attended at InfLLM's positions,
+  `longjax.ops.retrieval`), plus the policy's own state.
+
+  k, v: [B, S, K, H]; end: int32 [], the tokens written; policy: a dict of the policy's arrays
+  (InfLLM: `scores` [B, K, S] float32 and `representatives` [B, K, S / block, R, H];
+  TokenSelect: the selection cache `last_q` [B, N, H], `last_ids` [B, top_k], `has_last` []).
+  """
+  k: jax.Array
+  v: jax.Array
+  end: jax.Array
+  policy: dict
+
+  @property
+  def state_bytes_per_sequence(self) -> int:
+    """Bytes one sequence's keys, values and policy state take (grows with the context)."""
+    arrays = (self.k, self.v, *(a for a in jax.tree.leaves(self.policy) if a.ndim))
+    return sum(a[0].size * a.dtype.itemsize for a in arrays)

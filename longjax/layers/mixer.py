@@ -38,6 +38,9 @@ class MixerSpec:
     landmark_block: (section config) -> the block size of the landmark tokens its layers need
       in the sequence (`longjax.ops.landmarks`), or None for a mixer that needs none. The model
       inserts them once for all layers, so every such layer must name the same block size.
+    evaluates_with_cache: (section config) -> whether its layers behave, at evaluation time,
+      as they decode from a cache rather than as in training (retrieval from a long cache).
+      `experiments.evaluate` then evaluates through a prefill into the cache.
   """
   name: str
   section: str
@@ -47,6 +50,7 @@ class MixerSpec:
   cache_types: tuple[type, ...]
   aliases: tuple[str, ...] = ()
   landmark_block: Callable[[ml_collections.ConfigDict], int] | None = None
+  evaluates_with_cache: Callable[[ml_collections.ConfigDict], bool] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,9 +72,10 @@ def token_losses(graphdef, params, tokens: jax.Array) -> jax.Array:
   """Per-position losses of single documents: tokens [B, T+1] -> [B, T] float32 nats."""
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   model = nnx.merge(graphdef, params)
-  if model.landmark_block:
-    # Landmark models are evaluated as they decode: each token attends to its own block and its
-    # top-k retrieved blocks (`longjax.layers.landmark`), through a prefill into a cache.
+  if model.evaluates_with_cache:
+    # Landmark models and retrieval policies are evaluated as they decode: each token attends
+    # to what the cache gives it (`longjax.layers.landmark`, `longjax.layers.retrieval`),
+    # through a prefill into a cache.
     logits, _ = model(inputs, cache=model.init_cache(*inputs.shape))
   else:
     logits, _ = model(inputs)

@@ -1,8 +1,10 @@
 """`--suite=retrieval`: decode ms/token against the cache length, full attention vs retrieval.
 
 One decoder (`longjax.benchmarks.lm`: d512, head dim 64, RoPE), batch 1, greedy, its layers all
-softmax attention (a `KVCache` read whole at every step) or all landmark attention (its own
-block plus the top-k blocks its landmarks score highest, `longjax.layers.landmark`). Each case
+softmax attention (a `KVCache` read whole at every step), all landmark attention (its own
+block plus the top-k blocks its landmarks score highest, `longjax.layers.landmark`), or softmax
+attention under a training-free retrieval policy (InfLLM, TokenSelect: sinks + window + a
+selection, `longjax.layers.retrieval`). Each case
 times `NEW_TOKENS` decode steps as one `lax.scan` program, the cache donated (updated in place),
 starting from a cache holding C tokens. The cache is filled with random keys and values rather
 than by a prefill: what a step costs depends on the cache's length, not on what it holds, and a
@@ -16,13 +18,20 @@ from longjax.benchmarks import suites
 from longjax.benchmarks import timing
 
 NEW_TOKENS = decode.NEW_TOKENS
-IMPLS = ("attention", "landmark")
+IMPLS = ("attention", "landmark", "infllm", "tokenselect")
 FULL = "attention"
 LABELS = {"attention": "full attention (KV cache)",
-          "landmark": "landmark, top-4 blocks of 64 (longjax.layers.landmark)"}
+          "landmark": "landmark, top-4 blocks of 64 (longjax.layers.landmark)",
+          "infllm": "InfLLM, 16 blocks of 128 + 128 sinks + 2k window",
+          "tokenselect": "TokenSelect, 2048 tokens + 128 sinks + 2k window"}
+# The training-free policies' budget: 2048 selected + 128 sink + 2048 window tokens per query.
+_POLICY = {"attention.retrieval_top_k": 2048, "attention.retrieval_window": 2048,
+           "attention.retrieval_sinks": 128, "attention.retrieval_block": 128}
 # Model overrides per implementation (`lm.longjax_config`).
 OVERRIDES = {"attention": {}, "landmark": {"mixers": "landmark", "landmark.block_size": 64,
-                                           "landmark.top_k": 4}}
+                                           "landmark.top_k": 4},
+             "infllm": {"attention.retrieval": "infllm", **_POLICY},
+             "tokenselect": {"attention.retrieval": "tokenselect", **_POLICY}}
 
 SIZES = {
     "tiny": {"shapes": [lm.LMShape(64, 2, c, 1) for c in (512, 2048)], "repeats": 2,
@@ -51,6 +60,11 @@ def filled_cache(model, context: int, capacity: int):
               "end": jnp.asarray(end, jnp.int32)}
     if hasattr(cache, "landmarks"):  # the landmark keys as the layer would have stored them
       fields["landmarks"] = jax.random.normal(k3, cache.landmarks.shape, cache.landmarks.dtype)
+    if hasattr(cache, "policy"):  # a retrieval policy's state: random where it is floats
+      fields["policy"] = {
+          name: (jax.random.normal(jax.random.fold_in(k3, j), a.shape, a.dtype)
+                 if jnp.issubdtype(a.dtype, jnp.floating) else a)
+          for j, (name, a) in enumerate(sorted(cache.policy.items()))}
     if hasattr(cache, "positions"):
       fields["positions"] = jnp.broadcast_to(jnp.arange(cache.k.shape[1], dtype=jnp.int32),
                                              cache.positions.shape)
@@ -106,9 +120,7 @@ def derive(results: list[dict]) -> dict:
     r["vs_shortest"] = (r["decode_ms_per_token"] / first["decode_ms_per_token"]
                         if good and first else None)
   targets = []
-  for impl in IMPLS:
-    if impl == FULL:
-      continue
+  for impl in (i for i in IMPLS if i != FULL and any(r["impl"] == i for r in results)):
     rows = sorted((r for r in ok if r["impl"] == impl), key=lambda r: r["t"])
     at = {r["t"]: r for r in rows}
     flat = at.get(65536) and at.get(4096)

@@ -42,6 +42,17 @@ def _reweight(config) -> Overrides:
   return {"model.attention.reweight_power": REWEIGHT_POWER}
 
 
+def _retrieval(policy: str, config) -> Overrides:
+  """A retrieval policy whose attended tokens fit in the training length L: a window of L/2,
+  L/16 sinks and L/4 selected tokens (whole blocks of L/16 for InfLLM); far keys sit at L/2."""
+  length = config.data.seq_len
+  block = max(length // 16, 1)
+  return {"model.attention.retrieval": policy, "model.attention.retrieval_window": length // 2,
+          "model.attention.retrieval_block": block, "model.attention.retrieval_sinks": block,
+          "model.attention.retrieval_top_k": 4 * block,
+          "model.attention.retrieval_representatives": min(4, block)}
+
+
 EVAL_METHODS: dict[str, Callable[..., Overrides]] = {
     "none": lambda config, target_length: {},
     # Logits scaled by log_{L_train}(position + 1) beyond the training length.
@@ -67,6 +78,9 @@ EVAL_METHODS: dict[str, Callable[..., Overrides]] = {
         "model.attention.distance_ceiling": config.data.seq_len},
     # Re-weighting (LSSAR) of a model trained with softplus attention, training-free.
     "reweight": lambda config, target_length: _reweight(config),
+    # Retrieval from the whole cache (`longjax.layers.retrieval`), within a training length.
+    "infllm": lambda config, target_length: _retrieval("infllm", config),
+    "tokenselect": lambda config, target_length: _retrieval("tokenselect", config),
 }
 
 

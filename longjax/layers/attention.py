@@ -150,7 +150,7 @@ class Attention(nnx.Module):
       out, cache = retrieval.retrieval_decode(
           q, k, v, cache, self.retrieval_policy, rotate=self._rotate,
           scale_queries=self._scale_queries if self.log_scaling_length else None,
-          dtype=self.dtype)
+          impl=self.impl, dtype=self.dtype)
       return self._project_out(out), cache
     if cache is not None and self.distance_ceiling:
       refuse_segments_with_cache(cache, segment_ids)

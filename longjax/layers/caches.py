@@ -189,20 +189,27 @@ class BlockKVCache:
 @dataclasses.dataclass(frozen=True)
 class RetrievalCache:
   """The cache of attention with a training-free retrieval policy (`longjax.layers.retrieval`):
-  every token's key and value, keys unrotated (far keys are attended at InfLLM's positions,
-  `longjax.ops.retrieval`), plus the policy's own state.
+  every token's key and value, plus a ring of the last W rotated keys and the policy's state.
 
-  k, v: [B, S, K, H]; end: int32 [], the tokens written; policy: a dict of the policy's arrays
-  (InfLLM: `scores` [B, K, S] float32 and `representatives` [B, K, S / block, R, H];
-  TokenSelect: the selection cache `last_q` [B, N, H], `last_ids` [B, top_k], `has_last` []).
+  k, v: [B, S, K, H], keys unrotated (far keys are attended at InfLLM's positions,
+  `longjax.ops.retrieval`); ring_k, ring_v: [B, W, K, H] the last W tokens' keys rotated at
+  their positions and values, token i in slot i % W; end: int32 [], the tokens written;
+  policy: a dict of the policy's arrays (InfLLM: `prefix` [B, P, K, H] float32 sums of queries
+  and `block_keys` [B, S / block, K, H]; TokenSelect: `keys_by_head` [B, K, S, H], the
+  keys again for scoring, and the selection cache `last_q` [B, N, H], `last_ids` [B, top_k],
+  `has_last` []).
   """
   k: jax.Array
   v: jax.Array
+  ring_k: jax.Array
+  ring_v: jax.Array
   end: jax.Array
   policy: dict
 
   @property
   def state_bytes_per_sequence(self) -> int:
-    """Bytes one sequence's keys, values and policy state take (grows with the context)."""
-    arrays = (self.k, self.v, *(a for a in jax.tree.leaves(self.policy) if a.ndim))
+    """Bytes one sequence's keys, values, ring and policy state take (grows with the
+    context)."""
+    arrays = (self.k, self.v, self.ring_k, self.ring_v,
+              *(a for a in jax.tree.leaves(self.policy) if a.ndim))
     return sum(a[0].size * a.dtype.itemsize for a in arrays)

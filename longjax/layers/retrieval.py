@@ -13,6 +13,7 @@ can be evaluated with InfLLM or TokenSelect by a config override, e.g.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -120,22 +121,94 @@ def init_cache(policy: RetrievalPolicy, batch_size: int, max_length: int, num_he
                num_kv_heads: int, head_dim: int, dtype) -> caches.RetrievalCache:
   """An empty cache for `max_length` tokens (InfLLM: rounded up to whole blocks)."""
   length = -(-max_length // policy.align) * policy.align
-  shape = (batch_size, length, num_kv_heads, head_dim)
+  ring = (batch_size, policy.window, num_kv_heads, head_dim)
   if policy.name == "infllm":
-    state = {"scores": jnp.zeros((batch_size, num_kv_heads, length), jnp.float32),
-             "representatives": jnp.zeros((batch_size, num_kv_heads, length // policy.block,
-                                           policy.representatives, head_dim), dtype)}
+    slots = policies.prefix_slots(policy.window, policy.block, policy.chunk)
+    state = {"prefix": jnp.zeros((batch_size, slots, num_kv_heads, head_dim), jnp.float32),
+             "block_keys": jnp.zeros((batch_size, length // policy.block, num_kv_heads,
+                                      head_dim), dtype)}
   else:
-    state = {"last_q": jnp.zeros((batch_size, num_heads, head_dim), dtype),
+    # TokenSelect scores every cached key: it keeps them once more, head-major, for that.
+    state = {"keys_by_head": jnp.zeros((batch_size, num_kv_heads, length, head_dim), dtype),
+             "last_q": jnp.zeros((batch_size, num_heads, head_dim), dtype),
              "last_ids": jnp.full((batch_size, min(policy.top_k, length)), -1, jnp.int32),
              "has_last": jnp.zeros((), bool)}
+  shape = (batch_size, length, num_kv_heads, head_dim)
   return caches.RetrievalCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                               ring_k=jnp.zeros(ring, dtype), ring_v=jnp.zeros(ring, dtype),
                                end=jnp.zeros((), jnp.int32), policy=state)
 
 
+def _far_keys(q_index, selected, valid, run: int, policy: RetrievalPolicy, batch: int):
+  """Each query's far keys as `ops.far_attention`'s parts: the sinks, the remainder (block
+  policies) and the selection (runs of `run` tokens starting at `selected`)."""
+  c = q_index.shape[0]
+  window_start = q_index + 1 - policy.window  # [C]
+  shape = lambda x: jnp.broadcast_to(x, (batch, c, x.shape[-1]))
+  parts = []
+  if policy.sinks:
+    sinks = jnp.arange(policy.sinks)
+    parts.append((shape(jnp.zeros((1,), jnp.int32)), policy.sinks,
+                  shape(sinks[None, :] < window_start[:, None])))
+  if policy.align > 1:
+    start = ops.complete_blocks_before_window(q_index, policy.window, policy.align)
+    rest = start[:, None] + jnp.arange(policy.align)  # [C, align]
+    parts.append((shape(start[:, None]), policy.align,
+                  shape((rest < window_start[:, None]) & (rest >= policy.sinks))))
+  return parts + [(selected, run, valid)]
+
+
+def _chunk(carry, q, k, v, q_index, k_cache, v_cache, policy: RetrievalPolicy, *, rotate,
+           scale_queries, impl):
+  """One chunk of consecutive queries (`retrieval_decode`): (carry, out [B, C, N, H])."""
+  ring_k, ring_v, state = carry
+  b, c, n, h = q.shape
+  kv_heads = k.shape[2]
+  positions = jnp.broadcast_to(q_index, (b, c))
+  q_loc = q_rotated = rotate(q, positions, False)
+  q_far = ops.far_queries(q, policy.window, rotate)
+  if scale_queries is not None:
+    q_loc, q_far = scale_queries(q_loc, positions), scale_queries(q_far, positions)
+  k_rot = rotate(k, positions, True)
+  # The chunk's keys enter the ring (only its last `window` ones when longer than the ring):
+  # after the local part, which reads the ring as it was, except for a single query, whose
+  # window the updated ring is (one buffer, updated in place).
+  slot = jnp.where(q_index > q_index[-1] - policy.window, q_index % policy.window,
+                   policy.window)
+  old_ring = ring_k, ring_v
+  ring_k = ring_k.at[:, slot].set(k_rot.astype(ring_k.dtype), mode="drop")
+  ring_v = ring_v.at[:, slot].set(v.astype(ring_v.dtype), mode="drop")
+  local = ops.local_attention(q_loc, *((ring_k, ring_v) if c == 1 else old_ring), k_rot, v,
+                              q_index, window=policy.window, impl=impl)
+  state = dict(state)
+  if policy.name == "infllm":
+    q_sum = q_rotated.reshape(b, c, kv_heads, -1, h).sum(axis=3)
+    state["prefix"] = policies.update_prefix(state["prefix"], q_sum, q_index)
+    state["block_keys"] = policies.freeze_block_keys(
+        state["block_keys"], state["prefix"], k_cache, q_index[0], q_index[-1],
+        window=policy.window, block=policy.block, representatives=policy.representatives,
+        chunk=c, rotate=rotate)
+    selected, valid = policies.infllm_select(
+        state["block_keys"], q_far, q_index, top_blocks=policy.top_k // policy.block,
+        block=policy.block, sinks=policy.sinks, window=policy.window)
+    run = policy.block
+  else:
+    (selected, valid), cached = policies.tokenselect_select(
+        (state["last_q"], state["last_ids"], state["has_last"]), q_far,
+        state["keys_by_head"].astype(q.dtype), q_index,
+        top_k=state["last_ids"].shape[-1], sinks=policy.sinks, window=policy.window,
+        reuse_threshold=policy.reuse)
+    state["last_q"], state["last_ids"], state["has_last"] = cached
+    run = 1
+  far = ops.far_attention(q_far, k_cache, v_cache,
+                          _far_keys(q_index, selected, valid, run, policy, b), impl=impl)
+  return (ring_k, ring_v, state), ops.merge(local, far).astype(q.dtype)
+
+
 def retrieval_decode(q, k, v, cache: caches.RetrievalCache, policy: RetrievalPolicy, *,
-                     rotate, scale_queries=None, dtype=jnp.float32):
-  """Writes T new tokens to the cache and attends them through the policy.
+                     rotate, scale_queries=None, impl: str = "auto", dtype=jnp.float32):
+  """Writes T new tokens to the cache and attends them through the policy, in chunks of
+  `policy.chunk` queries (a prefill) or one (a decode step).
 
   Args:
     q: [B, T, N, H] unrotated queries; k, v: [B, T, K, H] unrotated keys and values; the
@@ -143,36 +216,38 @@ def retrieval_decode(q, k, v, cache: caches.RetrievalCache, policy: RetrievalPol
     cache: from `init_cache`.
     rotate: (x, positions, is_key) -> x rotated by the layer's encoding.
     scale_queries: (q, positions) -> q (log-n scaling) or None.
+    impl: `dot_product_attention`'s implementation for both parts.
 
   Returns:
     (out [B, T, N, H], the updated cache).
   """
   end, t = cache.end, q.shape[1]
-  index = end + jnp.arange(t, dtype=jnp.int32)
-  k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, end, 0, 0))
-  v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, end, 0, 0))
-  k_use, v_use = k_all.astype(dtype), v_all.astype(dtype)
+  k_cache = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, end, 0, 0))
+  v_cache = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, end, 0, 0))
   state = dict(cache.policy)
-  select_state = None
-  if policy.name == "infllm":
-    state["scores"] = policies.accumulate_scores(state["scores"], q, k_use, index,
-                                                 window=policy.window, rotate=rotate,
-                                                 chunk=policy.chunk)
-    state["representatives"] = policies.freeze_representatives(
-        state["representatives"], state["scores"], k_all, end, end + t, window=policy.window,
-        block=policy.block, new_tokens=t)
-    select = policies.infllm_select(state["representatives"],
-                                    top_blocks=policy.top_k // policy.block, block=policy.block,
-                                    sinks=policy.sinks, window=policy.window)
-  else:
-    select = policies.tokenselect_select(k_use, top_k=policy.top_k, sinks=policy.sinks,
-                                         window=policy.window, reuse_threshold=policy.reuse,
-                                         scale=q.shape[-1] ** -0.5)
-    select_state = (state["last_q"], state["last_ids"], state["has_last"])
-  out, select_state = ops.retrieval_attention(
-      q, k_use, v_use, index, window=policy.window, sinks=policy.sinks, align=policy.align,
-      select=select, select_state=select_state, rotate=rotate, scale_queries=scale_queries,
-      chunk=policy.chunk)
-  if policy.name == "tokenselect":
-    state["last_q"], state["last_ids"], state["has_last"] = select_state
-  return out, caches.RetrievalCache(k=k_all, v=v_all, end=end + t, policy=state)
+  if "keys_by_head" in state:
+    state["keys_by_head"] = jax.lax.dynamic_update_slice(
+        state["keys_by_head"], jnp.moveaxis(k, 1, 2).astype(cache.k.dtype), (0, 0, end, 0))
+  step = functools.partial(_chunk, k_cache=k_cache.astype(dtype), v_cache=v_cache.astype(dtype),
+                           policy=policy, rotate=rotate, scale_queries=scale_queries, impl=impl)
+  carry = (cache.ring_k, cache.ring_v, state)
+  index = end + jnp.arange(t, dtype=jnp.int32)
+  chunk = min(policy.chunk, t)
+  full, rest = divmod(t, chunk)
+  outs = []
+  if full:  # whole chunks in a scan, then the rest as one shorter chunk
+    def body(carry, xs):
+      return step(carry, *xs)
+    split = lambda x: jnp.moveaxis(x[:, :full * chunk].reshape(
+        x.shape[0], full, chunk, *x.shape[2:]), 1, 0)
+    carry, out = jax.lax.scan(body, carry, (split(q), split(k), split(v),
+                                            index[:full * chunk].reshape(full, chunk)))
+    outs.append(jnp.moveaxis(out, 0, 1).reshape(q.shape[0], full * chunk, *q.shape[2:]))
+  if rest:
+    carry, out = step(carry, q[:, full * chunk:], k[:, full * chunk:], v[:, full * chunk:],
+                      index[full * chunk:])
+    outs.append(out)
+  ring_k, ring_v, state = carry
+  return (jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0],
+          caches.RetrievalCache(k=k_cache, v=v_cache, ring_k=ring_k, ring_v=ring_v,
+                                end=end + t, policy=state))

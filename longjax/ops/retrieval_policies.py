@@ -1,20 +1,31 @@
 """The selection rules of the training-free retrieval policies, on the mechanism of
-`longjax.ops.retrieval` (sinks + local window + a selection, InfLLM's positions).
+`longjax.ops.retrieval` (local window + far keys at distance `window`).
 
-- **InfLLM** (Xiao et al. 2024): the distant cache is cut into blocks ("memory units") of
-  `block` tokens. A key's representative score is the sum of the logits the `window` queries
-  after it gave it while it sat in their local window (r_m = sum_j q_{m+j} . k_m); when a block
-  leaves every window, its `representatives` best-scored keys are frozen as its representative
-  keys. A query scores each candidate block by the sum of its (KV head's query heads') dot
-  products with the block's representatives, and attends to the `top_k / block` best blocks of
-  its KV head. InfLLM shares one selection across a prefill chunk; here every query selects
-  for itself, as InfLLM does when decoding, so that a prefill equals token-by-token decoding.
-- **TokenSelect** (Wu et al. 2025): every query head scores every candidate token (q . k),
-  normalises its scores by a softmax, and the heads vote: the `top_k` tokens with the largest
-  summed probability are attended by all heads. The *selection cache*: a query whose cosine
-  similarity to the previous query is at least `reuse_threshold` reuses the previous selection.
+- **InfLLM** (Xiao et al. 2024, "InfLLM: Training-Free Long-Context Extrapolation for LLMs with
+  an Efficient Context Memory"): the distant cache is cut into blocks ("memory units") of
+  `block` tokens. Key m's representative score is the sum of the logits that the `window`
+  queries from m on gave it while it sat in their local window, r_m = sum_{j < window}
+  q_{m+j} . k_m (true positions; summed over the KV head's query heads). Once those queries
+  have run, the mean of the block's `R` best-scored keys per KV head is frozen as its block key
+  (InfLLM's representative keys, which it also averages). A query scores each complete block
+  before its window by the sum over heads of q . block key (at the far positions) and
+  retrieves the best `top_k / block` blocks. InfLLM shares
+  one selection across a prefill chunk; here each query selects for itself, as InfLLM does
+  when decoding, so that a prefill equals token-by-token decoding.
+- **TokenSelect** (Wu et al. 2025, "TokenSelect: Efficient Long-Context Inference and Length
+  Extrapolation for LLMs via Dynamic Token-Level KV Cache Selection"): every query head scores
+  every candidate token (q . k, at the far positions), normalises its scores by a softmax, and
+  the heads vote: the `top_k` tokens with the largest summed probability are selected. The
+  *selection cache*: a query whose cosine similarity to the previous query reaches
+  `reuse_threshold` reuses the previous selection instead of scoring the cache.
 
-Shapes: B batch, T queries, N query heads sharing K KV heads, H head dim, S cache slots.
+The representative scores need q_{m..m+W-1} for every key m: they are kept as prefix sums
+P(i) = sum_{j <= i} q_j (rotated, summed over each KV head's query heads) in a ring of the last
+`prefix_slots` positions, so r_m = (P(m + W - 1) - P(m - 1)) . k_m costs two reads per key when
+its block is frozen, not a pass over the window at every step. The sums are float32; their
+rounding grows with the position (relative 1e-7 of the sum), far below what changes a ranking.
+
+Shapes: B batch, C queries, N query heads sharing K KV heads, H head dim, S cache slots.
 """
 
 import jax
@@ -24,144 +35,139 @@ from kernels_pallas.softmax import softmax
 from longjax.ops import retrieval
 
 
-def accumulate_scores(scores, q, k_cache, q_index, *, window: int, rotate, chunk: int):
-  """InfLLM's representative scores: adds q_t . k_m (true positions, summed over each KV head's
-  query heads) to key m's score for every query t in `q_index` with t - window < m <= t.
+def prefix_slots(window: int, block: int, chunk: int) -> int:
+  """Ring slots for InfLLM's prefix sums: a chunk freezes blocks that started up to
+  window + 2 * block positions before it."""
+  return window + 2 * block + chunk + 1
+
+
+def _read_ring(ring, index):
+  """ring [B, R, K, H] at positions `index` (any shape) -> [B, *index.shape, K, H]; P(-1) = 0."""
+  values = ring[:, index % ring.shape[1]]
+  return jnp.where((index >= 0)[None, ..., None, None], values, 0.0)
+
+
+def update_prefix(ring, q_sum, q_index):
+  """Writes P(i) for the chunk's positions. ring [B, R, K, H] float32; q_sum [B, C, K, H] the
+  chunk's rotated queries summed over each KV head's query heads; q_index [C] consecutive."""
+  base = _read_ring(ring, q_index[0] - 1)  # [B, K, H]
+  sums = base[:, None] + jnp.cumsum(q_sum.astype(jnp.float32), axis=1)
+  return ring.at[:, q_index % ring.shape[1]].set(sums)
+
+
+def frozen_blocks(last, window: int, block: int):
+  """Blocks whose representative scores are complete once queries <= last have run."""
+  return jnp.maximum(last + 2 - window, 0) // block
+
+
+def freeze_block_keys(block_keys, ring, k_cache, first, last, *, window: int, block: int,
+                      representatives: int, chunk: int, rotate):
+  """Freezes the block keys of the blocks completed by the queries first..last.
 
   Args:
-    scores: [B, K, S] float32 running sums.
-    q: [B, T, N, H] unrotated queries; k_cache: [B, S, K, H] unrotated keys, every index <=
-      max(q_index) written.
-    q_index: [T] int32 cache indices (= positions) of the queries.
-
-  Returns:
-    the updated scores.
-  """
-  b, t, n, h = q.shape
-  s, kv_heads = k_cache.shape[1], k_cache.shape[2]
-  chunk = min(chunk, t)
-  chunks = -(-t // chunk)
-  pad = chunks * chunk - t
-  span = min(window + chunk, s)
-  qc = jnp.pad(q, [(0, 0), (0, pad), (0, 0), (0, 0)]).reshape(b, chunks, chunk, n, h)
-  ic = jnp.pad(q_index, (0, pad), constant_values=-1).reshape(chunks, chunk)  # -1: padding
-
-  def one_chunk(scores, args):
-    q_chunk, index = args
-    positions = jnp.broadcast_to(index, (b, chunk))
-    q_sum = rotate(q_chunk, positions, False).reshape(b, chunk, kv_heads, -1, h).sum(axis=3)
-    start = jnp.clip(index[0] + 1 - window, 0, s - span)
-    key = start + jnp.arange(span)
-    k = rotate(jax.lax.dynamic_slice_in_dim(k_cache, start, span, axis=1),
-               jnp.broadcast_to(key, (b, span)), True)
-    x = jnp.einsum("bckh,bskh->bkcs", q_sum, k, preferred_element_type=jnp.float32)
-    band = (key[None, :] <= index[:, None]) & (key[None, :] > index[:, None] - window)
-    added = jnp.sum(jnp.where(band, x, 0.0), axis=2)  # [B, K, span]
-    current = jax.lax.dynamic_slice_in_dim(scores, start, span, axis=2)
-    return jax.lax.dynamic_update_slice_in_dim(scores, current + added, start, axis=2), None
-
-  scores, _ = jax.lax.scan(one_chunk, scores, (qc.transpose(1, 0, 2, 3, 4), ic))
-  return scores
-
-
-def freeze_representatives(rep_keys, scores, k_cache, old_end, new_end, *, window: int,
-                           block: int, new_tokens: int):
-  """Writes the representative keys of the blocks that left every local window in this call.
-
-  Block g's keys have all their scores once the query window - 1 after its last key has run:
-  (g + 1) * block <= end + 1 - window. The blocks complete after `new_end` tokens and not after
-  `old_end` get their `representatives` best-scored (unrotated) keys.
-
-  Args:
-    rep_keys: [B, K, G, R, H] the blocks' representative keys, G = S // block.
-    scores: [B, K, S] from `accumulate_scores`.
+    block_keys: [B, G, K, H] each block's mean representative key (unrotated), G = S // block.
+    ring: [B, R', K, H] prefix sums holding P(first - window - 2 block - 1) .. P(last).
     k_cache: [B, S, K, H] unrotated keys.
-    old_end, new_end: int32 [], tokens in the cache before and after this call.
-    new_tokens: static bound on new_end - old_end (the call's length).
+    first, last: int32 [], the chunk's first and last query positions; chunk: its static
+      length (bounds the number of blocks it completes).
+    representatives: R, the best-scored keys averaged per block and KV head.
+    rotate: the model's rotation (keys at their true positions for the scores).
 
   Returns:
-    the updated rep_keys.
+    the updated block_keys.
   """
-  b, kv_heads, g_total, reps, h = rep_keys.shape
-  done_before = jnp.maximum(old_end + 1 - window, 0) // block
-  done_after = jnp.maximum(new_end + 1 - window, 0) // block
-  count = min(new_tokens // block + 1, g_total)
-  g = done_before + jnp.arange(count)
-  index = jnp.minimum(g, g_total - 1)[:, None] * block + jnp.arange(block)  # [count, block]
-  _, best = jax.lax.top_k(scores[:, :, index], reps)  # [B, K, count, R]
-  tokens = jnp.take_along_axis(jnp.broadcast_to(index, (b, kv_heads, count, block)), best,
-                               axis=-1)
-  keys = k_cache[jnp.arange(b)[:, None, None, None], tokens,
-                 jnp.arange(kv_heads)[None, :, None, None]]  # [B, K, count, R, H]
-  target = jnp.where(g < done_after, g, g_total)  # past the end: dropped
-  return rep_keys.at[:, :, target].set(keys.astype(rep_keys.dtype), mode="drop")
+  b, g_total, kv_heads, h = block_keys.shape
+  start, stop = frozen_blocks(first - 1, window, block), frozen_blocks(last, window, block)
+  count = min(-(-chunk // block), g_total)  # multiples of block in (first - 1, last] + 2 - W
+  g = start + jnp.arange(count)
+  m = jnp.minimum(g, g_total - 1)[:, None] * block + jnp.arange(block)  # [count, block]
+  window_sums = _read_ring(ring, m + window - 1) - _read_ring(ring, m - 1)  # [B, c, blk, K, H]
+  keys = k_cache[:, m]  # [B, count, block, K, H]
+  rotated = rotate(keys.reshape(b, count * block, kv_heads, h),
+                   jnp.broadcast_to(m.reshape(-1), (b, count * block)), True)
+  scores = jnp.sum(window_sums.reshape(b, count * block, kv_heads, h)
+                   * rotated.astype(jnp.float32), axis=-1)  # [B, count * block, K]
+  scores = jnp.moveaxis(scores.reshape(b, count, block, kv_heads), 2, 3)  # [B, c, K, block]
+  _, best = jax.lax.top_k(scores, representatives)  # [B, count, K, R]
+  chosen = jnp.take_along_axis(jnp.moveaxis(keys, 2, 3), best[..., None], axis=3)
+  target = jnp.where(g < stop, g, g_total)  # not completed yet: dropped
+  return block_keys.at[:, target].set(chosen.mean(axis=3).astype(block_keys.dtype),
+                                      mode="drop")
 
 
-def infllm_select(rep_keys, *, top_blocks: int, block: int, sinks: int, window: int):
-  """InfLLM's `Select`: the top blocks by representative score per query and KV head."""
-  kv_heads, g_total = rep_keys.shape[1], rep_keys.shape[2]
+def infllm_select(block_keys, q_far, q_index, *, top_blocks: int, block: int, sinks: int,
+                  window: int):
+  """The best blocks by score per query, shared by all heads: (starts [B, C, top_blocks] the
+  blocks' first tokens, valid [B, C, top_blocks * block]).
+
+  block_keys: [B, G, K, H]; q_far: [B, C, N, H]. The [G, K * H] block keys make the scoring
+  one matrix-vector product per query (0.1 ms for 512 blocks)."""
+  b, c, n, h = q_far.shape
+  g_total, kv_heads = block_keys.shape[1], block_keys.shape[2]
   top_blocks = min(top_blocks, g_total)
-
-  def select(state, q_far, q_index, live):
-    del live
-    b, c, n, h = q_far.shape
-    qg = q_far.reshape(b, c, kv_heads, n // kv_heads, h).sum(axis=3)
-    scores = jnp.einsum("bckh,bkgrh->bckg", qg, rep_keys.astype(q_far.dtype),
-                        preferred_element_type=jnp.float32)
-    candidates = retrieval.local_start(q_index, window, block) // block  # blocks g < this
-    g = jnp.arange(g_total)
-    usable = (g[None, :] >= sinks // block) & (g[None, :] < candidates[:, None])  # [C, G]
-    scores = jnp.where(usable[None, :, None, :], scores, -jnp.inf)
-    best, chosen = jax.lax.top_k(scores, top_blocks)  # [B, C, K, k]
-    ids = (chosen[..., None] * block + jnp.arange(block)).reshape(b, c, kv_heads, -1)
-    valid = jnp.repeat(jnp.isfinite(best), block, axis=-1)
-    return (ids.astype(jnp.int32), valid), state
-
-  return select
+  q_sum = q_far.reshape(b, c, kv_heads, n // kv_heads, h).sum(axis=3)
+  scores = jnp.einsum("bckh,bgkh->bcg", q_sum, block_keys.astype(q_far.dtype),
+                      preferred_element_type=jnp.float32)
+  before = retrieval.complete_blocks_before_window(q_index, window, block) // block
+  g = jnp.arange(g_total)
+  usable = (g[None, :] >= -(-sinks // block)) & (g[None, :] < before[:, None])  # [C, G]
+  best, chosen = jax.lax.top_k(jnp.where(usable[None], scores, -jnp.inf), top_blocks)
+  return (chosen * block).astype(jnp.int32), jnp.repeat(jnp.isfinite(best), block, axis=-1)
 
 
-def tokenselect_select(k_cache, *, top_k: int, sinks: int, window: int,
-                       reuse_threshold: float, scale: float):
-  """TokenSelect's `Select`, its state the selection cache: (last query [B, N, H] far-rotated,
-  last ids [B, top_k] int32 with -1 for none, has_last bool [])."""
-  s, kv_heads = k_cache.shape[1], k_cache.shape[2]
-  top_k = min(top_k, s)
+def tokenselect_scores(q_far, k_cache, q_index, *, sinks: int, window: int, scale: float):
+  """The heads' soft vote for every cache token: [B, C, S] float32, -1 for non-candidates.
 
-  def fresh(q_far, q_index):
-    b, c, n, h = q_far.shape
-    qg = q_far.reshape(b, c, kv_heads, n // kv_heads, h)
-    x = jnp.einsum("bckgh,bskh->bckgs", qg, k_cache.astype(q_far.dtype),
-                   preferred_element_type=jnp.float32) * scale
-    key = jnp.arange(s)
-    lo = retrieval.local_start(q_index, window, 1)
-    usable = (key[None, :] >= sinks) & (key[None, :] < lo[:, None])  # [C, S]
-    p = softmax(jnp.where(usable[None, :, None, None, :], x, -jnp.inf))
-    votes = jnp.sum(p, axis=(2, 3))  # [B, C, S]: each head's probabilities, summed
-    votes = jnp.where(usable[None], votes, -1.0)
+  k_cache is head-major, [B, K, S, H]: one matmul per head, where the [B, S, K, H] layout
+  made XLA transpose the whole cache at every step (122 vs 8 ms at 64k, d512)."""
+  b, c, n, h = q_far.shape
+  kv_heads, s = k_cache.shape[1], k_cache.shape[2]
+  qg = q_far.reshape(b, c, kv_heads, n // kv_heads, h)
+  x = jnp.einsum("bckgh,bksh->bckgs", qg, k_cache.astype(q_far.dtype),
+                 preferred_element_type=jnp.float32) * scale
+  key = jnp.arange(s)
+  usable = (key[None, :] >= sinks) & (key[None, :] <= q_index[:, None] - window)  # [C, S]
+  p = softmax(jnp.where(usable[None, :, None, None], x, -jnp.inf))
+  return jnp.where(usable[None], jnp.sum(p, axis=(2, 3)), -1.0)
+
+
+def tokenselect_select(state, q_far, k_cache, q_index, *, top_k: int, sinks: int,
+                       window: int, reuse_threshold: float):
+  """TokenSelect's selection with its selection cache.
+
+  Args:
+    state: (last_q [B, N, H] the previous query (far-rotated), last_ids [B, top_k] int32 its
+      selection, -1 for none, has_last bool []).
+    q_far: [B, C, N, H] consecutive queries; k_cache: [B, K, S, H] unrotated keys, head-major
+      (`tokenselect_scores`).
+
+  Returns:
+    ((ids [B, C, top_k], valid [B, C, top_k]), the new state).
+  """
+  last_q, last_ids, has_last = state
+  b, c, n, h = q_far.shape
+  top_k = last_ids.shape[-1]
+  flat = q_far.reshape(b, c, n * h).astype(jnp.float32)
+  previous = jnp.concatenate([last_q.reshape(b, 1, n * h).astype(jnp.float32), flat[:, :-1]],
+                             axis=1)
+  cosine = jnp.sum(flat * previous, -1) / jnp.maximum(
+      jnp.linalg.norm(flat, axis=-1) * jnp.linalg.norm(previous, axis=-1), 1e-30)
+  reuse = (cosine >= reuse_threshold) & ((jnp.arange(c) > 0) | has_last)[None]  # [B, C]
+
+  def fresh():
+    votes = tokenselect_scores(q_far, k_cache, q_index, sinks=sinks, window=window,
+                               scale=h ** -0.5)
     best, chosen = jax.lax.top_k(votes, top_k)
     return jnp.where(best >= 0, chosen, -1).astype(jnp.int32)  # [B, C, k]
 
-  def select(state, q_far, q_index, live):
-    last_q, last_ids, has_last = state
-    b, c, n, h = q_far.shape
-    flat = q_far.reshape(b, c, n * h).astype(jnp.float32)
-    previous = jnp.concatenate([last_q.reshape(b, 1, n * h).astype(jnp.float32), flat[:, :-1]],
-                               axis=1)
-    cosine = jnp.sum(flat * previous, -1) / jnp.maximum(
-        jnp.linalg.norm(flat, axis=-1) * jnp.linalg.norm(previous, axis=-1), 1e-30)
-    first_ever = (jnp.arange(c) == 0) & ~has_last
-    reuse = (cosine >= reuse_threshold) & ~first_ever[None] & live[None]  # [B, C]
-    # Query i uses the selection of the last query j <= i that did not reuse (-1: the cache's).
-    source = jax.lax.cummax(jnp.where(reuse, -1, jnp.arange(c)), axis=1)
-    ids = fresh(q_far, q_index)
-    chosen = jnp.where((source >= 0)[..., None],
-                       jnp.take_along_axis(ids, jnp.maximum(source, 0)[..., None], axis=1),
-                       last_ids[:, None])
-    last = jnp.sum(live) - 1
-    state = (flat[:, last].reshape(b, n, h).astype(last_q.dtype), chosen[:, last],
-             jnp.asarray(True))
-    valid = chosen >= 0
-    ids = jnp.broadcast_to(jnp.maximum(chosen, 0)[:, :, None], (b, c, kv_heads, top_k))
-    return (ids, jnp.broadcast_to(valid[:, :, None], ids.shape)), state
-
-  return select
+  if c == 1:  # a decode step: score the cache only when some row does not reuse
+    ids = jax.lax.cond(jnp.all(reuse), lambda: last_ids[:, None], fresh)
+  else:
+    ids = fresh()
+  # Query i uses the selection of the last query j <= i that did not reuse (-1: the cache's).
+  source = jax.lax.cummax(jnp.where(reuse, -1, jnp.arange(c)), axis=1)
+  chosen = jnp.where((source >= 0)[..., None],
+                     jnp.take_along_axis(ids, jnp.maximum(source, 0)[..., None], axis=1),
+                     last_ids[:, None])
+  state = (q_far[:, -1].astype(last_q.dtype), chosen[:, -1], jnp.asarray(True))
+  return (jnp.maximum(chosen, 0), chosen >= 0), state

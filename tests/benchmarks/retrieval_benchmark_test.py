@@ -2,6 +2,7 @@
 issue's targets follow from the numbers (synthetic results)."""
 
 from absl.testing import absltest
+from absl.testing import parameterized
 
 from longjax.benchmarks import retrieval
 
@@ -11,10 +12,11 @@ def _row(impl, t, ms):
           "decode_ms_per_token": ms, "cache_bytes": 2**20}
 
 
-class RetrievalSuiteTest(absltest.TestCase):
+class RetrievalSuiteTest(parameterized.TestCase):
 
-  def test_one_case_in_process(self):
-    result = retrieval.retrieval_case("landmark", 64, 1, 200, 1, repeats=1, budget_s=5,
+  @parameterized.parameters("landmark", "infllm")
+  def test_one_case_in_process(self, impl):
+    result = retrieval.retrieval_case(impl, 64, 1, 2200, 1, repeats=1, budget_s=5,
                                       memory_budget=None)
     self.assertGreater(result["decode_ms_per_token"], 0)
     self.assertGreater(result["cache_bytes"], 0)

@@ -46,6 +46,21 @@ class CompareTest(absltest.TestCase):
     self.assertEqual(table[3], "| `log_n` | " + " | ".join(
         f"{x:.3f}" for x in results["log_n"]["loss"]) + " |")
 
+  def test_retrieval_policies(self):
+    """The policies attend to everything within their window (L/2 = 16 tokens here): the same
+    losses as the full model there, different ones beyond."""
+    run = runs.load_run(self.workdir)
+    results = compare.compare(config=run.config, params=run.params, corpus=run.corpus,
+                              workdir=self.workdir, methods=["none", "infllm", "tokenselect"],
+                              progress=False)
+    none_pos = np.asarray(results["none"]["per_position"]["128"])
+    for method in ("infllm", "tokenselect"):
+      pos = np.asarray(results[method]["per_position"]["128"])
+      np.testing.assert_allclose(pos[:16], none_pos[:16], rtol=1e-4)
+      self.assertGreater(np.abs(pos[16:] - none_pos[16:]).max(), 1e-4)
+      self.assertTrue(np.all(np.isfinite(pos)))
+    self.assertEqual(results["infllm"]["overrides"]["model.attention.retrieval_top_k"], 8)
+
   def test_unknown_method(self):
     run = runs.load_run(self.workdir)
     with self.assertRaisesRegex(ValueError, "unknown evaluation method.*valid: .*log_n, none, ntk"):

@@ -62,8 +62,8 @@ def _qkv(b, t, n, k, seed=0):
                for s in ((b, t, n, H), (b, t, k, H), (b, t, k, H)))
 
 
-def _numpy_capped(q, k, v, *, window, align):
-  """Every key j <= t: at its true distance when lo(t) <= j, else at distance `window`."""
+def _numpy_capped(q, k, v, *, window):
+  """Every key j <= t: at its true distance when t - window < j, else at distance `window`."""
   b_, t_, n, _ = q.shape
   group = n // k.shape[2]
   index = jnp.arange(t_)
@@ -73,114 +73,123 @@ def _numpy_capped(q, k, v, *, window, align):
   out = np.zeros(q.shape)
   for b in range(b_):
     for i in range(t_):
-      lo = max(i + 1 - window, 0) // align * align
       for head in range(n):
         kv = head // group
-        x = np.array([(q_true[b, i, head] @ k_true[b, j, kv]) if j >= lo
+        x = np.array([(q_true[b, i, head] @ k_true[b, j, kv]) if j > i - window
                       else (q_far[b, i, head] @ k_far[b, j, kv]) for j in range(i + 1)])
         p = np.exp(x / np.sqrt(H) - np.max(x / np.sqrt(H)))
         out[b, i, head] = (p / p.sum()) @ np.asarray(v[b, :i + 1, kv], np.float64)
   return out
 
 
+def _policy(name, **fields):
+  defaults = {"top_k": 8, "window": 6, "sinks": 0, "block": 4, "representatives": 2,
+              "reuse": 2.0, "chunk": 5}
+  defaults.update(fields)
+  return retrieval_layer.RetrievalPolicy(name, **defaults)
+
+
+def _decode(policy, q, k, v, splits=(), rotate=_rope):
+  """retrieval_decode over the whole sequence, in calls cut at `splits`: (out, cache)."""
+  b, t, n, _ = q.shape
+  cache = retrieval_layer.init_cache(policy, b, t, n, k.shape[2], H, jnp.float32)
+  outs = []
+  for lo, hi in zip((0, *splits), (*splits, t)):
+    out, cache = retrieval_layer.retrieval_decode(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], cache,
+                                                  policy, rotate=rotate, impl="reference")
+    outs.append(out)
+  return jnp.concatenate(outs, axis=1), cache
+
+
 class MechanismTest(parameterized.TestCase):
 
   @parameterized.parameters(
-      ("tokenselect", 0, 5), ("tokenselect", 3, 16), ("infllm", 0, 5), ("infllm", 4, 16))
-  def test_every_candidate_selected_equals_capped_attention(self, policy, sinks, chunk):
-    b, t, n, kv, window, block = 2, 21, 4, 2, 6, 4
+      ("tokenselect", 0, 5, ()), ("tokenselect", 3, 16, (1, 2, 9)), ("infllm", 0, 5, (7,)),
+      ("infllm", 4, 16, ()))
+  def test_every_candidate_selected_equals_capped_attention(self, policy, sinks, chunk,
+                                                            splits):
+    """Sinks, remainder and a selection of every candidate: all keys, far ones at `window`;
+    prefills cut anywhere and single-token steps alike."""
+    b, t, n, kv = 2, 21, 4, 2
     q, k, v = _qkv(b, t, n, kv)
-    if policy == "infllm":
-      reps = jnp.asarray(np.random.default_rng(1).normal(size=(b, kv, 6, 2, H)), jnp.float32)
-      pad = [(0, 0), (0, 24 - t), (0, 0), (0, 0)]
-      k, v = jnp.pad(k, pad), jnp.pad(v, pad)  # whole blocks
-      select = policies.infllm_select(reps, top_blocks=6, block=block, sinks=sinks,
-                                      window=window)
-      state, align = None, block
-    else:
-      select = policies.tokenselect_select(k, top_k=t, sinks=sinks, window=window,
-                                           reuse_threshold=2.0, scale=H ** -0.5)
-      state = (jnp.zeros((b, n, H)), jnp.full((b, t), -1, jnp.int32), jnp.asarray(False))
-      align = 1
-    out, _ = retrieval.retrieval_attention(
-        q, k, v, jnp.arange(t), window=window, sinks=sinks, align=align, select=select,
-        select_state=state, rotate=_rope, chunk=chunk)
-    expected = _numpy_capped(q, k[:, :t], v[:, :t], window=window, align=align)
-    np.testing.assert_allclose(out, expected, atol=ATOL)
+    policy = _policy(policy, top_k=24, sinks=sinks, chunk=chunk)
+    out, _ = _decode(policy, q, k, v, splits)
+    np.testing.assert_allclose(out, _numpy_capped(q, k, v, window=6), atol=ATOL)
 
-  def test_nothing_selected_equals_lm_infinite(self):
-    """Sinks + window alone is LM-Infinite with its ceiling at the window."""
+  def test_sinks_and_window_alone_equal_lm_infinite(self):
+    """The two parts with only sinks for far keys are LM-Infinite with its ceiling at the
+    window."""
     b, t, n, kv, window, sinks = 1, 19, 4, 2, 5, 3
     q, k, v = _qkv(b, t, n, kv, seed=2)
-    out, _ = retrieval.retrieval_attention(q, k, v, jnp.arange(t), window=window, sinks=sinks,
-                                           align=1, select=None, rotate=_rope, chunk=8)
+    index = jnp.arange(t)
+    positions = jnp.broadcast_to(index, (b, t))
+    k_rot = _rope(k, positions, True)
+    local = retrieval.local_attention(_rope(q, positions, False), jnp.zeros((b, window, kv, H)),
+                                      jnp.zeros((b, window, kv, H)), k_rot, v, index,
+                                      window=window, impl="reference")
+    visible = jnp.arange(sinks)[None, :] < (index + 1 - window)[:, None]
+    sinks_part = (jnp.zeros((b, t, 1), jnp.int32), sinks, jnp.broadcast_to(visible, (b, t, sinks)))
+    far = retrieval.far_attention(retrieval.far_queries(q, window, _rope), k, v, [sinks_part],
+                                  impl="reference")
     expected = lm_infinite.lm_infinite_attention(
-        q, k, v, jnp.broadcast_to(jnp.arange(t), (b, t)), segment_ids=None, window=window,
-        global_tokens=sinks, ceiling=window, positional=_Rope(), scale_queries=lambda q, p: q,
-        impl="reference", block_size=None)
-    np.testing.assert_allclose(out, expected, atol=ATOL)
+        q, k, v, positions, segment_ids=None, window=window, global_tokens=sinks,
+        ceiling=window, positional=_Rope(), scale_queries=lambda q, p: q, impl="reference",
+        block_size=None)
+    np.testing.assert_allclose(retrieval.merge(local, far), expected, atol=ATOL)
 
 
 class InfLLMTest(absltest.TestCase):
 
-  def test_scores_sum_the_window_queries_logits(self):
-    b, t, n, kv, window = 1, 13, 4, 2, 4
-    q, k, _ = _qkv(b, t, n, kv, seed=3)
-    scores = jnp.zeros((b, kv, t))
-    for part in (slice(0, 6), slice(6, t)):  # two calls add up to one
-      scores = policies.accumulate_scores(scores, q[:, part], k, jnp.arange(t)[part],
-                                          window=window, rotate=_rope, chunk=4)
+  def test_block_keys_average_the_keys_the_window_queries_scored_highest(self):
+    """r_m = sum of q_j . k_m over the `window` queries j = m..m+W-1 (true positions, summed
+    over the KV head's query heads); each complete block keeps the mean of its R best keys per
+    KV head."""
+    b, t, n, kv, window, block, reps = 1, 26, 4, 2, 5, 4, 2
+    q, k, v = _qkv(b, t, n, kv, seed=3)
+    policy = _policy("infllm", window=window, block=block, representatives=reps, chunk=3)
+    _, cache = _decode(policy, q, k, v, splits=(11,))
     index = jnp.arange(t)
     qr = np.asarray(_rope(q, index[None], False), np.float64)
     kr = np.asarray(_rope(k, index[None], True), np.float64)
-    expected = np.zeros((kv, t))
-    for m in range(t):
-      for i in range(m, min(m + window, t)):
-        for head in range(n):
-          expected[head // 2, m] += qr[0, i, head] @ kr[0, m, head // 2]
-    np.testing.assert_allclose(scores[0], expected, atol=1e-4)
-
-  def test_representatives_are_the_best_scored_keys_of_finished_blocks(self):
-    b, kv, s, block, window = 1, 1, 12, 4, 3
-    k = jnp.arange(s, dtype=jnp.float32)[None, :, None, None] * jnp.ones((b, s, kv, 2))
-    scores = jnp.asarray([[[0, 5, 1, 2, 9, 0, 0, 8, 3, 3, 3, 3]]], jnp.float32)
-    reps = jnp.full((b, kv, 3, 2, 2), -1.0)
-    # After 10 tokens the blocks with (g + 1) * 4 <= 10 + 1 - 3 are done: blocks 0 and 1.
-    reps = policies.freeze_representatives(reps, scores, k, jnp.asarray(0), jnp.asarray(10),
-                                           window=window, block=block, new_tokens=10)
-    self.assertEqual(sorted(reps[0, 0, 0, :, 0].tolist()), [1.0, 3.0])  # scores 5, 2
-    self.assertEqual(sorted(reps[0, 0, 1, :, 0].tolist()), [4.0, 7.0])  # scores 9, 8
-    self.assertTrue(np.all(reps[0, 0, 2] == -1))  # block 2 is still in a window
+    done = (t + 1 - window) // block  # blocks whose every key saw its `window` queries
+    for g in range(cache.policy["block_keys"].shape[1]):
+      for head in range(kv):
+        got = np.asarray(cache.policy["block_keys"][0, g, head])
+        if g >= done:
+          np.testing.assert_array_equal(got, 0.0)  # not frozen yet
+          continue
+        scores = [sum(qr[0, j, head * 2 + i] @ kr[0, m, head] for j in range(m, m + window)
+                      for i in range(2)) for m in range(g * block, (g + 1) * block)]
+        best = g * block + np.argsort(scores)[::-1][:reps]
+        np.testing.assert_allclose(got, np.asarray(k[0, best, head]).mean(0), atol=1e-6)
 
   def test_the_block_holding_the_matching_key_is_retrieved(self):
-    """Queries all along u; only key 13 (block 3) points along u: InfLLM's representative
-    scores pick it for block 3, and a query along u retrieves block 3."""
+    """Queries all along u; only key 13 (block 3) points along u: its block is the one a
+    query along u retrieves."""
     b, n, kv, window, block, t = 1, 2, 1, 4, 4, 28
     rng = np.random.default_rng(4)
     u = np.eye(H)[0]
     k = 0.1 * rng.normal(size=(b, t, kv, H))
     k[0, 13, 0] = 5 * u
-    q = np.broadcast_to(u, (b, t, n, H))
-    policy = retrieval_layer.RetrievalPolicy("infllm", top_k=4, window=window, sinks=0,
-                                             block=block, representatives=1, reuse=0.9, chunk=8)
-    cache = retrieval_layer.init_cache(policy, b, t, n, kv, H, jnp.float32)
-    _, cache = retrieval_layer.retrieval_decode(
-        jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), jnp.zeros((b, t, kv, H)),
-        cache, policy, rotate=_no_rotation)
-    self.assertEqual(cache.policy["representatives"][0, 0, 3, 0].tolist(), k[0, 13, 0].tolist())
-    select = policies.infllm_select(cache.policy["representatives"], top_blocks=1,
-                                    block=block, sinks=0, window=window)
-    (ids, valid), _ = select(None, jnp.asarray(q[:, -1:]), jnp.asarray([t - 1]),
-                             jnp.ones(1, bool))
-    self.assertEqual(ids[0, 0, 0].tolist(), [12, 13, 14, 15])
+    q = jnp.asarray(np.broadcast_to(u, (b, t, n, H)), jnp.float32)
+    policy = _policy("infllm", top_k=4, window=window, block=block, representatives=1)
+    _, cache = _decode(policy, q, jnp.asarray(k, jnp.float32), jnp.zeros((b, t, kv, H)),
+                       rotate=_no_rotation)
+    np.testing.assert_allclose(cache.policy["block_keys"][0, 3, 0], k[0, 13, 0], rtol=1e-6)
+    starts, valid = policies.infllm_select(cache.policy["block_keys"], q[:, -1:],
+                                           jnp.asarray([t - 1]), top_blocks=1, block=block,
+                                           sinks=0, window=window)
+    self.assertEqual(starts[0, 0].tolist(), [12])
     self.assertTrue(np.all(valid))
 
 
 class TokenSelectTest(absltest.TestCase):
 
-  def _select(self, k, threshold, top_k=1):
-    return policies.tokenselect_select(k, top_k=top_k, sinks=1, window=2,
-                                       reuse_threshold=threshold, scale=H ** -0.5)
+  def _select(self, state, q, k, index, threshold):
+    """k [B, S, K, H] -> TokenSelect's ((ids, valid), state) with sinks=1, window=2."""
+    return policies.tokenselect_select(state, q, jnp.moveaxis(k, 1, 2), index,
+                                       top_k=state[1].shape[-1], sinks=1, window=2,
+                                       reuse_threshold=threshold)
 
   def test_the_matching_token_is_selected_and_sinks_and_window_are_not(self):
     s = 10
@@ -190,10 +199,10 @@ class TokenSelectTest(absltest.TestCase):
     k[0, 0, 0] = k[0, 8, 0] = 9 * u  # a sink and a window key: never candidates
     q = jnp.asarray(np.broadcast_to(u, (1, 1, 2, H)), jnp.float32)
     state = (jnp.zeros((1, 2, H)), jnp.full((1, 1), -1, jnp.int32), jnp.asarray(False))
-    (ids, valid), _ = self._select(jnp.asarray(k, jnp.float32), 2.0)(
-        state, q, jnp.asarray([9]), jnp.ones(1, bool))
-    self.assertEqual(ids[0, 0, 0].tolist(), [4])
-    self.assertTrue(bool(valid[0, 0, 0, 0]))
+    (ids, valid), _ = self._select(state, q, jnp.asarray(k, jnp.float32), jnp.asarray([9]),
+                                   2.0)
+    self.assertEqual(ids[0, 0].tolist(), [4])
+    self.assertTrue(bool(valid[0, 0, 0]))
 
   def test_the_selection_cache_reuses_while_queries_stay_similar(self):
     s = 12
@@ -205,15 +214,19 @@ class TokenSelectTest(absltest.TestCase):
     index = jnp.arange(8, 12)
     cached = (jnp.asarray(np.broadcast_to(e[0], (1, 2, H)), jnp.float32),
               jnp.asarray([[0, 1]], jnp.int32), jnp.asarray(True))
-    live = jnp.ones(4, bool)
-    (fresh, _), _ = self._select(k, 2.0, top_k=2)(cached, q, index, live)
-    (ids, _), (last_q, last_ids, _) = self._select(k, 0.9, top_k=2)(cached, q, index, live)
-    np.testing.assert_array_equal(ids[0, 0, 0], [0, 1])
-    np.testing.assert_array_equal(ids[0, 1, 0], [0, 1])
-    np.testing.assert_array_equal(ids[0, 2, 0], fresh[0, 2, 0])
-    np.testing.assert_array_equal(ids[0, 3, 0], fresh[0, 2, 0])
-    np.testing.assert_array_equal(last_ids[0], fresh[0, 2, 0])
+    (fresh, _), _ = self._select(cached, q, k, index, 2.0)
+    (ids, _), (last_q, last_ids, _) = self._select(cached, q, k, index, 0.9)
+    np.testing.assert_array_equal(ids[0, 0], [0, 1])
+    np.testing.assert_array_equal(ids[0, 1], [0, 1])
+    np.testing.assert_array_equal(ids[0, 2], fresh[0, 2])
+    np.testing.assert_array_equal(ids[0, 3], fresh[0, 2])
+    np.testing.assert_array_equal(last_ids[0], fresh[0, 2])
     np.testing.assert_allclose(last_q[0], q[0, 3])
+    # One query at a time (the decode path, which skips scoring when every row reuses).
+    state = cached
+    for i in range(4):
+      (step_ids, _), state = self._select(state, q[:, i:i + 1], k, index[i:i + 1], 0.9)
+      np.testing.assert_array_equal(step_ids[0, 0], ids[0, i])
 
 
 def _model_config(policy, **overrides):

@@ -58,7 +58,8 @@ def main(argv):
       common.fail(f"config: {e}")
     print(compare.describe(results))
     return
-  ctx = harness.EvalContext(config=config, graphdef=run.graphdef, params=run.params,
+  # run.config: `config`, plus what loading decided (DuoAttention's calibrated head split).
+  ctx = harness.EvalContext(config=run.config, graphdef=run.graphdef, params=run.params,
                             corpus=run.corpus, workdir=_WORKDIR.value, label=_LABEL.value)
   results = harness.evaluate(ctx)
   print(runs.describe(results["perplexity"]))

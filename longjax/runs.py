@@ -10,6 +10,7 @@ import jax
 from longjax import configuration
 from longjax import defaults
 from longjax.data import corpus as corpus_lib
+from longjax.eval import duo
 from longjax.parallel import mesh as mesh_lib
 from longjax.training import checkpoints, state as state_lib
 
@@ -108,6 +109,10 @@ def load_run(workdir: str, config=None, *, step: int | None = None) -> LoadedRun
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract.to_pure_dict(), shardings)
   step, params = checkpoints.restore_params(checkpoint_dir, target, step=step)
+  calibrated = duo.calibrate(config, params, corpus, workdir)
+  if calibrated is not config:  # DuoAttention without a head split: chosen now, for this run
+    config = calibrated
+    graphdef, _ = state_lib.model_graphdef(config.model, corpus.tokenizer.vocab_size)
   return LoadedRun(config=config, graphdef=graphdef, params=params, step=step, corpus=corpus,
                    mesh=mesh)
 

@@ -18,12 +18,13 @@ from longjax.benchmarks import suites
 from longjax.benchmarks import timing
 
 NEW_TOKENS = decode.NEW_TOKENS
-IMPLS = ("attention", "landmark", "infllm", "tokenselect")
+IMPLS = ("attention", "landmark", "infllm", "tokenselect", "duo")
 FULL = "attention"
 LABELS = {"attention": "full attention (KV cache)",
           "landmark": "landmark, top-4 blocks of 64 (longjax.layers.landmark)",
           "infllm": "InfLLM, 16 blocks of 128 + 128 sinks + 2k window",
-          "tokenselect": "TokenSelect, 2048 tokens + 128 sinks + 2k window"}
+          "tokenselect": "TokenSelect, 2048 tokens + 128 sinks + 2k window",
+          "duo": "DuoAttention-style, half the KV heads whole, others 128 sinks + 2k window"}
 # The training-free policies' budget: 2048 selected + 128 sink + 2048 window tokens per query.
 _POLICY = {"attention.retrieval_top_k": 2048, "attention.retrieval_window": 2048,
            "attention.retrieval_sinks": 128, "attention.retrieval_block": 128}
@@ -31,7 +32,18 @@ _POLICY = {"attention.retrieval_top_k": 2048, "attention.retrieval_window": 2048
 OVERRIDES = {"attention": {}, "landmark": {"mixers": "landmark", "landmark.block_size": 64,
                                            "landmark.top_k": 4},
              "infllm": {"attention.retrieval": "infllm", **_POLICY},
-             "tokenselect": {"attention.retrieval": "tokenselect", **_POLICY}}
+             "tokenselect": {"attention.retrieval": "tokenselect", **_POLICY},
+             "duo": {"attention.retrieval": "duo", **_POLICY}}
+
+
+def _overrides(impl: str, layers: int, kv_heads: int) -> dict:
+  """OVERRIDES, with DuoAttention's head split fixed to the first half of each layer's KV
+  heads (a random model has nothing to calibrate on; the cost depends only on the count)."""
+  if impl != "duo":
+    return OVERRIDES[impl]
+  half = ",".join(map(str, range(max(kv_heads // 2, 1))))
+  return {**OVERRIDES[impl],
+          "attention.retrieval_head_split": ";".join(f"{i}:{half}" for i in range(layers))}
 
 SIZES = {
     "tiny": {"shapes": [lm.LMShape(64, 2, c, 1) for c in (512, 2048)], "repeats": 2,
@@ -80,7 +92,8 @@ def retrieval_case(impl: str, width: int, layers: int, t: int, batch: int, *, re
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from longjax.models import generate  # pylint: disable=g-import-not-at-top
   shape = lm.LMShape(width, layers, t, batch)
-  graphdef, params, _ = lm.build_longjax(shape, model_overrides=OVERRIDES[impl])
+  graphdef, params, _ = lm.build_longjax(
+      shape, model_overrides=_overrides(impl, layers, shape.heads))
   model = nnx.merge(graphdef, params)
 
   def fresh_args():  # the donated cache is consumed by each call

@@ -12,7 +12,7 @@ import copy
 import os
 
 from longjax import configuration
-from longjax.eval import harness, plots
+from longjax.eval import duo, harness, plots
 from longjax.models import registry
 from longjax.training import state as state_lib
 
@@ -81,6 +81,9 @@ EVAL_METHODS: dict[str, Callable[..., Overrides]] = {
     # Retrieval from the whole cache (`longjax.layers.retrieval`), within a training length.
     "infllm": lambda config, target_length: _retrieval("infllm", config),
     "tokenselect": lambda config, target_length: _retrieval("tokenselect", config),
+    # Half the KV heads keep the cache (chosen by calibration, `longjax.eval.duo`), the others
+    # sinks and window.
+    "duo": lambda config, target_length: _retrieval("duo", config),
 }
 
 
@@ -128,6 +131,10 @@ def compare(*, config, params, corpus, workdir: str, methods: list[str],
   for method, overrides in planned.items():
     method_config = apply_overrides(config, overrides)
     configuration.validate_model(method_config.model)
+    method_config = duo.calibrate(method_config, params, corpus, workdir)
+    overrides = dict(overrides, **({"model.attention.retrieval_head_split":
+                                    method_config.model.attention.retrieval_head_split}
+                                   if method == "duo" else {}))
     graphdef, _ = state_lib.model_graphdef(method_config.model, corpus.tokenizer.vocab_size)
     ctx = harness.EvalContext(config=method_config, graphdef=graphdef, params=params,
                               corpus=corpus, workdir=workdir, label=method, progress=progress)

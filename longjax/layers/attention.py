@@ -140,6 +140,13 @@ class Attention(nnx.Module):
                                             self.num_kv_heads, self.head_dim, dtype)
     return KVCache.empty(batch_size, max_length, self.num_kv_heads, self.head_dim, dtype)
 
+  def layer_cache(self, cache, layer: int):
+    """The cache of model layer `layer` from `init_cache`'s: DuoAttention keeps whole only
+    that layer's retrieval heads (`longjax.layers.retrieval.for_layer`)."""
+    if self.retrieval_policy is None:
+      return cache
+    return retrieval.for_layer(self.retrieval_policy, cache, layer)
+
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
                cache=None):
     """Args: x [B, T, D]; positions [B, T] int32; segment_ids [B, T] int32 (packed documents,

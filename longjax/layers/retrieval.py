@@ -23,17 +23,20 @@ from longjax import posenc
 from longjax.errors import ConfigError
 from longjax.layers import caches
 from longjax.layers.positional import POSENCS
+from longjax.ops import AttentionMask
+from longjax.ops import dot_product_attention
+from longjax.ops import merge_attention
 from longjax.ops import retrieval as ops
 from longjax.ops import retrieval_policies as policies
 
-POLICIES = ("none", "infllm", "tokenselect")
+POLICIES = ("none", "infllm", "tokenselect", "duo")
 BLOCK_POLICIES = ("infllm",)  # select whole blocks of retrieval_block tokens
 
 
 def add_defaults(a: ml_collections.ConfigDict) -> None:
   """The retrieval fields of the attention section `a` (flat, so that a layer of the pattern
   can override them: "attention(retrieval=infllm),attention")."""
-  a.retrieval = "none"         # none | infllm | tokenselect (applies when decoding)
+  a.retrieval = "none"         # none | infllm | tokenselect | duo (applies when decoding)
   a.retrieval_top_k = 2048     # tokens selected per query (infllm: top_k / block blocks)
   a.retrieval_window = 2048    # local window: the last tokens, at their true distances
   a.retrieval_sinks = 128      # initial tokens every query sees (infllm: a multiple of block)
@@ -41,6 +44,8 @@ def add_defaults(a: ml_collections.ConfigDict) -> None:
   a.retrieval_representatives = 4  # infllm: representative keys per unit
   a.retrieval_reuse = 0.9      # tokenselect: reuse the selection from this query cosine on
   a.retrieval_chunk = 128      # queries per step of a prefill
+  a.retrieval_heads = 0.5      # duo: fraction of KV heads kept as retrieval heads
+  a.retrieval_head_split = ""  # duo: "layer:head,head;..." retrieval heads ("" = calibrate)
 
 
 def validate(model, a, prefix: str) -> None:
@@ -68,6 +73,21 @@ def validate(model, a, prefix: str) -> None:
     if not isinstance(reps, int) or not 1 <= reps <= block:
       raise ConfigError(f"{prefix}.retrieval_representatives", reps,
                         f"must be an int in [1, retrieval_block={block}]")
+  if a.retrieval == "duo":
+    if not isinstance(a.retrieval_heads, (int, float)) or not 0 < a.retrieval_heads <= 1:
+      raise ConfigError(f"{prefix}.retrieval_heads", a.retrieval_heads,
+                        "must be a fraction in (0, 1] (of the KV heads kept whole)")
+    try:
+      split = parse_head_split(a.retrieval_head_split)
+    except ValueError as e:
+      raise ConfigError(f"{prefix}.retrieval_head_split", a.retrieval_head_split, str(e)
+                        ) from None
+    kv_heads = model.num_kv_heads or model.num_heads
+    for layer, heads in split.items():
+      if not 0 <= layer < model.num_layers or any(not 0 <= h < kv_heads for h in heads):
+        raise ConfigError(f"{prefix}.retrieval_head_split", a.retrieval_head_split,
+                          f"names layer {layer} head(s) {list(heads)}: layers are 0.."
+                          f"{model.num_layers - 1}, KV heads 0..{kv_heads - 1}")
   if not isinstance(a.retrieval_reuse, (int, float)):
     raise ConfigError(f"{prefix}.retrieval_reuse", a.retrieval_reuse,
                       "must be a number: a cosine similarity (above 1: never reuse)")
@@ -92,6 +112,31 @@ def validate(model, a, prefix: str) -> None:
                       "depend on the context length (model.posenc)", ["none"])
 
 
+def parse_head_split(text: str) -> dict[int, tuple[int, ...]]:
+  """DuoAttention's head split, "0:1,3;1:;2:0" -> {0: (1, 3), 1: (), 2: (0,)}: each layer's
+  retrieval KV heads (a listed layer with none keeps only streaming heads). "" -> {} (every
+  head of every layer a retrieval head: what the calibration runs). ValueError when malformed."""
+  split = {}
+  for item in filter(None, (p.strip() for p in text.split(";"))):
+    layer, colon, heads = item.partition(":")
+    try:
+      if not colon:
+        raise ValueError
+      ids = tuple(sorted(int(h) for h in heads.split(",") if h.strip()))
+      layer = int(layer)
+    except ValueError:
+      raise ValueError(f"{item!r} is not layer:head,head,... (e.g. '0:1,3;1:0')") from None
+    if layer in split or len(set(ids)) != len(ids):
+      raise ValueError(f"layer {layer} or one of its heads is named twice")
+    split[layer] = ids
+  return split
+
+
+def format_head_split(split: dict[int, tuple[int, ...]]) -> str:
+  """The inverse of `parse_head_split`."""
+  return ";".join(f"{layer}:{','.join(map(str, heads))}" for layer, heads in sorted(split.items()))
+
+
 @dataclasses.dataclass(frozen=True)
 class RetrievalPolicy:
   """The retrieval fields of one layer, as the module keeps them (see `add_defaults`)."""
@@ -103,6 +148,7 @@ class RetrievalPolicy:
   representatives: int
   reuse: float
   chunk: int
+  head_split: tuple[tuple[int, tuple[int, ...]], ...] = ()  # duo: (layer, retrieval heads)
 
   @classmethod
   def from_config(cls, a) -> "RetrievalPolicy | None":
@@ -110,7 +156,7 @@ class RetrievalPolicy:
       return None
     return cls(a.retrieval, a.retrieval_top_k, a.retrieval_window, a.retrieval_sinks,
                a.retrieval_block, a.retrieval_representatives, a.retrieval_reuse,
-               a.retrieval_chunk)
+               a.retrieval_chunk, tuple(parse_head_split(a.retrieval_head_split).items()))
 
   @property
   def align(self) -> int:
@@ -127,6 +173,13 @@ def init_cache(policy: RetrievalPolicy, batch_size: int, max_length: int, num_he
     state = {"prefix": jnp.zeros((batch_size, slots, num_kv_heads, head_dim), jnp.float32),
              "block_keys": jnp.zeros((batch_size, length // policy.block, num_kv_heads,
                                       head_dim), dtype)}
+  elif policy.name == "duo":
+    # Every KV head a retrieval head until `for_layer` applies the split; the distant part's
+    # attention mass per head is what the calibration ranks heads by (`longjax.eval.duo`).
+    sinks = (batch_size, policy.sinks, num_kv_heads, head_dim)
+    state = {"heads": jnp.arange(num_kv_heads, dtype=jnp.int32),
+             "distant_mass": jnp.zeros((batch_size, num_kv_heads), jnp.float32),
+             "sink_k": jnp.zeros(sinks, dtype), "sink_v": jnp.zeros(sinks, dtype)}
   else:
     # TokenSelect scores every cached key: it keeps them once more, head-major, for that.
     state = {"keys_by_head": jnp.zeros((batch_size, num_kv_heads, length, head_dim), dtype),
@@ -137,6 +190,58 @@ def init_cache(policy: RetrievalPolicy, batch_size: int, max_length: int, num_he
   return caches.RetrievalCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                                ring_k=jnp.zeros(ring, dtype), ring_v=jnp.zeros(ring, dtype),
                                end=jnp.zeros((), jnp.int32), policy=state)
+
+
+def for_layer(policy: RetrievalPolicy, cache: caches.RetrievalCache, layer: int
+              ) -> caches.RetrievalCache:
+  """DuoAttention: the empty cache of model layer `layer`, keeping whole only its retrieval
+  heads (the streaming heads need only the ring and the sinks). Other policies: unchanged."""
+  split = dict(policy.head_split)
+  if policy.name != "duo" or not split:
+    return cache
+  heads = split.get(layer, ())
+  b, s, _, h = cache.k.shape
+  shape = (b, s, len(heads), h)
+  state = dict(cache.policy, heads=jnp.asarray(heads, jnp.int32),
+               distant_mass=jnp.zeros((b, len(heads)), jnp.float32))
+  return dataclasses.replace(cache, k=jnp.zeros(shape, cache.k.dtype),
+                             v=jnp.zeros(shape, cache.v.dtype), policy=state)
+
+
+def _duo_far(q_far, q_index, k_cache, v_cache, state, *, window: int, impl: str):
+  """DuoAttention's far parts, both at the window's distance: the sinks for streaming heads and
+  every key before the window for retrieval heads (whose cache holds only those heads).
+
+  Returns:
+    ([(out [B, C, N, H], lse [B, N, C])] pieces over all N heads, lse -inf where a piece does
+    not apply; the retrieval heads' piece's lse (for the calibration statistic) or None).
+  """
+  b, c, n, h = q_far.shape
+  kv_heads = state["sink_k"].shape[2]
+  group = n // kv_heads
+  heads = state["heads"]  # [Kr] retrieval KV heads
+  query_heads = (heads[:, None] * group + jnp.arange(group)).reshape(-1)  # [Kr * G]
+  retrieval = jnp.zeros((n,), bool).at[query_heads].set(True)
+  seen = (q_index >= window)[None, None, :]  # any key before the window at all
+  # Keys j <= t - window: causal masking with the queries moved `window` back.
+  mask = AttentionMask(causal=True, q_offset=q_index[0] - window)
+  pieces = []
+  if state["sink_k"].shape[1]:
+    out, lse = dot_product_attention(q_far, state["sink_k"].astype(q_far.dtype),
+                                     state["sink_v"].astype(q_far.dtype), mask=mask, impl=impl,
+                                     return_lse=True)
+    keep = seen & ~retrieval[None, :, None]
+    pieces.append((jnp.where(keep.transpose(0, 2, 1)[..., None], out, 0.0),
+                   jnp.where(keep, lse, -jnp.inf)))
+  if heads.shape[0] == 0:
+    return pieces, None
+  out, lse = dot_product_attention(q_far[:, :, query_heads], k_cache, v_cache, mask=mask,
+                                   impl=impl, return_lse=True)
+  out = jnp.where(seen.transpose(0, 2, 1)[..., None], out, 0.0)
+  lse = jnp.where(seen, lse, -jnp.inf)
+  pieces.append((jnp.zeros((b, c, n, h), jnp.float32).at[:, :, query_heads].set(out),
+                 jnp.full((b, n, c), -jnp.inf).at[:, query_heads].set(lse)))
+  return pieces, lse
 
 
 def _far_keys(q_index, selected, valid, run: int, policy: RetrievalPolicy, batch: int):
@@ -181,6 +286,18 @@ def _chunk(carry, q, k, v, q_index, k_cache, v_cache, policy: RetrievalPolicy, *
   local = ops.local_attention(q_loc, *((ring_k, ring_v) if c == 1 else old_ring), k_rot, v,
                               q_index, window=policy.window, impl=impl)
   state = dict(state)
+  if policy.name == "duo":
+    pieces, lse_retrieval = _duo_far(q_far, q_index, k_cache, v_cache, state,
+                                     window=policy.window, impl=impl)
+    out, lse = merge_attention([local, *pieces])
+    if lse_retrieval is not None:  # the retrieval heads' weight on keys before the window
+      heads = state["heads"]
+      group = n // kv_heads
+      query_heads = (heads[:, None] * group + jnp.arange(group)).reshape(-1)
+      weight = jnp.exp(lse_retrieval - lse[:, query_heads])  # [B, Kr * G, C]
+      state["distant_mass"] = state["distant_mass"] + weight.reshape(
+          b, heads.shape[0], group * c).sum(-1)
+    return (ring_k, ring_v, state), out.astype(q.dtype)
   if policy.name == "infllm":
     q_sum = q_rotated.reshape(b, c, kv_heads, -1, h).sum(axis=3)
     state["prefix"] = policies.update_prefix(state["prefix"], q_sum, q_index)
@@ -202,7 +319,7 @@ def _chunk(carry, q, k, v, q_index, k_cache, v_cache, policy: RetrievalPolicy, *
     run = 1
   far = ops.far_attention(q_far, k_cache, v_cache,
                           _far_keys(q_index, selected, valid, run, policy, b), impl=impl)
-  return (ring_k, ring_v, state), ops.merge(local, far).astype(q.dtype)
+  return (ring_k, ring_v, state), merge_attention([local, far])[0].astype(q.dtype)
 
 
 def retrieval_decode(q, k, v, cache: caches.RetrievalCache, policy: RetrievalPolicy, *,
@@ -222,16 +339,22 @@ def retrieval_decode(q, k, v, cache: caches.RetrievalCache, policy: RetrievalPol
     (out [B, T, N, H], the updated cache).
   """
   end, t = cache.end, q.shape[1]
-  k_cache = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, end, 0, 0))
-  v_cache = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, end, 0, 0))
   state = dict(cache.policy)
+  index = end + jnp.arange(t, dtype=jnp.int32)
+  k_new, v_new = k, v
+  if policy.name == "duo":  # the cache keeps the retrieval heads whole, all heads' sinks
+    k_new, v_new = k[:, :, state["heads"]], v[:, :, state["heads"]]
+    slot = jnp.where(index < policy.sinks, index, policy.sinks)
+    state["sink_k"] = state["sink_k"].at[:, slot].set(k.astype(cache.k.dtype), mode="drop")
+    state["sink_v"] = state["sink_v"].at[:, slot].set(v.astype(cache.v.dtype), mode="drop")
+  k_cache = jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), (0, end, 0, 0))
+  v_cache = jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), (0, end, 0, 0))
   if "keys_by_head" in state:
     state["keys_by_head"] = jax.lax.dynamic_update_slice(
         state["keys_by_head"], jnp.moveaxis(k, 1, 2).astype(cache.k.dtype), (0, 0, end, 0))
   step = functools.partial(_chunk, k_cache=k_cache.astype(dtype), v_cache=v_cache.astype(dtype),
                            policy=policy, rotate=rotate, scale_queries=scale_queries, impl=impl)
   carry = (cache.ring_k, cache.ring_v, state)
-  index = end + jnp.arange(t, dtype=jnp.int32)
   chunk = min(policy.chunk, t)
   full, rest = divmod(t, chunk)
   outs = []

@@ -88,8 +88,14 @@ class DecoderLM(nnx.Module):
     """
     if self.landmark_block:
       max_length = landmarks.landmarked_length(max_length, self.landmark_block) + 1
-    return tuple(block.mixer.init_cache(batch_size, max_length, dtype)
-                 for _ in range(self.num_groups) for block in self.groups)
+    caches = []
+    for group in range(self.num_groups):
+      for i, block in enumerate(self.groups):
+        cache = block.mixer.init_cache(batch_size, max_length, dtype)
+        if hasattr(block.mixer, "layer_cache"):  # a cache that depends on the layer's index
+          cache = block.mixer.layer_cache(cache, group * len(self.groups) + i)
+        caches.append(cache)
+    return tuple(caches)
 
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache=None):

@@ -33,7 +33,6 @@ import jax.numpy as jnp
 
 from kernels_pallas.softmax import grouped_logits
 from kernels_pallas.softmax import masked_softmax_attention
-from kernels_pallas.softmax import merge_attention
 from longjax.ops.attention import dot_product_attention
 from longjax.ops.masks import AttentionMask
 
@@ -131,10 +130,7 @@ def far_attention(q_far, k_cache, v_cache, parts, *, impl: str):
                                    flat(gather(v_cache)), mask=mask, impl=impl,
                                    return_lse=True)
   # A row without any valid key: weight 0 in the merge, whatever the implementation returned.
-  lse = jnp.where(jnp.any(valid, -1).reshape(b * c, 1, 1), lse.transpose(0, 2, 1), -jnp.inf)
+  seen = jnp.any(valid, -1).reshape(b * c, 1, 1)
+  lse = jnp.where(seen, lse.transpose(0, 2, 1), -jnp.inf)
+  out = jnp.where(seen[..., None], out, 0.0)
   return out.reshape(b, c, n, h), lse.reshape(b, c, n).transpose(0, 2, 1)
-
-
-def merge(local, far):
-  """One softmax over both parts: (out, lse) pairs -> out [B, C, N, H] float32."""
-  return merge_attention([local, far])[0]

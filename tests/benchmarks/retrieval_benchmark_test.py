@@ -14,7 +14,7 @@ def _row(impl, t, ms):
 
 class RetrievalSuiteTest(parameterized.TestCase):
 
-  @parameterized.parameters("landmark", "infllm")
+  @parameterized.parameters("landmark", "infllm", "duo")
   def test_one_case_in_process(self, impl):
     result = retrieval.retrieval_case(impl, 64, 1, 2200, 1, repeats=1, budget_s=5,
                                       memory_budget=None)

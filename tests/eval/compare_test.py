@@ -4,6 +4,7 @@ import json
 import os
 
 from absl.testing import absltest
+from flax import nnx
 import numpy as np
 
 from experiments import report
@@ -51,15 +52,37 @@ class CompareTest(absltest.TestCase):
     losses as the full model there, different ones beyond."""
     run = runs.load_run(self.workdir)
     results = compare.compare(config=run.config, params=run.params, corpus=run.corpus,
-                              workdir=self.workdir, methods=["none", "infllm", "tokenselect"],
-                              progress=False)
+                              workdir=self.workdir,
+                              methods=["none", "infllm", "tokenselect", "duo"], progress=False)
     none_pos = np.asarray(results["none"]["per_position"]["128"])
-    for method in ("infllm", "tokenselect"):
+    for method in ("infllm", "tokenselect", "duo"):
       pos = np.asarray(results[method]["per_position"]["128"])
       np.testing.assert_allclose(pos[:16], none_pos[:16], rtol=1e-4)
       self.assertGreater(np.abs(pos[16:] - none_pos[16:]).max(), 1e-4)
       self.assertTrue(np.all(np.isfinite(pos)))
     self.assertEqual(results["infllm"]["overrides"]["model.attention.retrieval_top_k"], 8)
+    # DuoAttention's split was calibrated (half of 2 layers x 2 KV heads) and recorded.
+    with open(os.path.join(self.workdir, "eval", "duo_heads.json")) as f:
+      calibration = json.load(f)
+    split = results["duo"]["overrides"]["model.attention.retrieval_head_split"]
+    self.assertEqual(split, calibration["head_split"])
+    self.assertEqual(sum(len(p.split(":")[1].split(",")) for p in split.split(";")
+                         if p.split(":")[1]), 2)
+
+  def test_loading_a_run_with_duo_calibrates_its_heads(self):
+    """`experiments.evaluate --config.model.attention.retrieval=duo` (and sample) load the run
+    through `runs.load_run`, which calibrates the split and builds the model with it."""
+    config = runs.saved_config(self.workdir)
+    with config.unlocked():
+      config.update_from_flattened_dict({
+          "model.attention.retrieval": "duo", "model.attention.retrieval_window": 16,
+          "model.attention.retrieval_sinks": 2, "model.attention.retrieval_heads": 0.25})
+    run = runs.load_run(self.workdir, config)
+    split = run.config.model.attention.retrieval_head_split
+    self.assertLen([h for p in split.split(";") for h in p.split(":")[1].split(",") if h], 1)
+    model = nnx.merge(run.graphdef, run.params)
+    caches = model.init_cache(1, 64)
+    self.assertEqual(sorted(c.k.shape[2] for c in caches), [0, 1])
 
   def test_unknown_method(self):
     run = runs.load_run(self.workdir)

@@ -20,9 +20,11 @@ import numpy as np
 
 from longjax import configuration
 from longjax import posenc
+from longjax.eval import duo
 from longjax.layers import lm_infinite
 from longjax.layers import retrieval as retrieval_layer
 from longjax.models import build_model
+from longjax.ops import merge_attention
 from longjax.ops import retrieval
 from longjax.ops import retrieval_policies as policies
 from longjax.training import step as step_lib
@@ -135,7 +137,8 @@ class MechanismTest(parameterized.TestCase):
         q, k, v, positions, segment_ids=None, window=window, global_tokens=sinks,
         ceiling=window, positional=_Rope(), scale_queries=lambda q, p: q, impl="reference",
         block_size=None)
-    np.testing.assert_allclose(retrieval.merge(local, far), expected, atol=ATOL)
+    np.testing.assert_allclose(merge_attention([local, far])[0], expected,
+                               atol=ATOL)
 
 
 class InfLLMTest(absltest.TestCase):
@@ -240,9 +243,69 @@ def _model_config(policy, **overrides):
   return cfg
 
 
+class DuoTest(absltest.TestCase):
+
+  def test_distant_weight_is_the_softmax_mass_before_the_window(self):
+    """The calibration statistic: per retrieval head, the summed weight its queries give to
+    keys j <= t - W, from the numpy softmax over the capped logits."""
+    b, t, n, kv, window = 1, 17, 4, 2, 5
+    q, k, v = _qkv(b, t, n, kv, seed=7)
+    policy = _policy("duo", window=window, sinks=2, chunk=4)
+    _, cache = _decode(policy, q, k, v, splits=(6,))
+    index = jnp.arange(t)
+    rot = lambda x, p: np.asarray(_rope(x, jnp.broadcast_to(p, x.shape[:2]), False), np.float64)
+    q_true, q_far = rot(q, index), rot(q, jnp.full((t,), window))
+    k_true, k_far = rot(k, index), rot(k, jnp.zeros((t,), jnp.int32))
+    expected = np.zeros(kv)
+    for i in range(t):
+      for head in range(n):
+        g = head // 2
+        x = np.array([(q_true[0, i, head] @ k_true[0, j, g]) if j > i - window
+                      else (q_far[0, i, head] @ k_far[0, j, g]) for j in range(i + 1)])
+        p = np.exp(x / np.sqrt(H) - np.max(x / np.sqrt(H)))
+        expected[g] += (p / p.sum())[:max(i - window + 1, 0)].sum()
+    np.testing.assert_allclose(cache.policy["distant_mass"][0], expected, rtol=1e-5)
+
+  def test_the_split_keeps_the_heads_with_the_most_distant_weight(self):
+    weights = {0: np.array([0.1, 0.7]), 1: np.array([0.3, 0.05]), 3: np.array([0.2, 0.6])}
+    self.assertEqual(duo.choose_split(weights, 0.5), {0: (1,), 1: (0,), 3: (1,)})
+    self.assertEqual(duo.choose_split(weights, 0.01), {0: (1,), 1: (), 3: ()})
+    text = retrieval_layer.format_head_split({0: (1,), 1: (), 3: (0, 1)})
+    self.assertEqual(text, "0:1;1:;3:0,1")
+    self.assertEqual(retrieval_layer.parse_head_split(text), {0: (1,), 1: (), 3: (0, 1)})
+
+  def test_only_streaming_heads_is_lm_infinite(self):
+    """Every head streaming: sinks + window with far sinks at the window's distance, which is
+    the LM-Infinite attention of the training path (no cache)."""
+    fields = {"posenc.kind": "rope", "num_kv_heads": 2}
+    model = build_model(tiny_model_config(**fields, **{
+        "attention.window": 8, "attention.sink_tokens": 4, "attention.distance_ceiling": 8}),
+                        vocab_size=50, rngs=nnx.Rngs(3))
+    graphdef, params = nnx.split(model)
+    streaming = build_model(_model_config("duo", retrieval_head_split="0:;1:"), vocab_size=50,
+                            rngs=nnx.Rngs(3))
+    tokens = jnp.asarray(np.random.RandomState(3).randint(0, 50, (1, 30)), jnp.int32)
+    expected, _ = _forward(graphdef, params, tokens)
+    got, cache = _forward(nnx.graphdef(streaming), params, tokens, None,
+                          streaming.init_cache(1, 32))
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    self.assertEqual([c.k.shape[2] for c in cache], [0, 0])  # no head keeps the whole cache
+
+  def test_every_head_retrieving_is_capped_full_attention(self):
+    """No split: every head keeps the cache, which is TokenSelect selecting everything."""
+    tokens = jnp.asarray(np.random.RandomState(4).randint(0, 50, (1, 30)), jnp.int32)
+    outs = []
+    for policy, fields in (("duo", {}),
+                           ("tokenselect", {"retrieval_top_k": 32, "retrieval_reuse": 2.0})):
+      model = build_model(_model_config(policy, **fields), vocab_size=50, rngs=nnx.Rngs(4))
+      outs.append(_forward(*nnx.split(model), tokens, None, model.init_cache(1, 32))[0])
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-4)
+
+
 class ModelTest(parameterized.TestCase):
 
-  @parameterized.parameters(("infllm", {}), ("tokenselect", {"retrieval_reuse": 0.2}))
+  @parameterized.parameters(("infllm", {}), ("tokenselect", {"retrieval_reuse": 0.2}),
+                            ("duo", {"retrieval_head_split": "0:1;1:0,1"}))
   def test_prefill_equals_token_by_token_decode(self, policy, overrides):
     model = build_model(_model_config(policy, **overrides), vocab_size=50, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
@@ -287,6 +350,15 @@ class ConfigTest(parameterized.TestCase):
       ({"retrieval_representatives": 5}, "model.attention.retrieval_representatives"),
       ({"window": 16}, "model.attention.window"),
       ({"normalizer": "softplus"}, "model.attention.retrieval"),
+      ({"retrieval": "duo", "retrieval_heads": 0.0}, "model.attention.retrieval_heads"),
+      ({"retrieval": "duo", "retrieval_head_split": "0:1,1"},
+       "model.attention.retrieval_head_split"),
+      ({"retrieval": "duo", "retrieval_head_split": "2:0"},
+       "model.attention.retrieval_head_split"),
+      ({"retrieval": "duo", "retrieval_head_split": "0:5"},
+       "model.attention.retrieval_head_split"),
+      ({"retrieval": "duo", "retrieval_head_split": "zero"},
+       "model.attention.retrieval_head_split"),
   )
   def test_bad_fields_name_the_field(self, overrides, field):
     with self.assertRaisesRegex(configuration.ConfigError, field):

@@ -18,12 +18,13 @@ from longjax.benchmarks import suites
 from longjax.benchmarks import timing
 
 NEW_TOKENS = decode.NEW_TOKENS
-IMPLS = ("attention", "landmark", "infllm", "tokenselect", "duo")
+IMPLS = ("attention", "landmark", "infllm", "tokenselect", "hip", "duo")
 FULL = "attention"
 LABELS = {"attention": "full attention (KV cache)",
           "landmark": "landmark, top-4 blocks of 64 (longjax.layers.landmark)",
           "infllm": "InfLLM, 16 blocks of 128 + 128 sinks + 2k window",
           "tokenselect": "TokenSelect, 2048 tokens + 128 sinks + 2k window",
+          "hip": "HiP, 16 blocks of 128 + 128 sinks + 2k window",
           "duo": "DuoAttention-style, half the KV heads whole, others 128 sinks + 2k window"}
 # The training-free policies' budget: 2048 selected + 128 sink + 2048 window tokens per query.
 _POLICY = {"attention.retrieval_top_k": 2048, "attention.retrieval_window": 2048,
@@ -33,6 +34,7 @@ OVERRIDES = {"attention": {}, "landmark": {"mixers": "landmark", "landmark.block
                                            "landmark.top_k": 4},
              "infllm": {"attention.retrieval": "infllm", **_POLICY},
              "tokenselect": {"attention.retrieval": "tokenselect", **_POLICY},
+             "hip": {"attention.retrieval": "hip", **_POLICY},
              "duo": {"attention.retrieval": "duo", **_POLICY}}
 
 

@@ -44,7 +44,8 @@ def _reweight(config) -> Overrides:
 
 def _retrieval(policy: str, config) -> Overrides:
   """A retrieval policy whose attended tokens fit in the training length L: a window of L/2,
-  L/16 sinks and L/4 selected tokens (whole blocks of L/16 for InfLLM); far keys sit at L/2."""
+  L/16 sinks and L/4 selected tokens (whole blocks of L/16 for InfLLM and HiP); far keys sit
+  at L/2."""
   length = config.data.seq_len
   block = max(length // 16, 1)
   return {"model.attention.retrieval": policy, "model.attention.retrieval_window": length // 2,
@@ -81,6 +82,7 @@ EVAL_METHODS: dict[str, Callable[..., Overrides]] = {
     # Retrieval from the whole cache (`longjax.layers.retrieval`), within a training length.
     "infllm": lambda config, target_length: _retrieval("infllm", config),
     "tokenselect": lambda config, target_length: _retrieval("tokenselect", config),
+    "hip": lambda config, target_length: _retrieval("hip", config),
     # Half the KV heads keep the cache (chosen by calibration, `longjax.eval.duo`), the others
     # sinks and window.
     "duo": lambda config, target_length: _retrieval("duo", config),

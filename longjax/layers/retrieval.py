@@ -29,18 +29,18 @@ from longjax.ops import merge_attention
 from longjax.ops import retrieval as ops
 from longjax.ops import retrieval_policies as policies
 
-POLICIES = ("none", "infllm", "tokenselect", "duo")
-BLOCK_POLICIES = ("infllm",)  # select whole blocks of retrieval_block tokens
+POLICIES = ("none", "infllm", "tokenselect", "hip", "duo")
+BLOCK_POLICIES = ("infllm", "hip")  # select whole blocks of retrieval_block tokens
 
 
 def add_defaults(a: ml_collections.ConfigDict) -> None:
   """The retrieval fields of the attention section `a` (flat, so that a layer of the pattern
   can override them: "attention(retrieval=infllm),attention")."""
-  a.retrieval = "none"         # none | infllm | tokenselect | duo (applies when decoding)
+  a.retrieval = "none"         # none | infllm | tokenselect | hip | duo (when decoding)
   a.retrieval_top_k = 2048     # tokens selected per query (infllm: top_k / block blocks)
   a.retrieval_window = 2048    # local window: the last tokens, at their true distances
   a.retrieval_sinks = 128      # initial tokens every query sees (infllm: a multiple of block)
-  a.retrieval_block = 128      # infllm: tokens per memory unit
+  a.retrieval_block = 128      # infllm, hip: tokens per block retrieved
   a.retrieval_representatives = 4  # infllm: representative keys per unit
   a.retrieval_reuse = 0.9      # tokenselect: reuse the selection from this query cosine on
   a.retrieval_chunk = 128      # queries per step of a prefill
@@ -70,7 +70,7 @@ def validate(model, a, prefix: str) -> None:
                           f"must be a multiple of {prefix}.retrieval_block={block} "
                           f"({a.retrieval} retrieves whole blocks)")
     reps = a.retrieval_representatives
-    if not isinstance(reps, int) or not 1 <= reps <= block:
+    if a.retrieval == "infllm" and (not isinstance(reps, int) or not 1 <= reps <= block):
       raise ConfigError(f"{prefix}.retrieval_representatives", reps,
                         f"must be an int in [1, retrieval_block={block}]")
   if a.retrieval == "duo":
@@ -180,12 +180,14 @@ def init_cache(policy: RetrievalPolicy, batch_size: int, max_length: int, num_he
     state = {"heads": jnp.arange(num_kv_heads, dtype=jnp.int32),
              "distant_mass": jnp.zeros((batch_size, num_kv_heads), jnp.float32),
              "sink_k": jnp.zeros(sinks, dtype), "sink_v": jnp.zeros(sinks, dtype)}
-  else:
+  elif policy.name == "tokenselect":
     # TokenSelect scores every cached key: it keeps them once more, head-major, for that.
     state = {"keys_by_head": jnp.zeros((batch_size, num_kv_heads, length, head_dim), dtype),
              "last_q": jnp.zeros((batch_size, num_heads, head_dim), dtype),
              "last_ids": jnp.full((batch_size, min(policy.top_k, length)), -1, jnp.int32),
              "has_last": jnp.zeros((), bool)}
+  else:  # HiP scores the cached keys themselves
+    state = {}
   shape = (batch_size, length, num_kv_heads, head_dim)
   return caches.RetrievalCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                                ring_k=jnp.zeros(ring, dtype), ring_v=jnp.zeros(ring, dtype),
@@ -298,7 +300,13 @@ def _chunk(carry, q, k, v, q_index, k_cache, v_cache, policy: RetrievalPolicy, *
       state["distant_mass"] = state["distant_mass"] + weight.reshape(
           b, heads.shape[0], group * c).sum(-1)
     return (ring_k, ring_v, state), out.astype(q.dtype)
-  if policy.name == "infllm":
+  if policy.name == "hip":
+    selected, valid = policies.hip_select(q_far, k_cache, q_index,
+                                          top_blocks=policy.top_k // policy.block,
+                                          block=policy.block, sinks=policy.sinks,
+                                          window=policy.window)
+    run = policy.block
+  elif policy.name == "infllm":
     q_sum = q_rotated.reshape(b, c, kv_heads, -1, h).sum(axis=3)
     state["prefix"] = policies.update_prefix(state["prefix"], q_sum, q_index)
     state["block_keys"] = policies.freeze_block_keys(

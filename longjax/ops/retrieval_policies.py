@@ -18,6 +18,8 @@
   the heads vote: the `top_k` tokens with the largest summed probability are selected. The
   *selection cache*: a query whose cosine similarity to the previous query reaches
   `reuse_threshold` reuses the previous selection instead of scoring the cache.
+- **HiP** (Lee et al. 2024): hierarchical pruning of the candidate blocks by their ranges'
+  center tokens, O(top_k log S) keys scored per query (`hip_select`).
 
 The representative scores need q_{m..m+W-1} for every key m: they are kept as prefix sums
 P(i) = sum_{j <= i} q_j (rotated, summed over each KV head's query heads) in a ring of the last
@@ -30,6 +32,7 @@ Shapes: B batch, C queries, N query heads sharing K KV heads, H head dim, S cach
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels_pallas.softmax import softmax
 from longjax.ops import retrieval
@@ -112,6 +115,59 @@ def infllm_select(block_keys, q_far, q_index, *, top_blocks: int, block: int, si
   g = jnp.arange(g_total)
   usable = (g[None, :] >= -(-sinks // block)) & (g[None, :] < before[:, None])  # [C, G]
   best, chosen = jax.lax.top_k(jnp.where(usable[None], scores, -jnp.inf), top_blocks)
+  return (chosen * block).astype(jnp.int32), jnp.repeat(jnp.isfinite(best), block, axis=-1)
+
+
+def hip_select(q_far, k_cache, q_index, *, top_blocks: int, block: int, sinks: int,
+               window: int):
+  """HiP's hierarchical pruning (Lee et al. 2024, "HiP Attention: Sparse Sub-Quadratic
+  Attention with Hierarchical Attention Pruning"), over the complete blocks before the window.
+
+  The candidate blocks are cut into 2k ranges; each range is scored by its *center token*
+  (attention locality: neighbours of a key score alike), summed over heads; the best k are
+  kept and each is split in two; and so on, until every range is one block. Whatever the
+  context, a query scores 2k keys per level and log2(blocks / k) levels: O(k log S), with no
+  state beyond the cache. HiP prunes to single tokens or small blocks; we stop at
+  `block` (the unit the far part gathers).
+
+  Args:
+    q_far: [B, C, N, H] far queries; k_cache: [B, S, K, H] unrotated keys.
+    q_index: [C] positions; top_blocks: k.
+
+  Returns:
+    (starts [B, C, k] the chosen blocks' first tokens, valid [B, C, k * block]).
+  """
+  b, c, n, h = q_far.shape
+  s, kv_heads = k_cache.shape[1], k_cache.shape[2]
+  g_total = s // block
+  top_blocks = min(top_blocks, g_total)
+  qg = q_far.reshape(b, c, kv_heads, n // kv_heads, h).sum(axis=3)  # [B, C, K, H]
+  first = -(-sinks // block)
+  count = jnp.maximum(retrieval.complete_blocks_before_window(q_index, window, block) // block
+                      - first, 0)  # [C] candidate blocks
+  nodes = 2 * top_blocks
+  cut = first + (count[:, None] * jnp.arange(nodes + 1)) // nodes  # [C, 2k + 1]
+  lo = jnp.broadcast_to(cut[None, :, :-1], (b, c, nodes))
+  hi = jnp.broadcast_to(cut[None, :, 1:], (b, c, nodes))
+  bi = jnp.arange(b)[:, None, None]
+
+  def score(lo, hi):  # ranges [lo, hi) of blocks -> [B, C, nodes], -inf for empty ranges
+    center = (lo * block + hi * block) // 2
+    keys = k_cache[bi, jnp.clip(center, 0, s - 1)]  # [B, C, nodes, K, H]
+    x = jnp.einsum("bckh,bcjkh->bcj", qg, keys.astype(q_far.dtype),
+                   preferred_element_type=jnp.float32)
+    return jnp.where(hi > lo, x, -jnp.inf)
+
+  # Each level halves the ranges: from ceil(G / 2k) blocks to one.
+  levels = max(int(np.ceil(np.log2(max(g_total / nodes, 1)))), 0) + 1
+  for _ in range(levels):
+    _, keep = jax.lax.top_k(score(lo, hi), top_blocks)
+    lo = jnp.take_along_axis(lo, keep, axis=-1)
+    hi = jnp.take_along_axis(hi, keep, axis=-1)
+    mid = (lo + hi + 1) // 2  # a one-block range keeps its block on the left
+    lo, hi = jnp.concatenate([lo, mid], -1), jnp.concatenate([mid, hi], -1)
+  best, keep = jax.lax.top_k(score(lo, hi), top_blocks)
+  chosen = jnp.take_along_axis(lo, keep, axis=-1)
   return (chosen * block).astype(jnp.int32), jnp.repeat(jnp.isfinite(best), block, axis=-1)
 
 

@@ -53,9 +53,10 @@ class CompareTest(absltest.TestCase):
     run = runs.load_run(self.workdir)
     results = compare.compare(config=run.config, params=run.params, corpus=run.corpus,
                               workdir=self.workdir,
-                              methods=["none", "infllm", "tokenselect", "duo"], progress=False)
+                              methods=["none", "infllm", "tokenselect", "hip", "duo"],
+                              progress=False)
     none_pos = np.asarray(results["none"]["per_position"]["128"])
-    for method in ("infllm", "tokenselect", "duo"):
+    for method in ("infllm", "tokenselect", "hip", "duo"):
       pos = np.asarray(results[method]["per_position"]["128"])
       np.testing.assert_allclose(pos[:16], none_pos[:16], rtol=1e-4)
       self.assertGreater(np.abs(pos[16:] - none_pos[16:]).max(), 1e-4)

@@ -107,7 +107,7 @@ class MechanismTest(parameterized.TestCase):
 
   @parameterized.parameters(
       ("tokenselect", 0, 5, ()), ("tokenselect", 3, 16, (1, 2, 9)), ("infllm", 0, 5, (7,)),
-      ("infllm", 4, 16, ()))
+      ("infllm", 4, 16, ()), ("hip", 4, 5, (1, 2, 9)), ("hip", 0, 16, ()))
   def test_every_candidate_selected_equals_capped_attention(self, policy, sinks, chunk,
                                                             splits):
     """Sinks, remainder and a selection of every candidate: all keys, far ones at `window`;
@@ -184,6 +184,26 @@ class InfLLMTest(absltest.TestCase):
                                            sinks=0, window=window)
     self.assertEqual(starts[0, 0].tolist(), [12])
     self.assertTrue(np.all(valid))
+
+
+class HiPTest(absltest.TestCase):
+
+  def test_the_block_around_the_matching_keys_is_found_among_many(self):
+    """64 candidate blocks and keys that match u the more, the closer they are to token 75
+    (block 37): HiP's attention locality. Pruning from 4 ranges down to single blocks (5
+    levels, 4 center keys scored per level) ends on block 37."""
+    block, blocks, window = 2, 66, 4
+    s = block * blocks
+    k = 0.1 * np.random.default_rng(8).normal(size=(1, s, 2, H))
+    u = np.eye(H)[2]
+    k += 3 * u * np.exp(-np.abs(np.arange(s) - 75) / 20)[None, :, None, None]
+    q = jnp.asarray(np.broadcast_to(u, (1, 1, 4, H)), jnp.float32)
+    starts, valid = policies.hip_select(q, jnp.asarray(k, jnp.float32), jnp.asarray([s - 1]),
+                                        top_blocks=2, block=block, sinks=0, window=window)
+    self.assertIn(37 * block, starts[0, 0].tolist())
+    self.assertTrue(np.all(valid))
+    # Blocks reaching into the window (64 and 65 here) are never candidates.
+    self.assertLess(max(starts[0, 0].tolist()), (s + 1 - window) // block * block)
 
 
 class TokenSelectTest(absltest.TestCase):
@@ -305,6 +325,7 @@ class DuoTest(absltest.TestCase):
 class ModelTest(parameterized.TestCase):
 
   @parameterized.parameters(("infllm", {}), ("tokenselect", {"retrieval_reuse": 0.2}),
+                            ("hip", {"retrieval_top_k": 4}),
                             ("duo", {"retrieval_head_split": "0:1;1:0,1"}))
   def test_prefill_equals_token_by_token_decode(self, policy, overrides):
     model = build_model(_model_config(policy, **overrides), vocab_size=50, rngs=nnx.Rngs(0))

@@ -84,18 +84,26 @@ def freeze_block_keys(block_keys, ring, k_cache, first, last, *, window: int, bl
   count = min(-(-chunk // block), g_total)  # multiples of block in (first - 1, last] + 2 - W
   g = start + jnp.arange(count)
   m = jnp.minimum(g, g_total - 1)[:, None] * block + jnp.arange(block)  # [count, block]
-  window_sums = _read_ring(ring, m + window - 1) - _read_ring(ring, m - 1)  # [B, c, blk, K, H]
-  keys = k_cache[:, m]  # [B, count, block, K, H]
-  rotated = rotate(keys.reshape(b, count * block, kv_heads, h),
-                   jnp.broadcast_to(m.reshape(-1), (b, count * block)), True)
-  scores = jnp.sum(window_sums.reshape(b, count * block, kv_heads, h)
-                   * rotated.astype(jnp.float32), axis=-1)  # [B, count * block, K]
-  scores = jnp.moveaxis(scores.reshape(b, count, block, kv_heads), 2, 3)  # [B, c, K, block]
-  _, best = jax.lax.top_k(scores, representatives)  # [B, count, K, R]
-  chosen = jnp.take_along_axis(jnp.moveaxis(keys, 2, 3), best[..., None], axis=3)
+
+  def new_keys():  # [B, count, K, H]: each block's mean of its best-scored keys
+    window_sums = _read_ring(ring, m + window - 1) - _read_ring(ring, m - 1)  # [B, c, blk, K, H]
+    keys = k_cache[:, m]  # [B, count, block, K, H]
+    rotated = rotate(keys.reshape(b, count * block, kv_heads, h),
+                     jnp.broadcast_to(m.reshape(-1), (b, count * block)), True)
+    scores = jnp.sum(window_sums.reshape(b, count * block, kv_heads, h)
+                     * rotated.astype(jnp.float32), axis=-1)  # [B, count * block, K]
+    scores = jnp.moveaxis(scores.reshape(b, count, block, kv_heads), 2, 3)  # [B, c, K, block]
+    _, best = jax.lax.top_k(scores, representatives)  # [B, count, K, R]
+    chosen = jnp.take_along_axis(jnp.moveaxis(keys, 2, 3), best[..., None], axis=3)
+    return chosen.mean(axis=3).astype(block_keys.dtype)
+
+  # A decode step completes a block once every `block` steps: the cond skips the scoring the
+  # other times (0.45 of 1.7 ms per layer and step at 64k); the write stays outside it, so that
+  # block_keys is updated in place.
+  keys = jax.lax.cond(stop > start, new_keys,
+                      lambda: jnp.zeros((b, count, kv_heads, h), block_keys.dtype))
   target = jnp.where(g < stop, g, g_total)  # not completed yet: dropped
-  return block_keys.at[:, target].set(chosen.mean(axis=3).astype(block_keys.dtype),
-                                      mode="drop")
+  return block_keys.at[:, target].set(keys, mode="drop")
 
 
 def infllm_select(block_keys, q_far, q_index, *, top_blocks: int, block: int, sinks: int,

@@ -18,12 +18,13 @@ from longjax.benchmarks import suites
 from longjax.benchmarks import timing
 
 NEW_TOKENS = decode.NEW_TOKENS
-IMPLS = ("attention", "landmark", "infllm", "tokenselect", "hip", "duo")
+IMPLS = ("attention", "landmark", "infllm", "infllm_host", "tokenselect", "hip", "duo")
 FULL = "attention"
 LABELS = {"attention": "full attention (KV cache)",
           "landmark": "landmark, top-4 blocks of 64 (longjax.layers.landmark)",
           "infllm": "InfLLM, 16 blocks of 128 + 128 sinks + 2k window",
           "tokenselect": "TokenSelect, 2048 tokens + 128 sinks + 2k window",
+          "infllm_host": "InfLLM as above, keys and values in host memory",
           "hip": "HiP, 16 blocks of 128 + 128 sinks + 2k window",
           "duo": "DuoAttention-style, half the KV heads whole, others 128 sinks + 2k window"}
 # The training-free policies' budget: 2048 selected + 128 sink + 2048 window tokens per query.
@@ -34,6 +35,8 @@ OVERRIDES = {"attention": {}, "landmark": {"mixers": "landmark", "landmark.block
                                            "landmark.top_k": 4},
              "infllm": {"attention.retrieval": "infllm", **_POLICY},
              "tokenselect": {"attention.retrieval": "tokenselect", **_POLICY},
+             "infllm_host": {"attention.retrieval": "infllm", "attention.retrieval_cache": "host",
+                             **_POLICY},
              "hip": {"attention.retrieval": "hip", **_POLICY},
              "duo": {"attention.retrieval": "duo", **_POLICY}}
 
@@ -82,8 +85,19 @@ def filled_cache(model, context: int, capacity: int):
     if hasattr(cache, "positions"):
       fields["positions"] = jnp.broadcast_to(jnp.arange(cache.k.shape[1], dtype=jnp.int32),
                                              cache.positions.shape)
+    # Where the cache put an array (host memory for an offloaded cache), its filling goes too.
+    fields = {name: jax.device_put(value, getattr(cache, name).sharding)
+              if name in ("k", "v") else value for name, value in fields.items()}
     filled.append(dataclasses.replace(cache, **fields))
   return tuple(filled)
+
+
+def device_bytes(cache) -> int:
+  """Bytes of a cache's arrays in device memory (an offloaded cache's keys and values are in
+  host memory)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return sum(x.nbytes for x in jax.tree.leaves(cache)
+             if getattr(x.sharding, "memory_kind", "device") in ("device", None))
 
 
 def retrieval_case(impl: str, width: int, layers: int, t: int, batch: int, *, repeats: int,
@@ -111,6 +125,7 @@ def retrieval_case(impl: str, width: int, layers: int, t: int, batch: int, *, re
                                   sync=jax.block_until_ready)
   return {**result, **memory, "decode_ms_per_token": 1e3 * result["time_s"] / NEW_TOKENS,
           "cache_bytes": generate.cache_bytes(graphdef, params, batch, t + NEW_TOKENS),
+          "device_cache_bytes": device_bytes(filled_cache(model, 0, t + NEW_TOKENS)),
           "params": lm.count(params)}
 
 
@@ -164,14 +179,17 @@ def markdown(results: list[dict], summary: dict) -> str:
     rows.append([f"d{r['width']} L{r['layers']}", r["t"], LABELS[r["impl"]],
                  r.get("decode_ms_per_token") if ok else None, r.get("speedup_vs_full"),
                  r.get("vs_shortest"),
-                 r["cache_bytes"] / 2**20 if ok else None, r.get("rss_peak_mib"),
+                 r["cache_bytes"] / 2**20 if ok else None,
+                 r["device_cache_bytes"] / 2**20 if ok and "device_cache_bytes" in r else None,
+                 r.get("rss_peak_mib"),
                  "ok" if ok else f"{r.get('status')}: {r.get('reason', '')}"])
   return "\n".join([
       f"### Decode from a long cache (batch 1, greedy, {NEW_TOKENS} new tokens)\n",
       "x full: full attention's ms/token over this row's at the same context (> 1: faster); "
       "x shortest: this row's ms/token over its own at the shortest context.\n",
       reports.markdown_table(["model", "context", "implementation", "decode ms/token",
-                              "x full", "x shortest", "cache (MiB)", "peak RSS (MiB)",
+                              "x full", "x shortest", "cache (MiB)", "on device (MiB)",
+                              "peak RSS (MiB)",
                               "status"], rows),
       "\n### Targets\n",
       reports.targets_table(summary["targets"])])

@@ -31,6 +31,7 @@ from longjax.ops import retrieval_policies as policies
 
 POLICIES = ("none", "infllm", "tokenselect", "hip", "duo")
 BLOCK_POLICIES = ("infllm", "hip")  # select whole blocks of retrieval_block tokens
+PLACEMENTS = ("device", "host")  # where the whole cache's keys and values live
 
 
 def add_defaults(a: ml_collections.ConfigDict) -> None:
@@ -44,6 +45,7 @@ def add_defaults(a: ml_collections.ConfigDict) -> None:
   a.retrieval_representatives = 4  # infllm: representative keys per unit
   a.retrieval_reuse = 0.9      # tokenselect: reuse the selection from this query cosine on
   a.retrieval_chunk = 128      # queries per step of a prefill
+  a.retrieval_cache = "device"  # infllm, hip: "host" keeps the keys and values in host memory
   a.retrieval_heads = 0.5      # duo: fraction of KV heads kept as retrieval heads
   a.retrieval_head_split = ""  # duo: "layer:head,head;..." retrieval heads ("" = calibrate)
 
@@ -73,6 +75,13 @@ def validate(model, a, prefix: str) -> None:
     if a.retrieval == "infllm" and (not isinstance(reps, int) or not 1 <= reps <= block):
       raise ConfigError(f"{prefix}.retrieval_representatives", reps,
                         f"must be an int in [1, retrieval_block={block}]")
+  if a.retrieval_cache not in PLACEMENTS:
+    raise ConfigError(f"{prefix}.retrieval_cache", a.retrieval_cache, "unknown choice",
+                      list(PLACEMENTS))
+  if a.retrieval_cache == "host" and a.retrieval not in BLOCK_POLICIES:
+    raise ConfigError(f"{prefix}.retrieval_cache", "host", f"offloads the cache of a block "
+                      f"policy {BLOCK_POLICIES}, which reads a few blocks of it per step; "
+                      f"{prefix}.retrieval={a.retrieval!r} reads it whole", ["device"])
   if a.retrieval == "duo":
     if not isinstance(a.retrieval_heads, (int, float)) or not 0 < a.retrieval_heads <= 1:
       raise ConfigError(f"{prefix}.retrieval_heads", a.retrieval_heads,
@@ -149,6 +158,7 @@ class RetrievalPolicy:
   reuse: float
   chunk: int
   head_split: tuple[tuple[int, tuple[int, ...]], ...] = ()  # duo: (layer, retrieval heads)
+  placement: str = "device"  # "host": keys and values in host memory (block policies)
 
   @classmethod
   def from_config(cls, a) -> "RetrievalPolicy | None":
@@ -156,7 +166,8 @@ class RetrievalPolicy:
       return None
     return cls(a.retrieval, a.retrieval_top_k, a.retrieval_window, a.retrieval_sinks,
                a.retrieval_block, a.retrieval_representatives, a.retrieval_reuse,
-               a.retrieval_chunk, tuple(parse_head_split(a.retrieval_head_split).items()))
+               a.retrieval_chunk, tuple(parse_head_split(a.retrieval_head_split).items()),
+               a.retrieval_cache)
 
   @property
   def align(self) -> int:
@@ -189,7 +200,11 @@ def init_cache(policy: RetrievalPolicy, batch_size: int, max_length: int, num_he
   else:  # HiP scores the cached keys themselves
     state = {}
   shape = (batch_size, length, num_kv_heads, head_dim)
-  return caches.RetrievalCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+  if policy.placement == "host":  # only the blocks a step reads come to the device
+    k, v = (jax.device_put(jnp.zeros(shape, dtype), jax.memory.Space.Host) for _ in range(2))
+  else:
+    k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+  return caches.RetrievalCache(k=k, v=v,
                                ring_k=jnp.zeros(ring, dtype), ring_v=jnp.zeros(ring, dtype),
                                end=jnp.zeros((), jnp.int32), policy=state)
 
@@ -269,6 +284,7 @@ def _chunk(carry, q, k, v, q_index, k_cache, v_cache, policy: RetrievalPolicy, *
            scale_queries, impl):
   """One chunk of consecutive queries (`retrieval_decode`): (carry, out [B, C, N, H])."""
   ring_k, ring_v, state = carry
+  gather = ops.host_gather_runs if policy.placement == "host" else ops.gather_runs
   b, c, n, h = q.shape
   kv_heads = k.shape[2]
   positions = jnp.broadcast_to(q_index, (b, c))
@@ -304,7 +320,7 @@ def _chunk(carry, q, k, v, q_index, k_cache, v_cache, policy: RetrievalPolicy, *
     selected, valid = policies.hip_select(q_far, k_cache, q_index,
                                           top_blocks=policy.top_k // policy.block,
                                           block=policy.block, sinks=policy.sinks,
-                                          window=policy.window)
+                                          window=policy.window, gather=gather)
     run = policy.block
   elif policy.name == "infllm":
     q_sum = q_rotated.reshape(b, c, kv_heads, -1, h).sum(axis=3)
@@ -312,7 +328,7 @@ def _chunk(carry, q, k, v, q_index, k_cache, v_cache, policy: RetrievalPolicy, *
     state["block_keys"] = policies.freeze_block_keys(
         state["block_keys"], state["prefix"], k_cache, q_index[0], q_index[-1],
         window=policy.window, block=policy.block, representatives=policy.representatives,
-        chunk=c, rotate=rotate)
+        chunk=c, rotate=rotate, gather=gather)
     selected, valid = policies.infllm_select(
         state["block_keys"], q_far, q_index, top_blocks=policy.top_k // policy.block,
         block=policy.block, sinks=policy.sinks, window=policy.window)
@@ -326,7 +342,8 @@ def _chunk(carry, q, k, v, q_index, k_cache, v_cache, policy: RetrievalPolicy, *
     state["last_q"], state["last_ids"], state["has_last"] = cached
     run = 1
   far = ops.far_attention(q_far, k_cache, v_cache,
-                          _far_keys(q_index, selected, valid, run, policy, b), impl=impl)
+                          _far_keys(q_index, selected, valid, run, policy, b), impl=impl,
+                          gather=gather)
   return (ring_k, ring_v, state), merge_attention([local, far])[0].astype(q.dtype)
 
 
@@ -355,12 +372,16 @@ def retrieval_decode(q, k, v, cache: caches.RetrievalCache, policy: RetrievalPol
     slot = jnp.where(index < policy.sinks, index, policy.sinks)
     state["sink_k"] = state["sink_k"].at[:, slot].set(k.astype(cache.k.dtype), mode="drop")
     state["sink_v"] = state["sink_v"].at[:, slot].set(v.astype(cache.v.dtype), mode="drop")
-  k_cache = jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), (0, end, 0, 0))
-  v_cache = jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), (0, end, 0, 0))
+  if policy.placement == "host":
+    k_cache, v_cache = ops.host_write(cache.k, k_new, end), ops.host_write(cache.v, v_new, end)
+  else:
+    k_cache = jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), (0, end, 0, 0))
+    v_cache = jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), (0, end, 0, 0))
   if "keys_by_head" in state:
     state["keys_by_head"] = jax.lax.dynamic_update_slice(
         state["keys_by_head"], jnp.moveaxis(k, 1, 2).astype(cache.k.dtype), (0, 0, end, 0))
-  step = functools.partial(_chunk, k_cache=k_cache.astype(dtype), v_cache=v_cache.astype(dtype),
+  cast = (lambda x: x) if policy.placement == "host" else (lambda x: x.astype(dtype))
+  step = functools.partial(_chunk, k_cache=cast(k_cache), v_cache=cast(v_cache),
                            policy=policy, rotate=rotate, scale_queries=scale_queries, impl=impl)
   carry = (cache.ring_k, cache.ring_v, state)
   chunk = min(policy.chunk, t)

@@ -29,6 +29,7 @@ slots, W window.
 from collections.abc import Callable
 
 import jax
+from jax.experimental.compute_on import compute_on
 import jax.numpy as jnp
 
 from kernels_pallas.softmax import grouped_logits
@@ -105,7 +106,39 @@ def gather_runs(cache, starts, run: int):
   return rows.reshape(b, starts.shape[1], -1, *cache.shape[2:])
 
 
-def far_attention(q_far, k_cache, v_cache, parts, *, impl: str):
+def host_gather_runs(cache, starts, run: int):
+  """`gather_runs` of a cache in host memory: the rows are gathered on the host and only they
+  are copied to the device (`jax.experimental.compute_on`). The row indices are built on the
+  device and moved over, since host code may hold no device constants."""
+  b, s = cache.shape[:2]
+  rows = jnp.clip(starts, 0, s - run)[..., None] + jnp.arange(run)  # [B, C, P, run]
+  rows = (rows + s * jnp.arange(b)[:, None, None, None]).reshape(-1, 1)
+  numbers = jax.lax.GatherDimensionNumbers(offset_dims=(1, 2), collapsed_slice_dims=(0,),
+                                           start_index_map=(0,))
+
+  @compute_on("device_host")
+  @jax.jit
+  def on_host(cache, rows):
+    flat = cache.reshape(b * s, *cache.shape[2:])
+    return jax.lax.gather(flat, rows, numbers, (1, *cache.shape[2:]),
+                          mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+  out = on_host(cache, jax.device_put(rows, jax.memory.Space.Host))
+  out = jax.device_put(out, jax.memory.Space.Device)
+  return out.reshape(b, starts.shape[1], -1, *cache.shape[2:])
+
+
+def host_write(cache, new, end):
+  """cache [B, S, ...] in host memory with `new` [B, T, ...] written at `end`, on the host."""
+  @compute_on("device_host")
+  @jax.jit
+  def on_host(cache, new, end):
+    return jax.lax.dynamic_update_slice_in_dim(cache, new, end, axis=1)
+
+  return on_host(cache, jax.device_put(new.astype(cache.dtype), jax.memory.Space.Host), end)
+
+
+def far_attention(q_far, k_cache, v_cache, parts, *, impl: str, gather=gather_runs):
   """Attention of each query to its own far keys, all at distance `window`.
 
   Args:
@@ -114,20 +147,21 @@ def far_attention(q_far, k_cache, v_cache, parts, *, impl: str):
     parts: the far keys as (starts [B, C, P] int32, run, valid [B, C, P * run] bool) triples:
       P runs of `run` consecutive cache rows each (sinks, remainder, selection).
     impl: `dot_product_attention`'s implementation.
+    gather: `gather_runs`, or `host_gather_runs` for a cache in host memory.
 
   Returns:
     (out [B, C, N, H] float32, lse [B, N, C] float32); -inf where no far key is valid.
   """
   b, c, n, h = q_far.shape
-  gather = lambda cache: jnp.concatenate(
-      [gather_runs(cache, starts, run) for starts, run, _ in parts], axis=2)
+  rows = lambda cache: jnp.concatenate(
+      [gather(cache, starts, run) for starts, run, _ in parts], axis=2)
   valid = jnp.concatenate([ok for _, _, ok in parts], axis=-1)
   f = valid.shape[-1]
   flat = lambda x: x.reshape(b * c, f, *x.shape[3:]).astype(q_far.dtype)
   mask = AttentionMask(causal=False, q_segment_ids=jnp.ones((b * c, 1), jnp.int32),
                        kv_segment_ids=valid.reshape(b * c, f).astype(jnp.int32))
-  out, lse = dot_product_attention(q_far.reshape(b * c, 1, n, h), flat(gather(k_cache)),
-                                   flat(gather(v_cache)), mask=mask, impl=impl,
+  out, lse = dot_product_attention(q_far.reshape(b * c, 1, n, h), flat(rows(k_cache)),
+                                   flat(rows(v_cache)), mask=mask, impl=impl,
                                    return_lse=True)
   # A row without any valid key: weight 0 in the merge, whatever the implementation returned.
   seen = jnp.any(valid, -1).reshape(b * c, 1, 1)

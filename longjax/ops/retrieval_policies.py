@@ -64,7 +64,8 @@ def frozen_blocks(last, window: int, block: int):
 
 
 def freeze_block_keys(block_keys, ring, k_cache, first, last, *, window: int, block: int,
-                      representatives: int, chunk: int, rotate):
+                      representatives: int, chunk: int, rotate,
+                      gather=retrieval.gather_runs):
   """Freezes the block keys of the blocks completed by the queries first..last.
 
   Args:
@@ -75,6 +76,7 @@ def freeze_block_keys(block_keys, ring, k_cache, first, last, *, window: int, bl
       length (bounds the number of blocks it completes).
     representatives: R, the best-scored keys averaged per block and KV head.
     rotate: the model's rotation (keys at their true positions for the scores).
+    gather: reads runs of cache rows (`longjax.ops.retrieval.gather_runs`, or its host form).
 
   Returns:
     the updated block_keys.
@@ -87,7 +89,8 @@ def freeze_block_keys(block_keys, ring, k_cache, first, last, *, window: int, bl
 
   def new_keys():  # [B, count, K, H]: each block's mean of its best-scored keys
     window_sums = _read_ring(ring, m + window - 1) - _read_ring(ring, m - 1)  # [B, c, blk, K, H]
-    keys = k_cache[:, m]  # [B, count, block, K, H]
+    starts = jnp.broadcast_to(m[None, None, :, 0], (b, 1, count))
+    keys = gather(k_cache, starts, block).reshape(b, count, block, kv_heads, h)
     rotated = rotate(keys.reshape(b, count * block, kv_heads, h),
                      jnp.broadcast_to(m.reshape(-1), (b, count * block)), True)
     scores = jnp.sum(window_sums.reshape(b, count * block, kv_heads, h)
@@ -127,7 +130,7 @@ def infllm_select(block_keys, q_far, q_index, *, top_blocks: int, block: int, si
 
 
 def hip_select(q_far, k_cache, q_index, *, top_blocks: int, block: int, sinks: int,
-               window: int):
+               window: int, gather=retrieval.gather_runs):
   """HiP's hierarchical pruning (Lee et al. 2024, "HiP Attention: Sparse Sub-Quadratic
   Attention with Hierarchical Attention Pruning"), over the complete blocks before the window.
 
@@ -141,6 +144,7 @@ def hip_select(q_far, k_cache, q_index, *, top_blocks: int, block: int, sinks: i
   Args:
     q_far: [B, C, N, H] far queries; k_cache: [B, S, K, H] unrotated keys.
     q_index: [C] positions; top_blocks: k.
+    gather: reads runs of cache rows (`longjax.ops.retrieval.gather_runs`, or its host form).
 
   Returns:
     (starts [B, C, k] the chosen blocks' first tokens, valid [B, C, k * block]).
@@ -157,11 +161,10 @@ def hip_select(q_far, k_cache, q_index, *, top_blocks: int, block: int, sinks: i
   cut = first + (count[:, None] * jnp.arange(nodes + 1)) // nodes  # [C, 2k + 1]
   lo = jnp.broadcast_to(cut[None, :, :-1], (b, c, nodes))
   hi = jnp.broadcast_to(cut[None, :, 1:], (b, c, nodes))
-  bi = jnp.arange(b)[:, None, None]
 
   def score(lo, hi):  # ranges [lo, hi) of blocks -> [B, C, nodes], -inf for empty ranges
     center = (lo * block + hi * block) // 2
-    keys = k_cache[bi, jnp.clip(center, 0, s - 1)]  # [B, C, nodes, K, H]
+    keys = gather(k_cache, center, 1)  # [B, C, nodes, K, H]
     x = jnp.einsum("bckh,bcjkh->bcj", qg, keys.astype(q_far.dtype),
                    preferred_element_type=jnp.float32)
     return jnp.where(hi > lo, x, -jnp.inf)

@@ -14,12 +14,15 @@ def _row(impl, t, ms):
 
 class RetrievalSuiteTest(parameterized.TestCase):
 
-  @parameterized.parameters("landmark", "infllm", "duo")
+  @parameterized.parameters("landmark", "infllm", "infllm_host", "duo")
   def test_one_case_in_process(self, impl):
     result = retrieval.retrieval_case(impl, 64, 1, 2200, 1, repeats=1, budget_s=5,
                                       memory_budget=None)
     self.assertGreater(result["decode_ms_per_token"], 0)
     self.assertGreater(result["cache_bytes"], 0)
+    # Offloaded: the keys and values (2 x 2304 slots x 1 head x 64 x 4 bytes) leave the device.
+    offloaded = 2 * 2304 * 64 * 4 if impl == "infllm_host" else 0
+    self.assertEqual(result["device_cache_bytes"], result["cache_bytes"] - offloaded)
 
   def test_ratios_and_targets(self):
     results = [_row("attention", 4096, 10.0), _row("landmark", 4096, 4.0),

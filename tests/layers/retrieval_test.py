@@ -91,7 +91,8 @@ def _policy(name, **fields):
   return retrieval_layer.RetrievalPolicy(name, **defaults)
 
 
-_jit_decode = jax.jit(retrieval_layer.retrieval_decode, static_argnames=("policy", "rotate", "impl"))
+_jit_decode = jax.jit(retrieval_layer.retrieval_decode,
+                      static_argnames=("policy", "rotate", "impl"))
 
 
 def _decode(policy, q, k, v, splits=(), rotate=_rope):
@@ -338,6 +339,24 @@ class ModelTest(parameterized.TestCase):
     decoded, _ = decode_one_by_one(graphdef, params, tokens, model.init_cache(2, 32))
     np.testing.assert_allclose(prefilled, decoded, atol=1e-4)
 
+  @parameterized.parameters("infllm", "hip")
+  def test_a_cache_in_host_memory_gives_the_same_logits(self, policy):
+    """retrieval_cache='host': keys and values stay in host memory, the blocks a step reads
+    are gathered there and copied over; prefill and decode equal the on-device cache's."""
+    tokens = jnp.asarray(np.random.RandomState(5).randint(0, 50, (2, 27)), jnp.int32)
+    outs = []
+    for placement in ("device", "host"):
+      model = build_model(_model_config(policy, retrieval_cache=placement), vocab_size=50,
+                          rngs=nnx.Rngs(5))
+      graphdef, params = nnx.split(model)
+      prefilled, cache = _forward(graphdef, params, tokens[:, :20], None,
+                                  model.init_cache(2, 32))
+      decoded, cache = decode_one_by_one(graphdef, params, tokens[:, 20:], cache)
+      outs.append(jnp.concatenate([prefilled, decoded], axis=1))
+      self.assertEqual(cache[0].k.sharding.memory_kind,
+                       "pinned_host" if placement == "host" else "device")
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-6)
+
   @parameterized.parameters("infllm", "tokenselect")
   def test_window_over_the_whole_sequence_is_full_attention(self, policy):
     model = build_model(_model_config(policy, retrieval_window=32), vocab_size=50,
@@ -370,6 +389,9 @@ class ConfigTest(parameterized.TestCase):
       ({"retrieval_representatives": 5}, "model.attention.retrieval_representatives"),
       ({"window": 16}, "model.attention.window"),
       ({"normalizer": "softplus"}, "model.attention.retrieval"),
+      ({"retrieval_cache": "disk"}, "model.attention.retrieval_cache"),
+      ({"retrieval": "tokenselect", "retrieval_cache": "host"},
+       "model.attention.retrieval_cache"),
       ({"retrieval": "duo", "retrieval_heads": 0.0}, "model.attention.retrieval_heads"),
       ({"retrieval": "duo", "retrieval_head_split": "0:1,1"},
        "model.attention.retrieval_head_split"),

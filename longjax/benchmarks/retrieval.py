@@ -24,7 +24,7 @@ LABELS = {"attention": "full attention (KV cache)",
           "landmark": "landmark, top-4 blocks of 64 (longjax.layers.landmark)",
           "infllm": "InfLLM, 16 blocks of 128 + 128 sinks + 2k window",
           "tokenselect": "TokenSelect, 2048 tokens + 128 sinks + 2k window",
-          "infllm_host": "InfLLM as above, keys and values in host memory",
+          "infllm_host": "InfLLM as above, keys and values in host memory, 64 hot blocks",
           "hip": "HiP, 16 blocks of 128 + 128 sinks + 2k window",
           "duo": "DuoAttention-style, half the KV heads whole, others 128 sinks + 2k window"}
 # The training-free policies' budget: 2048 selected + 128 sink + 2048 window tokens per query.
@@ -36,7 +36,7 @@ OVERRIDES = {"attention": {}, "landmark": {"mixers": "landmark", "landmark.block
              "infllm": {"attention.retrieval": "infllm", **_POLICY},
              "tokenselect": {"attention.retrieval": "tokenselect", **_POLICY},
              "infllm_host": {"attention.retrieval": "infllm", "attention.retrieval_cache": "host",
-                             **_POLICY},
+                             "attention.retrieval_hot_blocks": 64, **_POLICY},
              "hip": {"attention.retrieval": "hip", **_POLICY},
              "duo": {"attention.retrieval": "duo", **_POLICY}}
 

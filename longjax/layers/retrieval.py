@@ -24,6 +24,7 @@ from longjax.errors import ConfigError
 from longjax.layers import caches
 from longjax.layers.positional import POSENCS
 from longjax.ops import AttentionMask
+from longjax.ops import block_lru
 from longjax.ops import dot_product_attention
 from longjax.ops import merge_attention
 from longjax.ops import retrieval as ops
@@ -46,6 +47,7 @@ def add_defaults(a: ml_collections.ConfigDict) -> None:
   a.retrieval_reuse = 0.9      # tokenselect: reuse the selection from this query cosine on
   a.retrieval_chunk = 128      # queries per step of a prefill
   a.retrieval_cache = "device"  # infllm, hip: "host" keeps the keys and values in host memory
+  a.retrieval_hot_blocks = 0   # host: device LRU of this many blocks for decoding (0 = none)
   a.retrieval_heads = 0.5      # duo: fraction of KV heads kept as retrieval heads
   a.retrieval_head_split = ""  # duo: "layer:head,head;..." retrieval heads ("" = calibrate)
 
@@ -82,6 +84,13 @@ def validate(model, a, prefix: str) -> None:
     raise ConfigError(f"{prefix}.retrieval_cache", "host", f"offloads the cache of a block "
                       f"policy {BLOCK_POLICIES}, which reads a few blocks of it per step; "
                       f"{prefix}.retrieval={a.retrieval!r} reads it whole", ["device"])
+  hot = a.retrieval_hot_blocks
+  if hot and (a.retrieval_cache != "host" or not isinstance(hot, int)
+              or hot < a.retrieval_top_k // a.retrieval_block):
+    raise ConfigError(f"{prefix}.retrieval_hot_blocks", hot, "must be 0, or with "
+                      f"{prefix}.retrieval_cache='host' an int >= the blocks a step selects "
+                      f"(retrieval_top_k / retrieval_block = "
+                      f"{a.retrieval_top_k // max(a.retrieval_block, 1)})")
   if a.retrieval == "duo":
     if not isinstance(a.retrieval_heads, (int, float)) or not 0 < a.retrieval_heads <= 1:
       raise ConfigError(f"{prefix}.retrieval_heads", a.retrieval_heads,
@@ -159,6 +168,7 @@ class RetrievalPolicy:
   chunk: int
   head_split: tuple[tuple[int, tuple[int, ...]], ...] = ()  # duo: (layer, retrieval heads)
   placement: str = "device"  # "host": keys and values in host memory (block policies)
+  hot_blocks: int = 0  # with "host": the device LRU's blocks (0: none)
 
   @classmethod
   def from_config(cls, a) -> "RetrievalPolicy | None":
@@ -167,7 +177,7 @@ class RetrievalPolicy:
     return cls(a.retrieval, a.retrieval_top_k, a.retrieval_window, a.retrieval_sinks,
                a.retrieval_block, a.retrieval_representatives, a.retrieval_reuse,
                a.retrieval_chunk, tuple(parse_head_split(a.retrieval_head_split).items()),
-               a.retrieval_cache)
+               a.retrieval_cache, a.retrieval_hot_blocks)
 
   @property
   def align(self) -> int:
@@ -202,6 +212,12 @@ def init_cache(policy: RetrievalPolicy, batch_size: int, max_length: int, num_he
   shape = (batch_size, length, num_kv_heads, head_dim)
   if policy.placement == "host":  # only the blocks a step reads come to the device
     k, v = (jax.device_put(jnp.zeros(shape, dtype), jax.memory.Space.Host) for _ in range(2))
+    if policy.hot_blocks:
+      hot = (batch_size, policy.hot_blocks, policy.block, num_kv_heads, head_dim)
+      state.update(hot_k=jnp.zeros(hot, dtype), hot_v=jnp.zeros(hot, dtype),
+                   hot_blocks=jnp.full(hot[:2], -1, jnp.int32),
+                   hot_used=jnp.full(hot[:2], -1, jnp.int32),
+                   copied_blocks=jnp.zeros((batch_size,), jnp.int32))
   else:
     k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
   return caches.RetrievalCache(k=k, v=v,
@@ -261,23 +277,48 @@ def _duo_far(q_far, q_index, k_cache, v_cache, state, *, window: int, impl: str)
   return pieces, lse
 
 
-def _far_keys(q_index, selected, valid, run: int, policy: RetrievalPolicy, batch: int):
-  """Each query's far keys as `ops.far_attention`'s parts: the sinks, the remainder (block
-  policies) and the selection (runs of `run` tokens starting at `selected`)."""
+def _far_parts(q_index, k_cache, v_cache, policy: RetrievalPolicy, batch: int, gather):
+  """The sinks and the remainder (block policies) as `ops.far_attention` parts."""
   c = q_index.shape[0]
   window_start = q_index + 1 - policy.window  # [C]
   shape = lambda x: jnp.broadcast_to(x, (batch, c, x.shape[-1]))
-  parts = []
+  runs = []
   if policy.sinks:
     sinks = jnp.arange(policy.sinks)
-    parts.append((shape(jnp.zeros((1,), jnp.int32)), policy.sinks,
-                  shape(sinks[None, :] < window_start[:, None])))
+    runs.append((shape(jnp.zeros((1,), jnp.int32)), policy.sinks,
+                 shape(sinks[None, :] < window_start[:, None])))
   if policy.align > 1:
     start = ops.complete_blocks_before_window(q_index, policy.window, policy.align)
     rest = start[:, None] + jnp.arange(policy.align)  # [C, align]
-    parts.append((shape(start[:, None]), policy.align,
-                  shape((rest < window_start[:, None]) & (rest >= policy.sinks))))
-  return parts + [(selected, run, valid)]
+    runs.append((shape(start[:, None]), policy.align,
+                 shape((rest < window_start[:, None]) & (rest >= policy.sinks))))
+  return [(gather(k_cache, starts, run), gather(v_cache, starts, run), ok)
+          for starts, run, ok in runs]
+
+
+def _hot_selection(state, selected, valid, k_cache, v_cache, policy: RetrievalPolicy, step,
+                   gather):
+  """A decode step's selected blocks through the device LRU (`longjax.ops.block_lru`): the
+  selection part of `ops.far_attention` and the updated state."""
+  b, _, count = selected.shape
+  blocks = selected[:, 0] // policy.block  # [B, k]
+  ok = valid[:, 0].reshape(b, count, policy.block)[..., 0]
+  slots, missing, state["hot_blocks"], state["hot_used"] = block_lru.lookup(
+      state["hot_blocks"], state["hot_used"], blocks, ok, step)
+  shape = (b, count, policy.block, *k_cache.shape[2:])
+  copy = jnp.any(missing)
+
+  def fetch():  # the whole selection, from host memory
+    return tuple(gather(cache, selected, policy.block).reshape(shape).astype(state["hot_k"].dtype)
+                 for cache in (k_cache, v_cache))
+
+  rows = jax.lax.cond(copy, fetch, lambda: (jnp.zeros(shape, state["hot_k"].dtype),) * 2)
+  state["hot_k"] = block_lru.fill(state["hot_k"], slots, missing, rows[0])
+  state["hot_v"] = block_lru.fill(state["hot_v"], slots, missing, rows[1])
+  state["copied_blocks"] = state["copied_blocks"] + jnp.where(copy, count, 0)
+  flat = lambda hot: block_lru.read(hot, slots).reshape(b, 1, count * policy.block,
+                                                         *k_cache.shape[2:])
+  return (flat(state["hot_k"]), flat(state["hot_v"]), valid), state
 
 
 def _chunk(carry, q, k, v, q_index, k_cache, v_cache, policy: RetrievalPolicy, *, rotate,
@@ -341,9 +382,13 @@ def _chunk(carry, q, k, v, q_index, k_cache, v_cache, policy: RetrievalPolicy, *
         reuse_threshold=policy.reuse)
     state["last_q"], state["last_ids"], state["has_last"] = cached
     run = 1
-  far = ops.far_attention(q_far, k_cache, v_cache,
-                          _far_keys(q_index, selected, valid, run, policy, b), impl=impl,
-                          gather=gather)
+  parts = _far_parts(q_index, k_cache, v_cache, policy, b, gather)
+  if policy.hot_blocks and c == 1:  # a decode step of an offloaded cache: through the LRU
+    part, state = _hot_selection(state, selected, valid, k_cache, v_cache, policy, q_index[0],
+                                 gather)
+  else:
+    part = (gather(k_cache, selected, run), gather(v_cache, selected, run), valid)
+  far = ops.far_attention(q_far, parts + [part], impl=impl)
   return (ring_k, ring_v, state), merge_attention([local, far])[0].astype(q.dtype)
 
 

@@ -138,31 +138,27 @@ def host_write(cache, new, end):
   return on_host(cache, jax.device_put(new.astype(cache.dtype), jax.memory.Space.Host), end)
 
 
-def far_attention(q_far, k_cache, v_cache, parts, *, impl: str, gather=gather_runs):
+def far_attention(q_far, parts, *, impl: str):
   """Attention of each query to its own far keys, all at distance `window`.
 
   Args:
     q_far: [B, C, N, H] from `far_queries` (log-n scaled if any).
-    k_cache, v_cache: [B, S, K, H] unrotated keys and values.
-    parts: the far keys as (starts [B, C, P] int32, run, valid [B, C, P * run] bool) triples:
-      P runs of `run` consecutive cache rows each (sinks, remainder, selection).
+    parts: the far keys as (k_rows, v_rows [B, C, F, K, H] unrotated, valid [B, C, F] bool)
+      triples (sinks, remainder, selection), read with `gather_runs` or `host_gather_runs`.
     impl: `dot_product_attention`'s implementation.
-    gather: `gather_runs`, or `host_gather_runs` for a cache in host memory.
 
   Returns:
     (out [B, C, N, H] float32, lse [B, N, C] float32); -inf where no far key is valid.
   """
   b, c, n, h = q_far.shape
-  rows = lambda cache: jnp.concatenate(
-      [gather(cache, starts, run) for starts, run, _ in parts], axis=2)
   valid = jnp.concatenate([ok for _, _, ok in parts], axis=-1)
   f = valid.shape[-1]
-  flat = lambda x: x.reshape(b * c, f, *x.shape[3:]).astype(q_far.dtype)
+  flat = lambda i: jnp.concatenate([part[i] for part in parts], axis=2).reshape(
+      b * c, f, *parts[0][i].shape[3:]).astype(q_far.dtype)
   mask = AttentionMask(causal=False, q_segment_ids=jnp.ones((b * c, 1), jnp.int32),
                        kv_segment_ids=valid.reshape(b * c, f).astype(jnp.int32))
-  out, lse = dot_product_attention(q_far.reshape(b * c, 1, n, h), flat(rows(k_cache)),
-                                   flat(rows(v_cache)), mask=mask, impl=impl,
-                                   return_lse=True)
+  out, lse = dot_product_attention(q_far.reshape(b * c, 1, n, h), flat(0), flat(1), mask=mask,
+                                   impl=impl, return_lse=True)
   # A row without any valid key: weight 0 in the merge, whatever the implementation returned.
   seen = jnp.any(valid, -1).reshape(b * c, 1, 1)
   lse = jnp.where(seen, lse.transpose(0, 2, 1), -jnp.inf)

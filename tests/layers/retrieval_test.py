@@ -24,6 +24,7 @@ from longjax.eval import duo
 from longjax.layers import lm_infinite
 from longjax.layers import retrieval as retrieval_layer
 from longjax.models import build_model
+from longjax.ops import block_lru
 from longjax.ops import merge_attention
 from longjax.ops import retrieval
 from longjax.ops import retrieval_policies as policies
@@ -134,8 +135,9 @@ class MechanismTest(parameterized.TestCase):
                                       jnp.zeros((b, window, kv, H)), k_rot, v, index,
                                       window=window, impl="reference")
     visible = jnp.arange(sinks)[None, :] < (index + 1 - window)[:, None]
-    sinks_part = (jnp.zeros((b, t, 1), jnp.int32), sinks, jnp.broadcast_to(visible, (b, t, sinks)))
-    far = retrieval.far_attention(retrieval.far_queries(q, window, _rope), k, v, [sinks_part],
+    rows = lambda x: jnp.broadcast_to(x[:, None, :sinks], (b, t, *x[:, :sinks].shape[1:]))
+    sinks_part = (rows(k), rows(v), jnp.broadcast_to(visible, (b, t, sinks)))
+    far = retrieval.far_attention(retrieval.far_queries(q, window, _rope), [sinks_part],
                                   impl="reference")
     expected = lm_infinite.lm_infinite_attention(
         q, k, v, positions, segment_ids=None, window=window, global_tokens=sinks,
@@ -208,6 +210,27 @@ class HiPTest(absltest.TestCase):
     self.assertTrue(np.all(valid))
     # Blocks reaching into the window (64 and 65 here) are never candidates.
     self.assertLess(max(starts[0, 0].tolist()), (s + 1 - window) // block * block)
+
+
+class BlockLRUTest(absltest.TestCase):
+
+  def test_hits_stay_and_misses_evict_the_least_recently_used(self):
+    # Slots hold blocks 7, 3, 9, -1 last read at steps 5, 2, 4, -1 (never).
+    slot_block = jnp.asarray([[7, 3, 9, -1]], jnp.int32)
+    last_used = jnp.asarray([[5, 2, 4, -1]], jnp.int32)
+    # Step 6 selects 9 (hot), 11 and 12 (missing), and an invalid entry.
+    blocks = jnp.asarray([[9, 11, 12, 0]], jnp.int32)
+    valid = jnp.asarray([[True, True, True, False]])
+    slots, missing, slot_block, last_used = block_lru.lookup(slot_block, last_used, blocks,
+                                                             valid, jnp.int32(6))
+    self.assertEqual(missing[0].tolist(), [False, True, True, False])
+    self.assertEqual(slots[0, :3].tolist(), [2, 3, 1])  # the empty slot, then block 3's
+    self.assertEqual(slot_block[0].tolist(), [7, 12, 9, 11])
+    self.assertEqual(last_used[0].tolist(), [5, 6, 6, 6])
+    hot = block_lru.fill(jnp.zeros((1, 4, 1)), slots, missing, jnp.asarray([[[1.], [2.], [3.],
+                                                                            [4.]]]))
+    self.assertEqual(hot[0, :, 0].tolist(), [0, 3, 0, 2])
+    self.assertEqual(block_lru.read(hot, slots)[0, :3, 0].tolist(), [0, 2, 3])
 
 
 class TokenSelectTest(absltest.TestCase):
@@ -357,6 +380,25 @@ class ModelTest(parameterized.TestCase):
                        "pinned_host" if placement == "host" else "device")
     np.testing.assert_allclose(outs[1], outs[0], atol=1e-6)
 
+  @parameterized.parameters("infllm", "hip")
+  def test_a_device_lru_of_hot_blocks_gives_the_same_logits(self, policy):
+    """retrieval_hot_blocks: decode steps read their blocks from a device LRU and copy only
+    when one is missing; the logits equal the on-device cache's, and fewer blocks are copied
+    than selected."""
+    tokens = jnp.asarray(np.random.RandomState(6).randint(0, 50, (1, 60)), jnp.int32)
+    outs = []
+    for fields in ({}, {"retrieval_cache": "host", "retrieval_hot_blocks": 4}):
+      model = build_model(_model_config(policy, **fields), vocab_size=50, rngs=nnx.Rngs(6))
+      graphdef, params = nnx.split(model)
+      prefilled, cache = _forward(graphdef, params, tokens[:, :20], None,
+                                  model.init_cache(1, 64))
+      decoded, cache = decode_one_by_one(graphdef, params, tokens[:, 20:], cache)
+      outs.append(jnp.concatenate([prefilled, decoded], axis=1))
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-6)
+    copied = int(cache[0].policy["copied_blocks"][0])
+    self.assertGreater(copied, 0)
+    self.assertLess(copied, 40 * 2)  # 40 steps selecting 2 blocks each
+
   @parameterized.parameters("infllm", "tokenselect")
   def test_window_over_the_whole_sequence_is_full_attention(self, policy):
     model = build_model(_model_config(policy, retrieval_window=32), vocab_size=50,
@@ -390,6 +432,9 @@ class ConfigTest(parameterized.TestCase):
       ({"window": 16}, "model.attention.window"),
       ({"normalizer": "softplus"}, "model.attention.retrieval"),
       ({"retrieval_cache": "disk"}, "model.attention.retrieval_cache"),
+      ({"retrieval_hot_blocks": 4}, "model.attention.retrieval_hot_blocks"),  # not "host"
+      ({"retrieval_cache": "host", "retrieval_hot_blocks": 1},
+       "model.attention.retrieval_hot_blocks"),  # fewer than the 2 blocks a step selects
       ({"retrieval": "tokenselect", "retrieval_cache": "host"},
        "model.attention.retrieval_cache"),
       ({"retrieval": "duo", "retrieval_heads": 0.0}, "model.attention.retrieval_heads"),

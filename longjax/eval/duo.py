@@ -20,7 +20,7 @@ import numpy as np
 
 from longjax import configuration
 from longjax.data import pipeline
-from longjax.layers import retrieval
+from longjax.layers import retrieval_config
 from longjax.training import state as state_lib
 
 CALIBRATION_DOCS = 4
@@ -88,7 +88,7 @@ def calibrate(config, params, corpus, workdir: str | None = None):
   group = model.num_heads // (model.num_kv_heads or model.num_heads)
   weights = head_weights(graphdef, params, np.asarray(docs, np.int32), group)
   split = choose_split(weights, attention.retrieval_heads)
-  text = retrieval.format_head_split(split)
+  text = retrieval_config.format_head_split(split)
   logging.info("duo calibration on %d x %d tokens: retrieval heads %s", *docs.shape, text)
   if workdir:
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from longjax.layers import lm_infinite
 from longjax.layers import params
 from longjax.layers import retrieval
+from longjax.layers.retrieval_config import RetrievalPolicy
 from longjax.layers import streaming
 from longjax.layers.caches import KVCache
 from longjax.layers.caches import refuse_segments_with_cache
@@ -88,7 +89,7 @@ class Attention(nnx.Module):
                distance_ceiling: int = 0, normalizer: str = "softmax",
                softplus_length_scale: bool = True, reweight_power: float = 0.0,
                learned_sink: bool = False,
-               retrieval_policy: retrieval.RetrievalPolicy | None = None,
+               retrieval_policy: RetrievalPolicy | None = None,
                out_init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
     self.w_q, self.w_kv, self.w_out = projection_params(
         rngs, width, num_heads, num_kv_heads, head_dim, out_init_scale)

@@ -7,7 +7,7 @@ from longjax import posenc
 from longjax.errors import ConfigError
 from longjax.layers import caches
 from longjax.layers import dims
-from longjax.layers import retrieval
+from longjax.layers import retrieval_config
 from longjax.layers.attention import NORMALIZERS, Attention
 from longjax.layers.mixer import MixerSpec
 from longjax.layers.positional import POSENCS
@@ -27,7 +27,7 @@ def defaults() -> ml_collections.ConfigDict:
   a.softplus_length_scale = True  # softplus: cosine logits x log(H) log(N) (LSSA)
   a.reweight_power = 0.0  # softplus: p >= 1 re-weights (LSSAR; paper: 15); 0 = off
   a.learned_sink = False  # a learned key/value every query sees (StreamingLLM)
-  retrieval.add_defaults(a)  # retrieval*: InfLLM / TokenSelect when decoding
+  retrieval_config.add_defaults(a)  # retrieval*: InfLLM / TokenSelect when decoding
   return a
 
 
@@ -68,7 +68,7 @@ def validate(model, a, prefix: str = "model.attention") -> None:
                       f"needs softmax attention without distance_ceiling ({prefix}."
                       f"normalizer={a.normalizer!r}, distance_ceiling={a.distance_ceiling})",
                       [False])
-  retrieval.validate(model, a, prefix)
+  retrieval_config.validate(model, a, prefix)
   # The blockwise XLA implementation pads any length to its block size; a block-size rule for
   # lengths belongs here once an implementation requires one (the Pallas kernels).
 
@@ -133,7 +133,7 @@ def build(model, a, rngs) -> Attention:
                    sink_tokens=a.sink_tokens, distance_ceiling=a.distance_ceiling,
                    normalizer=a.normalizer, softplus_length_scale=a.softplus_length_scale,
                    reweight_power=a.reweight_power, learned_sink=a.learned_sink,
-                   retrieval_policy=retrieval.RetrievalPolicy.from_config(a),
+                   retrieval_policy=retrieval_config.RetrievalPolicy.from_config(a),
                    out_init_scale=dims.out_init_scale(model), dtype=dims.DTYPES[model.dtype],
                    rngs=rngs)
 

@@ -120,35 +120,37 @@ def _from_layout(y, t, landmark_block, lp):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _landmark(spec, variant, interpret, q, k, v):
-  """Head-major layout attention: q [B, N, Tp, H], k/v [B, K, Sp, H] -> (out, lse [B, N, Tp])."""
-  return _VARIANTS[variant].forward(spec, q, k, v, interpret=interpret)
+def _landmark(spec, variant, interpret, q, k, v, q_ids, kv_ids):
+  """Head-major layout attention: q [B, N, Tp, H], k/v [B, K, Sp, H] -> (out, lse [B, N, Tp]);
+  q_ids [B, Tp], kv_ids [B, Sp] int32 segment ids or None."""
+  return _VARIANTS[variant].forward(spec, q, k, v, q_ids, kv_ids, interpret=interpret)
 
 
-def _landmark_fwd(spec, variant, interpret, q, k, v):
-  out, lse = _landmark(spec, variant, interpret, q, k, v)
-  return (out, lse), (q, k, v, out, lse)
+def _landmark_fwd(spec, variant, interpret, q, k, v, q_ids, kv_ids):
+  out, lse = _landmark(spec, variant, interpret, q, k, v, q_ids, kv_ids)
+  return (out, lse), (q, k, v, q_ids, kv_ids, out, lse)
 
 
 def _landmark_bwd(spec, variant, interpret, residuals, cotangents):
-  q, k, v, out, lse = residuals
+  q, k, v, q_ids, kv_ids, out, lse = residuals
   dout, dlse = cotangents
   # As in flash attention: D = rowsum(dO * O), and a cotangent on lse lowers D by it (d lse /
   # d logits is the main softmax's weight on each shifted logit).
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - dlse
   # Padding rows may see nothing (lse = -inf); any finite value keeps their weights at 0.
   lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-  return _VARIANTS[variant].backward(spec, q, k, v, dout.astype(q.dtype), lse, delta,
-                                     interpret=interpret)
+  dq, dk, dv = _VARIANTS[variant].backward(spec, q, k, v, dout.astype(q.dtype), lse, delta,
+                                           q_ids, kv_ids, interpret=interpret)
+  return dq, dk, dv, None, None
 
 
 _landmark.defvjp(_landmark_fwd, _landmark_bwd)
 
 
-def landmark_attention(q, k, v, *, landmark_block: int, scale: float | None = None,
-                       block_q: int | None = None, block_k: int | None = None,
-                       interpret: bool | None = None, backend: str | None = None,
-                       return_lse: bool = False):
+def landmark_attention(q, k, v, *, landmark_block: int, segment_ids=None,
+                       scale: float | None = None, block_q: int | None = None,
+                       block_k: int | None = None, interpret: bool | None = None,
+                       backend: str | None = None, return_lse: bool = False):
   """Causal landmark attention with the grouped softmax, in Pallas (see the module docstring).
 
   Args:
@@ -158,6 +160,12 @@ def landmark_attention(q, k, v, *, landmark_block: int, scale: float | None = No
     landmark_block: Lb >= 2, tokens per block including its landmark (the paper's mem_freq + 1);
       landmarks sit at (i + 1) % Lb == 0 (the kernels tile keys by whole blocks, so arbitrary
       landmark positions are `landmark_attention_reference`'s alone).
+    segment_ids: [B, T] int documents of a packed row, or None. A query sees keys of its own
+      document only: its block's, and an earlier block's regular keys through that block's
+      landmark when the landmark is of its document too. A landmark is expected to share the
+      document of a regular key of its block, as `longjax.ops.landmarks` lays them out (the
+      token before it); otherwise the kernels skip it, where the reference would give its
+      weight to no key.
     scale: multiplies q.k; None means H ** -0.5.
     block_q: query rows per tile; None picks a default.
     block_k: keys per tile, >= landmark_block; the layout pads each block to the smallest divisor
@@ -178,7 +186,14 @@ def landmark_attention(q, k, v, *, landmark_block: int, scale: float | None = No
   lp, bq, bk = _choose_blocks(variant, interpret, t, landmark_block, block_q, block_k)
   spec = landmark_tiles.LandmarkSpec(
       landmark_block=int(landmark_block), block_pad=lp, length=t, block_q=bq, block_k=bk,
-      scale=h ** -0.5 if scale is None else float(scale))
+      scale=h ** -0.5 if scale is None else float(scale),
+      has_segments=segment_ids is not None)
+  q_ids = kv_ids = None
+  if segment_ids is not None:
+    if segment_ids.shape != (b, t):
+      raise ValueError(f"segment_ids must be [B={b}, T={t}], got {segment_ids.shape}")
+    ids = jnp.asarray(segment_ids, jnp.int32)
+    q_ids, kv_ids = (_to_layout(ids, landmark_block, lp, m) for m in (bq, bk))
 
   def head_major(x, multiple):
     x = _to_layout(x, landmark_block, lp, multiple).transpose(0, 2, 1, 3)
@@ -187,7 +202,7 @@ def landmark_attention(q, k, v, *, landmark_block: int, scale: float | None = No
     return x
 
   out, lse = _landmark(spec, variant, interpret, head_major(q, bq), head_major(k, bk),
-                       head_major(v, bk))
+                       head_major(v, bk), q_ids, kv_ids)
   out = _from_layout(out[..., :h].transpose(0, 2, 1, 3), t, landmark_block, lp)
   if not return_lse:
     return out
@@ -227,13 +242,16 @@ def landmark_weights_reference(logits, is_landmark):
 
 
 def landmark_attention_reference(q, k, v, *, landmark_block: int | None = None, is_landmark=None,
-                                 scale: float | None = None, return_lse: bool = False):
+                                 segment_ids=None, scale: float | None = None,
+                                 return_lse: bool = False):
   """Dense landmark attention: materialises [B, N, T, T] weights. For tests.
 
   Args:
     q: [B, T, N, H]; k, v: [B, T, K, H], N % K == 0.
     landmark_block: periodic landmarks at (i + 1) % landmark_block == 0 (when is_landmark is None).
     is_landmark: [B, T] bool, landmarks at arbitrary positions (overrides landmark_block).
+    segment_ids: [B, T] int documents, or None: a query's logits to other documents' keys
+      are masked, which drops them from every softmax (a landmark of another document included).
     scale: multiplies q.k; None means H ** -0.5.
     return_lse: also return the main softmax's log-sum-exp [B, N, T] f32.
 
@@ -251,6 +269,9 @@ def landmark_attention_reference(q, k, v, *, landmark_block: int | None = None, 
   scale = h ** -0.5 if scale is None else float(scale)
   logits = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, nk, n // nk, h), k,
                       preferred_element_type=jnp.float32).reshape(b, n, t, t) * scale
+  if segment_ids is not None:
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    logits = jnp.where(same, logits, -jnp.inf)
   p, lse = landmark_weights_reference(logits, is_landmark)
   p = p.astype(v.dtype).reshape(b, nk, n // nk, t, t)
   out = jnp.einsum("bkgts,bskh->btkgh", p, v, preferred_element_type=jnp.float32)

@@ -37,6 +37,8 @@ class LandmarkSpec(typing.NamedTuple):
     block_q: query rows per tile.
     block_k: keys per tile.
     scale: multiplies q.k.
+    has_segments: the kernels take segment ids (packed documents): a query sees keys of its
+      own document only, and an earlier block only through regular keys and a landmark of it.
   """
 
   landmark_block: int
@@ -45,6 +47,7 @@ class LandmarkSpec(typing.NamedTuple):
   block_q: int
   block_k: int
   scale: float
+  has_segments: bool = False
 
   @property
   def groups(self) -> int:
@@ -78,7 +81,8 @@ def _reduce(x, kaxis, op):
   return op(x, axis=kaxis, keepdims=True)
 
 
-def tile_terms(spec: LandmarkSpec, x, *, q_start, kv_tile, transposed=False) -> TileTerms:
+def tile_terms(spec: LandmarkSpec, x, *, q_start, kv_tile, transposed=False,
+               segment_visible=None) -> TileTerms:
   """Masks and shifted logits of a tile of logits `x` (f32, already scaled).
 
   Args:
@@ -87,6 +91,9 @@ def tile_terms(spec: LandmarkSpec, x, *, q_start, kv_tile, transposed=False) -> 
     q_start: layout position of the tile's first query row (int32 scalar).
     kv_tile: index of the key tile (int32 scalar); its first key is at kv_tile * block_k.
     transposed: the tile is keys x queries.
+    segment_visible: bool, broadcastable to x: query and key in the same document; None: one
+      document. A block's other documents' keys drop out of its within-block softmax, and its
+      landmark counts only for the landmark's own document.
   """
   kaxis, qaxis = (0, 1) if transposed else (1, 0)
   shape = x.shape
@@ -102,6 +109,8 @@ def tile_terms(spec: LandmarkSpec, x, *, q_start, kv_tile, transposed=False) -> 
   inside = block * lb + offset < spec.length  # not past the real sequence
   regular = inside & (offset < lb - 1)
   landmark = inside & (offset == lb - 1)
+  if segment_visible is not None:
+    regular, landmark = regular & segment_visible, landmark & segment_visible
   block_end = (block + 1) * lp
   earlier = qpos >= block_end  # the key's block ends before the query
   # The current block: causal, and the query's own landmark is never seen (not even by itself).
@@ -137,7 +146,8 @@ def tile_terms(spec: LandmarkSpec, x, *, q_start, kv_tile, transposed=False) -> 
   return TileTerms(z, e, current, landmark, masks, sums)
 
 
-def forward_tile(spec: LandmarkSpec, q, k, v, m_prev, l_prev, acc_prev, *, q_start, kv_tile):
+def forward_tile(spec: LandmarkSpec, q, k, v, m_prev, l_prev, acc_prev, *, q_start, kv_tile,
+                 segment_visible=None):
   """One online-softmax step on the shifted logits of a key tile.
 
   Args:
@@ -148,7 +158,8 @@ def forward_tile(spec: LandmarkSpec, q, k, v, m_prev, l_prev, acc_prev, *, q_sta
   Returns:
     (m, l, acc), the updated state; `flash_tiles.forward_finish` turns it into (out, lse).
   """
-  z = tile_terms(spec, dot_nt(q, k) * spec.scale, q_start=q_start, kv_tile=kv_tile).z
+  z = tile_terms(spec, dot_nt(q, k) * spec.scale, q_start=q_start, kv_tile=kv_tile,
+                 segment_visible=segment_visible).z
   m_next = jnp.maximum(m_prev, z.max(axis=1, keepdims=True))
   p = jnp.exp(z - m_next)
   alpha = jnp.exp(m_prev - m_next)
@@ -181,22 +192,27 @@ def _grad_logits(terms: TileTerms, x, dp, lse, delta, kaxis):
   return p, p * (dp - baseline) + pi * (e_cols - delta)
 
 
-def dq_tile(spec: LandmarkSpec, q, k, v, do, lse, delta, *, q_start, kv_tile):
+def dq_tile(spec: LandmarkSpec, q, k, v, do, lse, delta, *, q_start, kv_tile,
+            segment_visible=None):
   """A key tile's contribution to dq [bq, H] f32; lse, delta: [bq, 1] f32 (lse finite)."""
   x = dot_nt(q, k) * spec.scale
-  terms = tile_terms(spec, x, q_start=q_start, kv_tile=kv_tile)
+  terms = tile_terms(spec, x, q_start=q_start, kv_tile=kv_tile,
+                     segment_visible=segment_visible)
   _, ds = _grad_logits(terms, x, dot_nt(do, v), lse, delta, 1)
   return dot_nn((ds * spec.scale).astype(k.dtype), k)
 
 
-def dkv_tile(spec: LandmarkSpec, k, v, q, do, lse, delta, *, q_start, kv_tile):
+def dkv_tile(spec: LandmarkSpec, k, v, q, do, lse, delta, *, q_start, kv_tile,
+             segment_visible=None):
   """A query tile's contribution to (dk, dv), each [bk, H] f32, on transposed tiles.
 
   Args:
     k, v: [bk, H]; q, do: [bq, H]; lse, delta: [1, bq] f32 (lse finite).
+    segment_visible: as for `tile_terms`, [bk, bq].
   """
   x = dot_nt(k, q) * spec.scale
-  terms = tile_terms(spec, x, q_start=q_start, kv_tile=kv_tile, transposed=True)
+  terms = tile_terms(spec, x, q_start=q_start, kv_tile=kv_tile, transposed=True,
+                     segment_visible=segment_visible)
   p, ds = _grad_logits(terms, x, dot_nt(v, do), lse, delta, 0)
   dv = dot_nn(p.astype(do.dtype), do)
   dk = dot_nn((ds * spec.scale).astype(q.dtype), q)

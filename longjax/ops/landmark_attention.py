@@ -11,7 +11,7 @@ landmark's logit, lse_g the log-sum-exp of g's regular logits) and x_j of the cu
 
 `grouped_softmax_attention` is the training form in XLA (queries in chunks, each chunk
 rematerialised in the backward pass, so memory is O(chunk x T)); it also takes packed
-documents' segment ids, which the Pallas kernel does not. `retrieval_attention` is the
+documents' segment ids, as the Pallas kernel does. `retrieval_attention` is the
 inference form: each query scores every complete block by its landmark, keeps the top k per
 head and attends to them and to its own block, with the paper's positions for retrieved blocks
 (see there). With k >= the number of blocks it equals the training form.
@@ -104,17 +104,15 @@ def grouped_softmax_attention(q, k, v, *, block: int, segment_ids=None,
 
 def landmark_attention(q, k, v, *, block: int, segment_ids=None, impl: str = "auto"):
   """The training form by `impl`: "xla" (`grouped_softmax_attention`), "pallas"
-  (`kernels_pallas.landmark_attention`; no segment ids) or "auto" (Pallas on TPU and GPU
-  without segment ids, XLA otherwise: on CPU the Pallas interpreter is far slower)."""
+  (`kernels_pallas.landmark_attention`) or "auto" (Pallas on TPU and GPU, XLA on the CPU,
+  where the Pallas interpreter is far slower)."""
   if impl not in IMPLS:
     raise ValueError(f"landmark attention impl must be one of {IMPLS}, got {impl!r}")
-  if impl == "pallas" and segment_ids is not None:
-    raise ValueError("the Pallas landmark kernel takes no segment_ids (packed documents); "
-                     "use impl='xla' or 'auto'")
   if impl == "auto":
-    impl = "pallas" if jax.default_backend() != "cpu" and segment_ids is None else "xla"
+    impl = "pallas" if jax.default_backend() != "cpu" else "xla"
   if impl == "pallas":
-    return landmark_kernels.landmark_attention(q, k, v, landmark_block=block)
+    return landmark_kernels.landmark_attention(q, k, v, landmark_block=block,
+                                               segment_ids=segment_ids)
   return grouped_softmax_attention(q, k, v, block=block, segment_ids=segment_ids)
 
 

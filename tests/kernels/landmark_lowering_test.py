@@ -22,17 +22,22 @@ _TARGETS = lowering.TARGETS
 class LoweringTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
-      dict(testcase_name=f"{variant}_{jnp.dtype(dtype).name}_{mode}", variant=variant,
-           dtype=dtype, mode=mode)
-      for variant, dtype, mode in itertools.product(
-          ("tpu", "gpu"), (jnp.float32, jnp.bfloat16), ("fwd", "bwd")))
-  def test_lowers(self, variant, dtype, mode):
+      dict(testcase_name=f"{variant}_{jnp.dtype(dtype).name}_{mode}"
+           + ("_packed" if packed else ""), variant=variant, dtype=dtype, mode=mode,
+           packed=packed)
+      for variant, dtype, mode, packed in (
+          *itertools.product(("tpu", "gpu"), (jnp.float32, jnp.bfloat16), ("fwd", "bwd"),
+                             (False,)),
+          # Segment ids (packed documents) add id blocks to every kernel.
+          *itertools.product(("tpu", "gpu"), (jnp.bfloat16,), ("bwd",), (True,))))
+  def test_lowers(self, variant, dtype, mode, packed):
     platform, custom_call, h = _TARGETS[variant]
     b, t, n, kh, landmark_block = 1, 2048, 4, 2, 64
+    segments = jnp.repeat(jnp.arange(4, dtype=jnp.int32), t // 4)[None] if packed else None
 
     def forward(q, k, v):
       return landmark_attention(q, k, v, landmark_block=landmark_block, interpret=False,
-                                backend=variant)
+                                backend=variant, segment_ids=segments)
 
     fn = forward
     if mode == "bwd":

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas.flash.kernel import flash_attention_reference
+from longjax.ops.landmark_attention import grouped_softmax_attention
 from kernels_pallas.landmark.kernel import landmark_attention
 from kernels_pallas.landmark.kernel import landmark_attention_reference
 
@@ -164,6 +165,31 @@ class LandmarkAttentionTest(parameterized.TestCase):
     for name, grad, want in zip(("dq", "dk", "dv"), grads, want_grads):
       self.assertEqual(grad.dtype, dtype)
       assert_close(self, grad, want, tol, name)
+
+  @parameterized.parameters("tpu", "gpu")
+  def test_packed_documents_match_reference(self, variant):
+    """Segment ids: the kernel (forward, lse and gradients) equals the dense reference, which
+    masks other documents' logits, and that equals longjax's XLA grouped softmax (itself
+    checked against float64 numpy in tests/layers/landmark_test.py)."""
+    b, t, n, kh, h, landmark_block = 2, 21, 4, 2, 8, 4
+    q, k, v = random_inputs(7, b, t, n, kh, h, jnp.float32)
+    # Laid out as the model does: a landmark (positions 3, 7, ...) belongs to the document of
+    # the token before it, so no block holds a landmark without a regular key of its document.
+    segments = jnp.asarray([[1] * 6 + [2] * 8 + [3] * 7, [5] * 13 + [6] * 8], jnp.int32)
+    kernel = functools.partial(landmark_attention, landmark_block=landmark_block, block_q=8,
+                               block_k=8, backend=variant, segment_ids=segments,
+                               return_lse=True)
+    reference = functools.partial(landmark_attention_reference, landmark_block=landmark_block,
+                                  segment_ids=segments, return_lse=True)
+    out, lse, grads = outputs_and_grads(kernel, q, k, v)
+    want_out, want_lse, want_grads = outputs_and_grads(reference, q, k, v)
+    tol = TOLERANCES[jnp.float32]
+    assert_close(self, out, want_out, tol, "out")
+    assert_close(self, lse, want_lse, tol, "lse")
+    for name, grad, want in zip(("dq", "dk", "dv"), grads, want_grads):
+      assert_close(self, grad, want, tol, name)
+    xla = grouped_softmax_attention(q, k, v, block=landmark_block, segment_ids=segments)
+    assert_close(self, want_out, xla, tol, "reference vs XLA")
 
   def test_closed_off_blocks_give_causal_attention_within_the_block(self):
     # Feature 0 of every query is 1 and every landmark key holds -1e4 / scale there (regular

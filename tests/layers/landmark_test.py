@@ -129,17 +129,12 @@ class GroupedSoftmaxTest(parameterized.TestCase):
         grads(lambda *a: landmark_attention_reference(*a, landmark_block=block))):
       np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
 
-  def test_packed_documents_follow_the_definition(self):
+  @parameterized.parameters("xla", "pallas")
+  def test_packed_documents_follow_the_definition(self, impl):
     q, k, v = _qkv(1, 14, 2, 1, 4, seed=1)
     segments = jnp.asarray([[0] * 5 + [1] * 6 + [2] * 3])
-    got = ops.grouped_softmax_attention(q, k, v, block=4, segment_ids=segments)
+    got = ops.landmark_attention(q, k, v, block=4, segment_ids=segments, impl=impl)
     np.testing.assert_allclose(got, _numpy_grouped(q, k, v, 4, segments), atol=ATOL, rtol=0)
-
-  def test_pallas_refuses_segment_ids(self):
-    q, k, v = _qkv(1, 8, 2, 1, 4)
-    with self.assertRaisesRegex(ValueError, "segment_ids"):
-      ops.landmark_attention(q, k, v, block=4, segment_ids=jnp.zeros((1, 8), jnp.int32),
-                             impl="pallas")
 
 
 class RetrievalTest(parameterized.TestCase):

@@ -96,6 +96,22 @@ def default_block_sizes(variant: str, q_length: int, kv_length: int) -> tuple[in
           min(64, max(16, next_power_of_2(kv_length))))
 
 
+TPU_LANES = 128  # vreg lanes
+TPU_SUBLANES = 8
+
+
+def tpu_columns(ids: jax.Array) -> jax.Array:
+  """[B, L] per-position ids -> [B, L, 128]: a column layout Mosaic can tile (positions on
+  sublanes), read as [block, 1] columns of a query-side tile."""
+  return jax.lax.broadcast_in_dim(ids, (*ids.shape, TPU_LANES), (0, 1))
+
+
+def tpu_rows(ids: jax.Array) -> jax.Array:
+  """[B, L] per-position ids -> [B, 8, L]: a row layout (positions on lanes), read as
+  [1, block] rows of a key-side tile."""
+  return jax.lax.broadcast_in_dim(ids, (ids.shape[0], TPU_SUBLANES, ids.shape[1]), (0, 2))
+
+
 def compiler_params(variant: str, *, dimension_semantics: tuple[str, ...], head_dim: int):
   """Backend compiler parameters for a kernel: the one place they are chosen.
 

@@ -31,8 +31,8 @@ from kernels_pallas import block_mask
 from kernels_pallas import common
 from kernels_pallas.flash import tiles as flash_tiles
 
-_LANES = 128  # vreg lanes: row statistics are kept replicated over them
-_SUBLANES = 8
+_LANES = common.TPU_LANES  # row statistics are kept replicated over the vreg lanes
+_SUBLANES = common.TPU_SUBLANES
 
 
 class _Optional(NamedTuple):
@@ -104,26 +104,14 @@ def _pack_lanes(shares, shape):
   return packed
 
 
-def _ids_lanes(ids, length):
-  """[B, L] ids -> [B, L, 128]: a column layout the TPU can tile (rows on sublanes)."""
-  return lax.broadcast_in_dim(ids, (ids.shape[0], length, _LANES), (0, 1))
+def _lanes(*arrays):
+  """`common.tpu_columns` of each optional [B, L] array (None stays None)."""
+  return tuple(None if x is None else common.tpu_columns(x) for x in arrays)
 
 
-def _ids_sublanes(ids, length):
-  """[B, L] ids -> [B, 8, L]: a row layout the TPU can tile (positions on lanes)."""
-  return lax.broadcast_in_dim(ids, (ids.shape[0], _SUBLANES, length), (0, 2))
-
-
-def _lanes(*arrays_and_length):
-  """`_ids_lanes` of each optional [B, L] array (None stays None)."""
-  *arrays, length = arrays_and_length
-  return tuple(None if x is None else _ids_lanes(x, length) for x in arrays)
-
-
-def _sublanes(*arrays_and_length):
-  """`_ids_sublanes` of each optional [B, L] array (None stays None)."""
-  *arrays, length = arrays_and_length
-  return tuple(None if x is None else _ids_sublanes(x, length) for x in arrays)
+def _sublanes(*arrays):
+  """`common.tpu_rows` of each optional [B, L] array (None stays None)."""
+  return tuple(None if x is None else common.tpu_rows(x) for x in arrays)
 
 
 def _fwd_kernel(q_offset_ref, q_ref, k_ref, v_ref, *refs, spec):
@@ -182,7 +170,7 @@ def forward(spec, q, k, v, q_offset, params, q_ids, kv_ids, q_pos, kv_pos, *, in
     return bi, block_mask.int_div(ni, groups), kv_block(qi, si, q_offset_ref), 0
 
   extra_specs, extra_args = _extra_inputs(
-      spec, params, _lanes(q_ids, q_pos, tp), _sublanes(kv_ids, kv_pos, k.shape[2]),
+      spec, params, _lanes(q_ids, q_pos), _sublanes(kv_ids, kv_pos),
       pl.BlockSpec((None, bq, _LANES), lambda bi, ni, qi, si, r: (bi, qi, 0)),
       pl.BlockSpec((None, _SUBLANES, bk),
                    lambda bi, ni, qi, si, r: (bi, 0, kv_block(qi, si, r))))
@@ -286,8 +274,8 @@ def backward(spec, q, k, v, q_offset, params, q_ids, kv_ids, q_pos, kv_pos, do, 
   bq, bk = spec.block_q, spec.block_k
   # Row statistics as [B, N, 1, Tp]: a block (1, bq) puts positions on lanes.
   lse, delta = lse[:, :, None, :], delta[:, :, None, :]
-  q_col, q_row = _lanes(q_ids, q_pos, tp), _sublanes(q_ids, q_pos, tp)
-  kv_col, kv_row = _lanes(kv_ids, kv_pos, sp), _sublanes(kv_ids, kv_pos, sp)
+  q_col, q_row = _lanes(q_ids, q_pos), _sublanes(q_ids, q_pos)
+  kv_col, kv_row = _lanes(kv_ids, kv_pos), _sublanes(kv_ids, kv_pos)
 
   # dq: the forward's grid and block walk.
   def q_map(bi, ni, qi, si, q_offset_ref):

@@ -21,8 +21,8 @@ from kernels_pallas import common
 from kernels_pallas.flash import tiles as flash_tiles
 from kernels_pallas.landmark import tiles as landmark_tiles
 
-_LANES = 128
-_SUBLANES = 8
+_LANES = common.TPU_LANES
+_SUBLANES = common.TPU_SUBLANES
 
 
 def _params(h):
@@ -74,19 +74,16 @@ def _split_ids(spec, refs):
   return None, refs
 
 
-def _ids_specs(spec, q_ids, kv_ids, q_map, kv_map):
+def _ids_specs(spec, q_ids, kv_ids, kv_map):
   """Block specs and arrays of the forward/dq grid's segment ids: [B, Tp, 128] query columns,
   [B, 8, Sp] key rows."""
   if not spec.has_segments:
     return [], []
   bq, bk = spec.block_q, spec.block_k
-  q_cols = lax.broadcast_in_dim(q_ids, (*q_ids.shape, _LANES), (0, 1))
-  kv_rows = lax.broadcast_in_dim(kv_ids, (kv_ids.shape[0], _SUBLANES, kv_ids.shape[1]), (0, 2))
-  del q_map  # the query tile is the grid's third index
   return ([pl.BlockSpec((None, bq, _LANES), lambda bi, ni, qi, si: (bi, qi, 0)),
            pl.BlockSpec((None, _SUBLANES, bk),
                         lambda bi, ni, qi, si: (bi, 0, kv_map(bi, ni, qi, si)[2]))],
-          [q_cols, kv_rows])
+          [common.tpu_columns(q_ids), common.tpu_rows(kv_ids)])
 
 
 def _kv_maps(spec, groups, num_kv_tiles):
@@ -115,7 +112,7 @@ def forward(spec, q, k, v, q_ids=None, kv_ids=None, *, interpret):
   num_kv_tiles = k.shape[2] // spec.block_k
   bq, bk = spec.block_q, spec.block_k
   q_map, _, kv_map = _kv_maps(spec, n // k.shape[1], num_kv_tiles)
-  id_specs, id_args = _ids_specs(spec, q_ids, kv_ids, q_map, kv_map)
+  id_specs, id_args = _ids_specs(spec, q_ids, kv_ids, kv_map)
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, spec=spec, num_kv_tiles=num_kv_tiles),
       grid=(b, n, tp // bq, num_kv_tiles),
@@ -201,7 +198,7 @@ def backward(spec, q, k, v, do, lse, delta, q_ids=None, kv_ids=None, *, interpre
   q_spec = pl.BlockSpec((None, None, bq, h), q_map)
   row_spec = pl.BlockSpec((None, None, 1, bq), row_map)
   kv_spec = pl.BlockSpec((None, None, bk, h), kv_map)
-  id_specs, id_args = _ids_specs(spec, q_ids, kv_ids, q_map, kv_map)
+  id_specs, id_args = _ids_specs(spec, q_ids, kv_ids, kv_map)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, num_kv_tiles=num_kv_tiles),
       grid=(b, n, num_q_tiles, num_kv_tiles),
@@ -239,8 +236,7 @@ def backward(spec, q, k, v, do, lse, delta, q_ids=None, kv_ids=None, *, interpre
     t_id_specs = [pl.BlockSpec((None, _SUBLANES, bq),
                                lambda bi, ki, kj, si: (bi, 0, q_tile(kj, si))),
                   pl.BlockSpec((None, bk, _LANES), lambda bi, ki, kj, si: (bi, kj, 0))]
-    t_id_args = [lax.broadcast_in_dim(q_ids, (b, _SUBLANES, tp), (0, 2)),
-                 lax.broadcast_in_dim(kv_ids, (b, sp, _LANES), (0, 1))]
+    t_id_args = [common.tpu_rows(q_ids), common.tpu_columns(kv_ids)]
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, spec=spec, num_q_tiles=num_q_tiles),
       grid=(b, nk, num_kv_tiles, groups * num_q_tiles),

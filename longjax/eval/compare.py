@@ -133,10 +133,11 @@ def compare(*, config, params, corpus, workdir: str, methods: list[str],
   for method, overrides in planned.items():
     method_config = apply_overrides(config, overrides)
     configuration.validate_model(method_config.model)
-    method_config = duo.calibrate(method_config, params, corpus, workdir)
-    overrides = dict(overrides, **({"model.attention.retrieval_head_split":
-                                    method_config.model.attention.retrieval_head_split}
-                                   if method == "duo" else {}))
+    calibrated = duo.calibrate(method_config, params, corpus, workdir)
+    if calibrated is not method_config:  # DuoAttention's head split, chosen now: recorded too
+      method_config = calibrated
+      overrides = {**overrides, "model.attention.retrieval_head_split":
+                   calibrated.model.attention.retrieval_head_split}
     graphdef, _ = state_lib.model_graphdef(method_config.model, corpus.tokenizer.vocab_size)
     ctx = harness.EvalContext(config=method_config, graphdef=graphdef, params=params,
                               corpus=corpus, workdir=workdir, label=method, progress=progress)

@@ -120,8 +120,8 @@ class Attention(nnx.Module):
     self.normalizer = normalizer
     self.softplus_length_scale = softplus_length_scale
     self.reweight_power = reweight_power
-    # A training-free retrieval policy (InfLLM, TokenSelect) for decoding from a cache; None
-    # attends to the whole cache (`longjax.layers.retrieval`).
+    # A training-free retrieval policy (InfLLM, TokenSelect, HiP, DuoAttention) for decoding
+    # from a cache; None attends to the whole cache (`longjax.layers.retrieval`).
     self.retrieval_policy = retrieval_policy
     self.num_heads = num_heads
     self.dtype = dtype

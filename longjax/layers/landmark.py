@@ -127,4 +127,5 @@ def build(model, c, rngs) -> LandmarkAttention:
 
 SPEC = MixerSpec(name="landmark", section="landmark", defaults=defaults, validate=validate,
                  build=build, cache_types=(caches.BlockKVCache,),
-                 landmark_block=lambda c: c.block_size)
+                 landmark_block=lambda c: c.block_size,
+                 evaluates_with_cache=lambda c: True)  # evaluation retrieves, as decoding

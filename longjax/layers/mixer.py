@@ -39,7 +39,8 @@ class MixerSpec:
       in the sequence (`longjax.ops.landmarks`), or None for a mixer that needs none. The model
       inserts them once for all layers, so every such layer must name the same block size.
     evaluates_with_cache: (section config) -> whether its layers behave, at evaluation time,
-      as they decode from a cache rather than as in training (retrieval from a long cache).
+      as they decode from a cache rather than as in training (retrieval from a long cache:
+      landmark attention, attention with a retrieval policy).
       `experiments.evaluate` then evaluates through a prefill into the cache.
   """
   name: str

@@ -86,14 +86,12 @@ def for_layer(policy: RetrievalPolicy, cache: caches.RetrievalCache, layer: int
                              v=jnp.zeros(shape, cache.v.dtype), policy=state)
 
 
-def _duo_far(q_far, q_index, k_cache, v_cache, state, *, window: int, impl: str):
-  """DuoAttention's far parts, both at the window's distance: the sinks for streaming heads and
-  every key before the window for retrieval heads (whose cache holds only those heads).
-
-  Returns:
-    ([(out [B, C, N, H], lse [B, N, C])] pieces over all N heads, lse -inf where a piece does
-    not apply; the retrieval heads' piece's lse (for the calibration statistic) or None).
-  """
+def _duo_attend(local, q_far, q_index, k_cache, v_cache, state, *, window: int, impl: str):
+  """DuoAttention's step: the local part merged with the far parts, both at the window's
+  distance: the sinks for streaming heads, every key before the window for retrieval heads
+  (whose cache holds only those heads). Returns (out [B, C, N, H] float32, state with the
+  retrieval heads' weight on keys before the window added to `distant_mass`, the statistic
+  the calibration ranks heads by)."""
   b, c, n, h = q_far.shape
   kv_heads = state["sink_k"].shape[2]
   group = n // kv_heads
@@ -103,7 +101,7 @@ def _duo_far(q_far, q_index, k_cache, v_cache, state, *, window: int, impl: str)
   seen = (q_index >= window)[None, None, :]  # any key before the window at all
   # Keys j <= t - window: causal masking with the queries moved `window` back.
   mask = AttentionMask(causal=True, q_offset=q_index[0] - window)
-  pieces = []
+  pieces = [local]
   if state["sink_k"].shape[1]:
     out, lse = dot_product_attention(q_far, state["sink_k"].astype(q_far.dtype),
                                      state["sink_v"].astype(q_far.dtype), mask=mask, impl=impl,
@@ -112,14 +110,18 @@ def _duo_far(q_far, q_index, k_cache, v_cache, state, *, window: int, impl: str)
     pieces.append((jnp.where(keep.transpose(0, 2, 1)[..., None], out, 0.0),
                    jnp.where(keep, lse, -jnp.inf)))
   if heads.shape[0] == 0:
-    return pieces, None
-  out, lse = dot_product_attention(q_far[:, :, query_heads], k_cache, v_cache, mask=mask,
-                                   impl=impl, return_lse=True)
+    return merge_attention(pieces)[0], state
+  out, lse_distant = dot_product_attention(q_far[:, :, query_heads], k_cache, v_cache,
+                                           mask=mask, impl=impl, return_lse=True)
   out = jnp.where(seen.transpose(0, 2, 1)[..., None], out, 0.0)
-  lse = jnp.where(seen, lse, -jnp.inf)
+  lse_distant = jnp.where(seen, lse_distant, -jnp.inf)
   pieces.append((jnp.zeros((b, c, n, h), jnp.float32).at[:, :, query_heads].set(out),
-                 jnp.full((b, n, c), -jnp.inf).at[:, query_heads].set(lse)))
-  return pieces, lse
+                 jnp.full((b, n, c), -jnp.inf).at[:, query_heads].set(lse_distant)))
+  out, lse = merge_attention(pieces)
+  weight = jnp.exp(lse_distant - lse[:, query_heads])  # [B, Kr * G, C]
+  state = dict(state, distant_mass=state["distant_mass"] + weight.reshape(
+      b, heads.shape[0], group * c).sum(-1))
+  return out, state
 
 
 def _far_parts(q_index, k_cache, v_cache, policy: RetrievalPolicy, batch: int, gather):
@@ -171,8 +173,7 @@ def _chunk(carry, q, k, v, q_index, k_cache, v_cache, policy: RetrievalPolicy, *
   """One chunk of consecutive queries (`retrieval_decode`): (carry, out [B, C, N, H])."""
   ring_k, ring_v, state = carry
   gather = ops.host_gather_runs if policy.placement == "host" else ops.gather_runs
-  b, c, n, h = q.shape
-  kv_heads = k.shape[2]
+  b, c = q.shape[:2]
   positions = jnp.broadcast_to(q_index, (b, c))
   q_loc = q_rotated = rotate(q, positions, False)
   q_far = ops.far_queries(q, policy.window, rotate)
@@ -191,16 +192,8 @@ def _chunk(carry, q, k, v, q_index, k_cache, v_cache, policy: RetrievalPolicy, *
                               q_index, window=policy.window, impl=impl)
   state = dict(state)
   if policy.name == "duo":
-    pieces, lse_retrieval = _duo_far(q_far, q_index, k_cache, v_cache, state,
-                                     window=policy.window, impl=impl)
-    out, lse = merge_attention([local, *pieces])
-    if lse_retrieval is not None:  # the retrieval heads' weight on keys before the window
-      heads = state["heads"]
-      group = n // kv_heads
-      query_heads = (heads[:, None] * group + jnp.arange(group)).reshape(-1)
-      weight = jnp.exp(lse_retrieval - lse[:, query_heads])  # [B, Kr * G, C]
-      state["distant_mass"] = state["distant_mass"] + weight.reshape(
-          b, heads.shape[0], group * c).sum(-1)
+    out, state = _duo_attend(local, q_far, q_index, k_cache, v_cache, state,
+                             window=policy.window, impl=impl)
     return (ring_k, ring_v, state), out.astype(q.dtype)
   if policy.name == "hip":
     selected, valid = policies.hip_select(q_far, k_cache, q_index,
@@ -209,8 +202,8 @@ def _chunk(carry, q, k, v, q_index, k_cache, v_cache, policy: RetrievalPolicy, *
                                           window=policy.window, gather=gather)
     run = policy.block
   elif policy.name == "infllm":
-    q_sum = q_rotated.reshape(b, c, kv_heads, -1, h).sum(axis=3)
-    state["prefix"] = policies.update_prefix(state["prefix"], q_sum, q_index)
+    state["prefix"] = policies.update_prefix(state["prefix"],
+                                             ops.kv_head_sums(q_rotated, k.shape[2]), q_index)
     state["block_keys"] = policies.freeze_block_keys(
         state["block_keys"], state["prefix"], k_cache, q_index[0], q_index[-1],
         window=policy.window, block=policy.block, representatives=policy.representatives,

@@ -51,9 +51,9 @@ class DecoderLM(nnx.Module):
     if self.landmark_block:
       self.landmark_embed = params.param(rngs, params.normal(cfg.width**-0.5), (cfg.width,),
                                          (params.EMBED,))
-    # Layers that evaluate as they decode (landmark and retrieval policies: each token sees
-    # what a cache would give it) make `training.step.token_losses` evaluate through a cache.
-    self.evaluates_with_cache = bool(self.landmark_block) or any(
+    # Layers that evaluate as they decode (landmark attention, retrieval policies: each token
+    # sees what a cache would give it) make `training.step.token_losses` evaluate through one.
+    self.evaluates_with_cache = any(
         entry.spec.evaluates_with_cache is not None
         and entry.spec.evaluates_with_cache(entry.config(cfg)) for entry in pattern)
     make_input_positions = POSENCS[cfg.posenc.kind].input

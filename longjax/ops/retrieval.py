@@ -1,5 +1,6 @@
 """Retrieval attention over a long KV cache: the one mechanism under the training-free policies
-(InfLLM, TokenSelect; `longjax.ops.retrieval_policies`).
+(InfLLM, TokenSelect, HiP: `longjax.ops.retrieval_policies`; DuoAttention's heads:
+`longjax.layers.retrieval`).
 
 Every policy keeps the whole cache. Query t attends to two parts, merged exactly by their
 log-sum-exp (`merge_attention`):
@@ -44,6 +45,20 @@ def complete_blocks_before_window(q_index, window: int, align: int):
   Blocks g with (g + 1) * align <= q_index + 1 - window are the candidates; the tokens from
   this bound up to the window's start are the remainder."""
   return jnp.maximum(q_index + 1 - window, 0) // align * align
+
+
+def candidate_blocks(q_index, *, block: int, sinks: int, window: int):
+  """The blocks a block policy may select for each query: g in [first, end), where `first`
+  (int) is the first block past the sinks and `end` ([C] int32) the first one reaching into
+  the query's window."""
+  return -(-sinks // block), complete_blocks_before_window(q_index, window, block) // block
+
+
+def kv_head_sums(q, kv_heads: int):
+  """q [B, C, N, H] summed over each KV head's query heads: [B, C, K, H] (scores summed over
+  heads, as the policies rank by)."""
+  b, c, n, h = q.shape
+  return q.reshape(b, c, kv_heads, n // kv_heads, h).sum(axis=3)
 
 
 def far_queries(q, window: int, rotate: Callable):

@@ -116,16 +116,24 @@ def infllm_select(block_keys, q_far, q_index, *, top_blocks: int, block: int, si
 
   block_keys: [B, G, K, H]; q_far: [B, C, N, H]. The [G, K * H] block keys make the scoring
   one matrix-vector product per query (0.1 ms for 512 blocks)."""
-  b, c, n, h = q_far.shape
   g_total, kv_heads = block_keys.shape[1], block_keys.shape[2]
-  top_blocks = min(top_blocks, g_total)
-  q_sum = q_far.reshape(b, c, kv_heads, n // kv_heads, h).sum(axis=3)
+  q_sum = retrieval.kv_head_sums(q_far, kv_heads)
   scores = jnp.einsum("bckh,bgkh->bcg", q_sum, block_keys.astype(q_far.dtype),
                       preferred_element_type=jnp.float32)
-  before = retrieval.complete_blocks_before_window(q_index, window, block) // block
+  first, end = retrieval.candidate_blocks(q_index, block=block, sinks=sinks, window=window)
   g = jnp.arange(g_total)
-  usable = (g[None, :] >= -(-sinks // block)) & (g[None, :] < before[:, None])  # [C, G]
-  best, chosen = jax.lax.top_k(jnp.where(usable[None], scores, -jnp.inf), top_blocks)
+  usable = (g[None, :] >= first) & (g[None, :] < end[:, None])  # [C, G]
+  return _best_blocks(jnp.where(usable[None], scores, -jnp.inf), block_ids=None,
+                      top_blocks=min(top_blocks, g_total), block=block)
+
+
+def _best_blocks(scores, *, block_ids, top_blocks: int, block: int):
+  """The `top_blocks` best-scored blocks as the far part's runs: (starts [B, C, k] their first
+  tokens, valid [B, C, k * block]); -inf scores are not candidates. scores [B, C, J] over the
+  blocks `block_ids` [B, C, J] (None: block j is block j)."""
+  best, chosen = jax.lax.top_k(scores, top_blocks)
+  if block_ids is not None:
+    chosen = jnp.take_along_axis(block_ids, chosen, axis=-1)
   return (chosen * block).astype(jnp.int32), jnp.repeat(jnp.isfinite(best), block, axis=-1)
 
 
@@ -149,14 +157,13 @@ def hip_select(q_far, k_cache, q_index, *, top_blocks: int, block: int, sinks: i
   Returns:
     (starts [B, C, k] the chosen blocks' first tokens, valid [B, C, k * block]).
   """
-  b, c, n, h = q_far.shape
+  b, c = q_far.shape[:2]
   s, kv_heads = k_cache.shape[1], k_cache.shape[2]
   g_total = s // block
   top_blocks = min(top_blocks, g_total)
-  qg = q_far.reshape(b, c, kv_heads, n // kv_heads, h).sum(axis=3)  # [B, C, K, H]
-  first = -(-sinks // block)
-  count = jnp.maximum(retrieval.complete_blocks_before_window(q_index, window, block) // block
-                      - first, 0)  # [C] candidate blocks
+  qg = retrieval.kv_head_sums(q_far, kv_heads)  # [B, C, K, H]
+  first, end = retrieval.candidate_blocks(q_index, block=block, sinks=sinks, window=window)
+  count = jnp.maximum(end - first, 0)  # [C] candidate blocks
   nodes = 2 * top_blocks
   cut = first + (count[:, None] * jnp.arange(nodes + 1)) // nodes  # [C, 2k + 1]
   lo = jnp.broadcast_to(cut[None, :, :-1], (b, c, nodes))
@@ -177,9 +184,7 @@ def hip_select(q_far, k_cache, q_index, *, top_blocks: int, block: int, sinks: i
     hi = jnp.take_along_axis(hi, keep, axis=-1)
     mid = (lo + hi + 1) // 2  # a one-block range keeps its block on the left
     lo, hi = jnp.concatenate([lo, mid], -1), jnp.concatenate([mid, hi], -1)
-  best, keep = jax.lax.top_k(score(lo, hi), top_blocks)
-  chosen = jnp.take_along_axis(lo, keep, axis=-1)
-  return (chosen * block).astype(jnp.int32), jnp.repeat(jnp.isfinite(best), block, axis=-1)
+  return _best_blocks(score(lo, hi), block_ids=lo, top_blocks=top_blocks, block=block)
 
 
 def tokenselect_scores(q_far, k_cache, q_index, *, sinks: int, window: int, scale: float):

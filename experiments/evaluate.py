@@ -62,7 +62,8 @@ def main(argv):
   ctx = harness.EvalContext(config=run.config, graphdef=run.graphdef, params=run.params,
                             corpus=run.corpus, workdir=_WORKDIR.value, label=_LABEL.value)
   results = harness.evaluate(ctx)
-  print(runs.describe(results["perplexity"]))
+  for result in results.values():
+    print(runs.describe(result))
 
 
 if __name__ == "__main__":

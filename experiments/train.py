@@ -46,7 +46,8 @@ def main(argv):
   # No train loss when the run was complete but for its evaluation (interrupted there).
   trained = "" if result.final_loss is None else f", train loss {result.final_loss:.4f}"
   print(f"done: step {result.step}{trained}, validation loss {result.val_loss:.4f}")
-  print(runs.describe(result.eval["perplexity"]))
+  for task_result in result.eval.values():
+    print(runs.describe(task_result))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import ml_collections
 
 from longjax import posenc
+from longjax.data import tasks as tasks_lib
 from longjax.errors import ConfigError
 from longjax.layers import mixer as mixer_lib
 from longjax.layers.positional import POSENCS, rope_scaling_hyperparameters
@@ -198,7 +199,25 @@ def validate(config, num_devices: int) -> None:
                       f"the learned table must cover data.seq_len={config.data.seq_len}")
   _validate_train_positions(config.model.posenc, config.data.seq_len)
   validate_eval_lengths(config)
+  validate_task(config)
   _validate_mesh(config, num_devices)
+
+
+def validate_task(config) -> None:
+  """`config.task` (and `eval.tasks`, which may name a task's grid) for training or evaluation."""
+  task = config.task
+  tasks_lib.parse_depths(task.depths)
+  if not task.name:
+    return
+  spec = tasks_lib.get(task.name)
+  spec.validate(task[spec.name])
+  tasks_lib.parse_sizes("task.train_sizes", task.train_sizes)
+  tasks_lib.parse_sizes("task.test_sizes", task.test_sizes)
+  for field in ("num_train", "num_validation"):
+    _positive_field(f"task.{field}", task[field])
+  if config.data.tokenizer != "byte":
+    raise ConfigError("data.tokenizer", config.data.tokenizer,
+                      f"task.name={task.name!r} renders byte tokens", ["byte"])
 
 
 def _validate_optimizer(train) -> None:

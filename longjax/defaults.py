@@ -1,6 +1,7 @@
 """Every config field longjax reads, with its default. Configs in `configs/` start from this.
 
-Sections: model, data, train, eval, mesh. Field names are stable: docs and scripts rely on them.
+Sections: data, task, model, train, eval, mesh. Field names are stable: docs and scripts rely on
+them.
 Each mixer's section of `model` (e.g. `model.attention`) is declared by the mixer's own module
 (its `MixerSpec`, `longjax/layers/attention_config.py`) and added here from the registry.
 The defaults live in the library (not in `configs/`) because a saved run's config.json is read
@@ -9,6 +10,7 @@ back on top of them: a run saved before a field existed gets that field's defaul
 
 import ml_collections
 
+from longjax.data import tasks
 from longjax.models import registry
 from longjax.parallel.mesh import DEFAULT_RULES
 
@@ -26,6 +28,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.vocab_size = 1024          # sentencepiece only
   c.data.seq_len = 256              # training length T
   c.data.seed = 0                   # document shuffling
+
+  # A synthetic task instead of the text above (longjax/data/tasks, docs/tasks.md).
+  c.task = tasks.default_task_config()
 
   c.model = ml_collections.ConfigDict()
   # Per-layer pattern, repeated to num_layers; an entry may override its mixer's section for
@@ -100,8 +105,11 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.lengths = "1x,2x,4x,8x,16x"  # context lengths: Nx = N * data.seq_len, or token counts
-  c.eval.num_sequences = 16         # validation documents evaluated at every length
+  c.eval.num_sequences = 16         # documents per length; task examples per size or grid cell
   c.eval.batch_size = 4
+  # perplexity | accuracy | passkey | needle (longjax/eval/harness.py); "" = the run's own:
+  # accuracy or the grid of its task, perplexity for text.
+  c.eval.tasks = ""
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                  # -1 = all devices not used by the other axes

@@ -20,11 +20,13 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> traine
       `trainer.train`).
     NonFiniteLossError: when the loss stops being finite.
   """
-  result = trainer.train(config, workdir, progress=progress, is_complete=harness.has_results)
+  tasks = harness.run_tasks(config)
+  result = trainer.train(config, workdir, progress=progress,
+                         is_complete=lambda w: harness.has_results(w, tasks))
   if result.interrupted or result.already_complete:
     return result
   ctx = harness.EvalContext(config=result.config, graphdef=result.graphdef,
                             params=result.params, corpus=result.corpus, workdir=workdir,
                             progress=progress)
-  result.eval = harness.evaluate(ctx)
+  result.eval = harness.evaluate(ctx, tasks)
   return result

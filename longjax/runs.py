@@ -101,7 +101,7 @@ def load_run(workdir: str, config=None, *, step: int | None = None) -> LoadedRun
     raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}: is {workdir!r} a trained run?")
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = mesh_lib.parse_rules(config.mesh.rules)
-  corpus = corpus_lib.load_corpus(config.data, workdir)
+  corpus = corpus_lib.load_corpus(config, workdir)
   graphdef, abstract = state_lib.model_graphdef(config.model, corpus.tokenizer.vocab_size)
   if saved is not None:  # else nothing to compare with; the restore itself checks
     _check_parameter_shapes(workdir, saved, config, abstract, corpus.tokenizer.vocab_size)
@@ -133,7 +133,20 @@ def _check_parameter_shapes(workdir: str, saved, config, abstract, vocab_size: i
 
 
 def describe(result: dict) -> str:
-  """A short table of a perplexity result, for terminals."""
+  """A short table of one evaluation task's result (`longjax.eval.harness`), for terminals."""
+  if "depths" in result:  # a retrieval grid: rows are lengths, columns depths
+    lines = [f"{result['task']} accuracy ({result['num_examples']} per cell)",
+             f"{'length':>8} " + " ".join(f"{'d=' + format(d, 'g'):>7}" for d in result["depths"])]
+    for length, row in zip(result["lengths"], result["accuracy"]):
+      lines.append(f"{length:>8} " + " ".join(f"{a:>7.2f}" for a in row))
+    return "\n".join(lines)
+  if "sizes" in result:
+    train = set(result.get("train_sizes", ()))
+    lines = [f"{result['task']}: exact-match accuracy ({result['num_examples']} per size; "
+             f"* = a training size)", f"{result['size_unit']:>16} {'accuracy':>9} {'tokens':>7}"]
+    for size, acc, tok in zip(result["sizes"], result["accuracy"], result["token_accuracy"]):
+      lines.append(f"{str(size) + ('*' if size in train else ''):>16} {acc:>9.3f} {tok:>7.3f}")
+    return "\n".join(lines)
   lines = [f"{'length':>8} {'loss':>8} {'bits/byte':>10}"]
   for length, loss, bpb in zip(result["lengths"], result["loss"], result["bits_per_byte"]):
     lines.append(f"{length:>8} {loss:>8.4f} {bpb:>10.4f}")

@@ -1,4 +1,9 @@
-"""A run's corpus: the tokenizer and the train / validation data sources of `config.data`."""
+"""A run's corpus: the tokenizer and the train / validation data sources of its config.
+
+Either text (`config.data`: a directory of files, tokenized by the run's tokenizer) or, when
+`config.task.name` is set, a synthetic task's examples (`longjax.data.builders.synthetic_task`,
+byte tokens, only the answers scored).
+"""
 
 import dataclasses
 import os
@@ -6,7 +11,9 @@ from typing import Any
 
 from longjax.data import pipeline
 from longjax.data import tokenizers
+from longjax.data.builders import synthetic_task
 from longjax.data.builders import text_dir
+from longjax.errors import ConfigError
 
 # A source directory that cannot make the dataset (one line; see `text_dir`).
 SourceError = text_dir.SourceError
@@ -15,16 +22,35 @@ SourceError = text_dir.SourceError
 @dataclasses.dataclass
 class Corpus:
   tokenizer: Any    # ByteTokenizer | SentencePieceTokenizer
-  train: Any        # random-access data source of {"text", "path"} records
-  validation: Any
+  train: Any        # random-access data source of {"text", "path"} records, or task examples
+  validation: Any   # (None for a task without validation examples)
+  task: str = ""    # the synthetic task's name; "" for text
+  max_tokens: int = 0  # a task's longest example, in tokens
+
+  def train_iterator(self, *, source, seq_len: int, batch_size: int, seed: int,
+                     shard_index: int = 0, shard_count: int = 1):
+    """Endless, checkpointable batches of `source` (see `pipeline`)."""
+    common = dict(data_source=source, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                  shard_index=shard_index, shard_count=shard_count)
+    if self.task:
+      return pipeline.make_task_iterator(**common)
+    return pipeline.make_train_iterator(tokenizer=self.tokenizer, **common)
 
 
-def load_corpus(data_cfg, workdir: str) -> Corpus:
-  """Builds (once, then reads) the array_record dataset and the tokenizer of a run.
+def load_corpus(config, workdir: str) -> Corpus:
+  """Builds (once, then reads) the run's array_record dataset and tokenizer.
 
   A SentencePiece model is trained on the training split the first time and kept in
   `workdir/tokenizer.model`, so evaluation and sampling of the run use the same one.
+
+  Raises:
+    ConfigError: a task run whose examples do not fit `data.seq_len + 1` tokens, or whose
+      tokenizer is not `byte`.
+    SourceError: the text source cannot make the dataset.
   """
+  data_cfg = config.data
+  if config.task.name:
+    return _task_corpus(config, workdir)
   builder = text_dir.load_text_dir(
       source_dir=data_cfg.source_dir or None, glob=data_cfg.glob,
       validation_percent=data_cfg.validation_percent,
@@ -39,3 +65,22 @@ def load_corpus(data_cfg, workdir: str) -> Corpus:
       texts=lambda: (pipeline.record_text(train[i]) for i in range(0, len(train), 8)),
       vocab_size=data_cfg.vocab_size)
   return Corpus(tokenizer=tokenizer, train=train, validation=validation)
+
+
+def _task_corpus(config, workdir: str) -> Corpus:
+  if config.data.tokenizer != "byte":
+    raise ConfigError("data.tokenizer", config.data.tokenizer,
+                      f"task.name={config.task.name!r} renders byte tokens", ["byte"])
+  builder = synthetic_task.load_synthetic_task(
+      config.task, data_dir=os.path.expanduser(config.data.tfds_dir))
+  max_tokens = int(builder.info.metadata["max_tokens"])
+  if max_tokens > config.data.seq_len + 1:
+    raise ConfigError("data.seq_len", config.data.seq_len,
+                      f"the longest {config.task.name} example of task.train_sizes="
+                      f"{config.task.train_sizes!r} has {max_tokens} tokens; need data.seq_len "
+                      f">= {max_tokens - 1}")
+  os.makedirs(workdir, exist_ok=True)
+  validation = (builder.as_data_source(split="validation") if config.task.num_validation
+                else None)
+  return Corpus(tokenizer=tokenizers.ByteTokenizer(), train=builder.as_data_source(split="train"),
+                validation=validation, task=config.task.name, max_tokens=max_tokens)

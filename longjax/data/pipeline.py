@@ -198,3 +198,51 @@ def eval_sequences(*, data_source, tokenizer: tokenizers_lib.Tokenizer, length: 
         return np.stack(rows)
   raise ValueError(f'Only {len(rows)} of {len(data_source)} documents have >= {length} tokens '
                    f'(need {count}); the longest has {longest} tokens.')
+
+
+def task_row(record: Mapping[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+  """One synthetic-task example as a training row of length T, padded, only answers weighted.
+
+  Args:
+    record: 'tokens' int [n] and 'scored' bool [n] with n <= T + 1
+      (`longjax.data.builders.synthetic_task`).
+    seq_len: T.
+
+  Returns:
+    As `lm_example`: 'inputs', 'targets', 'segment_ids' (1 on the example, 0 on padding),
+    'positions' int32 [T] and 'weights' float32 [T], 1 where the target is a scored token.
+  """
+  tokens = np.asarray(record['tokens'], np.int32)
+  scored = np.asarray(record['scored'], bool)
+  n = len(tokens)
+  if n > seq_len + 1:
+    raise ValueError(f'a task example of {n} tokens does not fit data.seq_len + 1 = '
+                     f'{seq_len + 1}')
+  row = np.zeros(seq_len + 1, np.int32)
+  row[:n] = tokens
+  weights = np.zeros(seq_len + 1, np.float32)
+  weights[:n] = scored
+  segments = (np.arange(seq_len) < n - 1).astype(np.int32)
+  return {'inputs': row[:-1], 'targets': row[1:], 'segment_ids': segments,
+          'positions': np.arange(seq_len, dtype=np.int32) * segments,
+          'weights': weights[1:]}
+
+
+def make_task_iterator(*, data_source, seq_len: int, batch_size: int, seed: int,
+                       shard_index: int = 0, shard_count: int = 1) -> grain.DatasetIterator:
+  """Endless, checkpointable batches of synthetic-task examples, one example per row.
+
+  This host's examples (every `shard_count`-th from `shard_index`) are shuffled with `seed`,
+  reshuffled each epoch, and padded into rows by `task_row`; one example per row, as the
+  length-generalisation papers train (a packed neighbour would be context the test never has).
+
+  Returns:
+    A `grain.DatasetIterator` of the same batches as `make_train_iterator`.
+  """
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f'Need 0 <= shard_index < shard_count, got {shard_index}/{shard_count}.')
+  examples = grain.MapDataset.source(data_source)[shard_index::shard_count]
+  if not len(examples):  # pylint: disable=g-explicit-length-test
+    raise ValueError(f'Shard {shard_index} of {shard_count} has no examples.')
+  rows = examples.shuffle(seed=seed).repeat().map(lambda r: task_row(r, seq_len))
+  return iter(rows.to_iter_dataset(_READ_OPTIONS).batch(batch_size, drop_remainder=True))

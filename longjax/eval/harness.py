@@ -1,8 +1,10 @@
 """The evaluation harness: named tasks run on a trained model, results to `eval/*.json`.
 
-A task is a function `EvalContext -> dict` registered in `EVAL_TASKS`; later issues add
-retrieval tasks (passkey, needle-in-a-haystack, MQAR) the same way. Each task's result is written
-to `eval/<task>.json` (or `eval/<task>-<label>.json` when a label names a variant, e.g. a
+A task is a function `EvalContext -> dict` registered in `EVAL_TASKS`: `perplexity` (text runs),
+`accuracy` (a synthetic-task run's exact-match accuracy against `task.test_sizes`), and the
+retrieval grids `passkey` and `needle` (accuracy on `eval.lengths` x `task.depths`, on any run).
+`config.eval.tasks` picks them; empty means the run's own (`run_tasks`). Each task's result is
+written to `eval/<task>.json` (or `eval/<task>-<label>.json` when a label names a variant, e.g. a
 training-free extension method applied at evaluation time) and its plots to `plots/`.
 """
 
@@ -15,7 +17,8 @@ from typing import Any
 from absl import logging
 
 from longjax import configuration
-from longjax.eval import perplexity, plots
+from longjax.data import tasks as tasks_lib
+from longjax.eval import perplexity, plots, task_accuracy
 from longjax.training import metrics as metrics_lib
 
 
@@ -73,15 +76,81 @@ def _plot_perplexity(ctx: EvalContext, result: dict) -> list[str]:
   ]
 
 
+def accuracy_task(ctx: EvalContext) -> dict:
+  """A synthetic-task run's exact-match accuracy against `task.test_sizes`."""
+  task = ctx.config.task
+  spec = tasks_lib.get(task.name) if task.name else None
+  if spec is None or spec.has_depth:
+    raise configuration.ConfigError(
+        "eval.tasks", "accuracy", "needs a run trained on a task without depth (task.name="
+        f"{task.name!r})", ["perplexity", "passkey", "needle"])
+  result = task_accuracy.size_sweep(
+      ctx.graphdef, ctx.params, spec=spec, task_cfg=task[spec.name],
+      sizes=tasks_lib.parse_sizes("task.test_sizes", task.test_sizes),
+      count=ctx.config.eval.num_sequences, seed=task.seed, batch_size=ctx.config.eval.batch_size,
+      progress=ctx.progress)
+  result["train_sizes"] = tasks_lib.parse_sizes("task.train_sizes", task.train_sizes)
+  return result
+
+
+def _plot_accuracy(ctx: EvalContext, result: dict) -> list[str]:
+  suffix = f"-{ctx.label}" if ctx.label else ""
+  return [plots.accuracy_vs_size({ctx.label or "model": result}, max(result["train_sizes"]),
+                                 os.path.join(ctx.workdir, "plots",
+                                              f"{result['task']}_accuracy{suffix}.png"))]
+
+
+def _grid_task(name: str):
+  def run(ctx: EvalContext) -> dict:
+    spec = tasks_lib.get(name)
+    config = ctx.config
+    result = task_accuracy.depth_grid(
+        ctx.graphdef, ctx.params, spec=spec, task_cfg=config.task[name],
+        lengths=configuration.parse_eval_lengths(config.eval.lengths, config.data.seq_len),
+        depths=tasks_lib.parse_depths(config.task.depths), count=config.eval.num_sequences,
+        seed=config.task.seed, batch_size=config.eval.batch_size,
+        tokenizer=ctx.corpus.tokenizer, progress=ctx.progress)
+    result["train_length"] = config.data.seq_len
+    return result
+
+  def plot(ctx: EvalContext, result: dict) -> list[str]:
+    suffix = f"-{ctx.label}" if ctx.label else ""
+    return [plots.accuracy_heatmap(
+        result, os.path.join(ctx.workdir, "plots", f"{name}_grid{suffix}.png"),
+        train_length=result["train_length"],
+        title=f"{name} accuracy{f' ({ctx.label})' if ctx.label else ''}")]
+
+  return run, plot
+
+
 # task name -> (run, plot)
 EVAL_TASKS: dict[str, tuple[Callable[[EvalContext], dict],
                             Callable[[EvalContext, dict], list[str]]]] = {
     "perplexity": (perplexity_task, _plot_perplexity),
+    "accuracy": (accuracy_task, _plot_accuracy),
+    "passkey": _grid_task("passkey"),
+    "needle": _grid_task("needle"),
 }
 
 
-def evaluate(ctx: EvalContext, tasks: tuple[str, ...] = ("perplexity",)) -> dict[str, dict]:
-  """Runs `tasks`, writes their JSON and plots, and returns {task: result}."""
+def run_tasks(config) -> tuple[str, ...]:
+  """`eval.tasks`, or by default the run's own: its task's grid or accuracy, else perplexity."""
+  if config.eval.tasks:
+    names = tuple(t.strip() for t in config.eval.tasks.split(",") if t.strip())
+    for name in names:
+      if name not in EVAL_TASKS:
+        raise configuration.ConfigError("eval.tasks", name, "unknown task", sorted(EVAL_TASKS))
+    return names
+  name = config.task.name
+  if not name:
+    return ("perplexity",)
+  return (name,) if name in EVAL_TASKS else ("accuracy",)
+
+
+def evaluate(ctx: EvalContext, tasks: tuple[str, ...] | None = None) -> dict[str, dict]:
+  """Runs `tasks` (default `run_tasks(ctx.config)`), writes their JSON and plots, and returns
+  {task: result}."""
+  tasks = run_tasks(ctx.config) if tasks is None else tasks
   results = {}
   for task in tasks:
     if task not in EVAL_TASKS:
@@ -99,7 +168,7 @@ def evaluate(ctx: EvalContext, tasks: tuple[str, ...] = ("perplexity",)) -> dict
   return results
 
 
-def has_results(workdir: str, tasks: tuple[str, ...] = ("perplexity",)) -> bool:
+def has_results(workdir: str, tasks: tuple[str, ...]) -> bool:
   """Whether `workdir/eval/` holds every task's (unlabelled) result."""
   return all(os.path.exists(os.path.join(workdir, "eval", f"{t}.json")) for t in tasks)
 

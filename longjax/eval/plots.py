@@ -87,3 +87,39 @@ def loss_vs_position(sweeps: dict[str, dict], train_length: int, path: str, *,
   ax.grid(alpha=0.3)
   _legend(ax, len(sweeps))
   return _save(fig, path)
+
+
+def accuracy_vs_size(sweeps: dict[str, dict], train_max: int, path: str) -> str:
+  """One line per model or method: exact-match accuracy against the task's size."""
+  fig, ax = plt.subplots(figsize=(8 if len(sweeps) > 3 else 6, 4))
+  unit = "size"
+  for i, (label, sweep) in enumerate(sweeps.items()):
+    ax.plot(sweep["sizes"], sweep["accuracy"], label=label, **_style(i, len(sweeps)))
+    unit = sweep["size_unit"]
+  ax.axvline(train_max + 0.5, color="k", ls=":", label=f"largest training size {train_max}")
+  ax.set_ylim(-0.03, 1.03)
+  ax.set_xlabel(f"test size ({unit})")
+  ax.set_ylabel("exact-match accuracy")
+  ax.grid(alpha=0.3)
+  _legend(ax, len(sweeps))
+  return _save(fig, path)
+
+
+def accuracy_heatmap(grid: dict, path: str, *, train_length: int | None = None,
+                     title: str = "") -> str:
+  """Retrieval accuracy on the length x depth grid (depth down, length across)."""
+  accuracy = np.asarray(grid["accuracy"]).T  # [depths, lengths]
+  fig, ax = plt.subplots(figsize=(1.1 * len(grid["lengths"]) + 2.5, 0.5 * len(grid["depths"]) + 2))
+  image = ax.imshow(accuracy, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+  for (d, l), value in np.ndenumerate(accuracy):
+    ax.text(l, d, f"{value:.2f}", ha="center", va="center", fontsize="small")
+  ax.set_xticks(range(len(grid["lengths"])),
+                [f"{n}{'*' if train_length and n <= train_length else ''}"
+                 for n in grid["lengths"]])
+  ax.set_yticks(range(len(grid["depths"])), [f"{d:g}" for d in grid["depths"]])
+  ax.set_xlabel("context length (tokens)" + ("; * within training length" if train_length
+                                              else ""))
+  ax.set_ylabel("needle depth")
+  ax.set_title(title or f"{grid['task']} accuracy")
+  fig.colorbar(image, ax=ax, fraction=0.05)
+  return _save(fig, path)

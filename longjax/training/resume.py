@@ -23,6 +23,8 @@ RESUMABLE_FIELDS = (
     "train.eval_every",
     "train.eval_batches",
     "eval",                    # evaluation lengths, documents and batch size
+    "task.test_sizes",         # what the accuracy sweep and the retrieval grids evaluate
+    "task.depths",
     "mesh",                    # checkpoints restore onto any mesh
     "model.attention.impl",    # the same maths on another implementation
     "model.attention.block_size",

@@ -68,9 +68,7 @@ def eval_step(graphdef, params, batch: dict) -> dict:
   return {"loss_sum": total, "weight_sum": count}
 
 
-def token_losses(graphdef, params, tokens: jax.Array) -> jax.Array:
-  """Per-position losses of single documents: tokens [B, T+1] -> [B, T] float32 nats."""
-  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+def _document_logits(graphdef, params, inputs: jax.Array) -> jax.Array:
   model = nnx.merge(graphdef, params)
   if model.evaluates_with_cache:
     # Landmark models and retrieval policies are evaluated as they decode: each token attends
@@ -79,4 +77,20 @@ def token_losses(graphdef, params, tokens: jax.Array) -> jax.Array:
     logits, _ = model(inputs, cache=model.init_cache(*inputs.shape))
   else:
     logits, _ = model(inputs)
-  return losses.token_cross_entropy(logits, targets)
+  return logits
+
+
+def token_losses(graphdef, params, tokens: jax.Array) -> jax.Array:
+  """Per-position losses of single documents: tokens [B, T+1] -> [B, T] float32 nats."""
+  logits = _document_logits(graphdef, params, tokens[:, :-1])
+  return losses.token_cross_entropy(logits, tokens[:, 1:])
+
+
+def token_predictions(graphdef, params, tokens: jax.Array) -> jax.Array:
+  """Greedy next-token predictions of single documents: tokens [B, T+1] -> int32 [B, T].
+
+  Prediction t is the argmax after tokens [0, t]: where every scored target of a sequence
+  equals its prediction, greedy decoding from the prompt writes exactly that answer.
+  """
+  logits = _document_logits(graphdef, params, tokens[:, :-1])
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)

@@ -24,7 +24,6 @@ from tqdm import auto as tqdm
 
 from longjax import configuration, posenc
 from longjax.data import corpus as corpus_lib
-from longjax.data import pipeline
 from longjax.parallel import mesh as mesh_lib
 from longjax.training import checkpoints, resume, state as state_lib, step as step_lib
 from longjax.training.metrics import MetricsWriter
@@ -89,8 +88,8 @@ _eval_step = jax.jit(step_lib.eval_step, static_argnums=0)
 
 
 def _validation_loss(config, graphdef, params, corpus, sharding) -> float:
-  it = pipeline.make_train_iterator(
-      data_source=corpus.validation, tokenizer=corpus.tokenizer, seq_len=config.data.seq_len,
+  it = corpus.train_iterator(
+      source=corpus.validation, seq_len=config.data.seq_len,
       batch_size=config.train.batch_size // jax.process_count(), seed=0,
       shard_index=jax.process_index(), shard_count=jax.process_count())
   total = count = 0.0
@@ -130,14 +129,14 @@ def train(config, workdir: str, *, progress: bool = True,
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = mesh_lib.parse_rules(config.mesh.rules)
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
-  corpus = corpus_lib.load_corpus(config.data, workdir)
+  corpus = corpus_lib.load_corpus(config, workdir)
   tx, schedule = state_lib.make_model_optimizer(config.model, config.train,
                                                 vocab_size=corpus.tokenizer.vocab_size)
   graphdef, state, shardings = state_lib.create_train_state(
       config.model, tx, vocab_size=corpus.tokenizer.vocab_size, mesh=mesh, rules=rules,
       seed=config.seed)
-  data_iter = pipeline.make_train_iterator(
-      data_source=corpus.train, tokenizer=corpus.tokenizer, seq_len=config.data.seq_len,
+  data_iter = corpus.train_iterator(
+      source=corpus.train, seq_len=config.data.seq_len,
       batch_size=config.train.batch_size // jax.process_count(), seed=config.data.seed,
       shard_index=jax.process_index(), shard_count=jax.process_count())
 

@@ -54,7 +54,7 @@ def _target_state(overrides: tuple):
 def _restore(workdir, **overrides):
   """(restored state or None, reports) of the trainer's restore with `overrides`."""
   config = _config(**overrides)
-  corpus = corpus_lib.load_corpus(config.data, workdir)
+  corpus = corpus_lib.load_corpus(config, workdir)
   state = _target_state(tuple(sorted(overrides.items())))
   data_iter = pipeline.make_train_iterator(
       data_source=corpus.train, tokenizer=corpus.tokenizer, seq_len=config.data.seq_len,

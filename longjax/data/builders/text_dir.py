@@ -208,7 +208,7 @@ class _DropExpectedWarnings(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
   """Hides TFDS's progress bars and expected warnings for the block, restoring both after."""
   # tqdm_utils keeps a module-level flag; there is no public getter, so read it directly.
   from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=g-import-not-at-top
@@ -246,7 +246,7 @@ def load_text_dir(*, source_dir: str | None = None, glob: str = '**/*.py',
   default = TextDir.BUILDER_CONFIGS[0]
   if config.name == default.name:
     config = default  # TFDS rejects a custom config that shares a predefined config's name
-  with _quiet():
+  with quiet():
     builder = TextDir(config=config, data_dir=data_dir)
     if not builder.is_prepared():
       # Checked before TFDS writes anything, so a bad source leaves no half-built dataset.

@@ -1,6 +1,7 @@
 """Plumbing shared by the entry points."""
 
 import ast
+import contextlib
 import os
 import sys
 
@@ -30,6 +31,23 @@ def default_to_saved_config(argv: list[str]) -> list[str]:
   if not os.path.exists(os.path.join(workdir, "config.json")):
     fail(f"--workdir={workdir} is not a longjax run directory (it has no config.json)")
   return argv[:1] + [f"--config={SAVED_RUN_CONFIG}:{workdir}"] + argv[1:]
+
+
+@contextlib.contextmanager
+def training_errors():
+  """The mistakes a training run reports before it writes (a config value, a workdir of
+  another run, damaged checkpoints, a bad text source) and a diverging loss: one line each."""
+  from longjax import configuration  # pylint: disable=g-import-not-at-top (fast --help)
+  from longjax.data import corpus  # pylint: disable=g-import-not-at-top
+  from longjax.training import checkpoints, resume, trainer  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except configuration.ConfigError as e:
+    fail(f"config: {e}")
+  except (resume.ResumeError, checkpoints.CheckpointError, corpus.SourceError) as e:
+    fail(str(e))
+  except trainer.NonFiniteLossError as e:
+    fail(str(e), code=1)
 
 
 def load_run_or_fail(workdir: str, config, step: int | None = None):

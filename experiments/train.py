@@ -23,17 +23,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.start()
-  from longjax import configuration, experiment  # pylint: disable=g-import-not-at-top
-  from longjax.data import corpus  # pylint: disable=g-import-not-at-top
-  from longjax.training import checkpoints, resume, trainer  # pylint: disable=g-import-not-at-top
-  try:
+  from longjax import experiment  # pylint: disable=g-import-not-at-top
+  with common.training_errors():
     result = experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except configuration.ConfigError as e:
-    common.fail(f"config: {e}")
-  except (resume.ResumeError, checkpoints.CheckpointError, corpus.SourceError) as e:
-    common.fail(str(e))
-  except trainer.NonFiniteLossError as e:
-    common.fail(str(e), code=1)
   if result.interrupted:
     print(f"interrupted at step {result.step}; checkpoint saved. Rerun the same command to resume.")
     raise SystemExit(130)

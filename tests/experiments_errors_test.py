@@ -20,6 +20,7 @@ _EVALUATE_TINY = ("experiments.evaluate", _TRAIN[1])
 _SAMPLE_TINY = ("experiments.sample", _TRAIN[1])
 _REPORT = ("experiments.report",)
 _BENCHMARK = ("experiments.benchmark",)
+_REPRODUCE = ("experiments.reproduce",)
 
 # (name, entry point, arguments, expected error regex, exit code). In the arguments {wd} is a
 # path that does not exist yet, {run} a copy of a trained run, {tmp} the case's own folder and
@@ -167,6 +168,24 @@ _CASES = (
      r"--benchmarks: no such file .*nope\.json", 2),
     ("benchmark_unknown_suite", _BENCHMARK, ["--suite=nope"], r"--suite=nope: value should be",
      2),
+    # Synthetic tasks and studies.
+    ("task_unknown", _TRAIN, ["--config.task.name=bogus"],
+     r"task\.name='bogus': unknown task \(valid: addition, copy", 2),
+    ("task_too_long_for_seq_len", _TRAIN, ["--config.task.name=copy",
+                                           "--config.task.train_sizes=1-40"],
+     r"data\.seq_len=32: the longest copy example .* has 83 tokens; need data\.seq_len >= 82", 2),
+    ("task_bad_sizes", _TRAIN, ["--config.task.name=copy", "--config.task.train_sizes=9-2"],
+     r"task\.train_sizes='9-2': cannot parse '9-2'", 2),
+    ("reproduce_unknown_study", _REPRODUCE, ["--study=bogus"],
+     r"--study: unknown study 'bogus'; valid: .*nope_reasoning", 2),
+    ("reproduce_unknown_variant", _REPRODUCE, ["--study=nope_reasoning", "--variants=copy_bogus"],
+     r"study nope_reasoning has no variant 'copy_bogus'; valid: copy_nope", 2),
+    ("reproduce_unknown_size", _REPRODUCE, ["--study=nope_reasoning", "--size=huge"],
+     r"--size=huge: value should be one of", 2),
+    ("reproduce_workdir_of_another_study", _REPRODUCE,
+     ["--study=nope_reasoning", "--workdir={src:study}"],
+     r"holds the cpu run of study other; use another --workdir for the cpu run of "
+     r"nope_reasoning", 2),
 )
 
 _SOURCES = {
@@ -174,6 +193,7 @@ _SOURCES = {
     "blank": {"a.py": b"  \n\t\n", "b.py": b"\n"},
     "binary": {"a.py": b"\x7fELF\x00\x00\x01", "b.py": b"caf\xe9 = 1\n"},
     "one": {"c.py": b"x = 1\n"},  # crc32('c.py') % 100 = 65: train at 5 (or 20) percent
+    "study": {"study.json": b'{"study": "other", "size": "cpu"}'},
 }
 
 
@@ -260,7 +280,7 @@ class EntryPointErrorsTest(parameterized.TestCase):
     self.assertGreaterEqual(len(_CASES), 50)
     self.assertEqual({c[1][0] for c in _CASES},
                      {"experiments.train", "experiments.evaluate", "experiments.sample",
-                      "experiments.report", "experiments.benchmark"})
+                      "experiments.report", "experiments.benchmark", "experiments.reproduce"})
 
 
 if __name__ == "__main__":

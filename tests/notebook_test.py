@@ -1,4 +1,4 @@
-"""colab/quickstart.ipynb runs top to bottom on CPU (tiny configuration).
+"""The colab notebooks run top to bottom on CPU (tiny configuration, smoke-size study).
 
 The notebook runs in a child process: nbclient brings zmq, tornado and an event loop with their
 own threads, which must not outlive this test inside a pytest worker that goes on to run
@@ -26,21 +26,33 @@ nbformat.write(nb, sys.argv[2])
 
 class NotebookTest(absltest.TestCase):
 
-  def test_quickstart_notebook_runs(self):
-    workdir = self.create_tempdir().full_path
+  def _run(self, name: str, workdir: str, **env_vars) -> str:
+    """Executes colab/NAME.ipynb; returns the text its code cells printed."""
     executed = os.path.join(workdir, "executed.ipynb")
     env = testing.python_env()  # the kernel inherits the runner's environment
     env["LONGJAX_NOTEBOOK_WORKDIR"] = os.path.join(workdir, "run")
     env["LONGJAX_NOTEBOOK_TINY"] = "1"
+    env.update(env_vars)
     done = subprocess.run(
         [testing.PYTHON, "-c", _RUNNER,
-         os.path.join(testing.REPO_ROOT, "colab", "quickstart.ipynb"), executed,
+         os.path.join(testing.REPO_ROOT, "colab", f"{name}.ipynb"), executed,
          testing.REPO_ROOT],
         env=env, capture_output=True, text=True, timeout=900)
     self.assertEqual(done.returncode, 0, done.stderr[-4000:])
     nb = nbformat.read(executed, as_version=4)
-    outputs = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code"
-                      for o in cell.get("outputs", []))
+    return "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                   for o in cell.get("outputs", []))
+
+  def test_studies_notebook_runs(self):
+    workdir = self.create_tempdir().full_path
+    outputs = self._run("studies", workdir, LONGJAX_NOTEBOOK_STUDY="nope_reasoning")
+    self.assertIn("size=smoke", outputs)
+    self.assertRegex(outputs, r"(PASS|FAIL)  NoPE's mean reciprocal rank")
+    self.assertTrue(os.path.exists(os.path.join(workdir, "run", "report.md")))
+
+  def test_quickstart_notebook_runs(self):
+    workdir = self.create_tempdir().full_path
+    outputs = self._run("quickstart", workdir)
     self.assertIn("validation loss", outputs)
     self.assertIn("unigram baseline", outputs)
     self.assertTrue(os.path.exists(os.path.join(workdir, "run", "eval",

@@ -13,7 +13,7 @@ def machine_info(argv: list[str]) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   info = {"command": " ".join(["python -m experiments.benchmark"] + argv[1:]),
           "cpu_count": os.cpu_count(), "platform": platform.platform(),
-          "processor": _cpu_model(), "python": platform.python_version(),
+          "processor": cpu_model(), "python": platform.python_version(),
           "jax": jax.__version__, "jax_backend": jax.default_backend(),
           "devices": [str(d) for d in jax.devices()],
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -32,7 +32,7 @@ def machine_info(argv: list[str]) -> dict:
   return info
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:

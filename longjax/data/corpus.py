@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from longjax.data import pipeline
+from longjax.data import tasks
 from longjax.data import tokenizers
 from longjax.data.builders import synthetic_task
 from longjax.data.builders import text_dir
@@ -23,7 +24,7 @@ SourceError = text_dir.SourceError
 class Corpus:
   tokenizer: Any    # ByteTokenizer | SentencePieceTokenizer
   train: Any        # random-access data source of {"text", "path"} records, or task examples
-  validation: Any   # (None for a task without validation examples)
+  validation: Any
   task: str = ""    # the synthetic task's name; "" for text
   max_tokens: int = 0  # a task's longest example, in tokens
 
@@ -68,19 +69,32 @@ def load_corpus(config, workdir: str) -> Corpus:
 
 
 def _task_corpus(config, workdir: str) -> Corpus:
+  task = config.task
   if config.data.tokenizer != "byte":
     raise ConfigError("data.tokenizer", config.data.tokenizer,
-                      f"task.name={config.task.name!r} renders byte tokens", ["byte"])
+                      f"task.name={task.name!r} renders byte tokens", ["byte"])
+  # An example of the largest size first: a too-short data.seq_len is refused before the
+  # dataset is built; the build's own maximum is checked after (lengths vary a little).
+  spec = tasks.get(task.name)
+  sizes = tasks.parse_sizes("task.train_sizes", task.train_sizes)
+  depth = {"depth": 0.5} if spec.has_depth else {}
+  for size in (sizes[0], sizes[-1]):  # a size the task cannot make: refused here, in one line
+    probe = tasks.sized("task.train_sizes", lambda n: spec.generate(
+        task[spec.name], tasks.example_rng(task.seed, 0, 0), n, **depth), size)
+  _check_fits(config, len(probe.tokens))
   builder = synthetic_task.load_synthetic_task(
-      config.task, data_dir=os.path.expanduser(config.data.tfds_dir))
+      task, data_dir=os.path.expanduser(config.data.tfds_dir))
   max_tokens = int(builder.info.metadata["max_tokens"])
-  if max_tokens > config.data.seq_len + 1:
+  _check_fits(config, max_tokens)
+  os.makedirs(workdir, exist_ok=True)
+  return Corpus(tokenizer=tokenizers.ByteTokenizer(), train=builder.as_data_source(split="train"),
+                validation=builder.as_data_source(split="validation"), task=task.name,
+                max_tokens=max_tokens)
+
+
+def _check_fits(config, tokens: int) -> None:
+  if tokens > config.data.seq_len + 1:
     raise ConfigError("data.seq_len", config.data.seq_len,
                       f"the longest {config.task.name} example of task.train_sizes="
-                      f"{config.task.train_sizes!r} has {max_tokens} tokens; need data.seq_len "
-                      f">= {max_tokens - 1}")
-  os.makedirs(workdir, exist_ok=True)
-  validation = (builder.as_data_source(split="validation") if config.task.num_validation
-                else None)
-  return Corpus(tokenizer=tokenizers.ByteTokenizer(), train=builder.as_data_source(split="train"),
-                validation=validation, task=config.task.name, max_tokens=max_tokens)
+                      f"{config.task.train_sizes!r} has {tokens} tokens; need data.seq_len "
+                      f">= {tokens - 1}")

@@ -110,7 +110,9 @@ def _grid_task(name: str):
         depths=tasks_lib.parse_depths(config.task.depths), count=config.eval.num_sequences,
         seed=config.task.seed, batch_size=config.eval.batch_size,
         tokenizer=ctx.corpus.tokenizer, progress=ctx.progress)
-    result["train_length"] = config.data.seq_len
+    # An example of n tokens is n - 1 inputs: a training row of seq_len inputs holds n =
+    # seq_len + 1 (the grid's lengths count an example's tokens).
+    result["train_length"] = config.data.seq_len + 1
     return result
 
   def plot(ctx: EvalContext, result: dict) -> list[str]:

@@ -73,8 +73,9 @@ def size_sweep(graphdef, params, *, spec: tasks_lib.TaskSpec, task_cfg, sizes: l
   result = {"task": spec.name, "size_unit": spec.size_unit, "sizes": [], "accuracy": [],
             "token_accuracy": [], "num_examples": count}
   for size in tqdm.tqdm(sizes, desc=f"{spec.name} sizes", disable=not progress, leave=False):
-    examples = [spec.generate(task_cfg, tasks_lib.example_rng(seed, _EVAL_STREAM, size, 0, i),
-                              size) for i in range(count)]
+    examples = [tasks_lib.sized("task.test_sizes", lambda n: spec.generate(
+        task_cfg, tasks_lib.example_rng(seed, _EVAL_STREAM, n, 0, i), n), size)
+                for i in range(count)]
     exact, token_accuracy = score(graphdef, params, examples, batch_size=batch_size)
     result["sizes"].append(size)
     result["accuracy"].append(float(exact.mean()))
@@ -95,9 +96,9 @@ def depth_grid(graphdef, params, *, spec: tasks_lib.TaskSpec, task_cfg, lengths:
                   disable=not progress, leave=False)
   for a, length in enumerate(lengths):
     for b, depth in enumerate(depths):
-      examples = [spec.generate(task_cfg, tasks_lib.example_rng(seed, _EVAL_STREAM, length, b, i),
-                                length, tokenizer=tokenizer, depth=depth)
-                  for i in range(count)]
+      examples = [tasks_lib.sized("eval.lengths", lambda n: spec.generate(
+          task_cfg, tasks_lib.example_rng(seed, _EVAL_STREAM, n, b, i), n, tokenizer=tokenizer,
+          depth=depth), length) for i in range(count)]
       exact, _ = score(graphdef, params, examples, batch_size=batch_size,
                        pad_id=tokenizer.pad_id, length=length)
       grid[a, b] = exact.mean()

@@ -141,11 +141,12 @@ class TasksTest(parameterized.TestCase):
     spec = tasks.get('mqar')
     cfg = spec.defaults()
     cfg.length = 20
-    with self.assertRaisesRegex(ConfigError, r'task\.mqar\.length.*need >= 32'):
+    with self.assertRaisesRegex(tasks.SizeError, r'task\.mqar\.length=20 .*need >= 32'):
       spec.generate(cfg, tasks.example_rng(0, 0, 0), 8)
-    with self.assertRaisesRegex(ConfigError, 'eval.lengths.*too short'):
-      tasks.get('passkey').generate(tasks.get('passkey').defaults(), tasks.example_rng(0, 0, 0),
-                                    50, depth=0.5)
+    passkey = tasks.get('passkey')
+    with self.assertRaisesRegex(ConfigError, r'eval\.lengths=50: too short: the fixed text'):
+      tasks.sized('eval.lengths', lambda n: passkey.generate(
+          passkey.defaults(), tasks.example_rng(0, 0, 0), n, depth=0.5), 50)
     self.assertEqual(tasks.parse_sizes('f', '1-3,8'), [1, 2, 3, 8])
 
 

@@ -60,7 +60,8 @@ def generate(config: SyntheticTaskConfig, split: str):
     rng = tasks_lib.example_rng(config.seed, _SPLITS[split], i)
     size = sizes[int(rng.integers(0, len(sizes)))]
     kwargs = {'depth': float(rng.uniform())} if spec.has_depth else {}
-    yield spec.generate(params, rng, size, **kwargs)
+    yield tasks_lib.sized('task.train_sizes', lambda n: spec.generate(params, rng, n, **kwargs),
+                          size)
 
 
 class SyntheticTask(tfds.core.GeneratorBasedBuilder):
@@ -105,15 +106,10 @@ def load_synthetic_task(task_cfg, *, data_dir: str) -> SyntheticTask:
   """Builds the task's dataset under `data_dir` if it is not there yet; returns its builder."""
   spec = tasks_lib.get(task_cfg.name)
   spec.validate(task_cfg[spec.name])
-  tasks_lib.parse_sizes('task.train_sizes', task_cfg.train_sizes)
   config = make_config(task_cfg)
   with text_dir.quiet():
     builder = SyntheticTask(config=config, data_dir=data_dir)
     if not builder.is_prepared():
-      # One example of the largest size first: a bad size raises before anything is written.
-      largest = max(tasks_lib.parse_sizes('task.train_sizes', task_cfg.train_sizes))
-      kwargs = {'depth': 0.5} if spec.has_depth else {}
-      spec.generate(task_cfg[spec.name], tasks_lib.example_rng(0, 0, 0), largest, **kwargs)
       builder.download_and_prepare(
           file_format='array_record',
           download_config=tfds.download.DownloadConfig(

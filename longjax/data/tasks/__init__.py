@@ -8,7 +8,7 @@ Each task has its own section `config.task.<name>` declared by its module.
 import ml_collections
 
 from longjax.data.tasks import algorithmic, recall, retrieval
-from longjax.data.tasks.base import Example, TaskSpec, example_rng, parse_sizes
+from longjax.data.tasks.base import Example, SizeError, TaskSpec, example_rng, parse_sizes, sized
 from longjax.errors import ConfigError
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
@@ -51,5 +51,5 @@ def parse_depths(spec: str) -> list[float]:
   return sorted(set(depths))
 
 
-__all__ = ["TASKS", "Example", "TaskSpec", "default_task_config", "example_rng", "get",
-           "parse_depths", "parse_sizes"]
+__all__ = ["TASKS", "Example", "SizeError", "TaskSpec", "default_task_config", "example_rng",
+           "get", "parse_depths", "parse_sizes", "sized"]

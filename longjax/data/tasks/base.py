@@ -30,6 +30,18 @@ from longjax.errors import ConfigError
 BYTES = tokenizers.ByteTokenizer()
 
 
+class SizeError(ValueError):
+  """A task cannot make an example of this size; the caller names the config field."""
+
+
+def sized(field: str, generate: Callable[[int], Example], size: int) -> Example:
+  """`generate(size)`, with a `SizeError` turned into a one-line ConfigError on `field`."""
+  try:
+    return generate(size)
+  except SizeError as e:
+    raise ConfigError(field, size, str(e)) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
   tokens: np.ndarray  # int32 [n]: BOS, prompt, answer, EOS

@@ -50,12 +50,12 @@ def _generate_mqar(cfg, rng, size, **unused):
   del unused
   pairs, length = size, cfg.length
   if pairs > cfg.num_keys:
-    raise ConfigError('task.mqar', pairs, f'{pairs} pairs need distinct keys but '
-                      f'task.mqar.num_keys is {cfg.num_keys}')
+    raise base.SizeError(f'{pairs} pairs need distinct keys but task.mqar.num_keys is '
+                         f'{cfg.num_keys}')
   space = (length - 2 * pairs) // 2  # query slots: two tokens each, after the pairs
   if space < pairs:
-    raise ConfigError('task.mqar.length', length,
-                      f'too short for {pairs} pairs and their queries (need >= {4 * pairs})')
+    raise base.SizeError(f'task.mqar.length={length} is too short for {pairs} pairs and '
+                         f'their queries (need >= {4 * pairs})')
   keys = rng.choice(cfg.num_keys, pairs, replace=False)
   values = _VALUE_BYTE + rng.integers(0, cfg.num_values, pairs)
   gaps = np.arange(1, space + 1, dtype=np.float64)
@@ -116,7 +116,7 @@ def _validate_vocab(name):
 def _generate_induction(cfg, rng, size, **unused):
   del unused
   if size < 4:
-    raise ConfigError('task.sizes', size, 'induction heads needs >= 4 tokens')
+    raise base.SizeError('induction heads needs >= 4 tokens')
   letters = base.symbols(cfg.vocab)
   seq = [letters[i] for i in rng.integers(0, cfg.vocab, size - 1)]
   at = int(rng.integers(0, size - 3))  # the trigger and its letter, before the final trigger
@@ -145,8 +145,8 @@ INDUCTION_HEADS = base.TaskSpec(
 def _generate_selective(cfg, rng, size, **unused):
   del unused
   if size < cfg.num_data:
-    raise ConfigError('task.sizes', size, f'selective copying needs >= task.'
-                      f'selective_copying.num_data = {cfg.num_data} tokens')
+    raise base.SizeError(f'selective copying needs >= task.selective_copying.num_data = '
+                         f'{cfg.num_data} tokens')
   letters = base.symbols(cfg.vocab)
   data = ''.join(letters[i] for i in rng.integers(0, cfg.vocab, cfg.num_data))
   seq = ['.'] * size

@@ -65,8 +65,7 @@ def _place(tokenizer, size: int, fixed: list[np.ndarray], inserts: list[tuple[fl
   used = 2 + sum(map(len, fixed)) + sum(len(ids) for _, ids in inserted) + len(q) + len(a)
   budget = size - used
   if budget < 0:
-    raise ConfigError('eval.lengths', size, f'too short for the task: its fixed text takes '
-                      f'{used} tokens')
+    raise base.SizeError(f'too short: the fixed text takes {used} tokens')
   hay = filler(budget)
   cuts = sorted((int(round(frac * budget)), i) for i, (frac, _) in enumerate(inserted))
   pieces, start = list(fixed), 0

@@ -5,13 +5,17 @@ own threads, which must not outlive this test inside a pytest worker that goes o
 JAX tests (a worker that had run it crashed in a later test once).
 """
 
+import json
 import os
 import subprocess
 
 from absl.testing import absltest
 import nbformat
 
+from configs import studies
+from longjax.studies import runner
 from tests import testing
+from tests.studies import study_test
 
 # Executes the notebook given as argv[1] and writes the executed copy to argv[2].
 _RUNNER = """
@@ -43,12 +47,24 @@ class NotebookTest(absltest.TestCase):
     return "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code"
                    for o in cell.get("outputs", []))
 
-  def test_studies_notebook_runs(self):
+  def test_studies_notebook_runs_a_study_that_then_resumes(self):
     workdir = self.create_tempdir().full_path
-    outputs = self._run("studies", workdir, LONGJAX_NOTEBOOK_STUDY="nope_reasoning")
+    outputs = self._run("studies", workdir, LONGJAX_NOTEBOOK_STUDY=study_test.NOTEBOOK_STUDY)
     self.assertIn("size=smoke", outputs)
     self.assertRegex(outputs, r"(PASS|FAIL)  NoPE's mean reciprocal rank")
-    self.assertTrue(os.path.exists(os.path.join(workdir, "run", "report.md")))
+    # The notebook's smoke run is this study's smoke test: rerun here, nothing is retrained.
+    run = os.path.join(workdir, "run")
+    with open(os.path.join(run, "results.json"), encoding="utf-8") as f:
+      saved = json.load(f)
+    metrics = {v: os.path.getmtime(os.path.join(run, "variants", v, "metrics.jsonl"))
+               for v in saved["variants"]}
+    again = runner.run_study(studies.load(study_test.NOTEBOOK_STUDY), run, size="smoke",
+                             progress=False, log=lambda line: None)
+    self.assertEqual(json.loads(json.dumps(again["summary"])), saved["summary"])
+    self.assertEqual(metrics, {v: os.path.getmtime(os.path.join(run, "variants", v,
+                                                                "metrics.jsonl"))
+                               for v in saved["variants"]})
+    self.assertTrue(os.path.exists(os.path.join(run, "report.md")))
 
   def test_quickstart_notebook_runs(self):
     workdir = self.create_tempdir().full_path

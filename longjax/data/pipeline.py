@@ -41,7 +41,11 @@ def record_text(record: Any) -> str:
 
 def document_tokens(record: Any, tokenizer: tokenizers_lib.Tokenizer, *,
                     add_eos: bool = True) -> np.ndarray:
-  """Returns int32 [L]: [BOS] + encode(text) (+ [EOS]) for one data-source record."""
+  """Returns int32 [L]: [BOS] + encode(text) (+ [EOS]) for one data-source record; a synthetic
+  task's record (`tokens`, already BOS ... EOS) gives its tokens (without the EOS if asked)."""
+  if isinstance(record, Mapping) and _TOKENS in record:
+    tokens = np.asarray(record[_TOKENS], np.int32)
+    return tokens if add_eos else tokens[:-1]
   ids = tokenizer.encode(record_text(record))
   parts = [np.array([tokenizer.bos_id], np.int32), ids]
   if add_eos:

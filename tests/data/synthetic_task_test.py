@@ -85,6 +85,13 @@ class SyntheticTaskTest(absltest.TestCase):
         np.testing.assert_array_equal(a[k], b[k])
     self.assertEqual(expected[0]['inputs'].shape, (3, 16))
 
+  def test_eval_sequences_read_task_records(self):
+    spec = tasks.get('copy')
+    examples = [spec.generate(spec.defaults(), tasks.example_rng(0, 0, i), 5) for i in range(3)]
+    source = [{'tokens': e.tokens, 'scored': e.scored} for e in examples]
+    rows = pipeline.eval_sequences(data_source=source, tokenizer=None, length=10, count=3)
+    np.testing.assert_array_equal(rows, np.stack([e.tokens[:10] for e in examples]))
+
   def test_corpus_refuses_a_too_short_seq_len_before_writing_the_run(self):
     c = _config(train_sizes='20')
     c.data.tfds_dir = self.create_tempdir().full_path

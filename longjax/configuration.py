@@ -215,9 +215,16 @@ def validate_task(config) -> None:
   tasks_lib.parse_sizes("task.test_sizes", task.test_sizes)
   for field in ("num_train", "num_validation"):
     _positive_field(f"task.{field}", task[field])
-  if config.data.tokenizer != "byte":
-    raise ConfigError("data.tokenizer", config.data.tokenizer,
-                      f"task.name={task.name!r} renders byte tokens", ["byte"])
+  tasks_lib.require_byte_tokenizer(config)
+
+
+def checked(config, num_devices: int) -> ml_collections.ConfigDict:
+  """A copy of a training config with its references and lengths resolved, validated (raises
+  ConfigError for the first bad field)."""
+  config = config.copy_and_resolve_references()
+  resolve_lengths(config)
+  validate(config, num_devices)
+  return config
 
 
 def _validate_optimizer(train) -> None:

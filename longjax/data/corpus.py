@@ -70,9 +70,7 @@ def load_corpus(config, workdir: str) -> Corpus:
 
 def _task_corpus(config, workdir: str) -> Corpus:
   task = config.task
-  if config.data.tokenizer != "byte":
-    raise ConfigError("data.tokenizer", config.data.tokenizer,
-                      f"task.name={task.name!r} renders byte tokens", ["byte"])
+  tasks.require_byte_tokenizer(config)
   # An example of the largest size first: a too-short data.seq_len is refused before the
   # dataset is built; the build's own maximum is checked after (lengths vary a little).
   spec = tasks.get(task.name)

@@ -110,7 +110,7 @@ def run_variant(config, variant_dir: str, *, progress: bool = True) -> dict | No
 def evaluate_variant(name: str, config, base_dir: str, *,
                      progress: bool = True) -> tuple[dict, float]:
   """Evaluates the trained run in `base_dir` under `config` (labelled `name`), unless its
-  results are there; returns ({eval task: result}, seconds it took, summed over sessions)."""
+  results are there; returns ({eval task: result}, seconds the evaluation took)."""
   tasks = harness.run_tasks(config)
   paths = {t: os.path.join(base_dir, "eval", f"{t}-{name}.json") for t in tasks}
   timing = os.path.join(base_dir, "eval", f"study_seconds-{name}.json")
@@ -154,9 +154,7 @@ def run_study(study: Study, workdir: str, *, size: str = "cpu", only: list[str] 
   configs = variant_configs(study, size, only)
   for name, (config, _) in configs.items():  # every variant's config, before anything runs
     try:
-      resolved = config.copy_and_resolve_references()
-      configuration.resolve_lengths(resolved)
-      configuration.validate(resolved, jax.device_count())
+      configuration.checked(config, jax.device_count())
     except configuration.ConfigError as e:
       raise StudyError(f"study {study.name}, variant {name}: {e}") from None
   _claim_workdir(study, size, workdir)
@@ -187,6 +185,8 @@ def run_study(study: Study, workdir: str, *, size: str = "cpu", only: list[str] 
                  f"{jax.default_backend()})",
       "variants": results,
   }
+  # The numbers are on disk before the plots are drawn (a plot that fails loses nothing); then
+  # again with the plots' paths.
   harness.write_json(os.path.join(workdir, "results.json"), document)
   document["plots"] = [os.path.relpath(p, workdir) for p in study.plot(summary, results, plot_dir)]
   harness.write_json(os.path.join(workdir, "results.json"), document)

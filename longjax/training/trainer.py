@@ -119,9 +119,7 @@ def train(config, workdir: str, *, progress: bool = True,
     CheckpointError: the run's checkpoints cannot be restored (nothing is moved or written).
     NonFiniteLossError: when the loss stops being finite.
   """
-  config = config.copy_and_resolve_references()
-  configuration.resolve_lengths(config)
-  configuration.validate(config, jax.device_count())
+  config = configuration.checked(config, jax.device_count())
   # Before anything is written: a changed config must not touch an existing run.
   changes = resume.check_workdir(workdir, config)
   config_dict = config.to_dict()

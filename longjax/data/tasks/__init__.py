@@ -38,6 +38,14 @@ def get(name: str) -> TaskSpec:
   return TASKS[name]
 
 
+def require_byte_tokenizer(config) -> None:
+  """Task runs render byte tokens: `data.tokenizer` must be `byte` (checked by the config's
+  validation and again where a corpus is loaded for evaluation, which skips it)."""
+  if config.task.name and config.data.tokenizer != "byte":
+    raise ConfigError("data.tokenizer", config.data.tokenizer,
+                      f"task.name={config.task.name!r} renders byte tokens", ["byte"])
+
+
 def parse_depths(spec: str) -> list[float]:
   depths = []
   for item in filter(None, (s.strip() for s in str(spec).split(","))):
@@ -52,4 +60,4 @@ def parse_depths(spec: str) -> list[float]:
 
 
 __all__ = ["TASKS", "Example", "SizeError", "TaskSpec", "default_task_config", "example_rng",
-           "get", "parse_depths", "parse_sizes", "sized"]
+           "get", "parse_depths", "parse_sizes", "require_byte_tokenizer", "sized"]

@@ -23,7 +23,6 @@ import ml_collections
 import numpy as np
 
 from longjax.data.tasks import base
-from longjax.errors import ConfigError
 
 
 def _defaults(alphabet: bool) -> ml_collections.ConfigDict:
@@ -32,13 +31,6 @@ def _defaults(alphabet: bool) -> ml_collections.ConfigDict:
   if alphabet:
     c.alphabet = 26  # symbols drawn uniformly from the first N letters
   return c
-
-
-def _validate_alphabet(name):
-  def validate(cfg):
-    if not 2 <= cfg.alphabet <= 52:
-      raise ConfigError(f'task.{name}.alphabet', cfg.alphabet, 'must be in [2, 52]')
-  return validate
 
 
 def _split(example: base.Example) -> tuple[str, str, str]:
@@ -75,7 +67,7 @@ def _sequence_task(name: str, transform, describe: str) -> base.TaskSpec:
 
   return base.TaskSpec(name=name, size_unit='symbols', description=describe,
                        defaults=lambda: _defaults(alphabet=True), generate=generate, check=check,
-                       validate=_validate_alphabet(name))
+                       validate=base.letter_count_validator(name, 'alphabet'))
 
 
 def _steps(name: str, seq: str) -> list[str]:

@@ -124,9 +124,19 @@ def parse_sizes(field: str, spec: str) -> list[int]:
   return sorted(sizes)
 
 
+LETTERS = 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'
+
+
 def symbols(count: int) -> str:
-  """The first `count` lowercase letters, then uppercase (the algorithmic tasks' alphabet)."""
-  alphabet = 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'
-  if not 2 <= count <= len(alphabet):
-    raise ValueError(f'need 2 <= alphabet size <= {len(alphabet)}, got {count}')
-  return alphabet[:count]
+  """The first `count` lowercase letters, then uppercase (the tasks' symbol alphabet)."""
+  if not 2 <= count <= len(LETTERS):
+    raise ValueError(f'need 2 <= alphabet size <= {len(LETTERS)}, got {count}')
+  return LETTERS[:count]
+
+
+def letter_count_validator(task: str, field: str) -> Callable[[Any], None]:
+  """A task's `validate(cfg)` for `cfg.<field>`, the number of letters its symbols come from."""
+  def validate(cfg):
+    if not 2 <= cfg[field] <= len(LETTERS):
+      raise ConfigError(f'task.{task}.{field}', cfg[field], f'must be in [2, {len(LETTERS)}]')
+  return validate

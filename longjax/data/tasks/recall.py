@@ -106,13 +106,6 @@ def _letters_defaults(**fields):
   return c
 
 
-def _validate_vocab(name):
-  def validate(cfg):
-    if not 2 <= cfg.vocab <= 52:
-      raise ConfigError(f'task.{name}.vocab', cfg.vocab, 'must be in [2, 52]')
-  return validate
-
-
 def _generate_induction(cfg, rng, size, **unused):
   del unused
   if size < 4:
@@ -137,7 +130,7 @@ INDUCTION_HEADS = base.TaskSpec(
     name='induction_heads', size_unit='tokens',
     description='after the second "#", the letter that followed the first',
     defaults=_letters_defaults, generate=_generate_induction, check=_check_induction,
-    validate=_validate_vocab('induction_heads'))
+    validate=base.letter_count_validator('induction_heads', 'vocab'))
 
 
 # selective copying ---------------------------------------------------------------------------
@@ -162,7 +155,7 @@ def _check_selective(cfg, example, **unused):
 
 
 def _validate_selective(cfg):
-  _validate_vocab('selective_copying')(cfg)
+  base.letter_count_validator('selective_copying', 'vocab')(cfg)
   if cfg.num_data < 1:
     raise ConfigError('task.selective_copying.num_data', cfg.num_data, 'must be positive')
 
